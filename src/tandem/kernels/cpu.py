@@ -1,0 +1,219 @@
+"""Quantized matmul and the routed-experts MoE op on the CPU, through ggml.
+
+One `CpuKernels` object owns a ggml thread pool (persistent; settable thread count) and a cache
+of built graphs, one per op and shape. Calls release the GIL for their whole length, and
+`submit_moe` runs the op on a dedicated thread so the caller (the GPU side) keeps working and
+waits only when it needs the result.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from tandem.errors import KernelError
+from tandem.gguf.types import GGMLType
+from tandem.kernels.ggml_lib import cpu_init, ggml
+from tandem.kernels.graph import Graph, point
+from tandem.kernels.tensors import QuantTensor
+
+MAX_CACHED_GRAPHS = 32
+F32 = GGMLType.F32
+I32 = GGMLType.I32
+
+
+def default_threads() -> int:
+    """Physical cores usable by this process (SMT siblings add little to these kernels)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, usable or 1)
+
+
+def supports_matmul(t: GGMLType) -> bool:
+    """Whether ggml's CPU backend has a dot product for weights of type t."""
+    cpu_init()
+    return bool(ggml.ggml_get_type_traits_cpu(int(t)).contents.vec_dot)
+
+
+class CpuKernels:
+    def __init__(self, n_threads: int | None = None):
+        self._lock = threading.Lock()
+        self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
+        self._threadpool = None
+        self._n_threads = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-moe")
+        self.set_threads(n_threads or default_threads())
+
+    # -- threads ---------------------------------------------------------------------------
+    @property
+    def n_threads(self) -> int:
+        return self._n_threads
+
+    def set_threads(self, n_threads: int) -> None:
+        """Use `n_threads` threads from now on (the pool is rebuilt, cached graphs replanned)."""
+        if n_threads < 1:
+            raise KernelError(f"thread count must be >= 1, got {n_threads}")
+        with self._lock:
+            cpu_init()
+            if self._threadpool is not None:
+                ggml.ggml_threadpool_free(self._threadpool)
+            params = ggml.ggml_threadpool_params_default(n_threads)
+            self._threadpool = ggml.ggml_threadpool_new(ctypes.byref(params))
+            if not self._threadpool:
+                raise KernelError(f"ggml could not start a pool of {n_threads} threads")
+            self._n_threads = n_threads
+            for graph, _ in self._graphs.values():
+                graph.plan(n_threads, self._threadpool)
+
+    # -- ops -------------------------------------------------------------------------------
+    def matmul(self, weight: QuantTensor, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] float32 times weight [N, K] (any ggml type) transposed: [T, N] float32."""
+        if len(weight.shape) != 2:
+            raise KernelError(f"matmul takes a 2-D weight, got shape {list(weight.shape)}")
+        n, k = weight.shape
+        x = _activations(x, k, "x")
+        _check_matmul_type(weight.ggml_type, "weight")
+        t = x.shape[0]
+        out = torch.empty(t, n, dtype=torch.float32)
+        key = ("matmul", t, weight.address, weight.ggml_type, weight.shape)
+        graph, ext = self._graph(key, lambda: _build_matmul(weight, t))
+        with self._lock:
+            point(ext["x"], x.data_ptr())
+            point(ext["out"], out.data_ptr())
+            graph.compute()
+        return out
+
+    def moe(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+            gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> torch.Tensor:
+        """Routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
+
+        x [T, d] float32; expert_ids [T, k] integer; expert_weights [T, k] float; gate and up
+        [E, n_ff, d], down [E, d, n_ff], each in its own ggml type. Returns [T, d] float32.
+        """
+        n_expert, n_ff, d = _check_experts(gate, up, down)
+        x = _activations(x, d, "x")
+        t = x.shape[0]
+        if expert_ids.dim() != 2 or expert_ids.shape[0] != t:
+            raise KernelError(f"expert_ids must be [T={t}, k], got {list(expert_ids.shape)}")
+        k = expert_ids.shape[1]
+        if tuple(expert_weights.shape) != (t, k):
+            raise KernelError(f"expert_weights must be [{t}, {k}], got {list(expert_weights.shape)}")
+        ids = expert_ids.detach().to("cpu", torch.int32).contiguous()
+        if t and (int(ids.min()) < 0 or int(ids.max()) >= n_expert):
+            raise KernelError(f"expert ids must lie in [0, {n_expert}), got "
+                              f"{int(ids.min())}..{int(ids.max())}")
+        weights = expert_weights.detach().to("cpu", torch.float32).contiguous()
+        out = torch.empty(t, d, dtype=torch.float32)
+        if t == 0:
+            return out
+        key = ("moe", t, k, gate.address, up.address, down.address)
+        graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))
+        with self._lock:
+            point(ext["x"], x.data_ptr())
+            point(ext["ids"], ids.data_ptr())
+            point(ext["w"], weights.data_ptr())
+            point(ext["out"], out.data_ptr())
+            graph.compute()
+        return out
+
+    def submit_moe(self, *args, **kwargs) -> Future:
+        """`moe` on the kernels' own thread; the Future holds the [T, d] result."""
+        return self._executor.submit(self.moe, *args, **kwargs)
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _graph(self, key: tuple, build) -> tuple[Graph, dict]:
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is not None:
+                self._graphs.move_to_end(key)
+                return entry
+            entry = build()
+            entry[0].plan(self._n_threads, self._threadpool)
+            self._graphs[key] = entry
+            while len(self._graphs) > MAX_CACHED_GRAPHS:
+                _, (old, _) = self._graphs.popitem(last=False)
+                old.free()
+            return entry
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            for graph, _ in self._graphs.values():
+                graph.free()
+            self._graphs.clear()
+            if self._threadpool is not None:
+                ggml.ggml_threadpool_free(self._threadpool)
+                self._threadpool = None
+
+    def __enter__(self) -> CpuKernels:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _activations(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != width:
+        raise KernelError(f"{name} must be [T, {width}], got {list(x.shape)}")
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def _check_matmul_type(t: GGMLType, what: str) -> None:
+    if not supports_matmul(t):
+        raise KernelError(f"{what} type {t.name} has no CPU matmul kernel in ggml")
+
+
+def _check_experts(gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> tuple[int, int, int]:
+    for name, w in (("gate", gate), ("up", up), ("down", down)):
+        if len(w.shape) != 3:
+            raise KernelError(f"{name} experts must be [E, rows, cols], got {list(w.shape)}")
+        _check_matmul_type(w.ggml_type, f"{name} experts")
+    n_expert, n_ff, d = gate.shape
+    if up.shape != gate.shape or down.shape != (n_expert, d, n_ff):
+        raise KernelError(f"expert shapes disagree: gate {list(gate.shape)}, up {list(up.shape)}, "
+                          f"down {list(down.shape)} (want down [{n_expert}, {d}, {n_ff}])")
+    return n_expert, n_ff, d
+
+
+def _build_matmul(weight: QuantTensor, t: int) -> tuple[Graph, dict]:
+    n, k = weight.shape
+    graph = Graph(ops_bytes=4 * n * t)
+    w = graph.external(weight.ggml_type, [k, n])
+    point(w, weight.address)
+    x = graph.external(F32, [k, t])
+    y = ggml.ggml_mul_mat(graph.ops, w, x)  # [n, t]
+    out = graph.output(y, [n, t])
+    return graph, {"x": x, "out": out}
+
+
+def _build_moe(gate: QuantTensor, up: QuantTensor, down: QuantTensor, t: int, k: int):
+    """llama.cpp's MoE FFN: mul_mat_id groups the T*k rows by expert, so one pass over each
+    chosen expert's weights serves every token that picked it."""
+    n_expert, n_ff, d = gate.shape
+    floats = 3 * n_ff * k * t + 2 * d * k * t + k * d * t
+    graph = Graph(ops_bytes=4 * floats + 64 * 256)
+    ops = graph.ops
+    w_gate = graph.external(gate.ggml_type, [d, n_ff, n_expert])
+    w_up = graph.external(up.ggml_type, [d, n_ff, n_expert])
+    w_down = graph.external(down.ggml_type, [n_ff, d, n_expert])
+    for tensor, q in ((w_gate, gate), (w_up, up), (w_down, down)):
+        point(tensor, q.address)
+    x = graph.external(F32, [d, 1, t])
+    ids = graph.external(I32, [k, t])
+    w = graph.external(F32, [1, k, t])
+
+    g = ggml.ggml_mul_mat_id(ops, w_gate, x, ids)  # [n_ff, k, t]
+    u = ggml.ggml_mul_mat_id(ops, w_up, x, ids)  # [n_ff, k, t]
+    h = ggml.ggml_swiglu_split(ops, g, u)  # silu(g) * u
+    y = ggml.ggml_mul_mat_id(ops, w_down, h, ids)  # [d, k, t]
+    y = ggml.ggml_mul(ops, y, w)  # scale each expert's output by its routing weight
+    nb1, nb2 = y.contents.nb[1], y.contents.nb[2]
+    total = ggml.ggml_view_2d(ops, y, d, t, nb2, 0)
+    for slot in range(1, k):
+        total = ggml.ggml_add(ops, total, ggml.ggml_view_2d(ops, y, d, t, nb2, slot * nb1))
+    out = graph.output(total, [d, t])
+    return graph, {"x": x, "ids": ids, "w": w, "out": out}

@@ -1,0 +1,49 @@
+"""QuantTensor: a weight in its stored ggml type, in memory tandem does not copy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.errors import KernelError
+from tandem.gguf.types import GGMLType, tensor_bytes
+
+
+@dataclass(frozen=True, eq=False)
+class QuantTensor:
+    """Stored bytes plus their type and logical shape.
+
+    `shape` is logical (numpy order): (rows, row length) for a matrix, (experts, rows, row
+    length) for stacked experts. `data` keeps the bytes alive; usually a view of the mmap.
+    """
+
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+    def __post_init__(self):
+        need = tensor_bytes(self.ggml_type, self.shape)
+        if self.data.nbytes != need:
+            raise KernelError(f"{self.ggml_type.name} tensor of shape {list(self.shape)} needs "
+                              f"{need} bytes, got {self.data.nbytes}")
+        if not self.data.flags.c_contiguous:
+            raise KernelError("QuantTensor data must be contiguous")
+
+    @classmethod
+    def from_gguf(cls, model, name: str) -> QuantTensor:
+        """The tensor `name` of an open GGUFModel, zero copy."""
+        info = model.info(name)
+        return cls(info.ggml_type, info.shape, model.raw(name))
+
+    @property
+    def address(self) -> int:
+        return self.data.ctypes.data
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's matrix (stacked tensors only)."""
+        return self.nbytes // self.shape[0]
