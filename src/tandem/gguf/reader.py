@@ -37,7 +37,44 @@ class TensorInfo:
 
 
 class _CheckedReader(GGUFReader):
-    """GGUFReader that validates each tensor entry before the base class maps it."""
+    """GGUFReader that validates each tensor entry before the base class maps it, and reads
+    metadata arrays in bulk (the base class walks them element by element: ~8 s for a 262k
+    token vocabulary, against ~0.3 s here)."""
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        raw_itype = self._get(orig_offs, np.uint32)
+        alen = self._get(orig_offs + 4, np.uint64)
+        item_type = GGUFValueType(int(raw_itype[0]))
+        count, offs = int(alen[0]), orig_offs + 12
+        if item_type == GGUFValueType.STRING:
+            return self._string_array(orig_offs, raw_itype, alen, count)
+        np_type = self.gguf_scalar_to_np.get(item_type)
+        if np_type is None:  # nested arrays: rare, leave them to the base class
+            return super()._get_field_parts(orig_offs, raw_type)
+        values = self._get(offs, np_type, count)
+        if len(values) != count:
+            raise ValueError(f"array of {count} values runs past the end of the file")
+        types = [GGUFValueType.ARRAY, item_type]
+        return 12 + int(values.nbytes), [raw_itype, alen, values], [2], types
+
+    def _string_array(self, orig_offs: int, raw_itype, alen, count: int):
+        data = self.data.view(np.ndarray)  # plain ndarray: slicing a memmap is ~5x slower
+        size = len(data)
+        view = memoryview(data)
+        offs = orig_offs + 12
+        parts: list = [raw_itype, alen]
+        for _ in range(count):
+            if offs + 8 > size:
+                raise ValueError("string array runs past the end of the file")
+            n = int.from_bytes(view[offs:offs + 8], "little")
+            if offs + 8 + n > size:
+                raise ValueError("string array runs past the end of the file")
+            parts += (data[offs:offs + 8], data[offs + 8:offs + 8 + n])
+            offs += 8 + n
+        idxs = list(range(3, 2 + 2 * count + 1, 2))
+        return offs - orig_offs, parts, idxs, [GGUFValueType.ARRAY, GGUFValueType.STRING]
 
     def _build_tensors(self, start_offs: int, fields: list) -> None:
         file_size = len(self.data)

@@ -1,0 +1,59 @@
+"""Random but valid quantized blocks, written directly instead of quantizing random floats.
+
+Quantizing tens of GB of floats to IQ types takes hours; the kernels read random blocks at the
+same speed. Codes are random bytes (every bit pattern is a valid grid index or sign mask in
+these formats); only the fp16 scales are replaced, by small finite values, so every block
+dequantizes to finite weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tandem.gguf.types import GGMLType, block_bytes
+
+T = GGMLType
+
+# Byte offsets of the fp16 scale fields ("d", "dmin", "m") inside one block, from ggml-common.h.
+FP16_SCALES: dict[GGMLType, tuple[int, ...]] = {
+    T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+    T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+    T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,),
+    T.IQ1_S: (0,), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.TQ1_0: (52,), T.TQ2_0: (64,),
+}
+IQ1_M_SCALES = 48  # 4 uint16 whose top nibbles together hold the block's fp16 scale
+PLAIN = {T.F32: np.float32, T.F16: np.float16, T.BF16: None}
+
+SCALE_LOW, SCALE_HIGH = 2.0**-12, 2.0**-9
+
+
+def can_fill(t: GGMLType) -> bool:
+    return t in FP16_SCALES or t in PLAIN or t == T.IQ1_M
+
+
+def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """n_blocks random valid blocks of type t as uint8 [n_blocks, block_bytes]."""
+    if t in PLAIN:
+        return _random_plain(t, n_blocks, rng)
+    blocks = rng.integers(0, 256, size=(n_blocks, block_bytes(t)), dtype=np.uint8)
+    if t == T.IQ1_M:
+        scale = _scales(n_blocks, rng).view(np.uint16)
+        sc = blocks[:, IQ1_M_SCALES:IQ1_M_SCALES + 8].view(np.uint16)  # [n, 4]
+        for i in range(4):
+            nibble = (scale >> (4 * i)) & 0xF
+            sc[:, i] = (sc[:, i] & 0x0FFF) | (nibble << 12)
+        return blocks
+    for offset in FP16_SCALES[t]:
+        blocks[:, offset:offset + 2] = _scales(n_blocks, rng).view(np.uint8).reshape(-1, 2)
+    return blocks
+
+
+def _scales(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(SCALE_LOW, SCALE_HIGH, size=n).astype(np.float16)
+
+
+def _random_plain(t: GGMLType, n: int, rng: np.random.Generator) -> np.ndarray:
+    values = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
+    if t == T.BF16:  # bf16 is the top half of a float32 (truncation is fine for noise)
+        return (values.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(n, 2)
+    return values.astype(PLAIN[t]).view(np.uint8).reshape(n, -1)

@@ -1,0 +1,120 @@
+"""`tandem synth`: write a GGUF with random weights for a shape preset and a quant recipe.
+
+Two ways to fill a tensor: `quantized` draws random floats and quantizes them with ggml (an
+importance matrix of ones for the IQ types that need one); `random` writes random valid blocks
+directly (see random_blocks), for benchmark files of tens of GB. `auto` picks `random` for
+tensors over RANDOM_ABOVE bytes of float32. Tensors are generated and written one at a time,
+so memory stays at one tensor however large the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFWriter
+
+from tandem.bench import presets, recipes
+from tandem.bench.random_blocks import can_fill, random_blocks
+from tandem.errors import TandemError
+from tandem.gguf.types import GGMLType, block_size, tensor_bytes
+from tandem.kernels.quantize import quantize
+
+log = logging.getLogger(__name__)
+
+RANDOM_ABOVE = 64 << 20  # float32 bytes of a tensor above which `auto` writes random blocks
+QUANTIZE_ROWS = 4096  # rows quantized per ggml call, to bound the float32 scratch
+
+
+@dataclass
+class SynthPlan:
+    shape: presets.DeepSeekShape
+    recipe: str
+    tensors: list[tuple[str, tuple[int, ...], GGMLType]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(tensor_bytes(t, s) for _, s, t in self.tensors)
+
+
+def plan(preset: str = "tiny", recipe: str = "q8_0", n_layers: int | None = None,
+         n_dense_layers: int | None = None, split_kv_b: bool = False,
+         overrides: list[str] = ()) -> SynthPlan:
+    shape = presets.shape_for(preset, n_layers, n_dense_layers, split_kv_b)
+    rules = recipes.recipe_rules(recipe, recipes.parse_overrides(list(overrides)))
+    result = SynthPlan(shape, recipe)
+    for name, tshape in presets.tensor_shapes(shape):
+        result.tensors.append((name, tshape, recipes.tensor_type(name, tshape, rules)))
+    return result
+
+
+def write(synth: SynthPlan, out: str | Path, *, fill: str = "auto", seed: int = 0,
+          split_max_size: int = 0, split_max_tensors: int = 0,
+          on_tensor: Callable[[str, int], None] | None = None) -> list[Path]:
+    """Write the planned file (or split set); returns the paths written."""
+    if fill not in ("auto", "random", "quantized"):
+        raise TandemError(f"fill must be auto, random or quantized, got {fill!r}")
+    out = Path(out)
+    if out.suffix != ".gguf":
+        raise TandemError(f"{out}: output name must end in .gguf")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(out, "deepseek2", split_max_size=split_max_size,
+                        split_max_tensors=split_max_tensors)
+    writer.add_name(f"tandem synth {synth.recipe} ({synth.shape.n_layers} layers)")
+    writer.add_quantized_by("tandem synth")
+    for key, value in presets.metadata(synth.shape).items():
+        _add_kv(writer, key, value)
+    for name, shape, t in synth.tensors:
+        byte_shape = (*shape[:-1], tensor_bytes(t, shape[-1:]))
+        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), tensor_bytes(t, shape), t)
+    paths = writer.format_shard_names(out)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for name, shape, t in synth.tensors:
+        data = _tensor_bytes(name, shape, t, fill, rng)
+        writer.write_tensor_data(data)
+        if on_tensor:
+            on_tensor(name, data.nbytes)
+    writer.close()
+    return paths
+
+
+def _add_kv(writer: GGUFWriter, key: str, value: object) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        writer.add_string(key, str(value))
+
+
+def _tensor_bytes(name: str, shape: tuple[int, ...], t: GGMLType, fill: str,
+                  rng: np.random.Generator) -> np.ndarray:
+    n = int(np.prod(shape, dtype=np.int64))
+    random = fill == "random" or (fill == "auto" and 4 * n > RANDOM_ABOVE)
+    if random and can_fill(t):
+        return random_blocks(t, n // block_size(t), rng).reshape(-1)
+    if random:
+        log.info("%s: no random-block writer for %s, quantizing random floats", name, t.name)
+    return _quantized(shape, t, name, rng)
+
+
+def _quantized(shape: tuple[int, ...], t: GGMLType, name: str, rng: np.random.Generator):
+    row = shape[-1]
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    scale = 1.0 if name.endswith("norm.weight") else 0.02  # norms near 1, weights small
+    parts = []
+    for start in range(0, rows, QUANTIZE_ROWS):
+        count = min(QUANTIZE_ROWS, rows - start)
+        values = rng.standard_normal((count, row), dtype=np.float32) * np.float32(scale)
+        if scale == 1.0:
+            values = 1.0 + 0.1 * values
+        parts.append(quantize(values, t).reshape(-1))
+    return np.concatenate(parts)

@@ -1,0 +1,159 @@
+"""The `tandem` command line: inspect and synth (chat, serve and bench come with their issues)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tandem.errors import TandemError
+
+app = typer.Typer(
+    help="tandem: run huge MoE models from GGUF on one GPU plus a big-RAM CPU.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+):
+    if version:
+        from tandem import __version__
+
+        console.print(f"tandem {__version__}")
+        raise typer.Exit()
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="GGUF file, any member of a split set, or a folder.")],
+    tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+):
+    """Architecture, size, context, quant mix (and tensors) of a GGUF model."""
+    from tandem.gguf import open_gguf
+    from tandem.inspect import summarize
+
+    with open_gguf(path) as model:
+        summary = summarize(model)
+    if as_json:
+        if not tensors:
+            summary.pop("tensors")
+        print(json.dumps(summary, indent=2))
+        return
+    _print_summary(summary, tensors)
+
+
+def _print_summary(s: dict, with_tensors: bool) -> None:
+    from tandem.inspect import human_bytes, human_count
+
+    files = s["files"]
+    where = files[0]["path"] if len(files) == 1 else f"{files[0]['path']} (+{len(files) - 1} more)"
+    console.print(f"[bold]{where}[/bold]")
+    total_file = sum(f["bytes"] for f in files)
+    rows = [
+        ("architecture", s["architecture"]),
+        ("name", s["name"] or "-"),
+        ("files", f"{len(files)} ({human_bytes(total_file)})"),
+        ("parameters", f"{human_count(s['parameters'])} ({s['parameters']:,})"),
+        ("tensor data", f"{human_bytes(s['tensor_bytes'])}, {s['bits_per_weight']:.2f} bits/weight"),
+        ("context length", f"{s['context_length']:,}" if s["context_length"] else "-"),
+    ]
+    tok = s["tokenizer"]
+    if tok["model"]:
+        template = ", chat template" if tok["chat_template"] else ""
+        rows.append(("tokenizer", f"{tok['model']}, {tok['tokens'] or '?'} tokens{template}"))
+    rows += [(k, str(v)) for k, v in s["hyperparameters"].items()]
+    overview = Table.grid(padding=(0, 2))
+    for key, value in rows:
+        overview.add_row(f"[dim]{key}[/dim]", value)
+    console.print(overview)
+
+    mix = Table(title="quant mix", title_justify="left")
+    for col in ("type", "tensors", "parameters", "size", "share"):
+        mix.add_column(col, justify="left" if col == "type" else "right")
+    for name, row in s["quant_mix"].items():
+        mix.add_row(name, str(row["tensors"]), human_count(row["params"]),
+                    human_bytes(row["bytes"]), f"{100 * row['share']:.1f}%")
+    console.print(mix)
+
+    if with_tensors:
+        table = Table(title="tensors", title_justify="left")
+        for col in ("name", "type", "shape", "size", "file"):
+            table.add_column(col, justify="right" if col in ("size", "file") else "left")
+        for t in s["tensors"]:
+            table.add_row(t["name"], t["type"], " x ".join(map(str, t["shape"])),
+                          human_bytes(t["bytes"]), str(t["file"]))
+        console.print(table)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output .gguf (split sets get -0000N-of-0000M).")],
+    preset: Annotated[str, typer.Option(help="Shape: tiny (tests) or r1 (DeepSeek-R1 dims).")] = "tiny",
+    recipe: Annotated[str, typer.Option(help="ud-iq1_s, q4_k_m, q8_0, bf16, f16 or f32.")] = "q8_0",
+    layers: Annotated[int | None, typer.Option(help="Total layers (preset's default if unset).")] = None,
+    dense: Annotated[int | None, typer.Option(help="Leading dense layers.")] = None,
+    type_rules: Annotated[list[str] | None, typer.Option(
+        "--type", help="Per-tensor override REGEX=TYPE, e.g. 'ffn_down_exps=q2_k' (repeatable).")] = None,
+    fill: Annotated[str, typer.Option(help="auto, random (valid random blocks) or quantized.")] = "auto",
+    split_kv_b: Annotated[bool, typer.Option(help="Write attn_k_b/attn_v_b, not attn_kv_b.")] = False,
+    split_max_size: Annotated[str, typer.Option(help="Split into files of at most this size, e.g. 10G.")] = "0",
+    split_max_tensors: Annotated[int, typer.Option(help="Split into files of at most N tensors.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+):
+    """Write a GGUF with random weights for a shape preset and quant recipe."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    from tandem.bench import synth as synthesis
+    from tandem.inspect import human_bytes
+
+    planned = synthesis.plan(preset, recipe, layers, dense, split_kv_b, type_rules or [])
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task(f"writing {out.name}", total=planned.total_bytes)
+        paths = synthesis.write(
+            planned, out, fill=fill, seed=seed, split_max_size=_parse_size(split_max_size),
+            split_max_tensors=split_max_tensors,
+            on_tensor=lambda name, n: progress.update(task, advance=n, description=name))
+    console.print(f"wrote {len(paths)} file(s), {human_bytes(planned.total_bytes)} of tensors: "
+                  + ", ".join(str(p) for p in paths))
+
+
+def _parse_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise TandemError(f"size {text!r} is not like 500M or 10G")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[match[2].upper()]
+    return int(float(match[1]) * scale)
+
+
+def main() -> None:
+    try:
+        app()
+    except TandemError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
