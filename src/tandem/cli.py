@@ -115,7 +115,7 @@ def synth(
         "--type", help="Per-tensor override REGEX=TYPE, e.g. 'ffn_down_exps=q2_k' (repeatable).")] = None,
     fill: Annotated[str, typer.Option(help="auto, random (valid random blocks) or quantized.")] = "auto",
     split_kv_b: Annotated[bool, typer.Option(help="Write attn_k_b/attn_v_b, not attn_kv_b.")] = False,
-    split_max_size: Annotated[str, typer.Option(help="Split into files of at most this size, e.g. 10G.")] = "0",
+    split_max_size: Annotated[str, typer.Option(help="Split into files of at most this size (10G).")] = "0",
     split_max_tensors: Annotated[int, typer.Option(help="Split into files of at most N tensors.")] = 0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter
 
+from gguf import GGUFWriter
 from tandem.bench import presets, recipes
 from tandem.bench.random_blocks import can_fill, random_blocks
 from tandem.errors import TandemError

@@ -6,7 +6,6 @@ Used to write test and synthetic model files; the inference path never quantizes
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import numpy as np
 
@@ -14,12 +13,12 @@ from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType, row_bytes
 from tandem.kernels.ggml_lib import cpu_init, float_ptr, ggml, reference_quantizer
 
-log = logging.getLogger(__name__)
-
 # Types ggml_quantize_chunk handles; it aborts the process on any other.
-CHUNK_TYPES = frozenset(GGMLType[n] for n in (
+_CHUNK_TYPE_NAMES = (
     "F32 F16 BF16 Q1_0 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 MXFP4 NVFP4 Q2_K Q3_K Q4_K Q5_K Q6_K TQ1_0 TQ2_0 "
-    "IQ2_XXS IQ2_XS IQ3_XXS IQ3_S IQ2_S IQ1_S IQ1_M IQ4_NL IQ4_XS").split() if n in GGMLType.__members__)
+    "IQ2_XXS IQ2_XS IQ3_XXS IQ3_S IQ2_S IQ1_S IQ1_M IQ4_NL IQ4_XS"
+)
+CHUNK_TYPES = frozenset(GGMLType[n] for n in _CHUNK_TYPE_NAMES.split())
 
 
 def requires_imatrix(t: GGMLType) -> bool:

@@ -1,0 +1,93 @@
+"""Synthetic model files: recipes, random valid blocks, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tandem
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+from tandem.bench import presets, synth
+from tandem.bench.random_blocks import FP16_SCALES, random_blocks
+from tandem.errors import TandemError
+from tandem.gguf.types import block_size
+from tandem.kernels.dequant import dequantize
+
+RANDOM_TYPES = [*FP16_SCALES, T.IQ1_M, T.F32, T.F16, T.BF16]
+
+
+@pytest.mark.parametrize("t", RANDOM_TYPES, ids=lambda t: t.name)
+def test_random_blocks_are_valid(t, rng):
+    blocks = random_blocks(t, 32, rng).reshape(-1)
+    n = 32 * block_size(t)
+    ref = quants.dequantize(blocks, t).reshape(-1).astype(np.float32)
+    assert np.isfinite(ref).all()
+    assert 0 < np.abs(ref).max() < 100
+    assert ref.std() > 0
+    np.testing.assert_array_equal(dequantize(blocks, t, (n,)).numpy(), ref)
+
+
+def test_ud_iq1_s_recipe_types(tmp_path):
+    path = tmp_path / "ud.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path, fill="random")
+    types = {n: t.ggml_type for n, t in tandem.open_gguf(path).tensors.items()}
+    assert types["blk.1.ffn_gate_exps.weight"] == T.IQ1_S
+    assert types["blk.1.ffn_up_exps.weight"] == T.IQ1_S
+    assert types["blk.1.ffn_down_exps.weight"] == T.IQ2_XXS
+    assert types["blk.1.ffn_gate_inp.weight"] == T.F32
+    assert types["blk.0.attn_q_a.weight"] == T.Q4_K
+    assert types["blk.0.attn_kv_b.weight"] == T.Q6_K
+    assert types["blk.0.ffn_down.weight"] == T.Q6_K
+    assert types["output.weight"] == T.Q6_K
+    assert all(types[n] == T.F32 for n in types if "norm" in n or n.endswith(".bias"))
+
+
+def test_incompatible_rows_fall_back(tmp_path):
+    # attn_k_b rows are qk_nope_head_dim = 32 long: no 256-blocks fit, Q8_0 does.
+    planned = synth.plan("tiny", "q4_k_m", split_kv_b=True)
+    types = {name: t for name, _, t in planned.tensors}
+    assert types["blk.0.attn_k_b.weight"] == T.Q8_0
+    assert types["blk.0.attn_v_b.weight"] == T.Q6_K
+
+
+def test_type_overrides_come_first():
+    planned = synth.plan("tiny", "q4_k_m", overrides=["ffn_down_exps=q2_k", r"^output\.=IQ4_XS"])
+    types = {name: t for name, _, t in planned.tensors}
+    assert types["blk.2.ffn_down_exps.weight"] == T.Q2_K
+    assert types["output.weight"] == T.IQ4_XS
+    with pytest.raises(TandemError, match="unknown ggml type name 'q9'"):
+        synth.plan("tiny", "q4_k_m", overrides=["x=q9"])
+    with pytest.raises(TandemError, match="REGEX=TYPE"):
+        synth.plan("tiny", "q4_k_m", overrides=["nonsense"])
+
+
+def test_quantized_fill_round_trips_through_ggml(tmp_path):
+    path = tmp_path / "q.gguf"
+    synth.write(synth.plan("tiny", "q4_k_m"), path, fill="quantized", seed=3)
+    model = tandem.open_gguf(path)
+    w = model.dequantize("blk.0.attn_q_a.weight")
+    assert 0.01 < w.std().item() < 0.04  # random normal * 0.02, through Q4_K
+    norm = model.dequantize("blk.0.attn_norm.weight")
+    assert abs(norm.mean().item() - 1.0) < 0.05
+
+
+def test_r1_plan_has_full_dimensions():
+    planned = synth.plan("r1", "ud-iq1_s", n_layers=5)
+    shapes = {name: s for name, s, _ in planned.tensors}
+    assert shapes["blk.4.ffn_gate_exps.weight"] == (256, 2048, 7168)
+    assert shapes["blk.4.ffn_down_exps.weight"] == (256, 7168, 2048)
+    assert shapes["blk.0.attn_kv_b.weight"] == (128 * 256, 512)
+    assert shapes["token_embd.weight"] == (129280, 7168)
+    assert "blk.2.ffn_gate_exps.weight" not in shapes  # 3 dense layers first
+    # Expert bytes of one MoE layer: IQ1_S is 50 bytes per 256 weights, IQ2_XXS 66.
+    experts = sum(synth.tensor_bytes(t, s) for n, s, t in planned.tensors
+                  if n.startswith("blk.4.") and "_exps" in n)
+    assert experts == 256 * 2048 * 7168 * (50 + 50 + 66) // 256
+
+
+def test_bad_preset_and_layers():
+    with pytest.raises(TandemError, match="unknown preset 'huge'"):
+        presets.shape_for("huge")
+    with pytest.raises(TandemError, match="dense layers <= layers"):
+        presets.shape_for("tiny", n_layers=2, n_dense_layers=3)

@@ -1,0 +1,191 @@
+"""CPU kernels against a float32 reference: weights dequantized by the `gguf` package, math in
+torch.
+
+Tolerances. ggml quantizes the activations before its integer dot products: to Q8_K (256-value
+blocks, one scale) for K and IQ weights, to Q8_0 for the legacy types, and rounds them to F16 for
+F16 weights. 8-bit max-abs scaling costs ~0.5-1% relative error per matmul; the MoE op does it
+twice in a row (x before gate/up, then h before down), so it lands near 2%: we allow 3%. F16
+rounding (2^-11) allows 2e-3. A wrong expert, weight or layout gives errors near 100%.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+from tandem.errors import KernelError
+from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.quantize import quantize
+from tandem.kernels.tensors import QuantTensor
+
+Q8_ACTIVATION_TOL = 0.03
+F16_TOL = 2e-3
+
+
+def tolerance(*types: T) -> float:
+    return F16_TOL if all(t in (T.F16, T.F32, T.BF16) for t in types) else Q8_ACTIVATION_TOL
+
+
+def make_weight(t: T, shape: tuple[int, ...], rng) -> tuple[QuantTensor, torch.Tensor]:
+    values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    raw = quantize(values.reshape(-1, shape[-1]), t).reshape(-1)
+    reference = quants.dequantize(raw, t).reshape(shape).astype(np.float32)
+    return QuantTensor(t, shape, raw), torch.from_numpy(reference)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def moe_reference(x, ids, weights, gate, up, down):
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
+            out[t] += weights[t, slot] * (down[e] @ h)
+    return out
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    with CpuKernels() as k:
+        yield k
+
+
+@pytest.mark.parametrize("t", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_K, T.Q6_K, T.Q2_K,
+                               T.IQ1_S, T.IQ1_M, T.IQ2_XXS, T.IQ4_XS, T.TQ2_0, T.MXFP4],
+                         ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_matmul_any_type(kernels, t, n_tokens, rng):
+    weight, reference = make_weight(t, (300, 512), rng)
+    x = torch.randn(n_tokens, 512)
+    y = kernels.matmul(weight, x)
+    assert y.shape == (n_tokens, 300)
+    assert rel_err(y, x @ reference.T) < tolerance(t)
+
+
+MIXES = {
+    "iq1_s-gate-up_q4_k-down": (T.IQ1_S, T.IQ1_S, T.Q4_K),
+    "q8_0": (T.Q8_0, T.Q8_0, T.Q8_0),
+    "q4_k-gate-up_q6_k-down": (T.Q4_K, T.Q4_K, T.Q6_K),
+    "f16": (T.F16, T.F16, T.F16),
+    "iq2_xxs-gate_q8_0-up_iq4_xs-down": (T.IQ2_XXS, T.Q8_0, T.IQ4_XS),
+}
+
+
+@pytest.fixture(scope="module")
+def experts():
+    """Stacked experts [E, n_ff, d] / [E, d, n_ff] per mix, with their float32 references."""
+    rng = np.random.default_rng(7)
+    n_expert, n_ff, d = 8, 512, 256
+    made = {}
+    for name, (tg, tu, td) in MIXES.items():
+        made[name] = (make_weight(tg, (n_expert, n_ff, d), rng),
+                      make_weight(tu, (n_expert, n_ff, d), rng),
+                      make_weight(td, (n_expert, d, n_ff), rng))
+    return made
+
+
+def routing(n_tokens: int, k: int = 4, n_expert: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(n_expert, generator=g)[:k] for _ in range(n_tokens)])
+    return ids, torch.rand(n_tokens, k, generator=g)
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+@pytest.mark.parametrize("n_tokens", [1, 7, 64])
+def test_moe_matches_float_reference(kernels, experts, mix, n_tokens):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts[mix]
+    x = torch.randn(n_tokens, 256)
+    ids, weights = routing(n_tokens, seed=n_tokens)
+    y = kernels.moe(x, ids, weights, gate, up, down)
+    ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+    assert rel_err(y, ref) < tolerance(*MIXES[mix])
+    # Sanity of the oracle itself: other experts give a clearly different answer.
+    wrong = moe_reference(x, (ids + 1) % 8, weights, g_ref, u_ref, d_ref)
+    assert rel_err(wrong, ref) > 0.5
+
+
+def test_moe_repeated_calls_reuse_graph_with_new_inputs(kernels, experts):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts["q8_0"]
+    for seed in range(3):
+        x = torch.randn(3, 256)
+        ids, weights = routing(3, seed=seed)
+        y = kernels.moe(x, ids, weights, gate, up, down)
+        assert rel_err(y, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+
+
+def test_thread_count_changes_nothing_but_speed(experts):
+    (gate, _), (up, _), (down, _) = experts["iq1_s-gate-up_q4_k-down"]
+    x = torch.randn(7, 256)
+    ids, weights = routing(7)
+    with CpuKernels(n_threads=1) as k:
+        one = k.moe(x, ids, weights, gate, up, down)
+        k.set_threads(2)
+        assert k.n_threads == 2
+        two = k.moe(x, ids, weights, gate, up, down)
+    torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_releases_the_gil(experts):
+    """While the op runs on its own thread, Python code on this thread keeps running."""
+    (gate, _), (up, _), (down, _) = experts["q4_k-gate-up_q6_k-down"]
+    x = torch.randn(64, 256)
+    ids, weights = routing(64)
+    with CpuKernels(n_threads=1) as k:
+        k.moe(x, ids, weights, gate, up, down)  # build the graph outside the measured part
+        start = time.perf_counter()
+        for _ in range(3):
+            k.moe(x, ids, weights, gate, up, down)
+        one_call = (time.perf_counter() - start) / 3
+        calls = 20
+        progress = 0
+        futures = [k.submit_moe(x, ids, weights, gate, up, down) for _ in range(calls)]
+        while not futures[-1].done():
+            progress += 1
+        for f in futures:
+            f.result()
+    # With the GIL held during the C call, this loop would stall for the calls' whole length.
+    assert one_call * calls > 0.02, "op too fast to tell"
+    assert progress > 1000
+
+
+def test_moe_rejects_bad_input(kernels, experts):
+    (gate, _), (up, _), (down, _) = experts["q8_0"]
+    x = torch.randn(2, 256)
+    with pytest.raises(KernelError, match="expert ids must lie in \\[0, 8\\), got 0..8"):
+        kernels.moe(x, torch.tensor([[0, 8], [1, 2]]), torch.ones(2, 2), gate, up, down)
+    with pytest.raises(KernelError, match="x must be \\[T, 256\\]"):
+        kernels.moe(torch.randn(2, 128), torch.zeros(2, 2), torch.ones(2, 2), gate, up, down)
+    with pytest.raises(KernelError, match="expert_weights must be \\[2, 2\\]"):
+        kernels.moe(x, torch.zeros(2, 2), torch.ones(2, 3), gate, up, down)
+    with pytest.raises(KernelError, match="expert shapes disagree"):
+        kernels.moe(x, torch.zeros(2, 2), torch.ones(2, 2), gate, up, gate)
+
+
+def test_matmul_rejects_types_without_kernel(kernels):
+    raw = np.zeros(4 * 32, dtype=np.int32).view(np.uint8)
+    with pytest.raises(KernelError, match="I32 has no CPU matmul kernel"):
+        kernels.matmul(QuantTensor(T.I32, (4, 32), raw), torch.randn(1, 32))
+
+
+def test_moe_from_a_gguf_file(kernels, tiny_q8):
+    """Experts read in place from the memory-mapped file."""
+    import tandem
+
+    model = tandem.open_gguf(tiny_q8)
+    names = [f"blk.1.ffn_{p}_exps.weight" for p in ("gate", "up", "down")]
+    gate, up, down = (QuantTensor.from_gguf(model, n) for n in names)
+    refs = [torch.from_numpy(quants.dequantize(model.raw(n), model.tensors[n].ggml_type)
+                             .reshape(model.tensors[n].shape)) for n in names]
+    x = torch.randn(4, 256)
+    ids, weights = routing(4, k=2)
+    y = kernels.moe(x, ids, weights, gate, up, down)
+    assert rel_err(y, moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
+    assert gate.data.base is not None  # a view, not a copy

@@ -1,0 +1,83 @@
+"""The `tandem` command as a user runs it: a real subprocess, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def tandem(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tandem.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def split_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "r1ish.gguf"
+    run = tandem("synth", str(out), "--preset", "tiny", "--recipe", "ud-iq1_s",
+                 "--fill", "random", "--split-max-tensors", "16")
+    assert run.returncode == 0, run.stderr
+    return sorted(out.parent.glob("r1ish-*.gguf"))
+
+
+def test_synth_writes_a_split_set(split_set):
+    assert [p.name for p in split_set] == [f"r1ish-0000{i}-of-00004.gguf" for i in range(1, 5)]
+
+
+def test_inspect_split_set(split_set):
+    run = tandem("inspect", str(split_set[2]))
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    assert "deepseek2" in out and "4 (" in out
+    for t in ("IQ1_S", "IQ2_XXS", "Q4_K", "Q6_K", "F32"):
+        assert t in out
+
+
+def test_inspect_json_and_tensors(split_set):
+    run = tandem("inspect", "--json", "--tensors", str(split_set[0]))
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["architecture"] == "deepseek2"
+    assert len(data["files"]) == 4
+    assert data["context_length"] == 2048
+    by_name = {t["name"]: t for t in data["tensors"]}
+    assert by_name["blk.1.ffn_gate_exps.weight"]["type"] == "IQ1_S"
+    assert by_name["blk.1.ffn_gate_exps.weight"]["shape"] == [8, 256, 256]
+    assert {t["file"] for t in data["tensors"]} == {1, 2, 3, 4}
+    assert sum(r["tensors"] for r in data["quant_mix"].values()) == len(data["tensors"])
+    assert data["parameters"] == sum(
+        int(__import__("math").prod(t["shape"])) for t in data["tensors"])
+
+
+def test_inspect_gemma(gemma_gguf):
+    run = tandem("inspect", "--json", str(gemma_gguf))
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["architecture"] == "gemma3"
+    assert data["context_length"] == 32768
+    assert 260e6 < data["parameters"] < 280e6  # "270M"
+    assert set(data["quant_mix"]) >= {"Q4_K", "Q6_K", "Q8_0", "F32"}
+    assert data["tokenizer"]["tokens"] == 262144
+    human = tandem("inspect", "--tensors", str(gemma_gguf))
+    assert "blk.17.ffn_down.weight" in human.stdout and "Gemma 3 270m" in human.stdout
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGML" + bytes(100))
+    run = tandem("inspect", str(bad))
+    assert run.returncode == 1
+    assert "error:" in run.stderr and "not a GGUF file" in run.stderr
+    assert "Traceback" not in run.stderr
+    debug = tandem("--debug", "inspect", str(bad))
+    assert "Traceback" in debug.stderr
+
+
+def test_synth_rejects_bad_arguments(tmp_path):
+    run = tandem("synth", str(tmp_path / "x.gguf"), "--recipe", "q3_nonsense")
+    assert run.returncode == 1 and "unknown recipe 'q3_nonsense'" in run.stderr
+    run = tandem("synth", str(tmp_path / "x.bin"))
+    assert run.returncode == 1 and "must end in .gguf" in run.stderr
