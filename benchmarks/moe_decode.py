@@ -1,0 +1,117 @@
+"""MoE op for one decode token with DeepSeek-R1 expert shapes: GB/s of expert bytes read.
+
+256 experts of 7168 x 2048 (gate, up) and 2048 -> 7168 (down), 8 chosen per token, a fresh
+random choice every step so the bytes come from RAM, not cache. Expert blocks are random but
+valid (tandem.bench.random_blocks); the kernels read them at the same speed as real weights.
+
+    python benchmarks/moe_decode.py [--recipes ud-iq1_s q4_k_m] [--threads 1 2 16] [--steps 30]
+
+Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tandem.bench import machine
+from tandem.bench.random_blocks import random_blocks
+from tandem.gguf.types import GGMLType, block_size
+from tandem.kernels.cpu import CpuKernels, default_threads
+from tandem.kernels.tensors import QuantTensor
+
+N_EXPERT, N_USED, D_MODEL, N_FF = 256, 8, 7168, 2048
+RECIPES = {
+    "ud-iq1_s": (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS),
+    "q4_k_m": (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K),
+}
+
+
+def experts(t: GGMLType, shape: tuple[int, int, int], rng) -> QuantTensor:
+    n = shape[0] * shape[1] * shape[2]
+    return QuantTensor(t, shape, random_blocks(t, n // block_size(t), rng).reshape(-1))
+
+
+def run(recipe: str, thread_counts: list[int], steps: int, warmup: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    tg, tu, td = RECIPES[recipe]
+    gate = experts(tg, (N_EXPERT, N_FF, D_MODEL), rng)
+    up = experts(tu, (N_EXPERT, N_FF, D_MODEL), rng)
+    down = experts(td, (N_EXPERT, D_MODEL, N_FF), rng)
+    bytes_per_token = N_USED * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
+    x = torch.randn(1, D_MODEL)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n_threads in thread_counts:
+        with CpuKernels(n_threads) as cpu:
+            times = []
+            for step in range(warmup + steps):
+                ids = torch.randperm(N_EXPERT, generator=g)[:N_USED].reshape(1, N_USED)
+                weights = torch.rand(1, N_USED, generator=g)
+                start = time.perf_counter()
+                cpu.moe(x, ids, weights, gate, up, down)
+                if step >= warmup:
+                    times.append(time.perf_counter() - start)
+        median = statistics.median(times)
+        rows.append({
+            "recipe": recipe, "types": [tg.name, tu.name, td.name], "threads": n_threads,
+            "tokens": 1, "steps": steps, "median_ms": median * 1e3,
+            "min_ms": min(times) * 1e3, "expert_bytes_per_token": bytes_per_token,
+            "gb_per_s": bytes_per_token / median / 1e9,
+        })
+        print(f"{recipe:9s} threads={n_threads:3d}  {median * 1e3:8.2f} ms  "
+              f"{rows[-1]['gb_per_s']:7.2f} GB/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--threads", nargs="+", type=int,
+                        default=sorted({1, 2, default_threads()}))
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    info = machine.describe()
+    bandwidth = machine.ram_read_gbps()
+    print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
+          f"RAM read {bandwidth:.1f} GB/s", flush=True)
+    results = [row for recipe in args.recipes for row in run(recipe, args.threads, args.steps,
+                                                            args.warmup)]
+    for row in results:
+        row["share_of_ram_bandwidth"] = row["gb_per_s"] / bandwidth
+        # Decode roofline for a 58-MoE-layer R1: RAM bandwidth / expert bytes per token.
+        row["r1_58_layer_tok_per_s_at_this_rate"] = row["gb_per_s"] * 1e9 / (
+            58 * row["expert_bytes_per_token"])
+    now = datetime.now(UTC)
+    record = {
+        "benchmark": "moe_decode",
+        "date": now.isoformat(timespec="seconds"),
+        "device": info,
+        "ram_read_gb_per_s": bandwidth,
+        "commit": machine.git_commit(Path(__file__).parent),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "shapes": {"experts": N_EXPERT, "used": N_USED, "d_model": D_MODEL, "n_ff": N_FF},
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    host = (info["host"] or "host").split(".")[0]
+    path = args.out / f"moe_decode-{host}-{now:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""What machine a benchmark ran on, and how fast its RAM reads: for result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> list[str]:
+    """SIMD features ggml was built for and found on this CPU."""
+    from tandem.kernels.ggml_lib import ggml
+
+    names = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx_int8", "f16c", "fma")
+    return [n for n in names if getattr(ggml, f"ggml_cpu_has_{n}", lambda: 0)()]
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """HEAD of the checkout; TANDEM_COMMIT overrides it (copies of a tree without .git)."""
+    if os.environ.get("TANDEM_COMMIT"):
+        return os.environ["TANDEM_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=repo or Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def describe() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_features": cpu_features(),
+        "ram_gib": round(ram_bytes() / 2**30, 1),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
+
+
+def ram_read_gbps(gib: float = 2.0, repeats: int = 5) -> float:
+    """Read bandwidth of a summation over a buffer far larger than any cache, all threads."""
+    buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
+    buf.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 8 / best / 1e9
