@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import tandem
 from gguf import GGMLQuantizationType as T
 from gguf import quants
+
+import tandem
 from tandem.bench import presets, synth
 from tandem.bench.random_blocks import FP16_SCALES, random_blocks
 from tandem.errors import TandemError

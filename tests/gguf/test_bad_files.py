@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
 
 import tandem
-from gguf import GGMLQuantizationType, GGUFWriter
 from tandem.errors import GGUFError
 from tandem.kernels.quantize import quantize
 

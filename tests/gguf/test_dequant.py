@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from gguf import GGMLQuantizationType as T
 from gguf import quants
+
 from tandem.gguf.types import block_size
 from tandem.kernels.dequant import dequantize
 from tandem.kernels.quantize import quantize

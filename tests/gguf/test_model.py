@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+from gguf import GGUFReader, quants
 
 import tandem
-from gguf import GGUFReader, quants
 from tandem.errors import GGUFError
 from tandem.gguf.config import DeepSeek2Config
 

@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from gguf import GGMLQuantizationType as T
 from gguf import quants
+
 from tandem.errors import KernelError
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.quantize import quantize

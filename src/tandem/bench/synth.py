@@ -16,11 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from gguf import GGUFWriter
 from tandem.bench import presets, recipes
 from tandem.bench.random_blocks import can_fill, random_blocks
 from tandem.errors import TandemError
+from tandem.gguf import deepseek2
+from tandem.gguf.config import DeepSeek2Config
 from tandem.gguf.types import GGMLType, block_size, tensor_bytes
+from tandem.gguf.writer import write_gguf
 from tandem.kernels.quantize import quantize
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,9 @@ QUANTIZE_ROWS = 4096  # rows quantized per ggml call, to bound the float32 scrat
 
 @dataclass
 class SynthPlan:
-    shape: presets.DeepSeekShape
+    shape: DeepSeek2Config
     recipe: str
+    split_kv_b: bool = False
     tensors: list[tuple[str, tuple[int, ...], GGMLType]] = field(default_factory=list)
 
     @property
@@ -43,10 +46,10 @@ class SynthPlan:
 def plan(preset: str = "tiny", recipe: str = "q8_0", n_layers: int | None = None,
          n_dense_layers: int | None = None, split_kv_b: bool = False,
          overrides: list[str] = ()) -> SynthPlan:
-    shape = presets.shape_for(preset, n_layers, n_dense_layers, split_kv_b)
+    shape = presets.shape_for(preset, n_layers, n_dense_layers)
     rules = recipes.recipe_rules(recipe, recipes.parse_overrides(list(overrides)))
-    result = SynthPlan(shape, recipe)
-    for name, tshape in presets.tensor_shapes(shape):
+    result = SynthPlan(shape, recipe, split_kv_b)
+    for name, tshape in deepseek2.tensor_shapes(shape, split_kv_b):
         result.tensors.append((name, tshape, recipes.tensor_type(name, tshape, rules)))
     return result
 
@@ -57,42 +60,16 @@ def write(synth: SynthPlan, out: str | Path, *, fill: str = "auto", seed: int = 
     """Write the planned file (or split set); returns the paths written."""
     if fill not in ("auto", "random", "quantized"):
         raise TandemError(f"fill must be auto, random or quantized, got {fill!r}")
-    out = Path(out)
-    if out.suffix != ".gguf":
-        raise TandemError(f"{out}: output name must end in .gguf")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(out, "deepseek2", split_max_size=split_max_size,
-                        split_max_tensors=split_max_tensors)
-    writer.add_name(f"tandem synth {synth.recipe} ({synth.shape.n_layers} layers)")
-    writer.add_quantized_by("tandem synth")
-    for key, value in presets.metadata(synth.shape).items():
-        _add_kv(writer, key, value)
-    for name, shape, t in synth.tensors:
-        byte_shape = (*shape[:-1], tensor_bytes(t, shape[-1:]))
-        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), tensor_bytes(t, shape), t)
-    paths = writer.format_shard_names(out)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
+    metadata = {
+        "general.name": f"tandem synth {synth.recipe} ({synth.shape.n_layers} layers)",
+        "general.quantized_by": "tandem synth",
+        **deepseek2.metadata(synth.shape, synth.split_kv_b),
+    }
     rng = np.random.default_rng(seed)
-    for name, shape, t in synth.tensors:
-        data = _tensor_bytes(name, shape, t, fill, rng)
-        writer.write_tensor_data(data)
-        if on_tensor:
-            on_tensor(name, data.nbytes)
-    writer.close()
-    return paths
-
-
-def _add_kv(writer: GGUFWriter, key: str, value: object) -> None:
-    if isinstance(value, bool):
-        writer.add_bool(key, value)
-    elif isinstance(value, int):
-        writer.add_uint32(key, value)
-    elif isinstance(value, float):
-        writer.add_float32(key, value)
-    else:
-        writer.add_string(key, str(value))
+    return write_gguf(out, deepseek2.ARCH, metadata, synth.tensors,
+                      lambda name, shape, t: _tensor_bytes(name, shape, t, fill, rng),
+                      split_max_size=split_max_size, split_max_tensors=split_max_tensors,
+                      on_tensor=on_tensor)
 
 
 def _tensor_bytes(name: str, shape: tuple[int, ...], t: GGMLType, fill: str,

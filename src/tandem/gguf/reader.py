@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGUFReader, GGUFValueType
+
 from tandem.errors import GGUFError
 from tandem.gguf.types import ACTIVATION_ONLY, GGMLType
 

@@ -7,6 +7,7 @@ the rest of tandem asks, with errors that name the type.
 from __future__ import annotations
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from tandem.errors import GGUFError
 
 GGMLType = GGMLQuantizationType
