@@ -5,4 +5,12 @@ from tandem.gguf import GGUFModel, open_gguf
 
 __version__ = "0.1.0"
 
-__all__ = ["GGUFError", "GGUFModel", "KernelError", "TandemError", "__version__", "open_gguf"]
+__all__ = ["LLM", "GGUFError", "GGUFModel", "KernelError", "TandemError", "__version__", "open_gguf"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":  # torch-heavy: import on first use
+        from tandem.runtime.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'tandem' has no attribute {name!r}")

@@ -87,8 +87,10 @@ class DeepSeek2Config:
         if vocab is None:
             raise GGUFError(f"{source}: neither deepseek2.vocab_size nor tokenizer.ggml.tokens given")
         scaling = k.get("rope.scaling.type")
+        # Newer conversions append the multi-token-prediction layers to the block count.
+        n_layers = int(k.need("block_count")) - int(k.get("nextn_predict_layers", 0))
         return cls(
-            n_layers=int(k.need("block_count")),
+            n_layers=n_layers,
             n_embd=int(k.need("embedding_length")),
             n_vocab=int(vocab),
             context_length=int(k.need("context_length")),

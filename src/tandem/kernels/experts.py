@@ -1,0 +1,49 @@
+"""Routed-expert backends for the MoE seam: submit the routed experts, collect the result.
+
+`GgmlExperts` runs them on the CPU with ggml, reading the quantized weights in place; the
+caller's device keeps working (shared expert) until it collects. `TorchExperts` computes them
+with dequantized weights in torch, on any device: the reference, and the fallback for rules
+that put experts on a GPU.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+import torch.nn.functional as F
+
+from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.tensors import QuantTensor
+
+
+class GgmlExperts:
+    def __init__(self, kernels: CpuKernels, gate: QuantTensor, up: QuantTensor, down: QuantTensor):
+        self.kernels, self.gate, self.up, self.down = kernels, gate, up, down
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+        x = x.detach().to("cpu", torch.float32)
+        return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down)
+
+    def collect(self, handle: Future) -> torch.Tensor:
+        return handle.result()
+
+
+class TorchExperts:
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+        self.gate, self.up, self.down = gate, up, down  # [E, ff, d], [E, ff, d], [E, d, ff]
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        device, dtype = self.gate.device, self.gate.dtype
+        x = x.to(device, torch.float32)
+        ids, weights = ids.to(device), weights.to(device, torch.float32)
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            tokens, slots = (ids == e).nonzero(as_tuple=True)
+            h = x[tokens].to(dtype)
+            y = F.linear(F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e]), self.down[e])
+            out.index_add_(0, tokens, y.float() * weights[tokens, slots, None])
+        return out
+
+    def collect(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle

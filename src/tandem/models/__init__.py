@@ -1,0 +1,1 @@
+"""Model code per architecture family (plain torch modules, no I/O)."""

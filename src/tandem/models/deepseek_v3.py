@@ -1,0 +1,255 @@
+"""DeepSeek-V2/V3/R1 as plain torch modules.
+
+No file access and no device decisions: every weight arrives from the loader already in its
+dtype and on its device, and modules move their input to where their weights are. The routed
+experts are behind a seam (`RoutedExperts`): the loader plugs in the CPU ggml kernels or a
+torch reference.
+
+Shapes: T tokens of one sequence, d = n_embd, H heads, r = kv_lora_rank, p = qk_rope_head_dim,
+n = qk_nope_head_dim, v = v_head_dim, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.gguf.config import DeepSeek2Config
+
+
+class Linear(nn.Module):
+    """y = x W^T in the weight's dtype on the weight's device; float32 out."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return F.linear(x.to(w.device, w.dtype), w).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.float(), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.device, torch.float32)
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class Rope:
+    """Rotary embedding over adjacent pairs (x0, x1), (x2, x3), ... as GGUF files lay it out
+    (llama.cpp's NORM mode; transformers' rope_interleave=True), with YaRN scaling."""
+
+    def __init__(self, c: DeepSeek2Config, device: torch.device):
+        dim, base = c.qk_rope_head_dim, c.rope_theta
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        inv_freq = 1.0 / pos_freqs
+        self.softmax_mscale = 1.0
+        if c.rope_scaling == "yarn" and c.rope_scaling_factor > 1:
+            inv_freq = _yarn_inv_freq(pos_freqs, c.rope_scaling_factor, c.rope_original_context,
+                                      base, dim)
+            # YaRN sharpens attention by mscale^2 (DeepSeek's mscale_all_dim); the rotation
+            # itself stays unscaled, as llama.cpp does for this architecture.
+            self.softmax_mscale = 1.0 + c.rope_yarn_log_multiplier * math.log(c.rope_scaling_factor)
+        self.inv_freq = inv_freq.to(device)
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq  # [T, p/2]
+        return angles.cos(), angles.sin()
+
+
+def _yarn_inv_freq(pos_freqs: torch.Tensor, factor: float, original_context: int, base: float,
+                   dim: int, beta_fast: float = 32.0, beta_slow: float = 1.0) -> torch.Tensor:
+    """YaRN frequencies (Peng et al. 2023): extrapolate high frequencies, interpolate low ones,
+    ramp linearly between the dimensions that turn beta_fast and beta_slow times in the
+    original context."""
+
+    def dim_for(rotations: float) -> float:
+        return dim * math.log(original_context / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dim_for(beta_fast)), 0)
+    high = min(math.ceil(dim_for(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim; cos/sin [T, p/2] broadcast over middle dims."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    while cos.dim() < even.dim():
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+class LayerKV(Protocol):
+    """One layer's latent cache: write T new entries at `start`, read the first `length`."""
+
+    def write(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor) -> None: ...
+
+    def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention, absorbed: the cache holds only the normed latent c [r] and
+    the rotated shared key [p] per token; q_nope is mapped into latent space through W_k and the
+    latent output back through W_v, so per-head keys and values are never materialized."""
+
+    def __init__(self, c: DeepSeek2Config, q: nn.Module, kv_a: Linear, kv_a_norm: RMSNorm,
+                 w_k: torch.Tensor, w_v: torch.Tensor, out: Linear, rope: Rope):
+        super().__init__()
+        self.c = c
+        self.q, self.kv_a, self.kv_a_norm, self.out = q, kv_a, kv_a_norm, out
+        self.w_k = nn.Parameter(w_k, requires_grad=False)  # [H, n, r]
+        self.w_v = nn.Parameter(w_v, requires_grad=False)  # [H, v, r]
+        self.rope = rope
+        self.scale = rope.softmax_mscale**2 / math.sqrt(c.qk_nope_head_dim + c.qk_rope_head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerKV, start: int) -> torch.Tensor:
+        c = self.c
+        t = x.shape[0]
+        q = self.q(x).view(t, c.n_heads, -1)  # [T, H, n+p]
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        latent_and_key = self.kv_a(x)  # [T, r+p]
+        latent = self.kv_a_norm(latent_and_key[:, : c.kv_lora_rank])  # [T, r]
+        cos, sin = self.rope.cos_sin(positions)
+        q_pe = apply_rope(q_pe, cos, sin)  # [T, H, p]
+        k_pe = apply_rope(latent_and_key[:, c.kv_lora_rank :], cos, sin)  # [T, p]
+        kv.write(start, latent, k_pe)
+        cached_latent, cached_key = kv.read(start + t)  # [S, r], [S, p]
+
+        wdt = self.w_k.dtype
+        q_latent = torch.einsum("thn,hnr->thr", q_nope.to(wdt), self.w_k).float()  # [T, H, r]
+        scores = torch.einsum("thr,sr->hts", q_latent, cached_latent.float())
+        scores += torch.einsum("thp,sp->hts", q_pe, cached_key.float())  # [H, T, S]
+        scores *= self.scale
+        key_pos = torch.arange(start + t, device=scores.device)
+        future = key_pos[None, :] > positions.to(scores.device)[:, None]  # [T, S]
+        scores.masked_fill_(future, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        out_latent = torch.einsum("hts,sr->thr", probs, cached_latent.float())  # [T, H, r]
+        out = torch.einsum("thr,hvr->thv", out_latent.to(wdt), self.w_v).float()  # [T, H, v]
+        return self.out(out.reshape(t, -1))
+
+
+class LoraQuery(nn.Module):
+    """q = W_qb norm(W_qa x): DeepSeek-V3's low-rank query path."""
+
+    def __init__(self, a: Linear, norm: RMSNorm, b: Linear):
+        super().__init__()
+        self.a, self.norm, self.b = a, norm, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.norm(self.a(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate x) * up x): the dense layers and the shared experts."""
+
+    def __init__(self, gate: Linear, up: Linear, down: Linear):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, c: DeepSeek2Config,
+          n_group: int, topk_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ids [T, k] and weights [T, k] from router logits [T, E].
+
+    V3/R1: sigmoid scores; the correction bias only steers the choice; groups ranked by the
+    sum of their two best biased scores, experts chosen from the best `topk_group` groups;
+    weights are the unbiased scores, renormalized and scaled. V2: softmax scores, groups ranked
+    by their best score."""
+    logits = logits.float()
+    scores = logits.sigmoid() if c.expert_gating == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias.to(scores.device, torch.float32)
+    t, e = choice.shape
+    if n_group > 1 and topk_group < n_group:
+        grouped = choice.view(t, n_group, e // n_group)
+        if c.expert_gating == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+        else:
+            group_scores = grouped.max(dim=-1).values
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(e // n_group, dim=1),
+                                    float("-inf"))
+    ids = choice.topk(c.n_expert_used, dim=-1).indices  # [T, k]
+    weights = scores.gather(1, ids)
+    if c.expert_weights_norm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * c.expert_weights_scale
+
+
+class RoutedExperts(Protocol):
+    """The seam where routed experts leave the model: submit now, collect when needed."""
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor): ...
+
+    def collect(self, handle) -> torch.Tensor: ...
+
+
+class MoE(nn.Module):
+    def __init__(self, c: DeepSeek2Config, router: torch.Tensor, bias: torch.Tensor | None,
+                 experts: RoutedExperts, shared: GatedMLP | None, n_group: int, topk_group: int):
+        super().__init__()
+        self.c = c
+        self.router = nn.Parameter(router.float(), requires_grad=False)  # [E, d]
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.experts, self.shared = experts, shared
+        self.n_group, self.topk_group = n_group, topk_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x.to(self.router.device, torch.float32), self.router)  # [T, E]
+        ids, weights = route(logits, self.bias, self.c, self.n_group, self.topk_group)
+        handle = self.experts.submit(x, ids, weights)  # the CPU starts on the routed experts
+        shared = self.shared(x) if self.shared is not None else None  # meanwhile, here
+        routed = self.experts.collect(handle).to(x.device, torch.float32)
+        return routed if shared is None else routed + shared.to(x.device)
+
+
+class Block(nn.Module):
+    def __init__(self, attn_norm: RMSNorm, attn: MLAttention, ffn_norm: RMSNorm, ffn: nn.Module):
+        super().__init__()
+        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerKV, start: int) -> torch.Tensor:
+        x = x.to(self.attn_norm.weight.device)  # the residual stream lives with the layer
+        x = x + self.attn(self.attn_norm(x), positions, kv, start).to(x.device)
+        return x + self.ffn(self.ffn_norm(x)).to(x.device)
+
+
+class DeepseekV3(nn.Module):
+    def __init__(self, c: DeepSeek2Config, embed: torch.Tensor, blocks: list[Block],
+                 norm: RMSNorm, lm_head: Linear):
+        super().__init__()
+        self.c = c
+        self.embed = nn.Parameter(embed, requires_grad=False)  # [V, d]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, tokens: torch.Tensor, start: int, kv: list[LayerKV],
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [T, V] (or [1, V]) for `tokens` at positions start..start+T-1."""
+        positions = torch.arange(start, start + tokens.shape[0])
+        x = self.embed[tokens.to(self.embed.device)].float()  # [T, d]
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, kv[i], start)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))

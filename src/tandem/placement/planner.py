@@ -1,0 +1,113 @@
+"""Before any weight is loaded: add up the bytes each device must hold and refuse plans that
+do not fit, saying what does not fit, by how much, and which rule to change."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.gguf.reader import TensorInfo
+from tandem.placement.rules import Placement, PlacementError, Rule
+
+GPU_HEADROOM = 1 << 30  # activations, CUDA context and allocator slack
+CPU_HEADROOM = 2 << 30
+LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per device: `resident` copies (dequantized weights, KV cache) and `mapped` bytes
+    read in place from the GGUF mmap (they live in the page cache)."""
+
+    resident: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    mapped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    by_rule: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    per_layer: dict[str, dict[str, int]] = field(default_factory=dict)  # "blk.N"/"other" -> dev -> bytes
+
+    def as_dict(self) -> dict:
+        return {"resident": dict(self.resident), "mapped": dict(self.mapped),
+                "per_layer": self.per_layer}
+
+
+def placed_bytes(info: TensorInfo, p: Placement) -> int:
+    if p.kernel == "ggml":
+        return info.n_bytes
+    return info.n_elements * torch.tensor([], dtype=p.dtype).element_size()
+
+
+def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement],
+                kv_bytes: dict[str, int]) -> MemoryPlan:
+    """kv_bytes: KV cache bytes per device (from the context size asked for)."""
+    plan = MemoryPlan()
+    for name, info in tensors.items():
+        p = placements[name]
+        n = placed_bytes(info, p)
+        device = str(p.device)
+        (plan.mapped if p.kernel == "ggml" else plan.resident)[device] += n
+        plan.by_rule[p.rule] += n
+        match = LAYER.match(name)
+        layer = f"blk.{match[1]}" if match else "other"
+        plan.per_layer.setdefault(layer, defaultdict(int))[device] += n
+    for device, n in kv_bytes.items():
+        plan.resident[device] += n
+    return plan
+
+
+def capacities() -> dict[str, int]:
+    """Bytes usable now: free VRAM per GPU; available RAM for copies, total RAM for mappings."""
+    caps = {"cpu": _meminfo("MemAvailable") - CPU_HEADROOM, "cpu-total": _meminfo("MemTotal")}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, _ = torch.cuda.mem_get_info(i)
+            caps[f"cuda:{i}"] = free - GPU_HEADROOM
+    return caps
+
+
+def check_fits(plan: MemoryPlan, rules: list[Rule], caps: dict[str, int] | None = None) -> None:
+    caps = capacities() if caps is None else caps
+    problems = []
+    for device, need in plan.resident.items():
+        key = "cuda:0" if device == "cuda" else device
+        have = caps.get(key)
+        if have is not None and need > have:
+            problems.append(_too_big(device, need, have, plan, rules))
+    mapped = sum(plan.mapped.values())
+    total = caps.get("cpu-total")
+    if total is not None and mapped + plan.resident.get("cpu", 0) > total:
+        problems.append(
+            f"cpu: the routed experts ({_gb(mapped)}, read in place from the file) and "
+            f"{_gb(plan.resident.get('cpu', 0))} of copies exceed the {_gb(total)} of RAM by "
+            f"{_gb(mapped + plan.resident.get('cpu', 0) - total)}; every token would wait on "
+            "the disk. Use a smaller quant or a machine with more RAM")
+    if problems:
+        raise PlacementError("the model does not fit:\n  " + "\n  ".join(problems))
+
+
+def _too_big(device: str, need: int, have: int, plan: MemoryPlan, rules: list[Rule]) -> str:
+    heaviest = sorted(((n, i) for i, n in plan.by_rule.items()
+                       if rules[i].device.split(":")[0] == device.split(":")[0]), reverse=True)
+    hint = ""
+    if heaviest:
+        n, i = heaviest[0]
+        r = rules[i]
+        hint = (f"; the largest share, {_gb(n)}, comes from rule {r.match!r} ({r.source}): "
+                "send some of its tensors to another device or pick a smaller dtype")
+    return f"{device}: needs {_gb(need)} but {_gb(max(have, 0))} is free, {_gb(need - have)} short{hint}"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _meminfo(key: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not refuse on a guess

@@ -1,0 +1,147 @@
+"""Placement rules: which device and kernel each tensor gets.
+
+A rule list is YAML, first match wins, like KTransformers' optimize rules but shorter:
+
+    - match: 'ffn_(gate|up|down)_exps'   # regex, searched in the GGUF tensor name
+      device: cpu                       # cpu, cuda or cuda:N
+      kernel: ggml                      # ggml (routed experts on the CPU) or torch
+    - match: '.'
+      device: cuda
+      kernel: torch
+      dtype: auto                       # auto, float32, bfloat16 or float16 (torch kernel)
+
+`auto` keeps F32/F16/BF16 tensors in their own precision and turns quantized ones into bfloat16
+on a GPU, float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from tandem.errors import TandemError
+from tandem.gguf.types import GGMLType
+
+KERNELS = ("ggml", "torch")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+EXPERTS = r"ffn_(gate|up|down)_exps\."
+DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+class PlacementError(TandemError):
+    """Rules that cannot be applied, or a plan that does not fit."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    match: str
+    device: str
+    kernel: str = "torch"
+    dtype: str = "auto"
+    source: str = "default rules"
+    pattern: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        where = f"{self.source}: rule {self.match!r}"
+        try:
+            object.__setattr__(self, "pattern", re.compile(self.match))
+        except re.error as exc:
+            raise PlacementError(f"{where}: bad regex ({exc})") from None
+        if not DEVICE.match(self.device):
+            raise PlacementError(f"{where}: device {self.device!r} is not cpu, cuda or cuda:N")
+        if self.kernel not in KERNELS:
+            raise PlacementError(f"{where}: kernel {self.kernel!r} is not one of {', '.join(KERNELS)}")
+        if self.dtype not in DTYPES:
+            raise PlacementError(f"{where}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kernel == "ggml" and self.device != "cpu":
+            raise PlacementError(f"{where}: kernel ggml runs on the cpu, not {self.device}")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    kernel: str
+    dtype: torch.dtype | None  # torch kernel only
+    rule: int  # index of the rule that matched
+
+
+def default_rules(has_gpu: bool) -> list[Rule]:
+    """Routed experts on the CPU through ggml; everything else on the GPU (or the CPU)."""
+    rest = "cuda" if has_gpu else "cpu"
+    rules = [Rule(EXPERTS, "cpu", "ggml")]
+    if has_gpu:  # embedding lookups read one row per token: no reason to spend VRAM on them
+        rules.append(Rule(r"^token_embd\.", "cpu", "torch", "float32"))
+    rules.append(Rule(".", rest, "torch"))
+    return rules
+
+
+def load_rules(path: str | Path) -> list[Rule]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PlacementError(f"{path}: cannot read rules ({exc})") from None
+    if not isinstance(data, list) or not data:
+        raise PlacementError(f"{path}: rules must be a non-empty YAML list of mappings")
+    rules = []
+    for i, item in enumerate(data, 1):
+        if not isinstance(item, dict) or "match" not in item or "device" not in item:
+            raise PlacementError(f"{path}: rule {i} needs 'match' and 'device', got {item!r}")
+        unknown = set(item) - {"match", "device", "kernel", "dtype"}
+        if unknown:
+            raise PlacementError(f"{path}: rule {i} has unknown keys {sorted(unknown)}")
+        rules.append(Rule(**{k: str(v) for k, v in item.items()}, source=f"{path} rule {i}"))
+    return rules
+
+
+def available_devices() -> set[str]:
+    devices = {"cpu"}
+    if torch.cuda.is_available():
+        devices |= {"cuda"} | {f"cuda:{i}" for i in range(torch.cuda.device_count())}
+    return devices
+
+
+def assign(tensors: dict[str, GGMLType], rules: list[Rule],
+           devices: set[str] | None = None) -> dict[str, Placement]:
+    """Placement of every tensor; PlacementError for unusable rules or unplaced tensors."""
+    devices = available_devices() if devices is None else devices
+    for rule in rules:
+        if rule.device not in devices:
+            raise PlacementError(f"{rule.source}: rule {rule.match!r} sends tensors to "
+                                 f"{rule.device}, which this machine lacks (has: "
+                                 f"{', '.join(sorted(devices))})")
+    placed: dict[str, Placement] = {}
+    used = [False] * len(rules)
+    for name, stored in tensors.items():
+        index = next((i for i, r in enumerate(rules) if r.pattern.search(name)), None)
+        if index is None:
+            raise PlacementError(f"no rule places tensor {name!r}; end the rules with a "
+                                 "catch-all such as {match: '.', device: cuda}")
+        rule = rules[index]
+        if rule.kernel == "ggml" and not re.search(EXPERTS, name):
+            raise PlacementError(f"{rule.source}: rule {rule.match!r} gives kernel ggml to "
+                                 f"{name!r}; ggml runs routed expert tensors (*_exps) only")
+        used[index] = True
+        placed[name] = Placement(torch.device(rule.device), rule.kernel,
+                                 _dtype(rule, stored, rule.device), index)
+    unused = [r for r, u in zip(rules, used, strict=True) if not u]
+    if unused:
+        raise PlacementError("rules that match no tensor (a typo?): "
+                             + ", ".join(f"{r.match!r} ({r.source})" for r in unused))
+    return placed
+
+
+def _dtype(rule: Rule, stored: GGMLType, device: str) -> torch.dtype | None:
+    if rule.kernel != "torch":
+        return None
+    if DTYPES[rule.dtype] is not None:
+        return DTYPES[rule.dtype]
+    own = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLType.BF16: torch.bfloat16}
+    if device == "cpu":
+        return torch.float32
+    return own.get(stored, torch.bfloat16)

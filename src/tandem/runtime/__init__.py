@@ -1,0 +1,1 @@
+"""Runtime: KV cache, sampling, and the LLM API over a loaded model."""
