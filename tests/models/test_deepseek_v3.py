@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny import CONFIGS, load_hf
 
 import tandem
+from hf_tiny import CONFIGS, load_hf
 from tandem.convert import convert
 from tandem.placement.rules import Rule
 

@@ -182,7 +182,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, c: DeepSeek2Config,
     if n_group > 1 and topk_group < n_group:
         grouped = choice.view(t, n_group, e // n_group)
         if c.expert_gating == "sigmoid":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+            group_scores = grouped.topk(min(2, e // n_group), dim=-1).values.sum(dim=-1)  # [T, G]
         else:
             group_scores = grouped.max(dim=-1).values
         keep = group_scores.topk(topk_group, dim=-1).indices

@@ -28,12 +28,13 @@ from tandem.runtime.sampler import sample
 
 log = logging.getLogger(__name__)
 
-R1_GROUPS = (8, 4)  # DeepSeek-R1/V3: 256 experts in 8 groups, pick from the best 4
+R1_GROUPS = (8, 4)
+DEFAULT_CTX = 4096  # DeepSeek-R1/V3: 256 experts in 8 groups, pick from the best 4
 
 
 class LLM:
     def __init__(self, gguf_path: str | Path, model_path: str | Path | None = None,
-                 rules: str | Path | Sequence[Rule] | None = None, *, ctx_size: int = 4096,
+                 rules: str | Path | Sequence[Rule] | None = None, *, ctx_size: int | None = None,
                  n_threads: int | None = None, prefill_chunk: int = 512,
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None):
@@ -42,6 +43,8 @@ class LLM:
             raise GGUFError(f"{self.file.path}: architecture {self.file.architecture!r} is not "
                             f"supported by tandem.LLM yet (supported: {deepseek2.ARCH})")
         self.config = self._config(model_path)
+        if ctx_size is None:
+            ctx_size = min(DEFAULT_CTX, self.config.context_length)
         if not 0 < ctx_size <= self.config.context_length:
             raise TandemError(f"ctx_size {ctx_size} must lie in 1..{self.config.context_length} "
                               "(the model's context length)")

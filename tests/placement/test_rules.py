@@ -1,0 +1,68 @@
+"""Placement rules and the memory plan, on a real file's tensor table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tandem
+from tandem.gguf.types import GGMLType
+from tandem.placement.planner import check_fits, plan_memory
+from tandem.placement.rules import PlacementError, Rule, assign, default_rules
+
+
+def test_default_rules_without_gpu(tiny_q8):
+    model = tandem.open_gguf(tiny_q8)
+    placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(False),
+                    devices={"cpu"})
+    experts = [n for n in placed if "_exps" in n]
+    assert experts and all(placed[n].kernel == "ggml" for n in experts)
+    rest = [p for n, p in placed.items() if "_exps" not in n]
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in rest)
+
+
+def test_default_rules_with_gpu(tiny_q8):
+    model = tandem.open_gguf(tiny_q8)
+    placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(True),
+                    devices={"cpu", "cuda", "cuda:0"})
+    assert placed["token_embd.weight"].device.type == "cpu"
+    q = placed["blk.0.attn_q_a.weight"]  # Q8_0 in the file: bfloat16 on the GPU
+    assert q.device.type == "cuda" and q.dtype == torch.bfloat16
+    norm = placed["blk.0.attn_norm.weight"]  # F32 in the file: stays float32
+    assert norm.device.type == "cuda" and norm.dtype == torch.float32
+    assert placed["blk.1.ffn_down_exps.weight"].kernel == "ggml"
+
+
+def test_first_matching_rule_wins():
+    rules = [Rule("attn", "cpu", "torch", "float16"), Rule(".", "cpu", "torch")]
+    placed = assign({"blk.0.attn_q.weight": GGMLType.Q8_0, "blk.0.ffn_up.weight": GGMLType.F16},
+                    rules, devices={"cpu"})
+    assert placed["blk.0.attn_q.weight"].dtype == torch.float16
+    assert placed["blk.0.ffn_up.weight"].rule == 1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(match="(", device="cpu"), "bad regex"),
+    (dict(match=".", device="gpu"), "is not cpu, cuda or cuda:N"),
+    (dict(match=".", device="cpu", kernel="fast"), "kernel 'fast' is not one of"),
+    (dict(match=".", device="cpu", dtype="int3"), "dtype 'int3' is not one of"),
+    (dict(match=".", device="cuda", kernel="ggml"), "kernel ggml runs on the cpu"),
+])
+def test_bad_rules(kwargs, message):
+    with pytest.raises(PlacementError, match=message):
+        Rule(**kwargs)
+
+
+def test_memory_plan_counts_bytes_per_device_and_layer(tiny_q8):
+    model = tandem.open_gguf(tiny_q8)
+    placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(False),
+                    devices={"cpu"})
+    plan = plan_memory(model.tensors, placed, {"cpu": 1000})
+    experts = sum(t.n_bytes for n, t in model.tensors.items() if "_exps" in n)
+    dense = sum(t.n_elements * 4 for n, t in model.tensors.items() if "_exps" not in n)
+    assert plan.mapped["cpu"] == experts
+    assert plan.resident["cpu"] == dense + 1000
+    assert sum(sum(d.values()) for d in plan.per_layer.values()) == experts + dense
+    check_fits(plan, default_rules(False), {"cpu": 1 << 40, "cpu-total": 1 << 40})
+    with pytest.raises(PlacementError, match="routed experts .* exceed the"):
+        check_fits(plan, default_rules(False), {"cpu": 1 << 40, "cpu-total": experts})
