@@ -17,8 +17,10 @@ def test_default_rules_without_gpu(tiny_q8):
                     devices={"cpu"})
     experts = [n for n in placed if "_exps" in n]
     assert experts and all(placed[n].kernel == "ggml" for n in experts)
-    rest = [p for n, p in placed.items() if "_exps" not in n]
-    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in rest)
+    assert placed["token_embd.weight"].kernel == "ggml"
+    rest = [p for n, p in placed.items() if "_exps" not in n and n != "token_embd.weight"]
+    assert all(p.device.type == "cpu" and p.kernel == "torch" and p.dtype == torch.float32
+               for p in rest)
 
 
 def test_default_rules_with_gpu(tiny_q8):
@@ -26,6 +28,7 @@ def test_default_rules_with_gpu(tiny_q8):
     placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(True),
                     devices={"cpu", "cuda", "cuda:0"})
     assert placed["token_embd.weight"].device.type == "cpu"
+    assert placed["token_embd.weight"].kernel == "ggml"  # rows dequantized from the file
     q = placed["blk.0.attn_q_a.weight"]  # Q8_0 in the file: bfloat16 on the GPU
     assert q.device.type == "cuda" and q.dtype == torch.bfloat16
     norm = placed["blk.0.attn_norm.weight"]  # F32 in the file: stays float32
@@ -58,8 +61,9 @@ def test_memory_plan_counts_bytes_per_device_and_layer(tiny_q8):
     placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(False),
                     devices={"cpu"})
     plan = plan_memory(model.tensors, placed, {"cpu": 1000})
-    experts = sum(t.n_bytes for n, t in model.tensors.items() if "_exps" in n)
-    dense = sum(t.n_elements * 4 for n, t in model.tensors.items() if "_exps" not in n)
+    in_place = {n for n in model.tensors if "_exps" in n or n == "token_embd.weight"}
+    experts = sum(model.tensors[n].n_bytes for n in in_place)
+    dense = sum(t.n_elements * 4 for n, t in model.tensors.items() if n not in in_place)
     assert plan.mapped["cpu"] == experts
     assert plan.resident["cpu"] == dense + 1000
     assert sum(sum(d.values()) for d in plan.per_layer.values()) == experts + dense

@@ -67,7 +67,7 @@ def test_tensor_no_rule_places(good):
 
 
 def test_ggml_kernel_only_for_experts(good):
-    with pytest.raises(PlacementError, match="ggml runs routed expert tensors"):
+    with pytest.raises(PlacementError, match="ggml serves the routed experts"):
         tandem.LLM(good, rules=[Rule(".", "cpu", "ggml")])
 
 

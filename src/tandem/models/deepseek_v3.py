@@ -235,11 +235,11 @@ class Block(nn.Module):
 
 
 class DeepseekV3(nn.Module):
-    def __init__(self, c: DeepSeek2Config, embed: torch.Tensor, blocks: list[Block],
+    def __init__(self, c: DeepSeek2Config, embed: nn.Module, blocks: list[Block],
                  norm: RMSNorm, lm_head: Linear):
         super().__init__()
         self.c = c
-        self.embed = nn.Parameter(embed, requires_grad=False)  # [V, d]
+        self.embed = embed  # tokens [T] -> float32 [T, d]
         self.blocks = nn.ModuleList(blocks)
         self.norm, self.lm_head = norm, lm_head
 
@@ -247,7 +247,7 @@ class DeepseekV3(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """Logits [T, V] (or [1, V]) for `tokens` at positions start..start+T-1."""
         positions = torch.arange(start, start + tokens.shape[0])
-        x = self.embed[tokens.to(self.embed.device)].float()  # [T, d]
+        x = self.embed(tokens)  # [T, d]
         for i, block in enumerate(self.blocks):
             x = block(x, positions, kv[i], start)
         if last_only:

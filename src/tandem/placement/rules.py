@@ -4,14 +4,15 @@ A rule list is YAML, first match wins, like KTransformers' optimize rules but sh
 
     - match: 'ffn_(gate|up|down)_exps'   # regex, searched in the GGUF tensor name
       device: cpu                       # cpu, cuda or cuda:N
-      kernel: ggml                      # ggml (routed experts on the CPU) or torch
+      kernel: ggml                      # ggml (read in place from the file) or torch
     - match: '.'
       device: cuda
       kernel: torch
       dtype: auto                       # auto, float32, bfloat16 or float16 (torch kernel)
 
-`auto` keeps F32/F16/BF16 tensors in their own precision and turns quantized ones into bfloat16
-on a GPU, float32 on the CPU.
+Kernel ggml serves the routed experts (CPU MoE op) and the token embedding (rows dequantized
+as they are looked up); everything else takes torch. `auto` keeps F32/F16/BF16 tensors in
+their own precision and turns quantized ones into bfloat16 on a GPU, float32 on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ KERNELS = ("ggml", "torch")
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 EXPERTS = r"ffn_(gate|up|down)_exps\."
+IN_PLACE = re.compile(EXPERTS + r"|^token_embd\.")  # what kernel ggml can serve
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
@@ -73,11 +75,12 @@ class Placement:
 def default_rules(has_gpu: bool) -> list[Rule]:
     """Routed experts on the CPU through ggml; everything else on the GPU (or the CPU)."""
     rest = "cuda" if has_gpu else "cpu"
-    rules = [Rule(EXPERTS, "cpu", "ggml")]
-    if has_gpu:  # embedding lookups read one row per token: no reason to spend VRAM on them
-        rules.append(Rule(r"^token_embd\.", "cpu", "torch", "float32"))
-    rules.append(Rule(".", rest, "torch"))
-    return rules
+    return [
+        Rule(EXPERTS, "cpu", "ggml"),
+        # One row per token is read: dequantize those rows from the file, not the whole table.
+        Rule(r"^token_embd\.", "cpu", "ggml"),
+        Rule(".", rest, "torch"),
+    ]
 
 
 def load_rules(path: str | Path) -> list[Rule]:
@@ -123,9 +126,10 @@ def assign(tensors: dict[str, GGMLType], rules: list[Rule],
             raise PlacementError(f"no rule places tensor {name!r}; end the rules with a "
                                  "catch-all such as {match: '.', device: cuda}")
         rule = rules[index]
-        if rule.kernel == "ggml" and not re.search(EXPERTS, name):
+        if rule.kernel == "ggml" and not IN_PLACE.search(name):
             raise PlacementError(f"{rule.source}: rule {rule.match!r} gives kernel ggml to "
-                                 f"{name!r}; ggml runs routed expert tensors (*_exps) only")
+                                 f"{name!r}; ggml serves the routed experts (*_exps) and "
+                                 "token_embd only")
         used[index] = True
         placed[name] = Placement(torch.device(rule.device), rule.kernel,
                                  _dtype(rule, stored, rule.device), index)

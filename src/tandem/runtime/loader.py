@@ -12,6 +12,7 @@ from tandem.errors import GGUFError
 from tandem.gguf.config import DeepSeek2Config
 from tandem.gguf.model import GGUFModel
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.embedding import DenseEmbedding, QuantEmbedding
 from tandem.kernels.experts import GgmlExperts, TorchExperts
 from tandem.kernels.tensors import QuantTensor
 from tandem.models import deepseek_v3 as ds
@@ -50,6 +51,12 @@ class WeightLoader:
 
     def norm(self, name: str, eps: float) -> ds.RMSNorm:
         return ds.RMSNorm(self.dense(name), eps)
+
+    def embedding(self, name: str):
+        if self.placements[name].kernel == "ggml":
+            self.advance(self.model.tensors[name].n_bytes)
+            return QuantEmbedding(QuantTensor.from_gguf(self.model, name))
+        return DenseEmbedding(self.dense(name))
 
     def experts(self, prefix: str):
         names = [f"{prefix}.ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
@@ -93,7 +100,7 @@ def build_deepseek(model: GGUFModel, c: DeepSeek2Config, loader: WeightLoader,
                          n_group, topk_group)
         blocks.append(ds.Block(loader.norm(f"{b}.attn_norm.weight", eps), attn,
                                loader.norm(f"{b}.ffn_norm.weight", eps), ffn))
-    return ds.DeepseekV3(c, loader.dense("token_embd.weight"), blocks,
+    return ds.DeepseekV3(c, loader.embedding("token_embd.weight"), blocks,
                          loader.norm("output_norm.weight", eps), loader.linear("output.weight"))
 
 
