@@ -14,7 +14,6 @@ import argparse
 import json
 import resource
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -74,13 +73,9 @@ def main() -> None:
 
     tokens = torch.randint(0, c.n_vocab, (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    start = time.perf_counter()
-    llm.logits(tokens)
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    new = llm.generate(tokens, args.new_tokens)  # prefill again, then decode
-    gen_s = time.perf_counter() - start
-    decode_s = max(gen_s - prefill_s, 1e-9)
+    llm.generate(tokens[:8], 4)  # warm-up: CUDA context, kernels, first page faults
+    new = llm.generate(tokens, args.new_tokens)
+    timings = llm.last_timings
 
     kinds = per_layer_kind(llm.memory, c.n_dense_layers)
     kv_layer = LatentKVCache.bytes_per_device(args.ctx, c.kv_lora_rank, c.qk_rope_head_dim,
@@ -111,9 +106,10 @@ def main() -> None:
                      "cuda_max_allocated": torch.cuda.max_memory_allocated() if cuda else 0,
                      "rss_after_load": rss_bytes(), "rss_before_load": rss_before,
                      "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024},
-        "prefill_tokens": len(tokens), "prefill_s": prefill_s,
-        "prefill_tok_per_s": len(tokens) / prefill_s,
-        "decode_tokens": len(new), "decode_tok_per_s": (len(new) - 1) / decode_s if len(new) > 1 else None,
+        "prefill_tokens": timings.prompt_tokens, "prefill_s": timings.prompt_s,
+        "prefill_tok_per_s": timings.prompt_tok_per_s,
+        "decode_tokens": timings.decoded_tokens, "decode_s": timings.decode_s,
+        "decode_tok_per_s": timings.decode_tok_per_s, "new_tokens": len(new),
         "projected_61_layers": {"ctx": args.ctx, "bytes": projected,
                                 "note": "dense weights dequantized to bf16 on the GPU (default "
                                         "rules); experts and token_embd read in place (mapped)"},

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -72,6 +73,7 @@ class LLM:
         self.cache = LatentKVCache(ctx_size, c.kv_lora_rank, c.qk_rope_head_dim, devices, kv_dtype)
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
+        self.last_timings: Timings | None = None
 
     # -- setup ---------------------------------------------------------------------------
     def _config(self, model_path) -> DeepSeek2Config:
@@ -132,18 +134,19 @@ class LLM:
         if self.eos_token_id is not None:
             stops.add(self.eos_token_id)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        began = time.perf_counter()
         logits = None
         for start, chunk in self._chunks(tokens):
             logits = self.model(chunk, start, self.cache.layers, last_only=True)
-        new: list[int] = []
+        new = [sample(logits[-1], temperature, top_k, top_p, generator)]  # waits for the GPU
+        prefilled = time.perf_counter()
         position = tokens.numel()
-        for _ in range(max_new_tokens):
-            token = sample(logits[-1], temperature, top_k, top_p, generator)
-            new.append(token)
-            if token in stops or position >= self.ctx_size:
-                break
-            logits = self.model(torch.tensor([token]), position, self.cache.layers)
+        while len(new) < max_new_tokens and new[-1] not in stops and position < self.ctx_size:
+            logits = self.model(torch.tensor([new[-1]]), position, self.cache.layers)
+            new.append(sample(logits[-1], temperature, top_k, top_p, generator))
             position += 1
+        self.last_timings = Timings(tokens.numel(), prefilled - began, len(new) - 1,
+                                    time.perf_counter() - prefilled)
         return new
 
     def _chunks(self, tokens: torch.Tensor):
@@ -160,6 +163,24 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class Timings:
+    """The last generate call: prompt evaluation (up to the first new token) and decoding."""
+
+    prompt_tokens: int
+    prompt_s: float
+    decoded_tokens: int  # tokens after the first
+    decode_s: float
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def decode_tok_per_s(self) -> float:
+        return self.decoded_tokens / self.decode_s if self.decode_s else 0.0
 
 
 class _progress:
