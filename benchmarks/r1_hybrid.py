@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import time
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
