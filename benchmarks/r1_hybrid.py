@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
