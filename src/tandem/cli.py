@@ -137,6 +137,23 @@ def synth(
                   + ", ".join(str(p) for p in paths))
 
 
+@app.command()
+def convert(
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face DeepSeek folder (config.json, *.safetensors).")],
+    out: Annotated[Path, typer.Argument(help="Output .gguf.")],
+    recipe: Annotated[str, typer.Option(help="A recipe (ud-iq1_s, q4_k_m, ...) or one type (f32, q8_0).")] = "f32",
+    type_rules: Annotated[list[str] | None, typer.Option(
+        "--type", help="Per-tensor override REGEX=TYPE (repeatable).")] = None,
+    split_kv_b: Annotated[bool, typer.Option(help="Write attn_k_b/attn_v_b, not attn_kv_b.")] = False,
+):
+    """Convert a Hugging Face DeepSeek folder to GGUF with llama.cpp's names (for tests)."""
+    from tandem.convert import convert as run_convert
+
+    paths = run_convert(model_dir, out, recipe=recipe, overrides=type_rules or [],
+                        split_kv_b=split_kv_b)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+
+
 def _parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
     if not match:

@@ -28,7 +28,7 @@ def read_config_json(model_path: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file (--model_path needs the folder with config.json)") from None
+        raise ConfigError(f"{path}: no such file (a Hugging Face model folder holds config.json)") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from None
 
