@@ -139,9 +139,9 @@ def synth(
 
 @app.command()
 def convert(
-    model_dir: Annotated[Path, typer.Argument(help="Hugging Face DeepSeek folder (config.json, *.safetensors).")],
+    model_dir: Annotated[Path, typer.Argument(help="Hugging Face DeepSeek folder.")],
     out: Annotated[Path, typer.Argument(help="Output .gguf.")],
-    recipe: Annotated[str, typer.Option(help="A recipe (ud-iq1_s, q4_k_m, ...) or one type (f32, q8_0).")] = "f32",
+    recipe: Annotated[str, typer.Option(help="A recipe (ud-iq1_s, ...) or one type (f32, q8_0).")] = "f32",
     type_rules: Annotated[list[str] | None, typer.Option(
         "--type", help="Per-tensor override REGEX=TYPE (repeatable).")] = None,
     split_kv_b: Annotated[bool, typer.Option(help="Write attn_k_b/attn_v_b, not attn_kv_b.")] = False,
