@@ -35,14 +35,26 @@ QUANT_BASE = dict(BASE, hidden_size=256, moe_intermediate_size=256, intermediate
                   kv_lora_rank=256, q_lora_rank=256)
 
 
-def build_hf(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A random DeepseekV3ForCausalLM saved to `folder`; norms and the routing bias randomized
-    too, so that every weight matters."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+# DeepSeek-V2 (softmax routing, no correction bias) and V2-Lite (no q LoRA, no groups).
+V2_CONFIGS = {
+    "v2-group-limited": dict(q_lora_rank=32, n_group=4, topk_group=2,
+                             topk_method="group_limited_greedy", n_shared_experts=2,
+                             routed_scaling_factor=1.0, norm_topk_prob=False),
+    "v2-lite-greedy": dict(q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy",
+                           routed_scaling_factor=1.0, norm_topk_prob=False),
+}
 
-    config = DeepseekV3Config(**{**BASE, **overrides})
+
+def build_hf(folder: Path, seed: int = 0, version: int = 3, **overrides) -> Path:
+    """A random DeepseekV3ForCausalLM (or V2) saved to `folder`; norms and the routing bias
+    randomized too, so that every weight matters."""
+    import transformers
+
+    config_cls = getattr(transformers, f"DeepseekV{version}Config")
+    model_cls = getattr(transformers, f"DeepseekV{version}ForCausalLM")
+    config = config_cls(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(config).eval()
+    model = model_cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -55,8 +67,8 @@ def build_hf(folder: Path, seed: int = 0, **overrides) -> Path:
 
 
 def load_hf(folder: Path):
-    from transformers import DeepseekV3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    return DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 

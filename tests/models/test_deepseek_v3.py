@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tandem
-from hf_tiny import CONFIGS, load_hf
+from hf_tiny import CONFIGS, V2_CONFIGS, build_hf, load_hf
 from tandem.convert import convert
 from tandem.placement.rules import Rule
 
@@ -132,3 +132,17 @@ def test_torch_expert_kernel_matches_ggml_on_f32(f32_files):
     with tandem.LLM(f32_files[name], rules=CPU_RULES, ctx_size=64) as a, \
          tandem.LLM(f32_files[name], rules=torch_rules, ctx_size=64) as b:
         torch.testing.assert_close(a.logits(tokens), b.logits(tokens), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(V2_CONFIGS))
+def test_deepseek_v2_matches_transformers(name, tmp_path):
+    """V2 and V2-Lite share the file layout: softmax routing, no correction bias."""
+    folder = build_hf(tmp_path / name, seed=3, version=2, **V2_CONFIGS[name])
+    path = convert(folder, tmp_path / f"{name}.gguf", recipe="f32")[0]
+    assert not any("exp_probs_b" in n for n in tandem.open_gguf(path).tensors)
+    hf = load_hf(folder)
+    tokens = prompt(hf.config.vocab_size)
+    with tandem.LLM(path, rules=CPU_RULES, ctx_size=128) as llm:
+        assert llm.config.expert_gating == "softmax"
+        assert (llm.logits(tokens) - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+        assert llm.generate(tokens[:8], 16) == hf_greedy(hf, tokens[:8], 16)

@@ -94,9 +94,10 @@ def tensor_shapes(c: DeepSeek2Config, split_kv_b: bool = False) -> list[tuple[st
                 (f"{b}.ffn_down.weight", (c.n_embd, c.n_ff)),
             ]
             continue
+        out.append((f"{b}.ffn_gate_inp.weight", (c.n_expert, c.n_embd)))
+        if c.expert_gating == "sigmoid":  # V3's choice-only correction bias; V2 has none
+            out.append((f"{b}.exp_probs_b.bias", (c.n_expert,)))
         out += [
-            (f"{b}.ffn_gate_inp.weight", (c.n_expert, c.n_embd)),
-            (f"{b}.exp_probs_b.bias", (c.n_expert,)),
             (f"{b}.ffn_gate_exps.weight", (c.n_expert, c.n_ff_expert, c.n_embd)),
             (f"{b}.ffn_up_exps.weight", (c.n_expert, c.n_ff_expert, c.n_embd)),
             (f"{b}.ffn_down_exps.weight", (c.n_expert, c.n_embd, c.n_ff_expert)),

@@ -95,9 +95,10 @@ def build_deepseek(model: GGUFModel, c: DeepSeek2Config, loader: WeightLoader,
             if c.n_shared_experts:
                 shared = ds.GatedMLP(*(loader.linear(f"{b}.ffn_{p}_shexp.weight")
                                        for p in ("gate", "up", "down")))
-            ffn = ds.MoE(c, loader.dense(f"{b}.ffn_gate_inp.weight"),
-                         loader.dense(f"{b}.exp_probs_b.bias"), loader.experts(b), shared,
-                         n_group, topk_group)
+            bias_name = f"{b}.exp_probs_b.bias"
+            bias = loader.dense(bias_name) if bias_name in model.tensors else None
+            ffn = ds.MoE(c, loader.dense(f"{b}.ffn_gate_inp.weight"), bias, loader.experts(b),
+                         shared, n_group, topk_group)
         blocks.append(ds.Block(loader.norm(f"{b}.attn_norm.weight", eps), attn,
                                loader.norm(f"{b}.ffn_norm.weight", eps), ffn))
     return ds.DeepseekV3(c, loader.embedding("token_embd.weight"), blocks,
