@@ -81,3 +81,17 @@ def test_synth_rejects_bad_arguments(tmp_path):
     assert run.returncode == 1 and "unknown recipe 'q3_nonsense'" in run.stderr
     run = tandem("synth", str(tmp_path / "x.bin"))
     assert run.returncode == 1 and "must end in .gguf" in run.stderr
+
+
+def test_convert_then_inspect(hf_models, tmp_path):
+    out = tmp_path / "conv.gguf"
+    run = tandem("convert", str(hf_models["qlora-groups2-dense1"]), str(out), "--recipe", "q8_0",
+                 "--type", "ffn_down_exps=f16")
+    assert run.returncode == 0, run.stderr
+    data = json.loads(tandem("inspect", "--json", "--tensors", str(out)).stdout)
+    types = {t["name"]: t["type"] for t in data["tensors"]}
+    assert types["blk.1.ffn_down_exps.weight"] == "F16"
+    assert types["blk.1.ffn_gate_exps.weight"] == "Q8_0"
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32"
+    missing = tandem("convert", str(tmp_path / "nowhere"), str(out))
+    assert missing.returncode == 1 and "no such file" in missing.stderr
