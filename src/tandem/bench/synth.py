@@ -86,12 +86,10 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], t: GGMLType, fill: str,
 def _quantized(shape: tuple[int, ...], t: GGMLType, name: str, rng: np.random.Generator):
     row = shape[-1]
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
-    scale = 1.0 if name.endswith("norm.weight") else 0.02  # norms near 1, weights small
+    is_norm = name.endswith("norm.weight")
     parts = []
     for start in range(0, rows, QUANTIZE_ROWS):
-        count = min(QUANTIZE_ROWS, rows - start)
-        values = rng.standard_normal((count, row), dtype=np.float32) * np.float32(scale)
-        if scale == 1.0:
-            values = 1.0 + 0.1 * values
+        noise = rng.standard_normal((min(QUANTIZE_ROWS, rows - start), row), dtype=np.float32)
+        values = 1.0 + 0.1 * noise if is_norm else 0.02 * noise  # norms near 1, weights small
         parts.append(quantize(values, t).reshape(-1))
     return np.concatenate(parts)

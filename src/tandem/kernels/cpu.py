@@ -28,7 +28,7 @@ I32 = GGMLType.I32
 
 
 def default_threads() -> int:
-    """Physical cores usable by this process (SMT siblings add little to these kernels)."""
+    """CPUs this process may run on (its affinity mask, e.g. as limited by taskset)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, usable or 1)
 

@@ -167,8 +167,8 @@ class GatedMLP(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor | None, c: DeepSeek2Config,
-          n_group: int, topk_group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(logits: torch.Tensor, bias: torch.Tensor | None,
+          c: DeepSeek2Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ids [T, k] and weights [T, k] from router logits [T, E].
 
     V3/R1: sigmoid scores; the correction bias only steers the choice; groups ranked by the
@@ -179,6 +179,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, c: DeepSeek2Config,
     scores = logits.sigmoid() if c.expert_gating == "sigmoid" else logits.softmax(dim=-1)
     choice = scores if bias is None else scores + bias.to(scores.device, torch.float32)
     t, e = choice.shape
+    n_group, topk_group = c.n_group or 1, c.topk_group or 1
     if n_group > 1 and topk_group < n_group:
         grouped = choice.view(t, n_group, e // n_group)
         if c.expert_gating == "sigmoid":
@@ -206,17 +207,16 @@ class RoutedExperts(Protocol):
 
 class MoE(nn.Module):
     def __init__(self, c: DeepSeek2Config, router: torch.Tensor, bias: torch.Tensor | None,
-                 experts: RoutedExperts, shared: GatedMLP | None, n_group: int, topk_group: int):
+                 experts: RoutedExperts, shared: GatedMLP | None):
         super().__init__()
         self.c = c
         self.router = nn.Parameter(router.float(), requires_grad=False)  # [E, d]
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.experts, self.shared = experts, shared
-        self.n_group, self.topk_group = n_group, topk_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x.to(self.router.device, torch.float32), self.router)  # [T, E]
-        ids, weights = route(logits, self.bias, self.c, self.n_group, self.topk_group)
+        ids, weights = route(logits, self.bias, self.c)
         handle = self.experts.submit(x, ids, weights)  # the CPU starts on the routed experts
         shared = self.shared(x) if self.shared is not None else None  # meanwhile, here
         routed = self.experts.collect(handle).to(x.device, torch.float32)

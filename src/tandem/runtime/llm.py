@@ -29,8 +29,8 @@ from tandem.runtime.sampler import sample
 
 log = logging.getLogger(__name__)
 
-R1_GROUPS = (8, 4)
-DEFAULT_CTX = 4096  # DeepSeek-R1/V3: 256 experts in 8 groups, pick from the best 4
+R1_GROUPS = (8, 4)  # DeepSeek-R1/V3: 256 experts in 8 groups, pick from the best 4
+DEFAULT_CTX = 4096
 
 
 class LLM:
@@ -43,7 +43,7 @@ class LLM:
         if self.file.architecture != deepseek2.ARCH:
             raise GGUFError(f"{self.file.path}: architecture {self.file.architecture!r} is not "
                             f"supported by tandem.LLM yet (supported: {deepseek2.ARCH})")
-        self.config = self._config(model_path)
+        self.config = _with_groups(self._config(model_path))
         if ctx_size is None:
             ctx_size = min(DEFAULT_CTX, self.config.context_length)
         if not 0 < ctx_size <= self.config.context_length:
@@ -66,10 +66,9 @@ class LLM:
 
         uses_ggml = any(p.kernel == "ggml" for p in self.placements.values())
         self.kernels = CpuKernels(n_threads) if uses_ggml else None
-        n_group, topk_group = self._groups()
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance)
-            self.model = build_deepseek(self.file, c, loader, n_group, topk_group, devices)
+            self.model = build_deepseek(self.file, c, loader, devices)
         self.cache = LatentKVCache(ctx_size, c.kv_lora_rank, c.qk_rope_head_dim, devices, kv_dtype)
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
@@ -86,17 +85,6 @@ class LLM:
         for name in filled:
             log.info("%s from %s: %s", name, path, getattr(merged, name))
         return merged
-
-    def _groups(self) -> tuple[int, int]:
-        c = self.config
-        if c.n_group is not None and c.topk_group is not None:
-            return c.n_group, c.topk_group
-        n_group, topk_group = R1_GROUPS if c.n_expert % R1_GROUPS[0] == 0 else (1, 1)
-        log.warning("neither the GGUF nor --model_path gives expert_group_count/"
-                    "expert_group_used_count; using DeepSeek-R1's n_group=%d, topk_group=%d",
-                    n_group, topk_group)
-        self.config = replace(c, n_group=n_group, topk_group=topk_group)
-        return n_group, topk_group
 
     def _rules(self, rules) -> list[Rule]:
         if rules is None:
@@ -163,6 +151,17 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _with_groups(c: DeepSeek2Config) -> DeepSeek2Config:
+    """Group-routing keys from the file or config.json, else R1's, said in the log."""
+    if c.n_group is not None and c.topk_group is not None:
+        return c
+    n_group, topk_group = R1_GROUPS if c.n_expert % R1_GROUPS[0] == 0 else (1, 1)
+    log.warning("neither the GGUF nor --model_path gives expert_group_count/"
+                "expert_group_used_count; using DeepSeek-R1's n_group=%d, topk_group=%d",
+                n_group, topk_group)
+    return replace(c, n_group=n_group, topk_group=topk_group)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ class WeightLoader:
 
 
 def build_deepseek(model: GGUFModel, c: DeepSeek2Config, loader: WeightLoader,
-                   n_group: int, topk_group: int, devices: list[torch.device]) -> ds.DeepseekV3:
+                   devices: list[torch.device]) -> ds.DeepseekV3:
+    """The model for config `c`, whose n_group/topk_group must be resolved."""
     eps = c.rms_norm_eps
     blocks = []
     for i in range(c.n_layers):
@@ -98,7 +99,7 @@ def build_deepseek(model: GGUFModel, c: DeepSeek2Config, loader: WeightLoader,
             bias_name = f"{b}.exp_probs_b.bias"
             bias = loader.dense(bias_name) if bias_name in model.tensors else None
             ffn = ds.MoE(c, loader.dense(f"{b}.ffn_gate_inp.weight"), bias, loader.experts(b),
-                         shared, n_group, topk_group)
+                         shared)
         blocks.append(ds.Block(loader.norm(f"{b}.attn_norm.weight", eps), attn,
                                loader.norm(f"{b}.ffn_norm.weight", eps), ffn))
     return ds.DeepseekV3(c, loader.embedding("token_embd.weight"), blocks,
