@@ -8,6 +8,7 @@ import pytest
 import tandem
 from tandem.convert import convert
 from tandem.errors import GGUFError, TandemError
+from tandem.gguf.types import GGMLType
 from tandem.gguf.writer import write_gguf
 from tandem.placement.rules import PlacementError, Rule
 from tandem.runtime.kv_cache import ContextFull
@@ -117,6 +118,9 @@ def test_bad_tokens_and_context(good):
         tandem.LLM(good, rules=CPU_RULES, ctx_size=999)
 
 
-def test_unsupported_architecture(gemma_gguf):
-    with pytest.raises(GGUFError, match="architecture 'gemma3' is not supported"):
-        tandem.LLM(gemma_gguf)
+def test_unsupported_architecture(tmp_path):
+    path = write_gguf(tmp_path / "mamba.gguf", "mamba", {"mamba.block_count": 1},
+                      [("x.weight", (4, 32), GGMLType.F32)],
+                      lambda name, shape, t: np.zeros(shape, np.float32))[0]
+    with pytest.raises(GGUFError, match="architecture 'mamba' is not supported .*deepseek2"):
+        tandem.LLM(path)

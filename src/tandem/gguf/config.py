@@ -83,9 +83,7 @@ class DeepSeek2Config:
         if gating is None:
             raise GGUFError(f"{source}: deepseek2.expert_gating_func={k.get('expert_gating_func')} "
                             "is neither 1 (softmax) nor 2 (sigmoid)")
-        vocab = k.get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ())) or None
-        if vocab is None:
-            raise GGUFError(f"{source}: neither deepseek2.vocab_size nor tokenizer.ggml.tokens given")
+        vocab = _vocab_size(k, metadata, source)
         scaling = k.get("rope.scaling.type")
         # Newer conversions append the multi-token-prediction layers to the block count.
         n_layers = int(k.need("block_count")) - int(k.get("nextn_predict_layers", 0))
@@ -135,3 +133,90 @@ def config_from_metadata(metadata: dict[str, Any], source: str = "GGUF"):
         raise GGUFError(f"{source}: no model config for architecture {arch!r} "
                         f"(known: {', '.join(sorted(CONFIGS))})")
     return cls.from_metadata(metadata, source)
+
+
+@register("llama")
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Llama-family decoders (GGUF architecture `llama`)."""
+
+    n_layers: int
+    n_embd: int
+    n_vocab: int
+    context_length: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ff: int
+    rms_norm_eps: float
+    rope_theta: float
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], source: str = "GGUF") -> LlamaConfig:
+        k = _Keys(metadata, "llama", source)
+        n_embd, n_heads = int(k.need("embedding_length")), int(k.need("attention.head_count"))
+        return cls(
+            n_layers=int(k.need("block_count")),
+            n_embd=n_embd,
+            n_vocab=_vocab_size(k, metadata, source),
+            context_length=int(k.need("context_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(k.get("attention.head_count_kv", n_heads)),
+            head_dim=int(k.get("attention.key_length", n_embd // n_heads)),
+            n_ff=int(k.need("feed_forward_length")),
+            rms_norm_eps=float(k.need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(k.get("rope.freq_base", 10000.0)),
+        )
+
+
+@register("gemma3")
+@dataclass(frozen=True)
+class Gemma3Config:
+    """Gemma 3 text decoders (GGUF architecture `gemma3`)."""
+
+    n_layers: int
+    n_embd: int
+    n_vocab: int
+    context_length: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ff: int
+    rms_norm_eps: float
+    rope_theta: float  # global layers
+    rope_local_theta: float  # sliding-window layers (not in the file; 10000 in every Gemma 3)
+    rope_scaling_factor: float  # linear, global layers only
+    sliding_window: int
+    sliding_window_pattern: int  # every Nth layer is global (6 in every Gemma 3)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any], source: str = "GGUF") -> Gemma3Config:
+        k = _Keys(metadata, "gemma3", source)
+        n_embd, n_heads = int(k.need("embedding_length")), int(k.need("attention.head_count"))
+        scaling = k.get("rope.scaling.type")
+        return cls(
+            n_layers=int(k.need("block_count")),
+            n_embd=n_embd,
+            n_vocab=_vocab_size(k, metadata, source),
+            context_length=int(k.need("context_length")),
+            n_heads=n_heads,
+            n_kv_heads=int(k.get("attention.head_count_kv", n_heads)),
+            head_dim=int(k.get("attention.key_length", n_embd // n_heads)),
+            n_ff=int(k.need("feed_forward_length")),
+            rms_norm_eps=float(k.need("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(k.get("rope.freq_base", 1_000_000.0)),
+            rope_local_theta=10_000.0,
+            rope_scaling_factor=float(k.get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+            sliding_window=int(k.need("attention.sliding_window")),
+            sliding_window_pattern=6,
+        )
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.sliding_window_pattern == 0
+
+
+def _vocab_size(k: _Keys, metadata: dict[str, Any], source: str) -> int:
+    vocab = k.get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens", ()))
+    if not vocab:
+        raise GGUFError(f"{source}: neither {k.arch}.vocab_size nor tokenizer.ggml.tokens given")
+    return int(vocab)

@@ -19,29 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.gguf.config import DeepSeek2Config
-
-
-class Linear(nn.Module):
-    """y = x W^T in the weight's dtype on the weight's device; float32 out."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        return F.linear(x.to(w.device, w.dtype), w).float()
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(weight.float(), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.weight.device, torch.float32)
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+from tandem.models.layers import GatedMLP, Linear, RMSNorm, rope_pairs
 
 
 class Rope:
@@ -84,17 +62,6 @@ def _yarn_inv_freq(pos_freqs: torch.Tensor, factor: float, original_context: int
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs of the last dim; cos/sin [T, p/2] broadcast over middle dims."""
-    even, odd = x[..., 0::2], x[..., 1::2]
-    while cos.dim() < even.dim():
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    out = torch.empty_like(x)
-    out[..., 0::2] = even * cos - odd * sin
-    out[..., 1::2] = even * sin + odd * cos
-    return out
-
-
 class LayerKV(Protocol):
     """One layer's latent cache: write T new entries at `start`, read the first `length`."""
 
@@ -126,8 +93,8 @@ class MLAttention(nn.Module):
         latent_and_key = self.kv_a(x)  # [T, r+p]
         latent = self.kv_a_norm(latent_and_key[:, : c.kv_lora_rank])  # [T, r]
         cos, sin = self.rope.cos_sin(positions)
-        q_pe = apply_rope(q_pe, cos, sin)  # [T, H, p]
-        k_pe = apply_rope(latent_and_key[:, c.kv_lora_rank :], cos, sin)  # [T, p]
+        q_pe = rope_pairs(q_pe, cos, sin)  # [T, H, p]
+        k_pe = rope_pairs(latent_and_key[:, c.kv_lora_rank :], cos, sin)  # [T, p]
         kv.write(start, latent, k_pe)
         cached_latent, cached_key = kv.read(start + t)  # [S, r], [S, p]
 
@@ -154,17 +121,6 @@ class LoraQuery(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.norm(self.a(x)))
-
-
-class GatedMLP(nn.Module):
-    """down(silu(gate x) * up x): the dense layers and the shared experts."""
-
-    def __init__(self, gate: Linear, up: Linear, down: Linear):
-        super().__init__()
-        self.gate, self.up, self.down = gate, up, down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor | None,

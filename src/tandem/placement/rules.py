@@ -18,6 +18,7 @@ their own precision and turns quantized ones into bfloat16 on a GPU, float32 on 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,15 +73,21 @@ class Placement:
     rule: int  # index of the rule that matched
 
 
-def default_rules(has_gpu: bool) -> list[Rule]:
-    """Routed experts on the CPU through ggml; everything else on the GPU (or the CPU)."""
+def default_rules(has_gpu: bool, names: Iterable[str] | None = None) -> list[Rule]:
+    """Routed experts on the CPU through ggml; everything else on the GPU (or the CPU). Given
+    the model's tensor names, rules that would place nothing (experts of a dense model) are
+    left out."""
     rest = "cuda" if has_gpu else "cpu"
-    return [
+    rules = [
         Rule(EXPERTS, "cpu", "ggml"),
         # One row per token is read: dequantize those rows from the file, not the whole table.
         Rule(r"^token_embd\.", "cpu", "ggml"),
         Rule(".", rest, "torch"),
     ]
+    if names is None:
+        return rules
+    names = list(names)
+    return [r for r in rules if any(r.pattern.search(n) for n in names)]
 
 
 def load_rules(path: str | Path) -> list[Rule]:

@@ -52,3 +52,26 @@ class LatentKVCache:
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+class KVLayer:
+    """One layer's keys and values [ctx, n_kv_heads, head_dim] (grouped-query attention)."""
+
+    def __init__(self, ctx: int, n_kv_heads: int, head_dim: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.keys = torch.zeros(ctx, n_kv_heads, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(ctx, n_kv_heads, head_dim, device=device, dtype=dtype)
+
+    @staticmethod
+    def nbytes(ctx: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * ctx * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def write(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = start + keys.shape[0]
+        if end > self.keys.shape[0]:
+            raise ContextFull(f"sequence of {end} tokens exceeds the context size {self.keys.shape[0]}")
+        self.keys[start:end] = keys.to(self.keys.device, self.keys.dtype)
+        self.values[start:end] = values.to(self.values.device, self.values.dtype)
+
+    def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[:length], self.values[:length]

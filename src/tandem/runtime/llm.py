@@ -10,26 +10,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tandem.errors import GGUFError, TandemError
-from tandem.gguf import deepseek2
-from tandem.gguf.config import DeepSeek2Config
 from tandem.gguf.model import open_gguf
 from tandem.kernels.cpu import CpuKernels
-from tandem.models import hf_config
 from tandem.placement import planner
 from tandem.placement.rules import Rule, assign, default_rules, load_rules
-from tandem.runtime.kv_cache import ContextFull, LatentKVCache
-from tandem.runtime.loader import WeightLoader, build_deepseek, check_tensors
+from tandem.runtime.architectures import ARCHITECTURES
+from tandem.runtime.kv_cache import ContextFull
+from tandem.runtime.loader import WeightLoader, check_tensors
 from tandem.runtime.sampler import sample
 
 log = logging.getLogger(__name__)
 
-R1_GROUPS = (8, 4)  # DeepSeek-R1/V3: 256 experts in 8 groups, pick from the best 4
 DEFAULT_CTX = 4096
 
 
@@ -40,55 +37,44 @@ class LLM:
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None):
         self.file = open_gguf(gguf_path)
-        if self.file.architecture != deepseek2.ARCH:
+        spec = ARCHITECTURES.get(self.file.architecture)
+        if spec is None:
             raise GGUFError(f"{self.file.path}: architecture {self.file.architecture!r} is not "
-                            f"supported by tandem.LLM yet (supported: {deepseek2.ARCH})")
-        self.config = _with_groups(self._config(model_path))
+                            f"supported (supported: {', '.join(sorted(ARCHITECTURES))})")
+        self.config = c = spec.config(self.file, model_path)
         if ctx_size is None:
-            ctx_size = min(DEFAULT_CTX, self.config.context_length)
-        if not 0 < ctx_size <= self.config.context_length:
-            raise TandemError(f"ctx_size {ctx_size} must lie in 1..{self.config.context_length} "
+            ctx_size = min(DEFAULT_CTX, c.context_length)
+        if not 0 < ctx_size <= c.context_length:
+            raise TandemError(f"ctx_size {ctx_size} must lie in 1..{c.context_length} "
                               "(the model's context length)")
         self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
-        c = self.config
-        split_kv_b = "blk.0.attn_kv_b.weight" not in self.file.tensors
-        expected = deepseek2.tensor_shapes(c, split_kv_b)
-        check_tensors(self.file, expected)
+        expected = spec.tensors(c, self.file)
+        aliases = spec.aliases(self.file)
+        check_tensors(self.file, expected, aliases)
 
-        self.rules = self._rules(rules)
-        needed = {name: self.file.tensors[name] for name, _ in expected}
+        needed = {name: self.file.tensors[aliases.get(name, name)] for name, _ in expected}
+        self.rules = self._rules(rules, needed)
         self.placements = assign({n: t.ggml_type for n, t in needed.items()}, self.rules)
-        devices = [self.placements[f"blk.{i}.attn_kv_a_mqa.weight"].device for i in range(c.n_layers)]
-        kv_bytes = LatentKVCache.bytes_per_device(ctx_size, c.kv_lora_rank, c.qk_rope_head_dim,
-                                                  devices, kv_dtype)
+        devices = [self.placements[spec.layer_anchor(i)].device for i in range(c.n_layers)]
+        kv_bytes: dict[str, int] = {}
+        for d in devices:
+            kv_bytes[str(d)] = kv_bytes.get(str(d), 0) + spec.cache_layer_bytes(c, ctx_size, kv_dtype)
         self.memory = planner.plan_memory(needed, self.placements, kv_bytes)
         planner.check_fits(self.memory, self.rules, memory_caps)
 
-        uses_ggml = any(p.kernel == "ggml" for p in self.placements.values())
+        uses_ggml = any(p.kernel == "ggml" and "_exps" in n for n, p in self.placements.items())
         self.kernels = CpuKernels(n_threads) if uses_ggml else None
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
-            loader = WeightLoader(self.file, self.placements, self.kernels, advance)
-            self.model = build_deepseek(self.file, c, loader, devices)
-        self.cache = LatentKVCache(ctx_size, c.kv_lora_rank, c.qk_rope_head_dim, devices, kv_dtype)
+            loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases)
+            self.model = spec.build(self.file, c, loader, devices)
+        self.cache = spec.cache(c, ctx_size, devices, kv_dtype)
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
         self.last_timings: Timings | None = None
 
-    # -- setup ---------------------------------------------------------------------------
-    def _config(self, model_path) -> DeepSeek2Config:
-        config = self.file.config
-        if model_path is None:
-            return config
-        path = Path(model_path).expanduser()
-        hf = hf_config.config_from_hf(hf_config.read_config_json(path), str(path))
-        merged, filled = hf_config.merge(config, hf, str(self.file.path), str(path))
-        for name in filled:
-            log.info("%s from %s: %s", name, path, getattr(merged, name))
-        return merged
-
-    def _rules(self, rules) -> list[Rule]:
+    def _rules(self, rules, names) -> list[Rule]:
         if rules is None:
-            return default_rules(torch.cuda.is_available())
+            return default_rules(torch.cuda.is_available(), names)
         if isinstance(rules, str | Path):
             return load_rules(rules)
         return list(rules)
@@ -108,7 +94,7 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits after each prefix of a fresh sequence."""
         tokens = self._check_tokens(token_ids)
-        out = [self.model(chunk, start, self.cache.layers).cpu()
+        out = [self.model(chunk, start, self.cache).cpu()
                for start, chunk in self._chunks(tokens)]
         return torch.cat(out)
 
@@ -125,12 +111,12 @@ class LLM:
         began = time.perf_counter()
         logits = None
         for start, chunk in self._chunks(tokens):
-            logits = self.model(chunk, start, self.cache.layers, last_only=True)
+            logits = self.model(chunk, start, self.cache, last_only=True)
         new = [sample(logits[-1], temperature, top_k, top_p, generator)]  # waits for the GPU
         prefilled = time.perf_counter()
         position = tokens.numel()
         while len(new) < max_new_tokens and new[-1] not in stops and position < self.ctx_size:
-            logits = self.model(torch.tensor([new[-1]]), position, self.cache.layers)
+            logits = self.model(torch.tensor([new[-1]]), position, self.cache)
             new.append(sample(logits[-1], temperature, top_k, top_p, generator))
             position += 1
         self.last_timings = Timings(tokens.numel(), prefilled - began, len(new) - 1,
@@ -151,17 +137,6 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _with_groups(c: DeepSeek2Config) -> DeepSeek2Config:
-    """Group-routing keys from the file or config.json, else R1's, said in the log."""
-    if c.n_group is not None and c.topk_group is not None:
-        return c
-    n_group, topk_group = R1_GROUPS if c.n_expert % R1_GROUPS[0] == 0 else (1, 1)
-    log.warning("neither the GGUF nor --model_path gives expert_group_count/"
-                "expert_group_used_count; using DeepSeek-R1's n_group=%d, topk_group=%d",
-                n_group, topk_group)
-    return replace(c, n_group=n_group, topk_group=topk_group)
 
 
 @dataclass(frozen=True)
