@@ -101,9 +101,21 @@ def test_config_names_a_missing_key(tiny_q8):
         DeepSeek2Config.from_metadata(meta, "x.gguf")
 
 
-def test_config_for_unknown_architecture(gemma_gguf):
-    with pytest.raises(GGUFError, match="no model config for architecture 'gemma3'"):
-        _ = tandem.open_gguf(gemma_gguf).config
+def test_gemma_config(gemma_gguf):
+    from tandem.gguf.config import Gemma3Config
+
+    c = tandem.open_gguf(gemma_gguf).config
+    assert isinstance(c, Gemma3Config)
+    assert (c.n_layers, c.n_embd, c.n_heads, c.n_kv_heads, c.head_dim) == (18, 640, 4, 1, 256)
+    assert c.sliding_window == 512 and c.n_vocab == 262144
+    assert [i for i in range(18) if c.is_global(i)] == [5, 11, 17]
+
+
+def test_config_for_unknown_architecture(tmp_path):
+    from tandem.gguf.config import config_from_metadata
+
+    with pytest.raises(GGUFError, match="no model config for architecture 'mamba'"):
+        config_from_metadata({"general.architecture": "mamba"}, "x.gguf")
 
 
 def test_gemma_metadata_matches_gguf_reader(gemma_gguf):
