@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from tandem.placement.rules import Rule, assign, default_rules, load_rules
 from tandem.runtime.architectures import ARCHITECTURES
 from tandem.runtime.kv_cache import ContextFull
 from tandem.runtime.loader import WeightLoader, check_tensors
-from tandem.runtime.sampler import sample
+from tandem.runtime.sampler import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class LLM:
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
         self.last_timings: Timings | None = None
+        self._cached: list[int] = []  # token ids whose keys and values the cache holds
 
     def _rules(self, rules, names) -> list[Rule]:
         if rules is None:
@@ -94,38 +95,61 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits after each prefix of a fresh sequence."""
         tokens = self._check_tokens(token_ids)
-        out = [self.model(chunk, start, self.cache).cpu()
-               for start, chunk in self._chunks(tokens)]
+        self._cached = []
+        out = [self.model(chunk, start, self.cache).cpu() for start, chunk in self._chunks(tokens)]
+        self._cached = tokens.tolist()
         return torch.cat(out)
 
-    @torch.inference_mode()
     def generate(self, token_ids: Sequence[int], max_new_tokens: int = 128, *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, stop_token_ids: Sequence[int] | None = None) -> list[int]:
         """New token ids after `token_ids` (temperature 0: greedy); stops at EOS."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens,
+                                stop_token_ids=tuple(stop_token_ids or ()))
+        return list(self.stream(token_ids, params))
+
+    @torch.inference_mode()
+    def stream(self, token_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Yield new token ids one by one; stops at EOS, a stop token, max_new_tokens or the
+        context end. The KV cache of the longest prefix shared with the previous call is
+        reused, so a growing chat history is not recomputed each turn."""
         tokens = self._check_tokens(token_ids)
-        stops = set(stop_token_ids or ())
+        stops = set(params.stop_token_ids)
         if self.eos_token_id is not None:
             stops.add(self.eos_token_id)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampler = Sampler(params)
         began = time.perf_counter()
+        reuse = _common_prefix(self._cached, tokens.tolist(), limit=tokens.numel() - 1)
+        self._cached = self._cached[:reuse]
         logits = None
-        for start, chunk in self._chunks(tokens):
+        for start, chunk in self._chunks(tokens[reuse:], offset=reuse):
             logits = self.model(chunk, start, self.cache, last_only=True)
-        new = [sample(logits[-1], temperature, top_k, top_p, generator)]  # waits for the GPU
+        history = tokens.tolist()
+        token = sampler(logits[-1], history)  # waits for the GPU
         prefilled = time.perf_counter()
-        position = tokens.numel()
-        while len(new) < max_new_tokens and new[-1] not in stops and position < self.ctx_size:
-            logits = self.model(torch.tensor([new[-1]]), position, self.cache)
-            new.append(sample(logits[-1], temperature, top_k, top_p, generator))
-            position += 1
-        self.last_timings = Timings(tokens.numel(), prefilled - began, len(new) - 1,
-                                    time.perf_counter() - prefilled)
-        return new
+        new, position = [token], tokens.numel()
+        self._cached = list(history)
+        self.last_timings = Timings(tokens.numel() - reuse, prefilled - began, 0, 0.0)
+        try:
+            yield token
+            while len(new) < params.max_new_tokens and token not in stops and position < self.ctx_size:
+                logits = self.model(torch.tensor([token]), position, self.cache)
+                self._cached.append(token)
+                position += 1
+                history.append(token)
+                token = sampler(logits[-1], history)
+                new.append(token)
+                self.last_timings = Timings(tokens.numel() - reuse, prefilled - began,
+                                            len(new) - 1, time.perf_counter() - prefilled)
+                yield token
+        finally:
+            self.last_timings = Timings(tokens.numel() - reuse, prefilled - began, len(new) - 1,
+                                        time.perf_counter() - prefilled)
 
-    def _chunks(self, tokens: torch.Tensor):
+    def _chunks(self, tokens: torch.Tensor, offset: int = 0):
         for start in range(0, tokens.numel(), self.prefill_chunk):
-            yield start, tokens[start : start + self.prefill_chunk]
+            yield offset + start, tokens[start : start + self.prefill_chunk]
 
     def close(self) -> None:
         if self.kernels is not None:
@@ -139,11 +163,20 @@ class LLM:
         self.close()
 
 
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
+
+
 @dataclass(frozen=True)
 class Timings:
     """The last generate call: prompt evaluation (up to the first new token) and decoding."""
 
-    prompt_tokens: int
+    prompt_tokens: int  # evaluated (a reused prefix is not counted)
     prompt_s: float
     decoded_tokens: int  # tokens after the first
     decode_s: float

@@ -1,0 +1,1 @@
+"""Chat: templates (sandboxed), reasoning split, and sessions over tandem.LLM."""
