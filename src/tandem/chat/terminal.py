@@ -26,7 +26,7 @@ def answer(session: ChatSession, prompt: str, out: Console, err: Console) -> Rep
     except KeyboardInterrupt:
         reply.finish_reason = "cancelled"
         out.print()
-        err.print("[yellow](stopped)[/yellow]")
+        err.print("(stopped)", style="yellow", highlight=False)
     out.print()
     t = session.llm.last_timings
     if t is not None:
@@ -53,7 +53,7 @@ def read_message(prompt: str = ">>> ") -> str | None:
 
 
 def interactive(session: ChatSession, out: Console, err: Console) -> None:
-    err.print(f"[dim]{HELP}[/dim]")
+    err.print(HELP, style="dim", highlight=False)
     while True:
         try:
             message = read_message()
@@ -64,10 +64,10 @@ def interactive(session: ChatSession, out: Console, err: Console) -> None:
             return
         if message.strip() == "/reset":
             session.reset()
-            err.print("[dim](conversation reset)[/dim]")
+            err.print("(conversation reset)", style="dim", highlight=False)
             continue
         if message.strip() in ("/help", "/?"):
-            err.print(f"[dim]{HELP}[/dim]")
+            err.print(HELP, style="dim", highlight=False)
             continue
         if not message.strip():
             continue
