@@ -97,3 +97,14 @@ def test_unsupported_tokenizers_are_named():
         Tokenizer.from_gguf({"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a"]})
     with pytest.raises(TokenizerError, match="no tokenizer in the metadata"):
         Tokenizer.from_gguf({}, "x.gguf")
+
+
+def test_tokenizer_json_from_model_path(smollm2_gguf, hf_tokenizer_from_gguf, tmp_path):
+    """A Hugging Face folder's tokenizer.json (here: transformers' own, saved) is used as is."""
+    reference = hf_tokenizer_from_gguf(smollm2_gguf)
+    reference.save_pretrained(tmp_path)
+    ours = Tokenizer.from_file(tmp_path)
+    assert ours.encode(TEXT, add_bos=False) == reference.encode(TEXT, add_special_tokens=False)
+    assert ours.eos_id == reference.eos_token_id
+    with pytest.raises(TokenizerError, match="cannot load tokenizer"):
+        Tokenizer.from_file(tmp_path / "tokenizer_config.json")

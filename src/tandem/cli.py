@@ -210,7 +210,8 @@ def chat(
         repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, seed=seed, max_new_tokens=max_new_tokens,
         stop=tuple(stop) if stop else None)
-    session = ChatSession.for_model(llm, params, force_think=_bool(force_think), system=system)
+    session = ChatSession.for_model(llm, params, model_path=model_path,
+                                    force_think=_bool(force_think), system=system)
     if question is not None:
         terminal.answer(session, question, console, err_console)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tandem.chat.reasoning import THINK_OPEN, ReasoningStream, split_reasoning
 from tandem.chat.template import ChatTemplate, fallback_template
@@ -31,9 +32,16 @@ class ChatSession:
     history: list[dict] = field(default_factory=list)
 
     @classmethod
-    def for_model(cls, llm, params: SamplingParams | None = None, **kwargs) -> ChatSession:
+    def for_model(cls, llm, params: SamplingParams | None = None, model_path=None,
+                  **kwargs) -> ChatSession:
+        """Tokenizer and template from the GGUF; a tokenizer.json in `model_path` (the original
+        Hugging Face folder) takes the tokenizer's place when present."""
         meta = llm.file.metadata
-        tokenizer = Tokenizer.from_gguf(meta, str(llm.file.path))
+        hf_tokenizer = Path(model_path).expanduser() / "tokenizer.json" if model_path else None
+        if hf_tokenizer is not None and hf_tokenizer.is_file():
+            tokenizer = Tokenizer.from_file(hf_tokenizer)
+        else:
+            tokenizer = Tokenizer.from_gguf(meta, str(llm.file.path))
         bos = tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
         eos = tokenizer.backend.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
         source = meta.get("tokenizer.chat_template")
