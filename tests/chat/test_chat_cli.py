@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,14 +12,20 @@ import pytest
 import tandem
 from tandem.chat.session import ChatSession, Reply
 from tandem.gguf.writer import write_gguf
+from tandem.placement.rules import Rule
 from tandem.runtime.sampler import SamplingParams
 
 QUESTION = "Explain what a GPU is in one sentence."
+CPU_RULES = [Rule(r"^token_embd\.", "cpu", "ggml"), Rule(".", "cpu", "torch")]
+
+
+# Exact greedy texts below are the float32 CPU path's; a GPU would run the model in bfloat16.
+CPU_ONLY = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def tandem_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tandem.cli", *args], capture_output=True,
-                          text=True, timeout=600, input=stdin)
+                          text=True, timeout=600, input=stdin, env=CPU_ONLY)
 
 
 def test_one_shot_greedy_answer_on_the_default_model(smollm2_gguf):
@@ -45,7 +52,7 @@ def test_same_seed_same_answer(smollm2_gguf):
 
 
 def test_force_think_prompt_and_split(smollm2_gguf):
-    with tandem.LLM(smollm2_gguf) as llm:
+    with tandem.LLM(smollm2_gguf, rules=CPU_RULES) as llm:
         session = ChatSession.for_model(llm, SamplingParams(temperature=0, max_new_tokens=12),
                                         force_think=True)
         ids, _ = session.prompt_ids("Hi")
@@ -58,7 +65,7 @@ def test_force_think_prompt_and_split(smollm2_gguf):
 
 
 def test_stop_strings(smollm2_gguf):
-    with tandem.LLM(smollm2_gguf) as llm:
+    with tandem.LLM(smollm2_gguf, rules=CPU_RULES) as llm:
         session = ChatSession.for_model(llm, SamplingParams(temperature=0, stop=("Processing",)))
         reply = Reply()
         text = "".join(t for _, t in session.ask(QUESTION, reply))
@@ -83,7 +90,7 @@ def test_template_injection_gguf_is_refused(smollm2_gguf, tmp_path):
 def test_interactive_session_in_a_terminal(smollm2_gguf):
     child = pexpect.spawn(sys.executable, ["-m", "tandem.cli", "chat", "--temperature", "0",
                                            "-n", "200"], encoding="utf-8", timeout=180,
-                          dimensions=(40, 200))
+                          dimensions=(40, 200), env=CPU_ONLY)
     try:
         child.expect_exact(">>> ")
         child.sendline(QUESTION)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import tandem
+from tandem.placement.rules import Rule
 
 TOLERANCE = 2e-3
-CPU_ONLY = None  # default rules; without a GPU everything runs on the CPU
+CPU_RULES = [Rule(r"^token_embd\.", "cpu", "ggml"), Rule(".", "cpu", "torch")]
 
 
 def fixed_prompt(tokenizer) -> list[int]:
@@ -38,7 +39,7 @@ def check(path, transformers_from_gguf, n_new=24, long_prompt=0):
                                   generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         reference = hf(torch.tensor([ids])).logits[0]
-    with tandem.LLM(path, ctx_size=1024) as llm:
+    with tandem.LLM(path, rules=CPU_RULES, ctx_size=1024) as llm:
         ours = llm.logits(ids)
         err = (ours - reference).abs().max().item()
         assert err < TOLERANCE, f"max abs logit difference {err}"
@@ -57,3 +58,22 @@ def test_gemma3_matches_transformers(gemma_gguf, transformers_from_gguf):
 @pytest.mark.slow
 def test_gemma3_sliding_window(gemma_gguf, transformers_from_gguf):
     check(gemma_gguf, transformers_from_gguf, long_prompt=600)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("which", ["smollm2", "gemma"])
+def test_default_gpu_rules(which, smollm2_gguf, gemma_gguf, transformers_from_gguf):
+    """Default rules on a GPU: weights in bfloat16 there, math in bfloat16. Judged by relative
+    logit error and top-1 agreement, since bf16 carries 8 significant bits."""
+    path = smollm2_gguf if which == "smollm2" else gemma_gguf
+    hf, hf_tok = transformers_from_gguf(path)
+    ids = fixed_prompt(hf_tok)
+    with torch.no_grad():
+        reference = hf(torch.tensor([ids])).logits[0]
+    with tandem.LLM(path, ctx_size=1024) as llm:
+        assert llm.placements["blk.0.attn_q.weight"].device.type == "cuda"
+        ours = llm.logits(ids)
+    rel = ((ours - reference).norm() / reference.norm()).item()
+    agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    print(f"{which} on cuda: relative error {rel:.4f}, top-1 agreement {agree:.3f}")
+    assert rel < 0.05 and agree >= 0.8
