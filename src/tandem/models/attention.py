@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.models.decoder import per_segment
 from tandem.models.layers import Linear, RMSNorm
 
 
@@ -25,7 +26,7 @@ class GQAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope, self.inv_freq, self.scale, self.window = rope, inv_freq, scale, window
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, views) -> torch.Tensor:
         t = x.shape[0]
         q = self.q(x).view(t, self.n_heads, self.head_dim)  # [T, H, D]
         k = self.k(x).view(t, self.n_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -35,16 +36,22 @@ class GQAttention(nn.Module):
         angles = positions.to(q.device, torch.float32)[:, None] * self.inv_freq.to(q.device)
         cos, sin = angles.cos(), angles.sin()
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        out = torch.cat([self._attend(cache, start, *rows)
+                         for cache, start, *rows in per_segment(views, q, k, v, positions)])
+        return self.out(out.reshape(t, -1))
+
+    def _attend(self, kv, start: int, q, k, v, positions) -> torch.Tensor:
+        """One sequence's tokens [T, H, D] against its cache (after adding their own entries)."""
         kv.write(start, k, v)
-        keys, values = kv.read(start + t)  # [S, Hkv, D]
+        keys, values = kv.read(start + q.shape[0])  # [S, Hkv, D]
         group = self.n_heads // self.n_kv_heads
         keys = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
         values = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
-        key_pos = torch.arange(start + t, device=q.device)
+        key_pos = torch.arange(keys.shape[1], device=q.device)
         query_pos = positions.to(q.device)[:, None]
         allowed = key_pos[None, :] <= query_pos  # [T, S]
         if self.window is not None:
             allowed &= key_pos[None, :] > query_pos - self.window
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=allowed,
                                              scale=self.scale)  # [H, T, D]
-        return self.out(out.transpose(0, 1).reshape(t, -1))
+        return out.transpose(0, 1)  # [T, H, D]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.gguf.config import DeepSeek2Config
+from tandem.models.decoder import per_segment
 from tandem.models.layers import GatedMLP, Linear, RMSNorm, rope_pairs
 
 
@@ -85,7 +86,7 @@ class MLAttention(nn.Module):
         self.rope = rope
         self.scale = rope.softmax_mscale**2 / math.sqrt(c.qk_nope_head_dim + c.qk_rope_head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerKV, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, views) -> torch.Tensor:
         c = self.c
         t = x.shape[0]
         q = self.q(x).view(t, c.n_heads, -1)  # [T, H, n+p]
@@ -95,21 +96,26 @@ class MLAttention(nn.Module):
         cos, sin = self.rope.cos_sin(positions)
         q_pe = rope_pairs(q_pe, cos, sin)  # [T, H, p]
         k_pe = rope_pairs(latent_and_key[:, c.kv_lora_rank :], cos, sin)  # [T, p]
-        kv.write(start, latent, k_pe)
-        cached_latent, cached_key = kv.read(start + t)  # [S, r], [S, p]
-
         wdt = self.w_k.dtype
         q_latent = torch.einsum("thn,hnr->thr", q_nope.to(wdt), self.w_k).float()  # [T, H, r]
+        out_latent = torch.cat([
+            self._attend(cache, start, *rows)
+            for cache, start, *rows in per_segment(views, q_latent, q_pe, latent, k_pe, positions)
+        ])  # [T, H, r]
+        out = torch.einsum("thr,hvr->thv", out_latent.to(wdt), self.w_v).float()  # [T, H, v]
+        return self.out(out.reshape(t, -1))
+
+    def _attend(self, kv: LayerKV, start: int, q_latent, q_pe, latent, k_pe, positions):
+        """One sequence's tokens against its cache (after adding their own entries)."""
+        kv.write(start, latent, k_pe)
+        cached_latent, cached_key = kv.read(start + latent.shape[0])  # [S, r], [S, p]
         scores = torch.einsum("thr,sr->hts", q_latent, cached_latent.float())
         scores += torch.einsum("thp,sp->hts", q_pe, cached_key.float())  # [H, T, S]
         scores *= self.scale
-        key_pos = torch.arange(start + t, device=scores.device)
+        key_pos = torch.arange(cached_latent.shape[0], device=scores.device)
         future = key_pos[None, :] > positions.to(scores.device)[:, None]  # [T, S]
         scores.masked_fill_(future, float("-inf"))
-        probs = scores.softmax(dim=-1)
-        out_latent = torch.einsum("hts,sr->thr", probs, cached_latent.float())  # [T, H, r]
-        out = torch.einsum("thr,hvr->thv", out_latent.to(wdt), self.w_v).float()  # [T, H, v]
-        return self.out(out.reshape(t, -1))
+        return torch.einsum("hts,sr->thr", scores.softmax(dim=-1), cached_latent.float())
 
 
 class LoraQuery(nn.Module):
@@ -177,35 +183,3 @@ class MoE(nn.Module):
         shared = self.shared(x) if self.shared is not None else None  # meanwhile, here
         routed = self.experts.collect(handle).to(x.device, torch.float32)
         return routed if shared is None else routed + shared.to(x.device)
-
-
-class Block(nn.Module):
-    def __init__(self, attn_norm: RMSNorm, attn: MLAttention, ffn_norm: RMSNorm, ffn: nn.Module):
-        super().__init__()
-        self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv: LayerKV, start: int) -> torch.Tensor:
-        x = x.to(self.attn_norm.weight.device)  # the residual stream lives with the layer
-        x = x + self.attn(self.attn_norm(x), positions, kv, start).to(x.device)
-        return x + self.ffn(self.ffn_norm(x)).to(x.device)
-
-
-class DeepseekV3(nn.Module):
-    def __init__(self, c: DeepSeek2Config, embed: nn.Module, blocks: list[Block],
-                 norm: RMSNorm, lm_head: Linear):
-        super().__init__()
-        self.c = c
-        self.embed = embed  # tokens [T] -> float32 [T, d]
-        self.blocks = nn.ModuleList(blocks)
-        self.norm, self.lm_head = norm, lm_head
-
-    def forward(self, tokens: torch.Tensor, start: int, kv: list[LayerKV],
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [T, V] (or [1, V]) for `tokens` at positions start..start+T-1."""
-        positions = torch.arange(start, start + tokens.shape[0])
-        x = self.embed(tokens)  # [T, d]
-        for i, block in enumerate(self.blocks):
-            x = block(x, positions, kv[i], start)
-        if last_only:
-            x = x[-1:]
-        return self.lm_head(self.norm(x))

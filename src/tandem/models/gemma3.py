@@ -18,7 +18,7 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.post_attn_norm = attn_norm, attn, post_attn_norm
         self.ffn_norm, self.mlp, self.post_ffn_norm = ffn_norm, mlp, post_ffn_norm
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, views) -> torch.Tensor:
         x = x.to(self.attn_norm.weight.device)
-        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), positions, kv, start))
+        x = x + self.post_attn_norm(self.attn(self.attn_norm(x), positions, views))
         return x + self.post_ffn_norm(self.mlp(self.ffn_norm(x)))

@@ -17,8 +17,9 @@ from tandem.gguf import deepseek2
 from tandem.gguf.config import DeepSeek2Config, Gemma3Config, LlamaConfig
 from tandem.gguf.model import GGUFModel
 from tandem.models import deepseek_v3 as ds
-from tandem.models import gemma3, llama
+from tandem.models import gemma3
 from tandem.models.attention import GQAttention
+from tandem.models.decoder import Block, Decoder
 from tandem.models.layers import inverse_frequencies, rope_halves, rope_pairs
 from tandem.runtime.kv_cache import KVLayer, LayerCache
 from tandem.runtime.loader import WeightLoader
@@ -91,10 +92,10 @@ class DeepSeek2Spec:
                 bias = loader.dense(bias_name) if bias_name in file.tensors else None
                 ffn = ds.MoE(c, loader.dense(f"{b}.ffn_gate_inp.weight"), bias,
                              loader.experts(b), shared)
-            blocks.append(ds.Block(loader.norm(f"{b}.attn_norm.weight", eps), attn,
+            blocks.append(Block(loader.norm(f"{b}.attn_norm.weight", eps), attn,
                                    loader.norm(f"{b}.ffn_norm.weight", eps), ffn))
-        return ds.DeepseekV3(c, loader.embedding("token_embd.weight"), blocks,
-                             loader.norm("output_norm.weight", eps), loader.linear("output.weight"))
+        return Decoder(loader.embedding("token_embd.weight"), blocks,
+                       loader.norm("output_norm.weight", eps), loader.linear("output.weight"))
 
     @staticmethod
     def _absorbed_kv_b(file: GGUFModel, loader: WeightLoader, b: str, c: DeepSeek2Config):
@@ -162,10 +163,10 @@ class LlamaSpec(_GQASpec):
             attn = GQAttention(*(loader.linear(f"{b}.attn_{p}.weight") for p in ("q", "k", "v", "output")),
                                c.n_heads, c.n_kv_heads, c.head_dim, rope_pairs, inv_freq,
                                scale=1 / math.sqrt(c.head_dim))
-            blocks.append(llama.Block(loader.norm(f"{b}.attn_norm.weight", c.rms_norm_eps), attn,
+            blocks.append(Block(loader.norm(f"{b}.attn_norm.weight", c.rms_norm_eps), attn,
                                       loader.norm(f"{b}.ffn_norm.weight", c.rms_norm_eps),
                                       loader.mlp(b)))
-        return llama.Decoder(loader.embedding("token_embd.weight"), blocks,
+        return Decoder(loader.embedding("token_embd.weight"), blocks,
                              loader.norm("output_norm.weight", c.rms_norm_eps),
                              loader.linear("output.weight"))
 
@@ -203,7 +204,7 @@ class Gemma3Spec(_GQASpec):
                 loader.norm(f"{b}.post_attention_norm.weight", eps),
                 loader.norm(f"{b}.ffn_norm.weight", eps), loader.mlp(b, activation="gelu_tanh"),
                 loader.norm(f"{b}.post_ffw_norm.weight", eps)))
-        return llama.Decoder(loader.embedding("token_embd.weight"), blocks,
+        return Decoder(loader.embedding("token_embd.weight"), blocks,
                              loader.norm("output_norm.weight", eps), loader.linear("output.weight"),
                              embed_scale=math.sqrt(c.n_embd))
 

@@ -18,6 +18,7 @@ import torch
 from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels.cpu import CpuKernels
+from tandem.models.decoder import Segment
 from tandem.placement import planner
 from tandem.placement.rules import Rule, assign, default_rules, load_rules
 from tandem.runtime.architectures import ARCHITECTURES
@@ -96,7 +97,7 @@ class LLM:
         """float32 [T, vocab]: the next-token logits after each prefix of a fresh sequence."""
         tokens = self._check_tokens(token_ids)
         self._cached = []
-        out = [self.model(chunk, start, self.cache).cpu() for start, chunk in self._chunks(tokens)]
+        out = [self._forward(chunk, start).cpu() for start, chunk in self._chunks(tokens)]
         self._cached = tokens.tolist()
         return torch.cat(out)
 
@@ -124,7 +125,7 @@ class LLM:
         self._cached = self._cached[:reuse]
         logits = None
         for start, chunk in self._chunks(tokens[reuse:], offset=reuse):
-            logits = self.model(chunk, start, self.cache, last_only=True)
+            logits = self._forward(chunk, start, last_only=True)
         history = tokens.tolist()
         token = sampler(logits[-1], history)  # waits for the GPU
         prefilled = time.perf_counter()
@@ -134,7 +135,7 @@ class LLM:
         try:
             yield token
             while len(new) < params.max_new_tokens and token not in stops and position < self.ctx_size:
-                logits = self.model(torch.tensor([token]), position, self.cache)
+                logits = self._forward(torch.tensor([token]), position)
                 self._cached.append(token)
                 position += 1
                 history.append(token)
@@ -146,6 +147,9 @@ class LLM:
         finally:
             self.last_timings = Timings(tokens.numel() - reuse, prefilled - began, len(new) - 1,
                                         time.perf_counter() - prefilled)
+
+    def _forward(self, tokens: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
+        return self.model(tokens, [Segment(self.cache, start, tokens.numel())], last_only)
 
     def _chunks(self, tokens: torch.Tensor, offset: int = 0):
         for start in range(0, tokens.numel(), self.prefill_chunk):
