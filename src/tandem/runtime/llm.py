@@ -68,11 +68,16 @@ class LLM:
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases)
             self.model = spec.build(self.file, c, loader, devices)
-        self.cache = spec.cache(c, ctx_size, devices, kv_dtype)
+        self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
+        self.cache = self.new_cache()
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
         self.last_timings: Timings | None = None
         self._cached: list[int] = []  # token ids whose keys and values the cache holds
+
+    def new_cache(self) -> list:
+        """An empty per-layer KV cache for one more sequence (continuous batching)."""
+        return self._new_cache()
 
     def _rules(self, rules, names) -> list[Rule]:
         if rules is None:

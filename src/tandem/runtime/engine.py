@@ -1,0 +1,223 @@
+"""Continuous batching over one loaded model: many sequences share every forward pass.
+
+Requests arrive from any thread (the HTTP server's); one engine thread runs the loop
+    admit waiting requests into free cache slots -> schedule -> one forward -> sample
+and hands each request its tokens through a thread-safe queue. A slot keeps the token ids
+whose KV it holds, and a new request takes the free slot sharing the longest prefix with its
+prompt (a repeated system prompt or a growing chat history is not recomputed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.errors import TandemError
+from tandem.models.decoder import Segment
+from tandem.runtime.kv_cache import ContextFull
+from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.runtime.scheduler import Scheduler, SeqState
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(TandemError):
+    """Too many requests waiting; try again later (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    id: str
+    # ("token", id) | ("done", finish_reason) | ("error", exception)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generated: list[int] = field(default_factory=list)
+    state: SeqState | None = None
+    sampler: Sampler | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finish_reason: str | None = None
+
+    def tokens(self, timeout: float | None = None):
+        """Iterate the token ids as they come (blocking); ends with the request."""
+        while True:
+            kind, value = self.events.get(timeout=timeout)
+            if kind == "token":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                self.finish_reason = value
+                return
+
+
+@dataclass
+class Metrics:
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    busy_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, llm, max_batch: int = 8, max_waiting: int = 64, token_budget: int = 256):
+        self.llm = llm
+        self.scheduler = Scheduler(max_batch, token_budget, max_waiting)
+        self.slot_caches: list = [None] * max_batch  # allocated on first use
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]
+        self.requests: dict[str, Request] = {}
+        self.metrics = Metrics()
+        self._ids = itertools.count()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    # -- API for any thread -----------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams,
+               stop_ids: set[int] = frozenset()) -> Request:
+        if not prompt:
+            raise TandemError("empty prompt")
+        if len(prompt) >= self.llm.ctx_size:
+            raise ContextFull(f"the prompt has {len(prompt)} tokens; the context holds "
+                              f"{self.llm.ctx_size} (prompt and answer together)")
+        req = Request(list(prompt), params, set(stop_ids), id=f"req-{next(self._ids)}")
+        req.sampler = Sampler(params)
+        req.state = SeqState(req.id, len(prompt))
+        with self._cond:
+            if not self.scheduler.can_accept():
+                raise QueueFull(f"{len(self.scheduler.waiting)} requests are waiting; "
+                                "try again later")
+            self.requests[req.id] = req
+            self.scheduler.add(req.state)
+            self.metrics.requests += 1
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled.set()
+        with self._cond:
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                    "slots": self.scheduler.n_slots,
+                    "kv_tokens": sum(len(t) for t in self.slot_tokens),
+                    "kv_capacity_tokens": self.scheduler.n_slots * self.llm.ctx_size}
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self.scheduler.running and not self.scheduler.waiting:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._drop_cancelled()
+                self.scheduler.admit(self._choose_slot)
+                step = self.scheduler.schedule()
+            if step.work:
+                self._run(step)
+
+    def _drop_cancelled(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            req = self.requests[seq.id]
+            if req.cancelled.is_set():
+                self._finish(req, "cancelled")
+
+    def _choose_slot(self, seq: SeqState, free: list[int]) -> tuple[int, int]:
+        prompt = self.requests[seq.id].prompt
+        best, reuse = free[0], -1
+        for slot in free:
+            n = _common_prefix(self.slot_tokens[slot], prompt, limit=len(prompt) - 1)
+            if n > reuse:
+                best, reuse = slot, n
+        if self.slot_caches[best] is None:
+            self.slot_caches[best] = self.llm.new_cache()
+        self.slot_tokens[best] = self.slot_tokens[best][:reuse]
+        return best, reuse
+
+    def _run(self, step) -> None:
+        tokens, segments, plan = [], [], []
+        for seq, n in step.work:
+            req = self.requests[seq.id]
+            if seq.prefilling:
+                start = seq.cached
+                chunk = req.prompt[start:start + n]
+            else:
+                start = seq.prompt_len + len(req.generated) - 1
+                chunk = req.generated[-1:]
+            tokens += chunk
+            segments.append(Segment(self.slot_caches[seq.slot], start, len(chunk)))
+            plan.append((req, chunk))
+        began = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = self.llm.model(torch.tensor(tokens), segments, last_only=True)
+        except Exception as exc:  # a failed step fails its requests, not the server
+            log.exception("engine step failed")
+            with self._cond:
+                for req, _ in plan:
+                    req.events.put(("error", exc))
+                    self._finish(req, None)
+            return
+        self.metrics.busy_s += time.perf_counter() - began
+        self.metrics.steps += 1
+        with self._cond:
+            for row, (req, chunk) in enumerate(plan):
+                seq = req.state
+                self.slot_tokens[seq.slot] += chunk
+                if seq.prefilling:
+                    seq.cached += len(chunk)
+                    self.metrics.prompt_tokens += len(chunk)
+                    if seq.prefilling:
+                        continue  # more of the prompt to read before the first token
+                if req.cancelled.is_set():
+                    self._finish(req, "cancelled")
+                    continue
+                self._emit(req, logits[row])
+
+    def _emit(self, req: Request, logits: torch.Tensor) -> None:
+        token = req.sampler(logits, req.prompt + req.generated)
+        req.generated.append(token)
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
+        self.metrics.generated_tokens += 1
+        req.events.put(("token", token))
+        position = req.state.prompt_len + len(req.generated)
+        if token in req.stop_ids:
+            self._finish(req, "stop")
+        elif len(req.generated) >= req.params.max_new_tokens or position >= self.llm.ctx_size:
+            self._finish(req, "length")
+
+    def _finish(self, req: Request, reason: str | None) -> None:
+        self.scheduler.finish(req.state)
+        self.requests.pop(req.id, None)
+        if reason is not None:
+            req.events.put(("done", reason))
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n
