@@ -219,6 +219,47 @@ def chat(
     llm.close()
 
 
+@app.command()
+def serve(
+    model: Annotated[Path | None, typer.Option("--model", "-m", "--gguf_path", "--gguf-path",
+        help="GGUF file, split-set member or folder (default: the embedded SmolLM2-135M).")] = None,
+    model_path: Annotated[Path | None, typer.Option("--model_path", "--model-path",
+        help="Original Hugging Face folder (config.json) to complete the GGUF's config.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (KTransformers' tutorial uses 10002).")] = 10002,
+    api_key: Annotated[str | None, typer.Option("--api-key", "--api_key",
+        help="Require 'Authorization: Bearer KEY'.")] = None,
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", "--max_batch_size",
+        help="Sequences decoded together (each gets a KV cache of --ctx-size).")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests before 429.")] = 64,
+    ctx_size: Annotated[int | None, typer.Option("--ctx-size", "--ctx_size",
+        help="Context per sequence.")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name",
+        help="Model name in the APIs (default: the file name).")] = None,
+    cpu_infer: Annotated[int | None, typer.Option("--cpu_infer", "--cpu-infer", "--threads",
+        help="CPU threads for the expert kernels.")] = None,
+    rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
+    force_think: Annotated[str, typer.Option("--force_think", "--force-think",
+        help="true: every chat answer starts inside <think>.")] = "false",
+):
+    """OpenAI- and Ollama-compatible server with continuous batching."""
+    import uvicorn
+
+    from tandem.default_model import default_model_path
+    from tandem.server.app import create_app
+    from tandem.server.state import ServerConfig
+
+    config = ServerConfig(model=model if model is not None else default_model_path(),
+                          model_path=model_path, served_model_name=served_model_name,
+                          api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
+                          ctx_size=ctx_size, n_threads=cpu_infer, rules=rules,
+                          force_think=_bool(force_think))
+    err_console.print(f"tandem: serving {config.model} on http://{host}:{port}/v1 "
+                      f"(OpenAI) and http://{host}:{port}/api (Ollama); loading...",
+                      highlight=False, soft_wrap=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+
+
 def _parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
     if not match:

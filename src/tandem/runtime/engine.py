@@ -37,8 +37,10 @@ class Request:
     params: SamplingParams
     stop_ids: set[int]
     id: str
-    # ("token", id) | ("done", finish_reason) | ("error", exception)
+    # ("token", (id, logprobs | None)) | ("done", finish_reason) | ("error", exception)
     events: queue.Queue = field(default_factory=queue.Queue)
+    on_event: object = None  # callable(kind, value) instead of the queue (e.g. into asyncio)
+    top_logprobs: int | None = None  # None: no logprobs; N: the chosen token's and the top N
     cancelled: threading.Event = field(default_factory=threading.Event)
     generated: list[int] = field(default_factory=list)
     state: SeqState | None = None
@@ -52,7 +54,7 @@ class Request:
         while True:
             kind, value = self.events.get(timeout=timeout)
             if kind == "token":
-                yield value
+                yield value[0]
             elif kind == "error":
                 raise value
             else:
@@ -85,13 +87,15 @@ class Engine:
 
     # -- API for any thread -----------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams,
-               stop_ids: set[int] = frozenset()) -> Request:
+               stop_ids: set[int] = frozenset(), on_event=None,
+               top_logprobs: int | None = None) -> Request:
         if not prompt:
             raise TandemError("empty prompt")
         if len(prompt) >= self.llm.ctx_size:
             raise ContextFull(f"the prompt has {len(prompt)} tokens; the context holds "
                               f"{self.llm.ctx_size} (prompt and answer together)")
-        req = Request(list(prompt), params, set(stop_ids), id=f"req-{next(self._ids)}")
+        req = Request(list(prompt), params, set(stop_ids), id=f"req-{next(self._ids)}",
+                      on_event=on_event, top_logprobs=top_logprobs)
         req.sampler = Sampler(params)
         req.state = SeqState(req.id, len(prompt))
         with self._cond:
@@ -175,7 +179,7 @@ class Engine:
             log.exception("engine step failed")
             with self._cond:
                 for req, _ in plan:
-                    req.events.put(("error", exc))
+                    _send(req, "error", exc)
                     self._finish(req, None)
             return
         self.metrics.busy_s += time.perf_counter() - began
@@ -200,7 +204,14 @@ class Engine:
         if req.first_token is None:
             req.first_token = time.perf_counter()
         self.metrics.generated_tokens += 1
-        req.events.put(("token", token))
+        info = None
+        if req.top_logprobs is not None:
+            logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+            top = logp.topk(req.top_logprobs) if req.top_logprobs else None
+            info = {"logprob": float(logp[token]),
+                    "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist(),
+                                                           strict=True))}
+        _send(req, "token", (token, info))
         position = req.state.prompt_len + len(req.generated)
         if token in req.stop_ids:
             self._finish(req, "stop")
@@ -211,7 +222,14 @@ class Engine:
         self.scheduler.finish(req.state)
         self.requests.pop(req.id, None)
         if reason is not None:
-            req.events.put(("done", reason))
+            _send(req, "done", reason)
+
+
+def _send(req: Request, kind: str, value) -> None:
+    if req.on_event is not None:
+        req.on_event(kind, value)
+    else:
+        req.events.put((kind, value))
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

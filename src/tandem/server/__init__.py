@@ -1,0 +1,1 @@
+"""`tandem serve`: OpenAI- and Ollama-compatible HTTP APIs over the batching engine."""
