@@ -72,3 +72,53 @@ def load_hf(folder: Path):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+
+
+def deepseek_vocabulary(vocab_size: int, extra_corpus: list[str] = ()):
+    """A byte-level BPE with DeepSeek-V3's tokenizer.json pre-tokenizer (three isolated splits,
+    then byte-level without its own regex), trained on a small corpus; returns the `tokenizers`
+    object and the same vocabulary as GGUF metadata (pre-tokenizer "deepseek-v3")."""
+    import json
+
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    splits = [
+        r"\p{N}{1,3}",
+        r"[一-龥぀-ゟ゠-ヿ]+",
+        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    ]
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                "<think>", "</think>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [*extra_corpus, "Mixture of experts models route each token to 8 of 256 experts. " * 20,
+              "深度求索 人工智能 模型 推理 " * 20, "for i in range(10):\n    print(i * 2)\n" * 20,
+              "The quick brown fox jumps over the lazy dog. Hello world! " * 20]
+    tok.train_from_iterator(corpus, trainer)
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    merges = [" ".join(m) if isinstance(m, list) else m
+              for m in json.loads(tok.to_str())["model"]["merges"]]
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-v3",
+                "tokenizer.ggml.tokens": tokens,
+                "tokenizer.ggml.token_type": [3 if t in specials else 1 for t in tokens],
+                "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 0,
+                "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": True}
+    return tok, metadata
+
+
+# The shape of DeepSeek-R1's chat template (reasoning stripped from earlier answers).
+R1_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{% set content = m['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)

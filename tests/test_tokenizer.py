@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
 
 import tandem
+from hf_tiny import deepseek_vocabulary
 from tandem.gguf.types import GGMLType
 from tandem.gguf.writer import write_gguf
 from tandem.tokenizer import StreamDecoder, Tokenizer, TokenizerError
@@ -35,39 +32,8 @@ def test_matches_transformers_tokenizer(which, smollm2_gguf, gemma_gguf, hf_toke
     assert (with_bos[0] == ours.bos_id) == (which == "gemma")  # Gemma adds BOS, SmolLM2 not
 
 
-def _deepseek_v3_reference(corpus: list[str]) -> HFTokenizer:
-    """A byte-level BPE with DeepSeek-V3's tokenizer.json pre-tokenizer (three isolated
-    splits, then byte-level without its own regex), trained on a small corpus."""
-    splits = [
-        r"\p{N}{1,3}",
-        r"[一-龥぀-ゟ゠-ヿ]+",
-        r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-        r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    ]
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in splits]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"])
-    tok.train_from_iterator(corpus, trainer)
-    return tok
-
-
 def test_deepseek_style_bpe_vocabulary(tmp_path):
-    corpus = [TEXT * 3, "Mixture of experts models route each token to 8 of 256 experts. " * 20,
-              "深度求索 人工智能 模型 推理 " * 20, "for i in range(10):\n    print(i * 2)\n" * 20]
-    reference = _deepseek_v3_reference(corpus)
-    model = reference.get_vocab()
-    tokens = [t for t, _ in sorted(model.items(), key=lambda kv: kv[1])]
-    merges = [" ".join(m) if isinstance(m, list) else m
-              for m in json.loads(reference.to_str())["model"]["merges"]]
-    types = [3 if t.startswith("<｜") else 1 for t in tokens]
-    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-v3",
-                "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-                "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 0,
-                "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": True}
+    reference, metadata = deepseek_vocabulary(800, [TEXT * 3])
     path = write_gguf(tmp_path / "vocab.gguf", "deepseek2", metadata,
                       [("x.weight", (1, 32), GGMLType.F32)],
                       lambda *a: np.zeros(32, np.float32))[0]
@@ -78,6 +44,7 @@ def test_deepseek_style_bpe_vocabulary(tmp_path):
     assert ours.decode(ids) == text
     assert ours.encode("x")[0] == 0  # BOS added, as the file asks
     assert ours.stop_ids() == {1}
+    assert ours.encode("<think>") == [ours.token_id("<think>")]  # special tokens stay whole
 
 
 def test_stream_decoder_never_splits_a_character(smollm2_gguf):

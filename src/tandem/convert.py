@@ -92,8 +92,10 @@ def _split_kv_b(kv_b: torch.Tensor, n_heads: int, nope: int, v: int):
 
 def convert(model_dir: str | Path, out: str | Path, *, recipe: str = "f32",
             overrides: list[str] = (), split_kv_b: bool = False, group_keys: bool = True,
+            metadata: dict | None = None,
             on_tensor: Callable[[str, int], None] | None = None) -> list[Path]:
-    """Write `out` from the HF folder; `recipe` is a recipe name or one ggml type for all."""
+    """Write `out` from the HF folder; `recipe` is a recipe name or one ggml type for all;
+    `metadata` adds keys (a tokenizer, a chat template)."""
     folder = Path(model_dir).expanduser()
     hf = read_config_json(folder)
     config = config_from_hf(hf, str(folder / "config.json"))
@@ -124,9 +126,9 @@ def convert(model_dir: str | Path, out: str | Path, *, recipe: str = "f32",
                               f"config.json implies {list(shape)}")
         return quantize(values.numpy().reshape(-1, shape[-1]), t)
 
-    metadata = {"general.name": hf.get("_name_or_path") or folder.name,
-                **deepseek2.metadata(config, split_kv_b)}
+    keys = {"general.name": hf.get("_name_or_path") or folder.name,
+            **deepseek2.metadata(config, split_kv_b), **(metadata or {})}
     if not group_keys:  # imitate older files (Unsloth's R1) that lack them
         for key in ("expert_group_count", "expert_group_used_count"):
-            metadata.pop(f"{deepseek2.ARCH}.{key}", None)
-    return write_gguf(out, deepseek2.ARCH, metadata, tensors, produce, on_tensor=on_tensor)
+            keys.pop(f"{deepseek2.ARCH}.{key}", None)
+    return write_gguf(out, deepseek2.ARCH, keys, tensors, produce, on_tensor=on_tensor)
