@@ -50,6 +50,7 @@ def create_app(config: ServerConfig, load_in_background: bool = True) -> FastAPI
                 f"tandem_generated_tokens_total {m.generated_tokens}",
                 "# TYPE tandem_generation_tokens_per_second gauge",
                 f"tandem_generation_tokens_per_second {rate:.3f}",
+                "# TYPE tandem_engine_steps_total counter", f"tandem_engine_steps_total {m.steps}",
                 "# TYPE tandem_queue_length gauge", f"tandem_queue_length {s['waiting']}",
                 "# TYPE tandem_running_requests gauge", f"tandem_running_requests {s['running']}",
                 "# TYPE tandem_kv_cache_tokens gauge", f"tandem_kv_cache_tokens {s['kv_tokens']}",
