@@ -51,6 +51,12 @@ class Server:
             time.sleep(0.2)
         raise TimeoutError("server did not become ready")
 
+    def metric(self, name: str) -> float:
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"{name} missing from /metrics")
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -139,3 +139,25 @@ def test_disconnect_cancels_and_frees(smol_server):
         time.sleep(0.1)
     assert "tandem_running_requests 0" in text
     assert httpx.get(smol_server.url + "/health").status_code == 200
+
+
+def test_async_client_non_stream_and_prefix_reuse(smol_server):
+    system = [{"role": "system", "content": "You are terse. " * 40}]
+
+    async def run():
+        client = openai.AsyncOpenAI(api_key=smol_server.api_key, base_url=smol_server.url + "/v1")
+        answers = []
+        for q in ("Name a color.", "Name a fruit."):
+            r = await client.chat.completions.create(
+                model="smollm2", messages=system + [{"role": "user", "content": q}],
+                temperature=0, max_tokens=8)
+            answers.append(r)
+        return answers
+
+    before = smol_server.metric("tandem_prompt_tokens_total")
+    first, second = asyncio.run(run())
+    evaluated = smol_server.metric("tandem_prompt_tokens_total") - before
+    assert first.choices[0].message.content and second.choices[0].message.content
+    # the long shared system prompt was computed once: its KV was reused for the second request
+    assert evaluated < first.usage.prompt_tokens + second.usage.prompt_tokens - 100
+

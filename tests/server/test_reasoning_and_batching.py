@@ -48,19 +48,19 @@ def test_sixteen_concurrent_streams_equal_one_at_a_time(smol_server):
                        for c in client.chat.completions.create(stream=True, **kwargs) if c.choices)
 
     alone = [ask(p, stream=False) for p in PROMPTS]
-    steps_before = _metric(smol_server, "tandem_generated_tokens_total")
+    steps_before = smol_server.metric("tandem_generated_tokens_total")
     with ThreadPoolExecutor(max_workers=16) as pool:
         together = list(pool.map(lambda p: ask(p, stream=True), PROMPTS))
     assert together == alone
     assert len(set(alone)) > 8  # sixteen different answers, not one repeated
-    assert _metric(smol_server, "tandem_generated_tokens_total") > steps_before
+    assert smol_server.metric("tandem_generated_tokens_total") > steps_before
 
 
 def test_batching_shares_forward_passes(deepseek_server):
     """Concurrent requests on the MoE model take fewer steps than tokens they produce."""
     client = openai.OpenAI(api_key="none", base_url=deepseek_server.url + "/v1")
-    before = _metric(deepseek_server, "tandem_generated_tokens_total")
-    steps_before = _metric(deepseek_server, "tandem_engine_steps_total")
+    before = deepseek_server.metric("tandem_generated_tokens_total")
+    steps_before = deepseek_server.metric("tandem_engine_steps_total")
 
     def ask(i):
         return client.chat.completions.create(
@@ -69,8 +69,8 @@ def test_batching_shares_forward_passes(deepseek_server):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         produced = sum(pool.map(ask, range(8)))
-    assert _metric(deepseek_server, "tandem_generated_tokens_total") - before == produced
-    steps = _metric(deepseek_server, "tandem_engine_steps_total") - steps_before
+    assert deepseek_server.metric("tandem_generated_tokens_total") - before == produced
+    steps = deepseek_server.metric("tandem_engine_steps_total") - steps_before
     assert steps < produced / 2  # eight streams shared most forward passes
 
 
@@ -87,9 +87,3 @@ def test_health_is_503_until_the_model_loads(tmp_path):
         r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
 
-
-def _metric(server, name: str) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} missing")
