@@ -135,10 +135,9 @@ def config_from_metadata(metadata: dict[str, Any], source: str = "GGUF"):
     return cls.from_metadata(metadata, source)
 
 
-@register("llama")
 @dataclass(frozen=True)
-class LlamaConfig:
-    """Llama-family decoders (GGUF architecture `llama`)."""
+class DecoderConfig:
+    """Hyperparameters of a grouped-query-attention decoder (Llama, Gemma and kin)."""
 
     n_layers: int
     n_embd: int
@@ -151,39 +150,24 @@ class LlamaConfig:
     rms_norm_eps: float
     rope_theta: float
 
+
+@register("llama")
+@dataclass(frozen=True)
+class LlamaConfig(DecoderConfig):
+    """Llama-family decoders (GGUF architecture `llama`)."""
+
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str = "GGUF") -> LlamaConfig:
         k = _Keys(metadata, "llama", source)
-        n_embd, n_heads = int(k.need("embedding_length")), int(k.need("attention.head_count"))
-        return cls(
-            n_layers=int(k.need("block_count")),
-            n_embd=n_embd,
-            n_vocab=_vocab_size(k, metadata, source),
-            context_length=int(k.need("context_length")),
-            n_heads=n_heads,
-            n_kv_heads=int(k.get("attention.head_count_kv", n_heads)),
-            head_dim=int(k.get("attention.key_length", n_embd // n_heads)),
-            n_ff=int(k.need("feed_forward_length")),
-            rms_norm_eps=float(k.need("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(k.get("rope.freq_base", 10000.0)),
-        )
+        return cls(**_decoder_fields(k, metadata, source),
+                   rope_theta=float(k.get("rope.freq_base", 10000.0)))
 
 
 @register("gemma3")
 @dataclass(frozen=True)
-class Gemma3Config:
-    """Gemma 3 text decoders (GGUF architecture `gemma3`)."""
+class Gemma3Config(DecoderConfig):
+    """Gemma 3 text decoders (GGUF architecture `gemma3`); rope_theta is the global layers'."""
 
-    n_layers: int
-    n_embd: int
-    n_vocab: int
-    context_length: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    n_ff: int
-    rms_norm_eps: float
-    rope_theta: float  # global layers
     rope_local_theta: float  # sliding-window layers (not in the file; 10000 in every Gemma 3)
     rope_scaling_factor: float  # linear, global layers only
     sliding_window: int
@@ -192,18 +176,9 @@ class Gemma3Config:
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str = "GGUF") -> Gemma3Config:
         k = _Keys(metadata, "gemma3", source)
-        n_embd, n_heads = int(k.need("embedding_length")), int(k.need("attention.head_count"))
         scaling = k.get("rope.scaling.type")
         return cls(
-            n_layers=int(k.need("block_count")),
-            n_embd=n_embd,
-            n_vocab=_vocab_size(k, metadata, source),
-            context_length=int(k.need("context_length")),
-            n_heads=n_heads,
-            n_kv_heads=int(k.get("attention.head_count_kv", n_heads)),
-            head_dim=int(k.get("attention.key_length", n_embd // n_heads)),
-            n_ff=int(k.need("feed_forward_length")),
-            rms_norm_eps=float(k.need("attention.layer_norm_rms_epsilon")),
+            **_decoder_fields(k, metadata, source),
             rope_theta=float(k.get("rope.freq_base", 1_000_000.0)),
             rope_local_theta=10_000.0,
             rope_scaling_factor=float(k.get("rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
@@ -213,6 +188,22 @@ class Gemma3Config:
 
     def is_global(self, layer: int) -> bool:
         return (layer + 1) % self.sliding_window_pattern == 0
+
+
+def _decoder_fields(k: _Keys, metadata: dict[str, Any], source: str) -> dict[str, Any]:
+    """The hyperparameters every grouped-query-attention decoder shares."""
+    n_embd, n_heads = int(k.need("embedding_length")), int(k.need("attention.head_count"))
+    return {
+        "n_layers": int(k.need("block_count")),
+        "n_embd": n_embd,
+        "n_vocab": _vocab_size(k, metadata, source),
+        "context_length": int(k.need("context_length")),
+        "n_heads": n_heads,
+        "n_kv_heads": int(k.get("attention.head_count_kv", n_heads)),
+        "head_dim": int(k.get("attention.key_length", n_embd // n_heads)),
+        "n_ff": int(k.need("feed_forward_length")),
+        "rms_norm_eps": float(k.need("attention.layer_norm_rms_epsilon")),
+    }
 
 
 def _vocab_size(k: _Keys, metadata: dict[str, Any], source: str) -> int:

@@ -22,7 +22,7 @@ from tandem.errors import TandemError
 from tandem.models.decoder import Segment
 from tandem.runtime.kv_cache import ContextFull
 from tandem.runtime.sampler import Sampler, SamplingParams
-from tandem.runtime.scheduler import Scheduler, SeqState
+from tandem.runtime.scheduler import Scheduler, SeqState, common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Engine:
         prompt = self.requests[seq.id].prompt
         best, reuse = free[0], -1
         for slot in free:
-            n = _common_prefix(self.slot_tokens[slot], prompt, limit=len(prompt) - 1)
+            n = common_prefix(self.slot_tokens[slot], prompt, limit=len(prompt) - 1)
             if n > reuse:
                 best, reuse = slot, n
         if self.slot_caches[best] is None:
@@ -232,10 +232,3 @@ def _send(req: Request, kind: str, value) -> None:
         req.events.put((kind, value))
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n

@@ -25,6 +25,7 @@ from tandem.runtime.architectures import ARCHITECTURES
 from tandem.runtime.kv_cache import ContextFull
 from tandem.runtime.loader import WeightLoader, check_tensors
 from tandem.runtime.sampler import Sampler, SamplingParams
+from tandem.runtime.scheduler import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class LLM:
             stops.add(self.eos_token_id)
         sampler = Sampler(params)
         began = time.perf_counter()
-        reuse = _common_prefix(self._cached, tokens.tolist(), limit=tokens.numel() - 1)
+        reuse = common_prefix(self._cached, tokens.tolist(), limit=tokens.numel() - 1)
         self._cached = self._cached[:reuse]
         logits = None
         for start, chunk in self._chunks(tokens[reuse:], offset=reuse):
@@ -172,13 +173,6 @@ class LLM:
         self.close()
 
 
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y or n >= limit:
-            break
-        n += 1
-    return n
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,13 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the shared start of two token lists, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y or n >= limit:
+            break
+        n += 1
+    return n

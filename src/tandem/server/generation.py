@@ -178,3 +178,25 @@ async def collect(pieces: AsyncIterator[Piece], outcome: Outcome) -> Outcome:
             outcome.content += p.text
     outcome.reasoning = outcome.reasoning.strip()
     return outcome
+
+
+async def read_json(request) -> dict:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    import json
+
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"invalid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return data
+
+
+async def prime(pieces: AsyncIterator[Piece]) -> Piece | None:
+    """Run a generation up to its first piece, so that request errors (context, queue) surface
+    as HTTP errors before a streaming response has sent any byte."""
+    try:
+        return await pieces.__anext__()
+    except StopAsyncIteration:
+        return None

@@ -46,7 +46,7 @@ def make_router(state) -> APIRouter:
     @router.post("/api/show")
     async def show(request: Request):
         state.require_ready()
-        data = await _json(request)
+        data = await gen.read_json(request)
         state.check_model(data.get("model") or data.get("name"))
         meta = state.llm.file.metadata
         info = {k: v for k, v in meta.items() if not isinstance(v, list)}
@@ -58,7 +58,7 @@ def make_router(state) -> APIRouter:
     @router.post("/api/chat")
     async def chat(request: Request):
         state.require_ready()
-        data = await _json(request)
+        data = await gen.read_json(request)
         state.check_model(data.get("model"))
         messages = gen.normalize_messages(data.get("messages"))
         think = bool(data.get("think")) or state.config.force_think
@@ -68,7 +68,7 @@ def make_router(state) -> APIRouter:
     @router.post("/api/generate")
     async def generate(request: Request):
         state.require_ready()
-        data = await _json(request)
+        data = await gen.read_json(request)
         state.check_model(data.get("model"))
         text = data.get("prompt")
         if not isinstance(text, str):
@@ -87,14 +87,6 @@ def make_router(state) -> APIRouter:
     return router
 
 
-async def _json(request: Request) -> dict:
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"invalid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object")
-    return data
 
 
 def _now() -> str:
@@ -149,7 +141,7 @@ async def _respond(state, data: dict, prompt: list[int], chat: bool, think: bool
         return body
 
     if data.get("stream", True):
-        first = await _prime(pieces)
+        first = await gen.prime(pieces)
 
         async def ndjson():
             try:
@@ -175,8 +167,3 @@ async def _respond(state, data: dict, prompt: list[int], chat: bool, think: bool
     return final
 
 
-async def _prime(pieces):
-    try:
-        return await pieces.__anext__()
-    except StopAsyncIteration:
-        return None

@@ -90,7 +90,7 @@ def make_router(state) -> APIRouter:
     @router.post("/tokenize")
     async def tokenize(request: Request):
         state.require_ready()
-        data = await _json(request)
+        data = await gen.read_json(request)
         content = data.get("content", data.get("prompt"))
         if not isinstance(content, str):
             raise APIError(400, "content must be a string", param="content")
@@ -99,7 +99,7 @@ def make_router(state) -> APIRouter:
     @router.post("/detokenize")
     async def detokenize(request: Request):
         state.require_ready()
-        data = await _json(request)
+        data = await gen.read_json(request)
         tokens = data.get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise APIError(400, "tokens must be a list of integers", param="tokens")
@@ -110,14 +110,6 @@ def make_router(state) -> APIRouter:
     return router
 
 
-async def _json(request: Request) -> dict:
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"invalid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "the body must be a JSON object")
-    return data
 
 
 async def _complete(state, body: ChatRequest, prompt: list[int], force: bool, chat: bool):
@@ -135,7 +127,7 @@ async def _complete(state, body: ChatRequest, prompt: list[int], force: bool, ch
                               split=split, forced_open=force, top_logprobs=top, outcome=outcome)
         runs.append((pieces, outcome))
     if body.stream:
-        first = [await _prime(p) for p, _ in runs]  # errors (context, queue) before any byte
+        first = [await gen.prime(p) for p, _ in runs]  # errors (context, queue) before any byte
         return StreamingResponse(_sse(state, body, runs, first, rid, created, chat),
                                  media_type="text/event-stream")
     choices = []
@@ -147,12 +139,6 @@ async def _complete(state, body: ChatRequest, prompt: list[int], force: bool, ch
             "created": created, "model": state.name, "choices": choices, "usage": usage}
 
 
-async def _prime(pieces):
-    """Start a generation up to its first piece, so that request errors surface as HTTP errors."""
-    try:
-        return await pieces.__anext__()
-    except StopAsyncIteration:
-        return None
 
 
 def _choice(i: int, o: gen.Outcome, chat: bool, with_logprobs: bool) -> dict:
