@@ -70,7 +70,7 @@ class LLM:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases)
             self.model = spec.build(self.file, c, loader, devices)
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
-        self.cache = self.new_cache()
+        self._cache: list | None = None  # this object's own sequence; allocated on first use
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
         self.last_timings: Timings | None = None
@@ -155,7 +155,9 @@ class LLM:
                                         time.perf_counter() - prefilled)
 
     def _forward(self, tokens: torch.Tensor, start: int, last_only: bool = False) -> torch.Tensor:
-        return self.model(tokens, [Segment(self.cache, start, tokens.numel())], last_only)
+        if self._cache is None:  # the server's engine brings its own caches and never gets here
+            self._cache = self.new_cache()
+        return self.model(tokens, [Segment(self._cache, start, tokens.numel())], last_only)
 
     def _chunks(self, tokens: torch.Tensor, offset: int = 0):
         for start in range(0, tokens.numel(), self.prefill_chunk):
