@@ -95,3 +95,19 @@ def test_convert_then_inspect(hf_models, tmp_path):
     assert types["blk.1.ffn_gate_inp.weight"] == "F32"
     missing = tandem("convert", str(tmp_path / "nowhere"), str(out))
     assert missing.returncode == 1 and "no such file" in missing.stderr
+
+
+def test_bench_writes_json(tiny_q8, tmp_path):
+    run = tandem("bench", str(tiny_q8), "--prompt-lengths", "16,32", "--streams", "1,2",
+                 "--new-tokens", "4", "--repetitions", "1", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    [path] = tmp_path.glob("bench-*.json")
+    data = json.loads(path.read_text())
+    assert data["commit"] and data["device"]["cpu"] and data["command"].startswith("tandem bench")
+    r = data["results"]
+    assert [p["prompt_tokens"] for p in r["prefill"]] == [16, 32]
+    assert all(p["tok_per_s"] > 0 and p["ttft_s"] > 0 for p in r["prefill"])
+    assert {d["streams"] for d in r["decode"]} == {1, 2}
+    # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
+    assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32
+    assert 0 < r["roofline_fraction"] < 1

@@ -260,6 +260,45 @@ def serve(
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
 
 
+@app.command()
+def bench(
+    model: Annotated[Path, typer.Argument(help="GGUF file, split-set member or folder.")],
+    prompt_lengths: Annotated[str, typer.Option(help="Prompt lengths, comma-separated.")] = "128,1024",
+    streams: Annotated[str, typer.Option(help="Concurrent streams, comma-separated.")] = "1,4",
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per run.")] = 32,
+    repetitions: Annotated[int, typer.Option(help="Runs per figure (median reported).")] = 3,
+    ctx_size: Annotated[int | None, typer.Option("--ctx-size", help="Context length.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "--cpu_infer")] = None,
+    rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON result.")] = Path("bench-results"),
+):
+    """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
+    import sys as _sys
+    from datetime import UTC, datetime
+
+    from tandem.bench import machine
+    from tandem.bench.runner import BenchConfig, run
+
+    def ints(text: str) -> list[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise TandemError(f"expected comma-separated numbers, got {text!r}") from None
+
+    config = BenchConfig(model, ints(prompt_lengths), ints(streams), new_tokens, repetitions,
+                         ctx_size, threads, rules)
+    results = run(config, progress=lambda line: err_console.print(line, highlight=False))
+    now = datetime.now(UTC)
+    record = {"benchmark": "tandem bench", "date": now.isoformat(timespec="seconds"),
+              "device": machine.describe(), "commit": machine.git_commit(),
+              "command": " ".join(["tandem", *_sys.argv[1:]]), "model": str(model),
+              "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench-{Path(model).stem}-{now:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    console.print(f"wrote {path}")
+
+
 def _parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
     if not match:

@@ -1,0 +1,116 @@
+"""`tandem bench`: prefill and decode speed, time to first token, memory, and decode against the
+RAM-bandwidth roofline of the routed experts. Warm-up runs are excluded; medians are reported."""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tandem.bench import machine
+from tandem.runtime.sampler import SamplingParams
+
+EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
+
+
+@dataclass
+class BenchConfig:
+    model: Path
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 1024])
+    streams: list[int] = field(default_factory=lambda: [1, 4])
+    new_tokens: int = 32
+    repetitions: int = 3
+    ctx_size: int | None = None
+    n_threads: int | None = None
+    rules: Path | None = None
+
+
+def _memory_kb(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def expert_bytes_per_token(llm) -> int:
+    """Bytes of routed-expert weights one token reads: k experts x (gate+up+down) per MoE layer."""
+    per_layer: dict[int, int] = {}
+    for name, info in llm.file.tensors.items():
+        match = EXPERTS.match(name)
+        if match:
+            per_layer[int(match[1])] = per_layer.get(int(match[1]), 0) + info.n_bytes // info.shape[0]
+    k = getattr(llm.config, "n_expert_used", 0)
+    return k * sum(per_layer.values())
+
+
+def run(cfg: BenchConfig, progress=print) -> dict:
+    from tandem.runtime.engine import Engine
+    from tandem.runtime.llm import LLM
+
+    anon_before = _memory_kb("RssAnon")
+    began = time.perf_counter()
+    llm = LLM(cfg.model, rules=cfg.rules, ctx_size=cfg.ctx_size, n_threads=cfg.n_threads)
+    load_s = time.perf_counter() - began
+    vocab = llm.config.n_vocab
+    gen = torch.Generator().manual_seed(0)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(10, vocab, (n,), generator=gen).tolist()
+
+    results: dict = {"load_s": load_s, "prefill": [], "decode": []}
+    params = SamplingParams(temperature=0, max_new_tokens=cfg.new_tokens)
+    llm.generate(prompt(8), 4)  # warm-up: first allocations, kernels, page faults
+    for n in cfg.prompt_lengths:
+        if n + cfg.new_tokens > llm.ctx_size:
+            progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
+            continue
+        runs = []
+        for _ in range(cfg.repetitions):
+            list(llm.stream(prompt(n), params))
+            t = llm.last_timings
+            runs.append(t)
+        prefill = statistics.median(r.prompt_tok_per_s for r in runs)
+        ttft = statistics.median(r.prompt_s for r in runs)
+        decode = statistics.median(r.decode_tok_per_s for r in runs)
+        results["prefill"].append({"prompt_tokens": n, "tok_per_s": prefill, "ttft_s": ttft})
+        results["decode"].append({"streams": 1, "context": n, "tok_per_s": decode})
+        progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
+                 f"decode {decode:6.2f} tok/s")
+    engine = Engine(llm, max_batch=max(cfg.streams))
+    try:
+        for streams in cfg.streams:
+            if streams == 1:
+                continue
+            tps = []
+            for _ in range(cfg.repetitions):
+                t0 = time.perf_counter()
+                reqs = [engine.submit(prompt(64), params) for _ in range(streams)]
+                produced = sum(len(list(r.tokens(timeout=600))) for r in reqs)
+                tps.append(produced / (time.perf_counter() - t0))
+            rate = statistics.median(tps)
+            results["decode"].append({"streams": streams, "context": 64, "tok_per_s": rate})
+            progress(f"{streams} streams: {rate:.2f} tok/s together")
+    finally:
+        engine.close()
+    bandwidth = machine.ram_read_gbps()
+    per_token = expert_bytes_per_token(llm)
+    single = next((d["tok_per_s"] for d in results["decode"] if d["streams"] == 1), 0.0)
+    results |= {
+        "ram_read_gb_per_s": bandwidth,
+        "expert_bytes_per_token": per_token,
+        "expert_gb_per_s_batch1": per_token * single / 1e9,
+        "roofline_tok_per_s": bandwidth * 1e9 / per_token if per_token else None,
+        "roofline_fraction": (per_token * single / 1e9) / bandwidth if per_token else None,
+        "peak_rss_anon_beyond_start_bytes": max(_memory_kb("RssAnon") - anon_before, 0) * 1024,
+        "peak_vram_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+    }
+    llm.close()
+    return results
