@@ -5,10 +5,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import openai
+import pytest
 
 from tandem.server.app import create_app
 from tandem.server.state import ServerConfig
+
+openai = pytest.importorskip("openai")  # a test dependency; absent on the GPU machine
 
 PROMPTS = [f"Give me one fact about the number {i}." for i in range(16)]
 
