@@ -7,9 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tandem.server.app import create_app
-from tandem.server.state import ServerConfig
-
 openai = pytest.importorskip("openai")  # a test dependency; absent on the GPU machine
 
 PROMPTS = [f"Give me one fact about the number {i}." for i in range(16)]
@@ -77,7 +74,11 @@ def test_batching_shares_forward_passes(deepseek_server):
 
 
 def test_health_is_503_until_the_model_loads(tmp_path):
+    pytest.importorskip("fastapi")
     from starlette.testclient import TestClient
+
+    from tandem.server.app import create_app
+    from tandem.server.state import ServerConfig
 
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + bytes(10))
