@@ -64,12 +64,29 @@ def write(synth: SynthPlan, out: str | Path, *, fill: str = "auto", seed: int = 
         "general.name": f"tandem synth {synth.recipe} ({synth.shape.n_layers} layers)",
         "general.quantized_by": "tandem synth",
         **deepseek2.metadata(synth.shape, synth.split_kv_b),
+        **placeholder_vocabulary(synth.shape.n_vocab),
     }
     rng = np.random.default_rng(seed)
     return write_gguf(out, deepseek2.ARCH, metadata, synth.tensors,
                       lambda name, shape, t: _tensor_bytes(name, shape, t, fill, rng),
                       split_max_size=split_max_size, split_max_tensors=split_max_tensors,
                       on_tensor=on_tensor)
+
+
+def placeholder_vocabulary(n_vocab: int) -> dict[str, object]:
+    """A byte-level BPE vocabulary of the model's size, so that tools which insist on one
+    (llama.cpp) load the file: the 256 byte symbols, filler tokens, one merge."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    normal = [*sorted(ByteLevel.alphabet()), "Ġt"]
+    tokens = normal + [f"<|synth_{i}|>" for i in range(n_vocab - len(normal))]
+    return {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "deepseek-v3",
+        "tokenizer.ggml.tokens": tokens[:n_vocab],
+        "tokenizer.ggml.token_type": ([1] * len(normal) + [4] * n_vocab)[:n_vocab],
+        "tokenizer.ggml.merges": ["Ġ t"],
+        "tokenizer.ggml.bos_token_id": n_vocab - 2, "tokenizer.ggml.eos_token_id": n_vocab - 1,
+    }
 
 
 def _tensor_bytes(name: str, shape: tuple[int, ...], t: GGMLType, fill: str,
