@@ -74,7 +74,7 @@ class LLM:
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
         self.eos_token_id: int | None = int(eos) if eos is not None else None
         self.last_timings: Timings | None = None
-        self._cached: list[int] = []  # token ids whose keys and values the cache holds
+        self._cached_ids: list[int] = []  # token ids whose keys and values the cache holds
 
     def new_cache(self) -> list:
         """An empty per-layer KV cache for one more sequence (continuous batching)."""
@@ -102,9 +102,9 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """float32 [T, vocab]: the next-token logits after each prefix of a fresh sequence."""
         tokens = self._check_tokens(token_ids)
-        self._cached = []
+        self._cached_ids = []
         out = [self._forward(chunk, start).cpu() for start, chunk in self._chunks(tokens)]
-        self._cached = tokens.tolist()
+        self._cached_ids = tokens.tolist()
         return torch.cat(out)
 
     def generate(self, token_ids: Sequence[int], max_new_tokens: int = 128, *,
@@ -127,8 +127,8 @@ class LLM:
             stops.add(self.eos_token_id)
         sampler = Sampler(params)
         began = time.perf_counter()
-        reuse = common_prefix(self._cached, tokens.tolist(), limit=tokens.numel() - 1)
-        self._cached = self._cached[:reuse]
+        reuse = common_prefix(self._cached_ids, tokens.tolist(), limit=tokens.numel() - 1)
+        self._cached_ids = self._cached_ids[:reuse]
         logits = None
         for start, chunk in self._chunks(tokens[reuse:], offset=reuse):
             logits = self._forward(chunk, start, last_only=True)
@@ -136,13 +136,13 @@ class LLM:
         token = sampler(logits[-1], history)  # waits for the GPU
         prefilled = time.perf_counter()
         new, position = [token], tokens.numel()
-        self._cached = list(history)
+        self._cached_ids = list(history)
         self.last_timings = Timings(tokens.numel() - reuse, prefilled - began, 0, 0.0)
         try:
             yield token
             while len(new) < params.max_new_tokens and token not in stops and position < self.ctx_size:
                 logits = self._forward(torch.tensor([token]), position)
-                self._cached.append(token)
+                self._cached_ids.append(token)
                 position += 1
                 history.append(token)
                 token = sampler(logits[-1], history)
