@@ -87,6 +87,14 @@ def test_plan_that_does_not_fit(good):
     assert "rule '.'" in text  # names the rule to change
 
 
+def test_kv_for_every_sequence_is_planned(good):
+    with tandem.LLM(good, rules=CPU_RULES, ctx_size=64) as one:
+        single = one.memory.resident["cpu"]
+    with tandem.LLM(good, rules=CPU_RULES, ctx_size=64, sequences=9) as many:
+        per_sequence = 3 * 64 * (32 + 8) * 4  # 3 layers x ctx x (latent + rope key) x float32
+        assert many.memory.resident["cpu"] - single == 8 * per_sequence
+
+
 def test_rules_from_yaml(good, tmp_path):
     path = tmp_path / "rules.yaml"
     path.write_text("- match: 'ffn_(gate|up|down)_exps\\.'\n  device: cpu\n  kernel: ggml\n"

@@ -37,7 +37,9 @@ class LLM:
                  rules: str | Path | Sequence[Rule] | None = None, *, ctx_size: int | None = None,
                  n_threads: int | None = None, prefill_chunk: int = 512,
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
-                 memory_caps: dict[str, int] | None = None):
+                 memory_caps: dict[str, int] | None = None, sequences: int = 1):
+        """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
+        (the server's --max-batch-size)."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -60,7 +62,8 @@ class LLM:
         devices = [self.placements[spec.layer_anchor(i)].device for i in range(c.n_layers)]
         kv_bytes: dict[str, int] = {}
         for d in devices:
-            kv_bytes[str(d)] = kv_bytes.get(str(d), 0) + spec.cache_layer_bytes(c, ctx_size, kv_dtype)
+            per_layer = spec.cache_layer_bytes(c, ctx_size, kv_dtype) * sequences
+            kv_bytes[str(d)] = kv_bytes.get(str(d), 0) + per_layer
         self.memory = planner.plan_memory(needed, self.placements, kv_bytes)
         planner.check_fits(self.memory, self.rules, memory_caps)
 

@@ -68,7 +68,7 @@ class ServerState:
         try:
             c = self.config
             self.llm = LLM(c.model, model_path=c.model_path, rules=c.rules, ctx_size=c.ctx_size,
-                           n_threads=c.n_threads)
+                           n_threads=c.n_threads, sequences=c.max_batch_size)
             meta = self.llm.file.metadata
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
             source = meta.get("tokenizer.chat_template")
