@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine, synth
-from tandem.runtime.kv_cache import LatentKVCache
+from tandem.runtime.architectures import ARCHITECTURES
 from tandem.runtime.llm import LLM
 
 FULL_LAYERS, FULL_DENSE = 61, 3
@@ -79,9 +79,7 @@ def main() -> None:
     timings = llm.last_timings
 
     kinds = per_layer_kind(llm.memory, c.n_dense_layers)
-    kv_layer = LatentKVCache.bytes_per_device(args.ctx, c.kv_lora_rank, c.qk_rope_head_dim,
-                                              [torch.device("cuda" if cuda else "cpu")])
-    kv_per_layer = next(iter(kv_layer.values()))
+    kv_per_layer = ARCHITECTURES["deepseek2"].cache_layer_bytes(c, args.ctx, torch.float32)
     gpu = "cuda" if cuda else "cpu"
     projected = {}
     for device in {"cpu", gpu}:

@@ -1,5 +1,9 @@
-"""The latent KV cache of MLA: per layer and token, the normed latent [r] and the rotated
-shared key [p] (576 values for R1, against 2 x 128 x 192 for plain multi-head attention)."""
+"""Per-layer KV caches of one sequence.
+
+`LayerCache` is MLA's latent cache: per token the normed latent [r] and the rotated shared key
+[p] (576 values for R1, against 2 x 128 x 192 for plain multi-head attention). `KVLayer` holds
+keys and values of grouped-query attention. Both write new entries at a position and read the
+first `length`; writing past the context raises ContextFull."""
 
 from __future__ import annotations
 
@@ -28,30 +32,6 @@ class LayerCache:
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.latent[:length], self.rope_key[:length]
-
-
-class LatentKVCache:
-    """One sequence's cache for every layer, each on its layer's device."""
-
-    def __init__(self, ctx: int, latent_dim: int, rope_dim: int, devices: list[torch.device],
-                 dtype: torch.dtype = torch.float32):
-        self.ctx = ctx
-        self.layers = [LayerCache(ctx, latent_dim, rope_dim, d, dtype) for d in devices]
-
-    @staticmethod
-    def bytes_per_device(ctx: int, latent_dim: int, rope_dim: int, devices: list[torch.device],
-                         dtype: torch.dtype = torch.float32) -> dict[str, int]:
-        per_layer = ctx * (latent_dim + rope_dim) * torch.tensor([], dtype=dtype).element_size()
-        out: dict[str, int] = {}
-        for d in devices:
-            out[str(d)] = out.get(str(d), 0) + per_layer
-        return out
-
-    def __getitem__(self, i: int) -> LayerCache:
-        return self.layers[i]
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
 
 class KVLayer:

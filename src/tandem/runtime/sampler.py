@@ -100,11 +100,3 @@ class Sampler:
         logits[ids] = seen
         return logits
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V] without penalties; temperature 0 is greedy."""
-    sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
-    if generator is not None:
-        sampler.generator = generator
-    return sampler(logits, [])
