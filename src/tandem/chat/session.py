@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.chat.reasoning import THINK_OPEN, ReasoningStream, split_reasoning
-from tandem.chat.template import ChatTemplate, fallback_template
+from tandem.chat.reasoning import ReasoningStream, split_reasoning
+from tandem.chat.template import ChatTemplate, prompt_ids, template_for
 from tandem.runtime.sampler import SamplingParams
 from tandem.tokenizer import StreamDecoder, Tokenizer
 
@@ -42,14 +42,8 @@ class ChatSession:
             tokenizer = Tokenizer.from_file(hf_tokenizer)
         else:
             tokenizer = Tokenizer.from_gguf(meta, str(llm.file.path))
-        bos = tokenizer.backend.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
-        eos = tokenizer.backend.id_to_token(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
-        source = meta.get("tokenizer.chat_template")
-        name = "GGUF"
-        if not source:
-            name, source = fallback_template(set(tokenizer.backend.get_vocab()))
-        template = ChatTemplate(source, bos or "", eos or "", name=name)
-        return cls(llm, tokenizer, template, params or SamplingParams.defaults_for(meta), **kwargs)
+        return cls(llm, tokenizer, template_for(meta, tokenizer),
+                   params or SamplingParams.defaults_for(meta), **kwargs)
 
     def reset(self) -> None:
         self.history.clear()
@@ -57,11 +51,7 @@ class ChatSession:
     def prompt_ids(self, user: str) -> tuple[list[int], list[dict]]:
         messages = ([{"role": "system", "content": self.system}] if self.system else [])
         messages += self.history + [{"role": "user", "content": user}]
-        text = self.template.render(messages, add_generation_prompt=True)
-        if self.force_think:
-            text += THINK_OPEN + "\n"
-        # The template writes BOS itself where the model wants one.
-        return self.tokenizer.encode(text, add_bos=False), messages
+        return prompt_ids(self.template, self.tokenizer, messages, self.force_think), messages
 
     def ask(self, user: str, reply: Reply | None = None) -> Iterator[tuple[str, str]]:
         """Stream ('reasoning' | 'answer', text) pieces; `reply` collects the whole answer.

@@ -14,6 +14,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.exceptions import TemplateError as JinjaTemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from tandem.chat.reasoning import THINK_OPEN
 from tandem.errors import TandemError
 
 CHATML = (
@@ -70,6 +71,28 @@ class ChatTemplate:
                                 f"refused: {exc}") from None
         except JinjaTemplateError as exc:
             raise TemplateError(f"chat template ({self.name}) failed: {exc}") from None
+
+
+def template_for(metadata: dict, tokenizer) -> ChatTemplate:
+    """The file's chat template (or the fallback its vocabulary suggests), with the tokenizer's
+    BOS and EOS texts."""
+    source, name = metadata.get("tokenizer.chat_template"), "GGUF"
+    if not source:
+        name, source = fallback_template(set(tokenizer.backend.get_vocab()))
+
+    def text(token_id):
+        return (tokenizer.backend.id_to_token(token_id) or "") if token_id is not None else ""
+
+    return ChatTemplate(source, text(tokenizer.bos_id), text(tokenizer.eos_id), name=name)
+
+
+def prompt_ids(template: ChatTemplate, tokenizer, messages: list[dict], force_think: bool) -> list[int]:
+    """Token ids of the rendered conversation, ready for the assistant's turn; with
+    `force_think` the turn starts inside <think> (KTransformers' --force_think)."""
+    text = template.render(messages, add_generation_prompt=True)
+    if force_think:
+        text += THINK_OPEN + "\n"
+    return tokenizer.encode(text, add_bos=False)  # the template writes BOS where it belongs
 
 
 def _raise(message: str):

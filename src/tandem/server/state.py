@@ -9,8 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tandem.chat.reasoning import THINK_OPEN
-from tandem.chat.template import ChatTemplate, fallback_template
+from tandem.chat.template import ChatTemplate, prompt_ids, template_for
 from tandem.server.errors import APIError
 from tandem.tokenizer import Tokenizer
 
@@ -71,14 +70,7 @@ class ServerState:
                            n_threads=c.n_threads, sequences=c.max_batch_size)
             meta = self.llm.file.metadata
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
-            source = meta.get("tokenizer.chat_template")
-            name = "GGUF"
-            if not source:
-                name, source = fallback_template(set(self.tokenizer.backend.get_vocab()))
-            token = self.tokenizer.backend.id_to_token
-            self.template = ChatTemplate(
-                source, token(self.tokenizer.bos_id) if self.tokenizer.bos_id is not None else "",
-                token(self.tokenizer.eos_id) if self.tokenizer.eos_id is not None else "", name)
+            self.template = template_for(meta, self.tokenizer)
             self.engine = Engine(self.llm, max_batch=c.max_batch_size, max_waiting=c.max_queue)
             self.loaded_at = time.time()
             self.load_s = time.perf_counter() - began
@@ -99,10 +91,7 @@ class ServerState:
                            "not_found_error", "model", "model_not_found")
 
     def chat_prompt(self, messages: list[dict], force_think: bool) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True)
-        if force_think:
-            text += THINK_OPEN + "\n"
-        return self.tokenizer.encode(text, add_bos=False)
+        return prompt_ids(self.template, self.tokenizer, messages, force_think)
 
     def digest(self) -> str:
         path = Path(self.llm.file.path)
