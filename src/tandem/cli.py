@@ -273,7 +273,6 @@ def bench(
     out: Annotated[Path, typer.Option(help="Folder for the JSON result.")] = Path("bench-results"),
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
-    import sys as _sys
     from datetime import UTC, datetime
 
     from tandem.bench import machine
@@ -291,7 +290,7 @@ def bench(
     now = datetime.now(UTC)
     record = {"benchmark": "tandem bench", "date": now.isoformat(timespec="seconds"),
               "device": machine.describe(), "commit": machine.git_commit(),
-              "command": " ".join(["tandem", *_sys.argv[1:]]), "model": str(model),
+              "command": " ".join(["tandem", *sys.argv[1:]]), "model": str(model),
               "results": results}
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{Path(model).stem}-{now:%Y%m%d-%H%M%S}.json"

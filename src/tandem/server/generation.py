@@ -4,6 +4,7 @@ streamed text with reasoning split, stop strings and usage. Shared by both APIs.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -182,8 +183,6 @@ async def collect(pieces: AsyncIterator[Piece], outcome: Outcome) -> Outcome:
 
 async def read_json(request) -> dict:
     """The request body as a JSON object, or a 400 saying what is wrong with it."""
-    import json
-
     try:
         data = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
