@@ -18,6 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from logit_checks import relative_error
 from tandem.errors import KernelError
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.quantize import quantize
@@ -36,10 +37,6 @@ def make_weight(t: T, shape: tuple[int, ...], rng) -> tuple[QuantTensor, torch.T
     raw = quantize(values.reshape(-1, shape[-1]), t).reshape(-1)
     reference = quants.dequantize(raw, t).reshape(shape).astype(np.float32)
     return QuantTensor(t, shape, raw), torch.from_numpy(reference)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def moe_reference(x, ids, weights, gate, up, down):
@@ -67,7 +64,7 @@ def test_matmul_any_type(kernels, t, n_tokens, rng):
     x = torch.randn(n_tokens, 512)
     y = kernels.matmul(weight, x)
     assert y.shape == (n_tokens, 300)
-    assert rel_err(y, x @ reference.T) < tolerance(t)
+    assert relative_error(y, x @ reference.T) < tolerance(t)
 
 
 MIXES = {
@@ -106,10 +103,10 @@ def test_moe_matches_float_reference(kernels, experts, mix, n_tokens):
     ids, weights = routing(n_tokens, seed=n_tokens)
     y = kernels.moe(x, ids, weights, gate, up, down)
     ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
-    assert rel_err(y, ref) < tolerance(*MIXES[mix])
+    assert relative_error(y, ref) < tolerance(*MIXES[mix])
     # Sanity of the oracle itself: other experts give a clearly different answer.
     wrong = moe_reference(x, (ids + 1) % 8, weights, g_ref, u_ref, d_ref)
-    assert rel_err(wrong, ref) > 0.5
+    assert relative_error(wrong, ref) > 0.5
 
 
 def test_moe_repeated_calls_reuse_graph_with_new_inputs(kernels, experts):
@@ -118,7 +115,7 @@ def test_moe_repeated_calls_reuse_graph_with_new_inputs(kernels, experts):
         x = torch.randn(3, 256)
         ids, weights = routing(3, seed=seed)
         y = kernels.moe(x, ids, weights, gate, up, down)
-        assert rel_err(y, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+        assert relative_error(y, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
 
 
 def test_thread_count_changes_nothing_but_speed(experts):
@@ -187,5 +184,5 @@ def test_moe_from_a_gguf_file(kernels, tiny_q8):
     x = torch.randn(4, 256)
     ids, weights = routing(4, k=2)
     y = kernels.moe(x, ids, weights, gate, up, down)
-    assert rel_err(y, moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
+    assert relative_error(y, moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
     assert gate.data.base is not None  # a view, not a copy
