@@ -4,7 +4,8 @@
 random choice every step so the bytes come from RAM, not cache. Expert blocks are random but
 valid (tandem.bench.random_blocks); the kernels read them at the same speed as real weights.
 
-    python benchmarks/moe_decode.py [--recipes ud-iq1_s q4_k_m] [--threads 1 2 16] [--steps 30]
+    python benchmarks/moe_decode.py [--recipes ud-iq1_s q4_k_m] [--kernels ggml tandem]
+                                    [--threads 1 2 16] [--tokens 1 8] [--steps 30]
 
 Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
 """
@@ -41,35 +42,39 @@ def experts(t: GGMLType, shape: tuple[int, int, int], rng) -> QuantTensor:
     return QuantTensor(t, shape, random_blocks(t, n // block_size(t), rng).reshape(-1))
 
 
-def run(recipe: str, thread_counts: list[int], steps: int, warmup: int) -> list[dict]:
+def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: int,
+        warmup: int) -> list[dict]:
     rng = np.random.default_rng(0)
     tg, tu, td = RECIPES[recipe]
     gate = experts(tg, (N_EXPERT, N_FF, D_MODEL), rng)
     up = experts(tu, (N_EXPERT, N_FF, D_MODEL), rng)
     down = experts(td, (N_EXPERT, D_MODEL, N_FF), rng)
-    bytes_per_token = N_USED * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
-    x = torch.randn(1, D_MODEL)
+    expert_bytes = gate.expert_bytes() + up.expert_bytes() + down.expert_bytes()
+    x = torch.randn(tokens, D_MODEL)
     g = torch.Generator().manual_seed(0)
     rows = []
     for n_threads in thread_counts:
         with CpuKernels(n_threads) as cpu:
             times = []
             for step in range(warmup + steps):
-                ids = torch.randperm(N_EXPERT, generator=g)[:N_USED].reshape(1, N_USED)
-                weights = torch.rand(1, N_USED, generator=g)
+                # each token its own random choice, as concurrent streams (prefill shares more)
+                ids = torch.stack([torch.randperm(N_EXPERT, generator=g)[:N_USED] for _ in range(tokens)])
+                weights = torch.rand(tokens, N_USED, generator=g)
                 start = time.perf_counter()
-                cpu.moe(x, ids, weights, gate, up, down)
+                cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
                 if step >= warmup:
-                    times.append(time.perf_counter() - start)
-        median = statistics.median(times)
+                    times.append((time.perf_counter() - start, ids.unique().numel()))
+        median = statistics.median(t for t, _ in times)
+        distinct = statistics.mean(n for _, n in times)
         rows.append({
-            "recipe": recipe, "types": [tg.name, tu.name, td.name], "threads": n_threads,
-            "tokens": 1, "steps": steps, "median_ms": median * 1e3,
-            "min_ms": min(times) * 1e3, "expert_bytes_per_token": bytes_per_token,
-            "gb_per_s": bytes_per_token / median / 1e9,
+            "recipe": recipe, "kernel": kernel, "types": [tg.name, tu.name, td.name],
+            "threads": n_threads, "tokens": tokens, "steps": steps, "median_ms": median * 1e3,
+            "min_ms": min(t for t, _ in times) * 1e3, "distinct_experts_per_step": distinct,
+            "expert_bytes_per_step": distinct * expert_bytes,
+            "gb_per_s": distinct * expert_bytes / median / 1e9,
         })
-        print(f"{recipe:9s} threads={n_threads:3d}  {median * 1e3:8.2f} ms  "
-              f"{rows[-1]['gb_per_s']:7.2f} GB/s", flush=True)
+        print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} threads={n_threads:3d}  "
+              f"{median * 1e3:8.2f} ms  {rows[-1]['gb_per_s']:7.2f} GB/s", flush=True)
     return rows
 
 
@@ -78,6 +83,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--threads", nargs="+", type=int,
                         default=sorted({1, 2, default_threads()}))
+    parser.add_argument("--kernels", nargs="+", default=["ggml", "tandem"], choices=["ggml", "tandem"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1],
+                        help="tokens per step, each with its own expert choice (concurrent streams)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -87,13 +95,12 @@ def main() -> None:
     bandwidth = machine.ram_read_gbps()
     print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
           f"RAM read {bandwidth:.1f} GB/s", flush=True)
-    results = [row for recipe in args.recipes for row in run(recipe, args.threads, args.steps,
-                                                            args.warmup)]
+    results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens
+               for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup)]
     for row in results:
         row["share_of_ram_bandwidth"] = row["gb_per_s"] / bandwidth
-        # Decode roofline for a 58-MoE-layer R1: RAM bandwidth / expert bytes per token.
-        row["r1_58_layer_tok_per_s_at_this_rate"] = row["gb_per_s"] * 1e9 / (
-            58 * row["expert_bytes_per_token"])
+        # Decode speed of a 58-MoE-layer R1 if the experts ran at this rate (all streams together).
+        row["r1_58_layer_tok_per_s_at_this_rate"] = row["tokens"] * 1e3 / (58 * row["median_ms"])
     now = datetime.now(UTC)
     record = {
         "benchmark": "moe_decode",

@@ -1,4 +1,5 @@
-"""Quantized routed experts (ggml) against tandem's own dequantized-float32 run of the same file.
+"""Quantized routed experts (ggml's kernels, and tandem's own where they cover the types) against
+tandem's own dequantized-float32 run of the same file.
 
 Both runs read identical weights; they differ only in the expert arithmetic: ggml quantizes
 each expert's input to Q8_K (Q8_0 for Q8_0 weights) before its integer dot products, which
@@ -18,6 +19,7 @@ from tandem.placement.rules import Rule
 
 EXPERTS = r"ffn_(gate|up|down)_exps\."
 GGML_RULES = [Rule(EXPERTS, "cpu", "ggml"), Rule(".", "cpu", "torch")]
+OWN_RULES = [Rule(EXPERTS, "cpu", "cpu"), Rule(".", "cpu", "torch")]  # IQ1_S, IQ2_XXS: tandem's
 DEQUANT_RULES = [Rule(".", "cpu", "torch", "float32")]  # experts dequantized to F32 in torch
 TOLERANCE = 0.05
 
@@ -40,13 +42,14 @@ def prompt(n: int = 24) -> list[int]:
     return torch.randint(0, 320, (n,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
-@pytest.mark.parametrize("mix", list(MIXES))
-def test_ggml_experts_match_dequantized_reference(mix, quant_files):
+@pytest.mark.parametrize(("mix", "rules"), [*((m, GGML_RULES) for m in MIXES), ("ud-iq1_s", OWN_RULES)],
+                         ids=[*(f"{m}-ggml" for m in MIXES), "ud-iq1_s-own"])
+def test_cpu_experts_match_dequantized_reference(mix, rules, quant_files):
     types = {t.ggml_type.name for n, t in tandem.open_gguf(quant_files[mix]).tensors.items()
              if "_exps" in n}
     assert "F32" not in types  # the experts really are quantized
     tokens = prompt()
-    with tandem.LLM(quant_files[mix], rules=GGML_RULES, ctx_size=64) as llm:
+    with tandem.LLM(quant_files[mix], rules=rules, ctx_size=64) as llm:
         ours = llm.logits(tokens)
     with tandem.LLM(quant_files[mix], rules=DEQUANT_RULES, ctx_size=64) as llm:
         reference = llm.logits(tokens)

@@ -16,7 +16,7 @@ def test_default_rules_without_gpu(tiny_q8):
     placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(False),
                     devices={"cpu"})
     experts = [n for n in placed if "_exps" in n]
-    assert experts and all(placed[n].kernel == "ggml" for n in experts)
+    assert experts and all(placed[n].kernel == "cpu" for n in experts)
     assert placed["token_embd.weight"].kernel == "ggml"
     rest = [p for n, p in placed.items() if "_exps" not in n and n != "token_embd.weight"]
     assert all(p.device.type == "cpu" and p.kernel == "torch" and p.dtype == torch.float32
@@ -33,7 +33,7 @@ def test_default_rules_with_gpu(tiny_q8):
     assert q.device.type == "cuda" and q.dtype == torch.bfloat16
     norm = placed["blk.0.attn_norm.weight"]  # F32 in the file: stays float32
     assert norm.device.type == "cuda" and norm.dtype == torch.float32
-    assert placed["blk.1.ffn_down_exps.weight"].kernel == "ggml"
+    assert placed["blk.1.ffn_down_exps.weight"].kernel == "cpu"
 
 
 def test_first_matching_rule_wins():

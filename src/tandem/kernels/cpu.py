@@ -18,6 +18,7 @@ import torch
 
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
+from tandem.kernels import native
 from tandem.kernels.ggml_lib import cpu_init, ggml
 from tandem.kernels.graph import Graph, point
 from tandem.kernels.tensors import QuantTensor
@@ -40,7 +41,8 @@ def supports_matmul(t: GGMLType) -> bool:
 
 
 class CpuKernels:
-    def __init__(self, n_threads: int | None = None):
+    def __init__(self, n_threads: int | None = None, own_kernels: bool = True):
+        self.own_kernels = own_kernels  # tandem's kernels where they cover the types (moe)
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
         self._threadpool = None
@@ -88,11 +90,13 @@ class CpuKernels:
         return out
 
     def moe(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-            gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> torch.Tensor:
+            gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool | None = None) -> torch.Tensor:
         """Routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
 
         x [T, d] float32; expert_ids [T, k] integer; expert_weights [T, k] float; gate and up
         [E, n_ff, d], down [E, d, n_ff], each in its own ggml type. Returns [T, d] float32.
+        `own` (default: own_kernels): tandem's kernels where they cover all three types
+        (tandem.kernels.native), else ggml's.
         """
         n_expert, n_ff, d = _check_experts(gate, up, down)
         x = _activations(x, d, "x")
@@ -110,6 +114,8 @@ class CpuKernels:
         out = torch.empty(t, d, dtype=torch.float32)
         if t == 0:
             return out
+        if (self.own_kernels if own is None else own) and native.fits(gate, up, down):
+            return native.moe(x, ids, weights, gate, up, down, self._n_threads)
         key = ("moe", t, k, gate.address, up.address, down.address)
         graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))
         with self._lock:

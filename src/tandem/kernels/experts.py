@@ -1,7 +1,7 @@
 """Routed-expert backends for the MoE seam: submit the routed experts, collect the result.
 
-`GgmlExperts` runs them on the CPU with ggml, reading the quantized weights in place; the
-caller's device keeps working (shared expert) until it collects. `TorchExperts` computes them
+`CpuExperts` runs them on the CPU (tandem's kernels or ggml's), reading the quantized weights
+in place; the caller's device keeps working (shared expert) until it collects. `TorchExperts` computes them
 with dequantized weights in torch, on any device: the reference, and the fallback for rules
 that put experts on a GPU.
 """
@@ -17,13 +17,16 @@ from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.tensors import QuantTensor
 
 
-class GgmlExperts:
-    def __init__(self, kernels: CpuKernels, gate: QuantTensor, up: QuantTensor, down: QuantTensor):
+class CpuExperts:
+    def __init__(self, kernels: CpuKernels, gate: QuantTensor, up: QuantTensor, down: QuantTensor,
+                 own_kernels: bool = True):
         self.kernels, self.gate, self.up, self.down = kernels, gate, up, down
+        self.own_kernels = own_kernels  # tandem's kernels where they cover the types, else ggml
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
         x = x.detach().to("cpu", torch.float32)
-        return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down)
+        return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down,
+                                       own=self.own_kernels)
 
     def collect(self, handle: Future) -> torch.Tensor:
         return handle.result()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.gguf.reader import TensorInfo
-from tandem.placement.rules import Placement, PlacementError, Rule
+from tandem.placement.rules import IN_PLACE_KERNELS, Placement, PlacementError, Rule
 
 GPU_HEADROOM = 1 << 30  # activations, CUDA context and allocator slack
 CPU_HEADROOM = 2 << 30
@@ -33,7 +33,7 @@ class MemoryPlan:
 
 
 def placed_bytes(info: TensorInfo, p: Placement) -> int:
-    if p.kernel == "ggml":
+    if p.kernel in IN_PLACE_KERNELS:
         return info.n_bytes
     return info.n_elements * torch.tensor([], dtype=p.dtype).element_size()
 
@@ -46,7 +46,7 @@ def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement]
         p = placements[name]
         n = placed_bytes(info, p)
         device = str(p.device)
-        (plan.mapped if p.kernel == "ggml" else plan.resident)[device] += n
+        (plan.mapped if p.kernel in IN_PLACE_KERNELS else plan.resident)[device] += n
         plan.by_rule[p.rule] += n
         match = LAYER.match(name)
         layer = f"blk.{match[1]}" if match else "other"

@@ -4,14 +4,16 @@ A rule list is YAML, first match wins, like KTransformers' optimize rules but sh
 
     - match: 'ffn_(gate|up|down)_exps'   # regex, searched in the GGUF tensor name
       device: cpu                       # cpu, cuda or cuda:N
-      kernel: ggml                      # ggml (read in place from the file) or torch
+      kernel: cpu                       # cpu or ggml (read in place from the file) or torch
     - match: '.'
       device: cuda
       kernel: torch
       dtype: auto                       # auto, float32, bfloat16 or float16 (torch kernel)
 
-Kernel ggml serves the routed experts (CPU MoE op) and the token embedding (rows dequantized
-as they are looked up); everything else takes torch. `auto` keeps F32/F16/BF16 tensors in
+Kernels cpu and ggml read their tensors in place from the mapped file: the routed experts (CPU
+MoE op; cpu takes tandem's own kernels where they cover the types, IQ1_S and IQ2_XXS, and ggml's
+for the rest; ggml takes ggml's only) and the token embedding (rows dequantized as they are
+looked up); everything else takes torch. `auto` keeps F32/F16/BF16 tensors in
 their own precision and turns quantized ones into bfloat16 on a GPU, float32 on the CPU.
 """
 
@@ -28,7 +30,8 @@ import yaml
 from tandem.errors import TandemError
 from tandem.gguf.types import GGMLType
 
-KERNELS = ("ggml", "torch")
+KERNELS = ("cpu", "ggml", "torch")
+IN_PLACE_KERNELS = ("cpu", "ggml")  # read from the mapped file on the CPU
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 EXPERTS = r"ffn_(gate|up|down)_exps\."
@@ -61,8 +64,8 @@ class Rule:
             raise PlacementError(f"{where}: kernel {self.kernel!r} is not one of {', '.join(KERNELS)}")
         if self.dtype not in DTYPES:
             raise PlacementError(f"{where}: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.kernel == "ggml" and self.device != "cpu":
-            raise PlacementError(f"{where}: kernel ggml runs on the cpu, not {self.device}")
+        if self.kernel in IN_PLACE_KERNELS and self.device != "cpu":
+            raise PlacementError(f"{where}: kernel {self.kernel} runs on the cpu, not {self.device}")
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def default_rules(has_gpu: bool, names: Iterable[str] | None = None) -> list[Rul
     left out."""
     rest = "cuda" if has_gpu else "cpu"
     rules = [
-        Rule(EXPERTS, "cpu", "ggml"),
+        Rule(EXPERTS, "cpu", "cpu"),
         # One row per token is read: dequantize those rows from the file, not the whole table.
         Rule(r"^token_embd\.", "cpu", "ggml"),
         Rule(".", rest, "torch"),
@@ -133,9 +136,9 @@ def assign(tensors: dict[str, GGMLType], rules: list[Rule],
             raise PlacementError(f"no rule places tensor {name!r}; end the rules with a "
                                  "catch-all such as {match: '.', device: cuda}")
         rule = rules[index]
-        if rule.kernel == "ggml" and not IN_PLACE.search(name):
-            raise PlacementError(f"{rule.source}: rule {rule.match!r} gives kernel ggml to "
-                                 f"{name!r}; ggml serves the routed experts (*_exps) and "
+        if rule.kernel in IN_PLACE_KERNELS and not IN_PLACE.search(name):
+            raise PlacementError(f"{rule.source}: rule {rule.match!r} gives kernel {rule.kernel} to "
+                                 f"{name!r}; {rule.kernel} serves the routed experts (*_exps) and "
                                  "token_embd only")
         used[index] = True
         placed[name] = Placement(torch.device(rule.device), rule.kernel,

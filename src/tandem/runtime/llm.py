@@ -20,7 +20,7 @@ from tandem.gguf.model import open_gguf
 from tandem.kernels.cpu import CpuKernels
 from tandem.models.decoder import Segment
 from tandem.placement import planner
-from tandem.placement.rules import Rule, assign, default_rules, load_rules
+from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
 from tandem.runtime.architectures import ARCHITECTURES
 from tandem.runtime.kv_cache import ContextFull
 from tandem.runtime.loader import WeightLoader, check_tensors
@@ -67,8 +67,8 @@ class LLM:
         self.memory = planner.plan_memory(needed, self.placements, kv_bytes)
         planner.check_fits(self.memory, self.rules, memory_caps)
 
-        uses_ggml = any(p.kernel == "ggml" and "_exps" in n for n, p in self.placements.items())
-        self.kernels = CpuKernels(n_threads) if uses_ggml else None
+        cpu_experts = any(p.kernel in IN_PLACE_KERNELS and "_exps" in n for n, p in self.placements.items())
+        self.kernels = CpuKernels(n_threads) if cpu_experts else None
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases)
             self.model = spec.build(self.file, c, loader, devices)

@@ -12,10 +12,10 @@ from tandem.errors import GGUFError
 from tandem.gguf.model import GGUFModel
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.embedding import DenseEmbedding, QuantEmbedding
-from tandem.kernels.experts import GgmlExperts, TorchExperts
+from tandem.kernels.experts import CpuExperts, TorchExperts
 from tandem.kernels.tensors import QuantTensor
 from tandem.models.layers import GatedMLP, Linear, RMSNorm
-from tandem.placement.rules import Placement
+from tandem.placement.rules import IN_PLACE_KERNELS, Placement
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class WeightLoader:
                         activation=activation)
 
     def embedding(self, name: str):
-        if self.placements[name].kernel == "ggml":
+        if self.placements[name].kernel in IN_PLACE_KERNELS:
             self.advance(self.model.tensors[name].n_bytes)
             return QuantEmbedding(QuantTensor.from_gguf(self.model, name))
         return DenseEmbedding(self.dense(name))
@@ -74,10 +74,11 @@ class WeightLoader:
     def experts(self, prefix: str):
         names = [f"{prefix}.ffn_{part}_exps.weight" for part in ("gate", "up", "down")]
         kernels = {self.placements[n].kernel for n in names}
-        if kernels == {"ggml"}:
+        if len(kernels) == 1 and kernels <= set(IN_PLACE_KERNELS):
             for n in names:
                 self.advance(self.model.tensors[n].n_bytes)
-            return GgmlExperts(self.kernels, *(QuantTensor.from_gguf(self.model, n) for n in names))
+            return CpuExperts(self.kernels, *(QuantTensor.from_gguf(self.model, n) for n in names),
+                              own_kernels=kernels == {"cpu"})
         if kernels == {"torch"}:
             return TorchExperts(*(self.dense(n) for n in names))
         raise GGUFError(f"{prefix}: gate, up and down experts must share one kernel, got "

@@ -1,0 +1,488 @@
+/* Routed experts on the CPU: tandem's own kernels for the low-bit types of DeepSeek-R1 GGUFs.
+ *
+ * ggml's IQ1_S / IQ2_XXS dot products are compute-bound (they assemble each 8-weight group from
+ * a lookup table with scalar inserts and read ~16% of the RAM bandwidth on 16 cores). Here the
+ * groups are gathered by vector loads, the per-32 scale is folded into the weight bytes where it
+ * fits (IQ1_S), and every decoded weight vector serves all the tokens that picked its expert.
+ *
+ * Numerics (as ggml's CPU path): activations are quantized per 256 values to int8 with one
+ * float scale (ggml's Q8_K), integer dot products per block, float accumulation across blocks.
+ *
+ * One call = one MoE layer: quantize x, group (token, slot) pairs by expert, gate and up rows
+ * with SiLU-gating, quantize the hidden rows, down rows, weighted sum over the k slots. Threads:
+ * OpenMP, one parallel region per call, work split by (expert, row range).
+ *
+ * Formats (ggml-common.h): block_iq1_s {f16 d; u8 qs[32]; u16 qh[8]}  w = d*(2s+1)*(g+delta)
+ * with g in {-1,0,1} from a 2048-entry grid, s = qh>>12 & 7, delta = qh>>15 ? -1/8 : 1/8;
+ * block_iq2_xxs {f16 d; u16 qs[32]}: per 32 weights 4 grid bytes (256-entry grid of
+ * 8/25/43), 4x7 sign bits (the 8th is their parity) and a 4-bit scale s: w = d*(2s+1)/8*g*sign.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define X86 1
+#else
+#define X86 0
+#endif
+
+#define QK 256
+#define TILE 8 /* tokens sharing one decoded weight row at a time */
+
+enum { TYPE_IQ2_XXS = 16, TYPE_IQ1_S = 19 };
+
+typedef struct {
+    uint16_t d;
+    uint8_t qs[32];
+    uint16_t qh[8];
+} block_iq1_s;
+
+typedef struct {
+    uint16_t d;
+    uint16_t qs[32];
+} block_iq2_xxs;
+
+/* Activations of one 256-value block: x ~ d * q; s32[i] = sum of q over values 32i..32i+31. */
+typedef struct {
+    float d;
+    int8_t q[QK];
+    int16_t s32[8];
+} block_q8;
+
+/* Grids as set by tandem_set_tables: IQ1_S with g+1 (0,1,2) per byte, IQ2_XXS as stored. */
+static uint64_t iq1s_grid[2048];
+static uint64_t iq2xxs_grid[256];
+static uint8_t iq2_signs[128];
+static int tables_set = 0;
+
+/* ---------------------------------------------------------------------------------------- */
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalize */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static void quantize_row_q8(const float *x, block_q8 *y, int n) {
+    for (int b = 0; b < n / QK; b++, x += QK) {
+        float amax = 0.f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
+        float id = amax > 0.f ? 127.f / amax : 0.f;
+        y[b].d = amax > 0.f ? amax / 127.f : 0.f;
+        for (int i = 0; i < 8; i++) {
+            int sum = 0;
+            for (int j = 0; j < 32; j++) {
+                int q = (int)lrintf(x[32 * i + j] * id);
+                y[b].q[32 * i + j] = (int8_t)q;
+                sum += q;
+            }
+            y[b].s32[i] = (int16_t)sum;
+        }
+    }
+}
+
+/* ---- portable dot products: row of nb blocks times nt activation rows --------------------- */
+
+static void dot_iq1_s_ref(const void *row, const block_q8 *const *x, int nt, int nb, float *out) {
+    const block_iq1_s *b = row;
+    for (int t = 0; t < nt; t++) out[t] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        const float dw = f16_to_f32(b[ib].d);
+        for (int t = 0; t < nt; t++) {
+            const block_q8 *xb = x[t] + ib;
+            int total = 0; /* sum over sub-blocks of ls * (8*sum(u*q) - m*sum(q)), see header */
+            for (int s = 0; s < 8; s++) {
+                const uint16_t h = b[ib].qh[s];
+                const int ls = 2 * ((h >> 12) & 7) + 1, m = (h & 0x8000) ? 9 : 7;
+                int dot = 0;
+                for (int l = 0; l < 4; l++) {
+                    const uint8_t *u = (const uint8_t *)&iq1s_grid[b[ib].qs[4 * s + l] | (((h >> (3 * l)) & 7) << 8)];
+                    for (int j = 0; j < 8; j++) dot += u[j] * xb->q[32 * s + 8 * l + j];
+                }
+                total += ls * (8 * dot - m * xb->s32[s]);
+            }
+            out[t] += dw * xb->d * (float)total;
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] *= 0.125f;
+}
+
+static void dot_iq2_xxs_ref(const void *row, const block_q8 *const *x, int nt, int nb, float *out) {
+    const block_iq2_xxs *b = row;
+    for (int t = 0; t < nt; t++) out[t] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        const float dw = f16_to_f32(b[ib].d);
+        for (int t = 0; t < nt; t++) {
+            const block_q8 *xb = x[t] + ib;
+            int total = 0;
+            for (int s = 0; s < 8; s++) {
+                uint32_t aux[2];
+                memcpy(aux, b[ib].qs + 4 * s, 8);
+                const int ls = 2 * (aux[1] >> 28) + 1;
+                int dot = 0;
+                for (int l = 0; l < 4; l++) {
+                    const uint8_t *g = (const uint8_t *)&iq2xxs_grid[(aux[0] >> (8 * l)) & 255];
+                    const uint8_t signs = iq2_signs[(aux[1] >> (7 * l)) & 127];
+                    for (int j = 0; j < 8; j++) {
+                        const int q = xb->q[32 * s + 8 * l + j];
+                        dot += (signs >> j & 1) ? -g[j] * q : g[j] * q;
+                    }
+                }
+                total += ls * dot;
+            }
+            out[t] += dw * xb->d * (float)total;
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] *= 0.125f;
+}
+
+/* ---- AVX-512 (VNNI, VBMI, BITALG, VPOPCNTDQ: Ice Lake, Sapphire Rapids, Zen 4 and later) ---- */
+#if X86
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* vpshufb tables for two sub-blocks of IQ1_S at once, by (s of the first) + 8 * (s of the
+ * second): bytes 0..31 map g+1 to (g+1)*8*(2s+1) for the first, bytes 32..63 for the second. */
+static uint8_t iq1s_scale_lut[64][64];
+
+AVX512 INLINE void iq1_s_tile(const block_iq1_s *b, const block_q8 *const *x, const int nt, int nb, float *out) {
+    __m512 accf[TILE];
+    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
+    /* word i of the index vector takes qh[i/4] >> 3*(i%4) */
+    const __m512i qh_of_group = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4,
+                                                 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i group_shift = _mm512_set_epi16(9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0,
+                                                 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0);
+    const __m512i high_bits = _mm512_set1_epi16(7 << 8);
+    for (int ib = 0; ib < nb; ib++) {
+        const block_iq1_s *blk = b + ib;
+        const __m128i qh = _mm_loadu_si128((const __m128i *)blk->qh);
+        /* the 32 grid indices of the block, 11 bits each, as words */
+        const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs));
+        const __m512i hi = _mm512_srlv_epi16(_mm512_permutexvar_epi16(qh_of_group, _mm512_castsi128_si512(qh)), group_shift);
+        const __m512i idx = _mm512_ternarylogic_epi64(_mm512_slli_epi16(hi, 8), high_bits, lo, 0xEA);
+        const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
+        const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
+        const __m256i group_idx[4] = {_mm512_castsi512_si256(idx_lo), _mm512_extracti64x4_epi64(idx_lo, 1),
+                                      _mm512_castsi512_si256(idx_hi), _mm512_extracti64x4_epi64(idx_hi, 1)};
+        /* -ls*m per sub-block (int16) for the correction term with the activation sums */
+        const __m128i s3 = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
+        const __m128i ls = _mm_add_epi16(_mm_slli_epi16(s3, 1), _mm_set1_epi16(1));
+        const __m128i m = _mm_add_epi16(_mm_set1_epi16(7), _mm_slli_epi16(_mm_srli_epi16(qh, 15), 1));
+        const __m128i neg_lsm = _mm_sub_epi16(_mm_setzero_si128(), _mm_mullo_epi16(ls, m));
+        __m512i acc[TILE];
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i u = _mm512_i32gather_epi64(group_idx[c], (const long long *)iq1s_grid, 8);
+            const int pair = ((blk->qh[2 * c] >> 12) & 7) | ((blk->qh[2 * c + 1] >> 9) & 0x38);
+            const __m512i w = _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[pair]), u);
+            for (int t = 0; t < nt; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], w, _mm512_loadu_si512(x[t][ib].q + 64 * c));
+        }
+        const float dw = _cvtsh_ss(blk->d);
+        for (int t = 0; t < nt; t++) {
+            const __m128i corr = _mm_madd_epi16(neg_lsm, _mm_loadu_si128((const __m128i *)x[t][ib].s32));
+            const __m512i total = _mm512_add_epi32(acc[t], _mm512_zextsi128_si512(corr));
+            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(dw * x[t][ib].d), accf[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = 0.125f * _mm512_reduce_add_ps(accf[t]);
+}
+
+AVX512 INLINE void iq2_xxs_tile(const block_iq2_xxs *b, const block_q8 *const *x, const int nt, int nb, float *out) {
+    __m512 accf[TILE];
+    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
+    /* bytes 0..3 of each sub-block's qword: its four 7-bit sign fields (bits 32, 39, 46, 53) */
+    const __m512i sign_fields = _mm512_set1_epi64(0x352e2720LL);
+    /* selector: bit j of sign byte g%4 in the qword that holds group g's signs */
+    const __m512i sign_bits = _mm512_set_epi64(0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL,
+                                               0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL);
+    const __m512i group_byte = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0); /* grid byte of group g */
+    for (int ib = 0; ib < nb; ib++) {
+        const block_iq2_xxs *blk = b + ib;
+        const __m512i all = _mm512_loadu_si512(blk->qs); /* 8 x (u32 grid bytes, u32 signs|scale) */
+        /* 2s+1 in the odd dwords (the sign/scale words) */
+        const __m512i ls = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(all, 28), 1), _mm512_set1_epi32(1));
+        /* sign bytes with their parity bit on top, as ggml's ksigns_iq2xs */
+        const __m512i s7 = _mm512_and_si512(_mm512_multishift_epi64_epi8(sign_fields, all), _mm512_set1_epi8(0x7f));
+        const __m512i signs = _mm512_ternarylogic_epi64(s7, _mm512_slli_epi16(_mm512_popcnt_epi8(s7), 7), _mm512_set1_epi8((char)0x80), 0xF8);
+        __m512i acc[TILE];
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i idx = _mm512_maskz_permutexvar_epi8(0x0101010101010101ULL, _mm512_add_epi64(group_byte, _mm512_set1_epi64(16 * c)), all);
+            const __m512i g = _mm512_i64gather_epi64(idx, (const long long *)iq2xxs_grid, 8);
+            const __m512i pair = _mm512_permutexvar_epi64(_mm512_set_epi64(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c), signs);
+            const __mmask64 neg = _mm512_bitshuffle_epi64_mask(pair, sign_bits);
+            /* scale of sub-block 2c in words 0..15, of 2c+1 in words 16..31 */
+            const __m512i lsv = _mm512_permutexvar_epi16(
+                _mm512_inserti64x4(_mm512_set1_epi16(8 * c + 2), _mm256_set1_epi16(8 * c + 6), 1), ls);
+            for (int t = 0; t < nt; t++) {
+                const __m512i q = _mm512_loadu_si512(x[t][ib].q + 64 * c);
+                const __m512i qs = _mm512_mask_sub_epi8(q, neg, _mm512_setzero_si512(), q);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(g, qs), lsv);
+            }
+        }
+        const float dw = _cvtsh_ss(blk->d);
+        for (int t = 0; t < nt; t++)
+            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(dw * x[t][ib].d), accf[t]);
+    }
+    for (int t = 0; t < nt; t++) out[t] = 0.125f * _mm512_reduce_add_ps(accf[t]);
+}
+
+/* One function per tile size, so the token loops unroll and the accumulators stay in registers. */
+#define TILE_FUNCS(name, block)                                                                       \
+    AVX512 static void name##_avx512(const void *row, const block_q8 *const *x, int nt, int nb, float *out) { \
+        switch (nt) {                                                                                 \
+        case 1: name##_tile((const block *)row, x, 1, nb, out); break;                                \
+        case 2: name##_tile((const block *)row, x, 2, nb, out); break;                                \
+        case 3: name##_tile((const block *)row, x, 3, nb, out); break;                                \
+        case 4: name##_tile((const block *)row, x, 4, nb, out); break;                                \
+        case 5: name##_tile((const block *)row, x, 5, nb, out); break;                                \
+        case 6: name##_tile((const block *)row, x, 6, nb, out); break;                                \
+        case 7: name##_tile((const block *)row, x, 7, nb, out); break;                                \
+        default: name##_tile((const block *)row, x, 8, nb, out); break;                               \
+        }                                                                                             \
+    }
+TILE_FUNCS(iq1_s, block_iq1_s)
+TILE_FUNCS(iq2_xxs, block_iq2_xxs)
+
+static int have_avx512(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vpopcntdq") &&
+           __builtin_cpu_supports("f16c");
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------- */
+
+typedef void (*dot_fn)(const void *row, const block_q8 *const *x, int nt, int nb, float *out);
+
+typedef struct {
+    int type, block_bytes;
+    dot_fn ref, fast;
+} type_info;
+
+static type_info types[] = {
+    {TYPE_IQ1_S, sizeof(block_iq1_s), dot_iq1_s_ref, NULL},
+    {TYPE_IQ2_XXS, sizeof(block_iq2_xxs), dot_iq2_xxs_ref, NULL},
+};
+#define N_TYPES (int)(sizeof(types) / sizeof(types[0]))
+
+static int use_fast = 1;
+
+static const type_info *find_type(int type) {
+    for (int i = 0; i < N_TYPES; i++)
+        if (types[i].type == type) return &types[i];
+    return NULL;
+}
+
+static dot_fn dot_for(const type_info *ti) { return use_fast && ti->fast ? ti->fast : ti->ref; }
+
+/* Grids from the caller (gguf-py holds them): IQ1_S as 2048x8 bytes g+1, IQ2_XXS as 256x8. */
+void tandem_set_tables(const uint8_t *iq1s_u, const uint8_t *iq2xxs) {
+    memcpy(iq1s_grid, iq1s_u, sizeof(iq1s_grid));
+    memcpy(iq2xxs_grid, iq2xxs, sizeof(iq2xxs_grid));
+    for (int i = 0; i < 128; i++) iq2_signs[i] = (uint8_t)(i | ((__builtin_popcount(i) & 1) << 7));
+#if X86
+    for (int pair = 0; pair < 64; pair++) {
+        uint8_t *lut = iq1s_scale_lut[pair];
+        memset(lut, 0, 64);
+        for (int half = 0; half < 2; half++) {
+            const int ls = 2 * ((pair >> (3 * half)) & 7) + 1;
+            for (int lane = 2 * half; lane < 2 * half + 2; lane++) {
+                lut[16 * lane + 1] = (uint8_t)(8 * ls);
+                lut[16 * lane + 2] = (uint8_t)(16 * ls);
+            }
+        }
+    }
+    if (have_avx512()) {
+        types[0].fast = iq1_s_avx512;
+        types[1].fast = iq2_xxs_avx512;
+    }
+#endif
+    tables_set = 1;
+}
+
+/* 1: a type has a kernel here; 2: ... and a vectorized one on this CPU. */
+int tandem_type_support(int type) {
+    const type_info *ti = find_type(type);
+    return ti == NULL ? 0 : ti->fast ? 2 : 1;
+}
+
+/* Use the vectorized kernels (1, default) or the portable ones (0); returns the old value. */
+int tandem_use_fast(int on) {
+    const int old = use_fast;
+    use_fast = on;
+    return old;
+}
+
+/* out[t, n] = dot(weight row n, x[t]) for weights [n_rows, k] of `type`: one quantized matmul. */
+int tandem_matmul(const void *weight, int type, int n_rows, int k, const float *x, int n_tok, float *out, int n_threads) {
+    const type_info *ti = find_type(type);
+    if (!tables_set || ti == NULL || k % QK || n_tok < 1) return -1;
+    const int nb = k / QK;
+    block_q8 *xq = malloc(sizeof(block_q8) * (size_t)nb * n_tok);
+    if (!xq) return -2;
+    const dot_fn dot = dot_for(ti);
+    const size_t row_bytes = (size_t)nb * ti->block_bytes;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * k, xq + (size_t)t * nb, k);
+#pragma omp for schedule(dynamic, 16)
+        for (int r = 0; r < n_rows; r++) {
+            for (int t0 = 0; t0 < n_tok; t0 += TILE) {
+                const int nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
+                const block_q8 *xs[TILE];
+                float res[TILE];
+                for (int t = 0; t < nt; t++) xs[t] = xq + (size_t)(t0 + t) * nb;
+                dot((const uint8_t *)weight + r * row_bytes, xs, nt, nb, res);
+                for (int t = 0; t < nt; t++) out[(size_t)(t0 + t) * n_rows + r] = res[t];
+            }
+        }
+    }
+    free(xq);
+    return 0;
+}
+
+/* Rows [r0, r1) of one expert's matrix times the activation rows of its pairs. */
+static void expert_rows(dot_fn dot, const uint8_t *w, size_t row_bytes, int nb, int r0, int r1,
+                        const block_q8 *xq, const int *pairs, int n_pairs, int x_of_pair_div, float *y, int y_width) {
+    for (int r = r0; r < r1; r++) {
+        for (int p0 = 0; p0 < n_pairs; p0 += TILE) {
+            const int nt = n_pairs - p0 < TILE ? n_pairs - p0 : TILE;
+            const block_q8 *xs[TILE];
+            float res[TILE];
+            for (int t = 0; t < nt; t++) xs[t] = xq + (size_t)(pairs[p0 + t] / x_of_pair_div) * nb;
+            dot(w + (size_t)r * row_bytes, xs, nt, nb, res);
+            for (int t = 0; t < nt; t++) y[(size_t)pairs[p0 + t] * y_width + r] = res[t];
+        }
+    }
+}
+
+#define ROWS_PER_TASK 16
+
+typedef struct {
+    int expert, row;
+} task;
+
+/* The routed experts of one MoE layer, see the header. x [T, d]; ids, w [T, k]; gate and up
+ * [E, n_ff, d], down [E, d, n_ff]; out [T, d]. Returns 0, or <0 for unsupported input. */
+int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float *w, int k,
+               const void *gate, int gate_type, const void *up, int up_type, const void *down, int down_type,
+               int n_expert, int n_ff, float *out, int n_threads) {
+    const type_info *tg = find_type(gate_type), *tu = find_type(up_type), *td = find_type(down_type);
+    if (!tables_set || !tg || !tu || !td || d % QK || n_ff % QK) return -1;
+    const int nb_d = d / QK, nb_ff = n_ff / QK, n_pairs = n_tok * k;
+    const size_t gate_row = (size_t)nb_d * tg->block_bytes, up_row = (size_t)nb_d * tu->block_bytes;
+    const size_t down_row = (size_t)nb_ff * td->block_bytes;
+
+    /* pairs p = t*k + j grouped by expert (counting sort) */
+    int *count = calloc(n_expert + 1, sizeof(int)), *start = malloc(sizeof(int) * (n_expert + 1));
+    int *order = malloc(sizeof(int) * n_pairs);
+    block_q8 *xq = malloc(sizeof(block_q8) * (size_t)n_tok * nb_d);
+    block_q8 *hq = malloc(sizeof(block_q8) * (size_t)n_pairs * nb_ff);
+    float *g = malloc(sizeof(float) * (size_t)n_pairs * n_ff), *u = malloc(sizeof(float) * (size_t)n_pairs * n_ff);
+    float *y = malloc(sizeof(float) * (size_t)n_pairs * d);
+    task *up_tasks = malloc(sizeof(task) * (size_t)n_expert * (n_ff / ROWS_PER_TASK + 1));
+    task *down_tasks = malloc(sizeof(task) * (size_t)n_expert * (d / ROWS_PER_TASK + 1));
+    int rc = 0;
+    if (!count || !start || !order || !xq || !hq || !g || !u || !y || !up_tasks || !down_tasks) {
+        rc = -2;
+        goto done;
+    }
+    for (int p = 0; p < n_pairs; p++) {
+        if (ids[p] < 0 || ids[p] >= n_expert) {
+            rc = -3;
+            goto done;
+        }
+        count[ids[p]]++;
+    }
+    start[0] = 0;
+    for (int e = 0; e < n_expert; e++) start[e + 1] = start[e] + count[e];
+    memset(count, 0, sizeof(int) * n_expert);
+    for (int p = 0; p < n_pairs; p++) order[start[ids[p]] + count[ids[p]]++] = p;
+
+    /* tasks: (expert, range of ROWS_PER_TASK rows), for the up/gate pass and the down pass */
+    int n_up_tasks = 0, n_down_tasks = 0;
+    for (int e = 0; e < n_expert; e++) {
+        if (!count[e]) continue;
+        for (int r = 0; r < n_ff; r += ROWS_PER_TASK) up_tasks[n_up_tasks++] = (task){e, r};
+        for (int r = 0; r < d; r += ROWS_PER_TASK) down_tasks[n_down_tasks++] = (task){e, r};
+    }
+    const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
+
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < n_up_tasks; i++) {
+            const int e = up_tasks[i].expert, r0 = up_tasks[i].row;
+            const int r1 = r0 + ROWS_PER_TASK < n_ff ? r0 + ROWS_PER_TASK : n_ff;
+            expert_rows(dot_gate, (const uint8_t *)gate + (size_t)e * n_ff * gate_row, gate_row, nb_d, r0, r1, xq,
+                        order + start[e], count[e], k, g, n_ff);
+            expert_rows(dot_up, (const uint8_t *)up + (size_t)e * n_ff * up_row, up_row, nb_d, r0, r1, xq,
+                        order + start[e], count[e], k, u, n_ff);
+        }
+#pragma omp for schedule(static)
+        for (int p = 0; p < n_pairs; p++) {
+            float *gp = g + (size_t)p * n_ff;
+            const float *up_p = u + (size_t)p * n_ff;
+            for (int i = 0; i < n_ff; i++) gp[i] = gp[i] / (1.f + expf(-gp[i])) * up_p[i];
+            quantize_row_q8(gp, hq + (size_t)p * nb_ff, n_ff);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < n_down_tasks; i++) {
+            const int e = down_tasks[i].expert, r0 = down_tasks[i].row;
+            const int r1 = r0 + ROWS_PER_TASK < d ? r0 + ROWS_PER_TASK : d;
+            expert_rows(dot_down, (const uint8_t *)down + (size_t)e * d * down_row, down_row, nb_ff, r0, r1, hq,
+                        order + start[e], count[e], 1, y, d);
+        }
+#pragma omp for schedule(static)
+        for (int t = 0; t < n_tok; t++) {
+            float *o = out + (size_t)t * d;
+            for (int i = 0; i < d; i++) o[i] = 0.f;
+            for (int j = 0; j < k; j++) {
+                const float wj = w[(size_t)t * k + j];
+                const float *yp = y + ((size_t)t * k + j) * d;
+                for (int i = 0; i < d; i++) o[i] += wj * yp[i];
+            }
+        }
+    }
+done:
+    free(count);
+    free(start);
+    free(order);
+    free(xq);
+    free(hq);
+    free(g);
+    free(u);
+    free(y);
+    free(up_tasks);
+    free(down_tasks);
+    return rc;
+}

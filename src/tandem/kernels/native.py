@@ -1,0 +1,118 @@
+"""tandem's own CPU kernels (csrc/experts.c): the routed experts of one MoE layer and a plain
+quantized matmul, for the types where ggml's CPU kernels leave most of the RAM bandwidth unused
+(IQ1_S, IQ2_XXS). The C library is built at install time; the AVX-512 paths are chosen at run
+time, portable C serves every other CPU. Calls go through ctypes, which releases the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+
+import numpy as np
+import torch
+from gguf import quants
+
+from tandem.errors import KernelError
+from tandem.gguf.types import GGMLType
+from tandem.kernels.tensors import QuantTensor
+
+BLOCK = 256  # every type here quantizes rows in blocks of 256 values
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("tandem.kernels._experts")
+    if spec is None or spec.origin is None:
+        raise KernelError("tandem's CPU kernel library is not built; reinstall tandem with "
+                          "`pip install -e .` (needs a C compiler)")
+    lib = ctypes.CDLL(spec.origin)
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    lib.tandem_set_tables.argtypes = [ptr, ptr]
+    lib.tandem_type_support.argtypes = [i32]
+    lib.tandem_use_fast.argtypes = [i32]
+    lib.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
+    lib.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
+    iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
+    iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
+    lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
+    return lib
+
+
+def _grid_bytes(kind, offset: int) -> np.ndarray:
+    """gguf-py's decoded grid of `kind` (rows of 8 values) as bytes, one per value."""
+    kind.init_grid()
+    grid = kind.grid.reshape(kind.grid_shape) + offset
+    return np.ascontiguousarray(grid.astype(np.uint8))
+
+
+def supports(t: GGMLType) -> bool:
+    """Whether tandem has a kernel of its own for weights of type t."""
+    return _lib().tandem_type_support(int(t)) > 0
+
+
+def vectorized(t: GGMLType) -> bool:
+    """Whether that kernel is vectorized on this CPU (else: portable C, correct but slow)."""
+    return _lib().tandem_type_support(int(t)) == 2
+
+
+def use_vectorized(on: bool) -> bool:
+    """Switch between the vectorized and the portable kernels (tests compare both); returns
+    the previous setting."""
+    return bool(_lib().tandem_use_fast(int(on)))
+
+
+def matmul(weight: QuantTensor, x: torch.Tensor, n_threads: int) -> torch.Tensor:
+    """x [T, K] float32 times weight [N, K] transposed: [T, N] float32."""
+    n, k = _matrix_shape(weight)
+    x = _floats(x, k, "x")
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if x.shape[0]:
+        _check(_lib().tandem_matmul(weight.address, int(weight.ggml_type), n, k, x.data_ptr(), x.shape[0],
+                                    out.data_ptr(), n_threads), "matmul", weight)
+    return out
+
+
+def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor, up: QuantTensor,
+        down: QuantTensor, n_threads: int) -> torch.Tensor:
+    """The routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
+    Shapes as CpuKernels.moe, which checks them before it calls here."""
+    n_expert, n_ff, d = gate.shape
+    x = _floats(x, d, "x")
+    t, k = ids.shape
+    ids = ids.to(torch.int32).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(t, d, dtype=torch.float32)
+    if t:
+        rc = _lib().tandem_moe(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k,
+                               gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
+                               down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
+        _check(rc, "moe", gate)
+    return out
+
+
+def fits(*tensors: QuantTensor) -> bool:
+    """Whether these weights can go through tandem's kernels: own types, rows of whole blocks."""
+    return all(supports(w.ggml_type) and w.shape[-1] % BLOCK == 0 for w in tensors)
+
+
+def _matrix_shape(weight: QuantTensor) -> tuple[int, int]:
+    if len(weight.shape) != 2:
+        raise KernelError(f"matmul takes a 2-D weight, got shape {list(weight.shape)}")
+    if not fits(weight):
+        raise KernelError(f"tandem has no CPU kernel for {weight.ggml_type.name} rows of {weight.shape[1]}")
+    return weight.shape
+
+
+def _floats(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != width:
+        raise KernelError(f"{name} must be [T, {width}], got {list(x.shape)}")
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def _check(rc: int, op: str, weight: QuantTensor) -> None:
+    reasons = {-1: f"unsupported type {weight.ggml_type.name} or shape {list(weight.shape)}",
+               -2: "out of memory", -3: "an expert id out of range"}
+    if rc != 0:
+        raise KernelError(f"tandem CPU {op} failed: {reasons.get(rc, f'code {rc}')}")

@@ -1,0 +1,141 @@
+"""tandem's own CPU kernels (IQ1_S, IQ2_XXS) against gguf-py's dequantizers and against ggml.
+
+With the activations rounded the way the kernels round them (int8 per 256 values, one float
+scale: ggml's Q8_K), a dot product is exact up to float32 accumulation; the rounding in numpy
+below is the test's own. Without it, the kernels are within the Q8-activation tolerance of the
+float product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from logit_checks import relative_error
+from tandem.errors import KernelError
+from tandem.kernels import native
+from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.quantize import quantize
+from tandem.kernels.tensors import QuantTensor
+
+OWN_TYPES = [T.IQ1_S, T.IQ2_XXS]
+Q8_ACTIVATION_TOL = 0.03
+
+
+def make_weight(t: T, shape: tuple[int, ...], rng) -> tuple[QuantTensor, np.ndarray]:
+    values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    raw = quantize(values.reshape(-1, shape[-1]), t).reshape(-1)
+    return QuantTensor(t, shape, raw), quants.dequantize(raw, t).reshape(shape).astype(np.float64)
+
+
+def q8_rounded(x: np.ndarray) -> np.ndarray:
+    """x as the kernels see it: per 256 values, round(x * 127 / max|x|) * max|x| / 127."""
+    blocks = x.reshape(x.shape[0], -1, 256).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = amax / np.float32(127)
+    q = np.rint(blocks * (np.float32(127) / amax))
+    return (q * scale).reshape(x.shape).astype(np.float64)
+
+
+@pytest.fixture(params=[True, False], ids=["vectorized", "portable"])
+def kernel_kind(request):
+    if request.param and not all(native.vectorized(t) for t in OWN_TYPES):
+        pytest.skip("this CPU lacks AVX-512 VNNI/VBMI/BITALG: only the portable kernels run")
+    before = native.use_vectorized(request.param)
+    yield request.param
+    native.use_vectorized(before)
+
+
+@pytest.mark.parametrize("t", OWN_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n_tokens", [1, 3, 8, 11])
+def test_matmul_is_exact_on_rounded_activations(kernel_kind, t, n_tokens, rng):
+    weight, reference = make_weight(t, (70, 1024), rng)
+    x = rng.standard_normal((n_tokens, 1024)).astype(np.float32)
+    y = native.matmul(weight, torch.from_numpy(x), n_threads=2).numpy()
+    assert y.shape == (n_tokens, 70)
+    expected = q8_rounded(x) @ reference.T
+    assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert relative_error(torch.from_numpy(y), torch.from_numpy(x @ reference.T)) < Q8_ACTIVATION_TOL
+
+
+def test_vectorized_and_portable_kernels_agree(rng):
+    if not all(native.vectorized(t) for t in OWN_TYPES):
+        pytest.skip("no vectorized kernels on this CPU")
+    weight, _ = make_weight(T.IQ1_S, (33, 512), rng)
+    x = torch.randn(5, 512)
+    fast = native.matmul(weight, x, n_threads=1)
+    before = native.use_vectorized(False)
+    try:
+        slow = native.matmul(weight, x, n_threads=1)
+    finally:
+        native.use_vectorized(before)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ud_experts():
+    """IQ1_S gate/up, IQ2_XXS down (Unsloth's UD-IQ1_S experts), 8 experts, with references."""
+    rng = np.random.default_rng(11)
+    n_expert, n_ff, d = 8, 512, 256
+    return (make_weight(T.IQ1_S, (n_expert, n_ff, d), rng), make_weight(T.IQ1_S, (n_expert, n_ff, d), rng),
+            make_weight(T.IQ2_XXS, (n_expert, d, n_ff), rng))
+
+
+def float_moe(x, ids, weights, gate, up, down) -> np.ndarray:
+    out = np.zeros_like(x, dtype=np.float64)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            g, u = gate[e] @ x[t], up[e] @ x[t]
+            out[t] += float(weights[t, slot]) * (down[e] @ (g / (1 + np.exp(-g)) * u))
+    return out
+
+
+def routing(n_tokens: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(n_tokens)])
+    return ids, torch.rand(n_tokens, k, generator=g)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 7, 40])
+def test_moe_matches_float_reference(kernel_kind, ud_experts, n_tokens):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
+    x = torch.randn(n_tokens, 256)
+    ids, weights = routing(n_tokens, k=4, seed=n_tokens)  # 40 tokens: every expert shared by many
+    y = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+    ref = float_moe(x.double().numpy(), ids, weights, g_ref, u_ref, d_ref)
+    assert relative_error(y, torch.from_numpy(ref)) < Q8_ACTIVATION_TOL
+    wrong = float_moe(x.double().numpy(), (ids + 1) % 8, weights, g_ref, u_ref, d_ref)
+    assert relative_error(torch.from_numpy(wrong), torch.from_numpy(ref)) > 0.5
+
+
+def test_cpu_kernels_use_them_and_agree_with_ggml(ud_experts):
+    (gate, _), (up, _), (down, _) = ud_experts
+    assert native.fits(gate, up, down)
+    x = torch.randn(9, 256)
+    ids, weights = routing(9, k=3, seed=1)
+    with CpuKernels(n_threads=2) as kernels:
+        ours = kernels.moe(x, ids, weights, gate, up, down)
+        ggml = kernels.moe(x, ids, weights, gate, up, down, own=False)
+    assert relative_error(ours, ggml) < 0.01  # both round activations to 8 bits, differently
+    assert not torch.equal(ours, ggml)  # two different implementations really ran
+
+
+def test_unsupported_input_is_refused(rng):
+    q4, _ = make_weight(T.Q4_K, (16, 256), rng)
+    assert not native.supports(T.Q4_K) and not native.fits(q4)
+    with pytest.raises(KernelError, match="no CPU kernel for Q4_K"):
+        native.matmul(q4, torch.randn(1, 256), n_threads=1)
+    short, _ = make_weight(T.IQ2_XXS, (4, 256), rng)
+    with pytest.raises(KernelError, match=r"x must be \[T, 256\]"):
+        native.matmul(short, torch.randn(1, 128), n_threads=1)
+
+
+def test_expert_ids_out_of_range_are_refused(ud_experts):
+    (gate, _), (up, _), (down, _) = ud_experts
+    ids = torch.tensor([[0, 8]])
+    with pytest.raises(KernelError, match="expert id out of range"):
+        native.moe(torch.randn(1, 256), ids, torch.ones(1, 2), gate, up, down, n_threads=1)
