@@ -64,9 +64,12 @@ def _yarn_inv_freq(pos_freqs: torch.Tensor, factor: float, original_context: int
 
 
 class LayerKV(Protocol):
-    """One layer's latent cache: write T new entries at `start`, read the first `length`."""
+    """One layer's latent cache: write T new entries at `start` (or at the positions in a
+    tensor, unchecked: CUDA-graph decode), read the first `length`."""
 
     def write(self, start: int, latent: torch.Tensor, rope_key: torch.Tensor) -> None: ...
+
+    def write_at(self, positions: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor) -> None: ...
 
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -87,6 +90,22 @@ class MLAttention(nn.Module):
         self.scale = rope.softmax_mscale**2 / math.sqrt(c.qk_nope_head_dim + c.qk_rope_head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, views) -> torch.Tensor:
+        q_latent, q_pe, latent, k_pe = self._project(x, positions)
+        out_latent = torch.cat([
+            self._attend(cache, start, *rows)
+            for cache, start, *rows in per_segment(views, q_latent, q_pe, latent, k_pe, positions)
+        ])  # [T, H, r]
+        return self._output(out_latent)
+
+    def decode(self, x: torch.Tensor, position: torch.Tensor, kv: LayerKV, length: int) -> torch.Tensor:
+        """One token at `position` (a [1] tensor) against the first `length` cache entries,
+        those past the position masked: fixed shapes, no host sync (CUDA graphs)."""
+        q_latent, q_pe, latent, k_pe = self._project(x, position)
+        kv.write_at(position, latent, k_pe)
+        return self._output(self._scores(q_latent, q_pe, *kv.read(length), position))
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor):
+        """Queries in latent space [T, H, r] and rotated [T, H, p]; new cache rows [T, r], [T, p]."""
         c = self.c
         t = x.shape[0]
         q = self.q(x).view(t, c.n_heads, -1)  # [T, H, n+p]
@@ -96,19 +115,21 @@ class MLAttention(nn.Module):
         cos, sin = self.rope.cos_sin(positions)
         q_pe = rope_pairs(q_pe, cos, sin)  # [T, H, p]
         k_pe = rope_pairs(latent_and_key[:, c.kv_lora_rank :], cos, sin)  # [T, p]
-        wdt = self.w_k.dtype
-        q_latent = torch.einsum("thn,hnr->thr", q_nope.to(wdt), self.w_k).float()  # [T, H, r]
-        out_latent = torch.cat([
-            self._attend(cache, start, *rows)
-            for cache, start, *rows in per_segment(views, q_latent, q_pe, latent, k_pe, positions)
-        ])  # [T, H, r]
-        out = torch.einsum("thr,hvr->thv", out_latent.to(wdt), self.w_v).float()  # [T, H, v]
+        q_latent = torch.einsum("thn,hnr->thr", q_nope.to(self.w_k.dtype), self.w_k).float()
+        return q_latent, q_pe, latent, k_pe
+
+    def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
+        t = out_latent.shape[0]
+        out = torch.einsum("thr,hvr->thv", out_latent.to(self.w_v.dtype), self.w_v).float()  # [T, H, v]
         return self.out(out.reshape(t, -1))
 
     def _attend(self, kv: LayerKV, start: int, q_latent, q_pe, latent, k_pe, positions):
         """One sequence's tokens against its cache (after adding their own entries)."""
         kv.write(start, latent, k_pe)
-        cached_latent, cached_key = kv.read(start + latent.shape[0])  # [S, r], [S, p]
+        return self._scores(q_latent, q_pe, *kv.read(start + latent.shape[0]), positions)
+
+    def _scores(self, q_latent, q_pe, cached_latent, cached_key, positions):
+        """Attention of queries at `positions` over cache rows [S, r], [S, p]: [T, H, r]."""
         scores = torch.einsum("thr,sr->hts", q_latent, cached_latent.float())
         scores += torch.einsum("thp,sp->hts", q_pe, cached_key.float())  # [H, T, S]
         scores *= self.scale
@@ -177,9 +198,13 @@ class MoE(nn.Module):
         self.experts, self.shared = experts, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x.to(self.router.device, torch.float32), self.router)  # [T, E]
-        ids, weights = route(logits, self.bias, self.c)
+        ids, weights = self.choose(x)
         handle = self.experts.submit(x, ids, weights)  # the CPU starts on the routed experts
         shared = self.shared(x) if self.shared is not None else None  # meanwhile, here
         routed = self.experts.collect(handle).to(x.device, torch.float32)
         return routed if shared is None else routed + shared.to(x.device)
+
+    def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids and weights [T, k] for x [T, d]."""
+        logits = F.linear(x.to(self.router.device, torch.float32), self.router)  # [T, E]
+        return route(logits, self.bias, self.c)

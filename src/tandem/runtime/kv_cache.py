@@ -30,6 +30,11 @@ class LayerCache:
         self.latent[start:end] = latent.to(self.latent.device, self.latent.dtype)
         self.rope_key[start:end] = rope_key.to(self.rope_key.device, self.rope_key.dtype)
 
+    def write_at(self, positions: torch.Tensor, latent: torch.Tensor, rope_key: torch.Tensor) -> None:
+        """Rows at the positions in a tensor; no bounds check, no host sync (CUDA graphs)."""
+        self.latent.index_copy_(0, positions, latent.to(self.latent.dtype))
+        self.rope_key.index_copy_(0, positions, rope_key.to(self.rope_key.dtype))
+
     def read(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.latent[:length], self.rope_key[:length]
 

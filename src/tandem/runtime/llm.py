@@ -21,7 +21,9 @@ from tandem.kernels.cpu import CpuKernels
 from tandem.models.decoder import Segment
 from tandem.placement import planner
 from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
+from tandem.runtime import decode_graphs
 from tandem.runtime.architectures import ARCHITECTURES
+from tandem.runtime.decode_graphs import DecodeGraphs
 from tandem.runtime.kv_cache import ContextFull
 from tandem.runtime.loader import WeightLoader, check_tensors
 from tandem.runtime.sampler import Sampler, SamplingParams
@@ -37,9 +39,11 @@ class LLM:
                  rules: str | Path | Sequence[Rule] | None = None, *, ctx_size: int | None = None,
                  n_threads: int | None = None, prefill_chunk: int = 512,
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
-                 memory_caps: dict[str, int] | None = None, sequences: int = 1):
+                 memory_caps: dict[str, int] | None = None, sequences: int = 1,
+                 cuda_graphs: bool = True):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
-        (the server's --max-batch-size)."""
+        (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
+        graphs where the model allows (runtime.decode_graphs)."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -78,6 +82,8 @@ class LLM:
         self.eos_token_id: int | None = int(eos) if eos is not None else None
         self.last_timings: Timings | None = None
         self._cached_ids: list[int] = []  # token ids whose keys and values the cache holds
+        self.cuda_graphs = cuda_graphs
+        self._graphs: DecodeGraphs | None = None
 
     def new_cache(self) -> list:
         """An empty per-layer KV cache for one more sequence (continuous batching)."""
@@ -144,7 +150,7 @@ class LLM:
         try:
             yield token
             while len(new) < params.max_new_tokens and token not in stops and position < self.ctx_size:
-                logits = self._forward(torch.tensor([token]), position)
+                logits = self._decode_step(token, position)
                 self._cached_ids.append(token)
                 position += 1
                 history.append(token)
@@ -161,6 +167,14 @@ class LLM:
         if self._cache is None:  # the server's engine brings its own caches and never gets here
             self._cache = self.new_cache()
         return self.model(tokens, [Segment(self._cache, start, tokens.numel())], last_only)
+
+    def _decode_step(self, token: int, position: int) -> torch.Tensor:
+        if self._graphs is None and self.cuda_graphs and decode_graphs.supported(self.model):
+            device = next(self.model.parameters()).device
+            self._graphs = DecodeGraphs(self.model, self._cache, device)
+        if self._graphs is not None:
+            return self._graphs.step(token, position)
+        return self._forward(torch.tensor([token]), position)
 
     def _chunks(self, tokens: torch.Tensor, offset: int = 0):
         for start in range(0, tokens.numel(), self.prefill_chunk):

@@ -1,0 +1,174 @@
+"""One-token decode steps of DeepSeek models as CUDA graphs, split at the CPU experts.
+
+Eager decode launches ~70 small kernels per layer from Python, and at batch 1 the GPU idles
+between them: on the GPU machine the non-expert part of a step took ~2.5 ms per layer while the
+GPU worked ~0.2 ms of it. Here a step is a few graph replays. The step is cut at each MoE layer:
+
+    segment i:   x + routed_{i-1} + shared_{i-1} -> layers ... -> MoE i's input h, routing;
+                 h, expert ids and weights copied to pinned host memory
+    shared i:    MoE i's shared expert, its own graph, running on the GPU while ...
+    CPU:         ... the routed experts of MoE i run on the CPU (GIL released)
+
+and the last segment ends with the head. Tensors that cross a cut live in static buffers.
+Attention reads the cache up to a bucket of `bucket` positions, masked past the current one,
+so one set of graphs serves a whole bucket; a bucket's graphs are captured on first use.
+With `capture=False` the same segments run eagerly (CPU tests of the step logic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.kernels.experts import CpuExperts
+from tandem.models.decoder import Decoder
+from tandem.models.deepseek_v3 import MLAttention, MoE
+
+BUCKET = 512
+
+
+@dataclass
+class Cut:
+    """Blocks [first, last] of one segment; `moe` ends it when set (with its buffers)."""
+
+    first: int
+    last: int
+    moe: MoE | None = None
+    host: dict[str, torch.Tensor] = field(default_factory=dict)  # h, ids, weights (pinned)
+    shared: torch.Tensor | None = None  # the shared expert's output
+    routed: torch.Tensor | None = None  # the routed experts' output, back on the GPU
+
+
+def supported(model: Decoder) -> bool:
+    """MLA attention in every block, routed experts on the CPU, the rest on one CUDA device."""
+    if not isinstance(model, Decoder) or not torch.cuda.is_available():
+        return False
+    devices = {p.device for name, p in model.named_parameters()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return False
+    for block in model.blocks:
+        if not isinstance(getattr(block, "attn", None), MLAttention):
+            return False
+        if isinstance(block.ffn, MoE) and not isinstance(block.ffn.experts, CpuExperts):
+            return False
+    return True
+
+
+class DecodeGraphs:
+    def __init__(self, model: Decoder, caches: Sequence, device: torch.device, capture: bool = True,
+                 bucket: int = BUCKET):
+        self.model, self.caches, self.device = model, caches, device
+        self.capture, self.bucket = capture, bucket
+        d = model.norm.weight.shape[0]
+        pinned = capture and device.type == "cuda"
+        self.x_in = torch.zeros(1, d, device=device)  # the embedded token
+        self.x = torch.zeros(1, d, device=device)  # the residual stream at a cut
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(1, model.lm_head.weight.shape[0], device=device)
+        self.cuts = self._cuts(model, d, pinned)
+        self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}
+        self._pool = None
+        self._ready = torch.cuda.Event() if pinned else None
+
+    @staticmethod
+    def _cuts(model: Decoder, d: int, pinned: bool) -> list[Cut]:
+        cuts, first = [], 0
+        for i, block in enumerate(model.blocks):
+            if isinstance(block.ffn, MoE):
+                moe, k = block.ffn, block.ffn.c.n_expert_used
+                device = moe.router.device
+                host = {"h": torch.zeros(1, d, pin_memory=pinned),
+                        "ids": torch.zeros(1, k, dtype=torch.long, pin_memory=pinned),
+                        "weights": torch.zeros(1, k, pin_memory=pinned)}
+                shared = torch.zeros(1, d, device=device) if moe.shared is not None else None
+                cuts.append(Cut(first, i, moe, host, shared, torch.zeros(1, d, device=device)))
+                first = i + 1
+        cuts.append(Cut(first, len(model.blocks) - 1))
+        return cuts
+
+    # -- one step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Logits [1, vocab] (a static buffer: read it before the next step) for `token` at
+        `position`; the caller keeps position < the caches' length."""
+        model = self.model
+        self.x_in.copy_(model.embed(torch.tensor([token])) * model.embed_scale)
+        self.position.fill_(position)
+        length = min(self.caches[0].latent.shape[0], (position // self.bucket + 1) * self.bucket)
+        graphs = self._graphs_for(length) if self.capture else None
+        for i, cut in enumerate(self.cuts):
+            if graphs is None:
+                self._segment(i, length)
+            else:
+                graphs[i][0].replay()
+            if cut.moe is None:
+                continue
+            if graphs is None:
+                self._shared(cut)
+            else:
+                self._ready.record()  # the host buffers are filled once the segment is done
+                if graphs[i][1] is not None:
+                    graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
+                self._ready.synchronize()
+            routed = cut.moe.experts.compute(cut.host["h"], cut.host["ids"], cut.host["weights"])
+            cut.routed.copy_(routed, non_blocking=True)
+        return self.logits
+
+    def _segment(self, i: int, length: int) -> None:
+        cut, model = self.cuts[i], self.model
+        if i == 0:
+            x = self.x_in
+        else:
+            before = self.cuts[i - 1]
+            x = self.x + before.routed + (before.shared if before.shared is not None else 0)
+        for j in range(cut.first, cut.last + 1):
+            block = model.blocks[j]
+            x = x + block.attn.decode(block.attn_norm(x), self.position, self.caches[j], length)
+            h = block.ffn_norm(x)
+            if j == cut.last and cut.moe is not None:
+                ids, weights = cut.moe.choose(h)
+                self.x.copy_(x)
+                cut.host["h"].copy_(h, non_blocking=True)
+                cut.host["ids"].copy_(ids, non_blocking=True)
+                cut.host["weights"].copy_(weights, non_blocking=True)
+                return
+            x = x + block.ffn(h)
+        self.logits.copy_(model.lm_head(model.norm(x)))
+
+    def _shared(self, cut: Cut) -> None:
+        if cut.shared is not None:
+            cut.shared.copy_(cut.moe.shared(self._input_of(cut)))
+
+    def _input_of(self, cut: Cut) -> torch.Tensor:
+        """The MoE input, recomputed on the GPU from the saved residual (no host round trip)."""
+        return self.model.blocks[cut.last].ffn_norm(self.x)
+
+    # -- capture ---------------------------------------------------------------------------
+    def _graphs_for(self, length: int):
+        graphs = self._graphs.get(length)
+        if graphs is not None:
+            return graphs
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside capture: cuBLAS handles, workspaces
+            for i, cut in enumerate(self.cuts):
+                self._segment(i, length)
+                if cut.moe is not None:
+                    self._shared(cut)
+        torch.cuda.current_stream().wait_stream(stream)
+        graphs = []
+        for i, cut in enumerate(self.cuts):
+            main = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(main, pool=self._pool):
+                self._segment(i, length)
+            self._pool = main.pool()
+            shared = None
+            if cut.moe is not None and cut.shared is not None:
+                shared = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(shared, pool=self._pool):
+                    self._shared(cut)
+            graphs.append((main, shared))
+        self._graphs[length] = graphs
+        return graphs
