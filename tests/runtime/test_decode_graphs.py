@@ -66,14 +66,20 @@ def test_cpu_models_keep_eager_decode(tiny_q8):
         assert llm._graphs is None
 
 
+# float32 on the GPU: bfloat16 outputs round differently under capture (cuBLAS picks other
+# GEMV splits there), which a tiny random model amplifies to ~0.5% of its logits.
+GPU_F32_RULES = [Rule(r"ffn_(gate|up|down)_exps\.", "cpu", "cpu"), Rule(r"^token_embd\.", "cpu", "ggml"),
+                 Rule(".", "cuda", "torch", "float32")]
+
+
 @pytest.mark.cuda
 def test_cuda_graph_steps_equal_the_eager_forward(tiny_q8):
     sequence = tokens(PROMPT + STEPS)
-    with tandem.LLM(tiny_q8, ctx_size=48) as llm:  # default rules: experts on the CPU
+    with tandem.LLM(tiny_q8, rules=GPU_F32_RULES, ctx_size=48) as llm:
         assert decode_graphs.supported(llm.model)
         eager = eager_steps(llm, sequence)
         ours = stepwise(llm, sequence, capture=True, bucket=16)
-    assert relative_error(ours, eager) < 1e-3  # the same kernels; masked attention tails
+    assert relative_error(ours, eager) < 1e-4
     assert top1_agreement(ours, eager) > 0.95
 
 

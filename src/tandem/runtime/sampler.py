@@ -69,6 +69,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """One token from logits [V] given the ids generated (and prompted) so far."""
         p = self.params
+        if p.temperature == 0 and not self._penalizes(history):
+            return int(logits.argmax())  # where the logits are: one id crosses, not the vocabulary
         logits = self._penalized(logits.float().cpu().clone(), history)
         if p.temperature == 0:
             return int(logits.argmax())
@@ -87,10 +89,14 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
+    def _penalizes(self, history: list[int]) -> bool:
+        p = self.params
+        return bool(history) and (p.repetition_penalty != 1 or bool(p.presence_penalty)
+                                  or bool(p.frequency_penalty))
+
     def _penalized(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         p = self.params
-        if not history or (p.repetition_penalty == 1 and not p.presence_penalty
-                           and not p.frequency_penalty):
+        if not self._penalizes(history):
             return logits
         ids, counts = torch.tensor(history).unique(return_counts=True)
         seen = logits[ids]

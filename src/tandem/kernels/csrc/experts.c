@@ -383,11 +383,18 @@ static void expert_rows(dot_fn dot, const uint8_t *w, size_t row_bytes, int nb, 
     }
 }
 
-#define ROWS_PER_TASK 16
+/* Work is handed out in tasks of about this many weight bytes: small enough to balance 16+
+ * threads over 8 experts at decode, large enough that taking a task costs nothing. */
+#define TASK_BYTES 49152
 
 typedef struct {
     int expert, row;
 } task;
+
+static int rows_per_task(size_t row_bytes) {
+    const size_t rows = TASK_BYTES / row_bytes;
+    return rows < 4 ? 4 : (int)rows;
+}
 
 /* The routed experts of one MoE layer, see the header. x [T, d]; ids, w [T, k]; gate and up
  * [E, n_ff, d], down [E, d, n_ff]; out [T, d]. Returns 0, or <0 for unsupported input. */
@@ -399,6 +406,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     const int nb_d = d / QK, nb_ff = n_ff / QK, n_pairs = n_tok * k;
     const size_t gate_row = (size_t)nb_d * tg->block_bytes, up_row = (size_t)nb_d * tu->block_bytes;
     const size_t down_row = (size_t)nb_ff * td->block_bytes;
+    const int up_rows = rows_per_task(gate_row + up_row), down_rows = rows_per_task(down_row);
 
     /* pairs p = t*k + j grouped by expert (counting sort) */
     int *count = calloc(n_expert + 1, sizeof(int)), *start = malloc(sizeof(int) * (n_expert + 1));
@@ -407,8 +415,8 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     block_q8 *hq = malloc(sizeof(block_q8) * (size_t)n_pairs * nb_ff);
     float *g = malloc(sizeof(float) * (size_t)n_pairs * n_ff), *u = malloc(sizeof(float) * (size_t)n_pairs * n_ff);
     float *y = malloc(sizeof(float) * (size_t)n_pairs * d);
-    task *up_tasks = malloc(sizeof(task) * (size_t)n_expert * (n_ff / ROWS_PER_TASK + 1));
-    task *down_tasks = malloc(sizeof(task) * (size_t)n_expert * (d / ROWS_PER_TASK + 1));
+    task *up_tasks = malloc(sizeof(task) * (size_t)n_expert * (n_ff / up_rows + 1));
+    task *down_tasks = malloc(sizeof(task) * (size_t)n_expert * (d / down_rows + 1));
     int rc = 0;
     if (!count || !start || !order || !xq || !hq || !g || !u || !y || !up_tasks || !down_tasks) {
         rc = -2;
@@ -426,12 +434,12 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     memset(count, 0, sizeof(int) * n_expert);
     for (int p = 0; p < n_pairs; p++) order[start[ids[p]] + count[ids[p]]++] = p;
 
-    /* tasks: (expert, range of ROWS_PER_TASK rows), for the up/gate pass and the down pass */
+    /* tasks: (expert, first row) of up_rows / down_rows rows, for the up/gate and down passes */
     int n_up_tasks = 0, n_down_tasks = 0;
     for (int e = 0; e < n_expert; e++) {
         if (!count[e]) continue;
-        for (int r = 0; r < n_ff; r += ROWS_PER_TASK) up_tasks[n_up_tasks++] = (task){e, r};
-        for (int r = 0; r < d; r += ROWS_PER_TASK) down_tasks[n_down_tasks++] = (task){e, r};
+        for (int r = 0; r < n_ff; r += up_rows) up_tasks[n_up_tasks++] = (task){e, r};
+        for (int r = 0; r < d; r += down_rows) down_tasks[n_down_tasks++] = (task){e, r};
     }
     const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
 
@@ -442,7 +450,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_up_tasks; i++) {
             const int e = up_tasks[i].expert, r0 = up_tasks[i].row;
-            const int r1 = r0 + ROWS_PER_TASK < n_ff ? r0 + ROWS_PER_TASK : n_ff;
+            const int r1 = r0 + up_rows < n_ff ? r0 + up_rows : n_ff;
             expert_rows(dot_gate, (const uint8_t *)gate + (size_t)e * n_ff * gate_row, gate_row, nb_d, r0, r1, xq,
                         order + start[e], count[e], k, g, n_ff);
             expert_rows(dot_up, (const uint8_t *)up + (size_t)e * n_ff * up_row, up_row, nb_d, r0, r1, xq,
@@ -458,7 +466,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_down_tasks; i++) {
             const int e = down_tasks[i].expert, r0 = down_tasks[i].row;
-            const int r1 = r0 + ROWS_PER_TASK < d ? r0 + ROWS_PER_TASK : d;
+            const int r1 = r0 + down_rows < d ? r0 + down_rows : d;
             expert_rows(dot_down, (const uint8_t *)down + (size_t)e * d * down_row, down_row, nb_ff, r0, r1, hq,
                         order + start[e], count[e], 1, y, d);
         }
