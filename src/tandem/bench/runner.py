@@ -89,14 +89,19 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         for streams in cfg.streams:
             if streams == 1:
                 continue
-            tps = []
+            tps, expert_rates = [], []
             for _ in range(cfg.repetitions):
                 t0 = time.perf_counter()
-                reqs = [engine.submit(prompt(64), params) for _ in range(streams)]
+                read_before = llm.kernels.expert_bytes_read if llm.kernels else 0
+                reqs = [engine.submit(prompt(16), params) for _ in range(streams)]  # mostly decode
                 produced = sum(len(list(r.tokens(timeout=600))) for r in reqs)
-                tps.append(produced / (time.perf_counter() - t0))
+                elapsed = time.perf_counter() - t0
+                tps.append(produced / elapsed)
+                read = (llm.kernels.expert_bytes_read if llm.kernels else 0) - read_before
+                expert_rates.append(read / elapsed / 1e9)  # distinct experts' bytes per second
             rate = statistics.median(tps)
-            results["decode"].append({"streams": streams, "context": 64, "tok_per_s": rate})
+            results["decode"].append({"streams": streams, "context": 16, "tok_per_s": rate,
+                                      "expert_gb_per_s": statistics.median(expert_rates)})
             progress(f"{streams} streams: {rate:.2f} tok/s together")
     finally:
         engine.close()
@@ -109,6 +114,10 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "expert_gb_per_s_batch1": per_token * single / 1e9,
         "roofline_tok_per_s": bandwidth * 1e9 / per_token if per_token else None,
         "roofline_fraction": (per_token * single / 1e9) / bandwidth if per_token else None,
+        # Several streams: the distinct experts' bytes the steps read (prompts included), per
+        # second, against the RAM bandwidth.
+        "streams_roofline_fraction": {d["streams"]: d["expert_gb_per_s"] / bandwidth
+                                      for d in results["decode"] if "expert_gb_per_s" in d},
         "peak_rss_anon_beyond_start_bytes": max(_memory_kb("RssAnon") - anon_before, 0) * 1024,
         "peak_vram_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
     }

@@ -43,6 +43,7 @@ def supports_matmul(t: GGMLType) -> bool:
 class CpuKernels:
     def __init__(self, n_threads: int | None = None, own_kernels: bool = True):
         self.own_kernels = own_kernels  # tandem's kernels where they cover the types (moe)
+        self.expert_bytes_read = 0  # weight bytes of the distinct experts all moe calls used
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
         self._threadpool = None
@@ -114,6 +115,8 @@ class CpuKernels:
         out = torch.empty(t, d, dtype=torch.float32)
         if t == 0:
             return out
+        distinct = int(ids.unique().numel())
+        self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
         if (self.own_kernels if own is None else own) and native.fits(gate, up, down):
             return native.moe(x, ids, weights, gate, up, down, self._n_threads)
         key = ("moe", t, k, gate.address, up.address, down.address)

@@ -1,0 +1,105 @@
+"""Issue 7's ratios from one side-by-side run (benchmarks/side_by_side.sh): llama-bench JSON and
+`tandem bench` JSON for the same files on the same machine, into one summary JSON.
+
+    python benchmarks/side_by_side.py OUT_DIR MOE_LAYERS_IQ1S [--command "..."]
+
+Targets (issue 7): decode >= 3x llama.cpp and >= 60% of the expert roofline (UD-IQ1_S-like),
+>= 1.4x (Q4_K_M-like); 2K prefill >= 1.5x llama.cpp (its experts streamed to the GPU) and >= 3x
+llama.cpp computing experts on the CPU only (-nopo 1); 8 streams >= 85% of the bandwidth bound of
+the distinct experts read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tandem.bench import machine
+
+FULL_MOE_LAYERS = 58
+TARGETS = {"decode_speedup_vs_llamacpp": 3.0, "decode_speedup_vs_llamacpp_q4km": 1.4,
+           "prefill_speedup_vs_llamacpp": 1.5, "cpu_prefill_speedup_vs_llamacpp": 3.0,
+           "roofline_fraction": 0.60, "batch8_roofline_fraction": 0.85}
+
+
+def llamacpp(path: Path) -> dict:
+    """{"decode": tok/s, "prefill": {n_prompt: tok/s}} from llama-bench -o json."""
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())
+    return {"decode": next((r["avg_ts"] for r in rows if r["n_gen"] > 0), None),
+            "prefill": {r["n_prompt"]: r["avg_ts"] for r in rows if r["n_prompt"] > 0}}
+
+
+def tandem(directory: Path) -> dict:
+    runs = sorted(directory.glob("bench-*.json"))
+    return json.loads(runs[-1].read_text()) if runs else {}
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("moe_layers", type=int, help="MoE layers in the UD-IQ1_S-like test file")
+    parser.add_argument("--command", default="")
+    args = parser.parse_args()
+    out = args.out
+
+    cpp_iq1 = llamacpp(out / "llamacpp-iq1s.json")
+    cpp_iq1_cpu = llamacpp(out / "llamacpp-iq1s-cpu-prefill.json")
+    cpp_q4 = llamacpp(out / "llamacpp-q4km.json")
+    ours_iq1 = tandem(out / "tandem-iq1s").get("results", {})
+    ours_q4 = tandem(out / "tandem-q4km").get("results", {})
+
+    def decode(results, streams=1):
+        return next((d["tok_per_s"] for d in results.get("decode", []) if d["streams"] == streams), None)
+
+    prefill_2k = next((p["tok_per_s"] for p in ours_iq1.get("prefill", [])
+                       if p["prompt_tokens"] == 2048), None)
+    ratios = {
+        "decode_speedup_vs_llamacpp": ratio(decode(ours_iq1), cpp_iq1.get("decode")),
+        "decode_speedup_vs_llamacpp_q4km": ratio(decode(ours_q4), cpp_q4.get("decode")),
+        "prefill_speedup_vs_llamacpp": ratio(prefill_2k, cpp_iq1.get("prefill", {}).get(2048)),
+        "cpu_prefill_speedup_vs_llamacpp": ratio(prefill_2k, cpp_iq1_cpu.get("prefill", {}).get(2048)),
+        "roofline_fraction": ours_iq1.get("roofline_fraction"),
+        "batch8_roofline_fraction": (ours_iq1.get("streams_roofline_fraction") or {}).get("8"),
+    }
+    met = {k: (v is not None and v >= TARGETS[k]) for k, v in ratios.items()}
+    scale = args.moe_layers / FULL_MOE_LAYERS  # time per token grows with the MoE layers
+    summary = {
+        "benchmark": "side_by_side",
+        "device": machine.describe(),
+        "commit": machine.git_commit(Path(__file__).parent),
+        "command": args.command,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "met": met,
+        "raw": {
+            "llamacpp_iq1s": cpp_iq1, "llamacpp_iq1s_cpu_only_prefill": cpp_iq1_cpu,
+            "llamacpp_q4km": cpp_q4,
+            "tandem_iq1s_decode_tok_per_s": decode(ours_iq1),
+            "tandem_iq1s_8_streams_tok_per_s": decode(ours_iq1, 8),
+            "tandem_iq1s_prefill_2048_tok_per_s": prefill_2k,
+            "tandem_q4km_decode_tok_per_s": decode(ours_q4),
+            "tandem_iq1s_roofline_tok_per_s": ours_iq1.get("roofline_tok_per_s"),
+            "ram_read_gb_per_s": ours_iq1.get("ram_read_gb_per_s"),
+            "tandem_iq1s_peak_vram_bytes": ours_iq1.get("peak_vram_bytes"),
+        },
+        # Conservative: all of a step's time counted as MoE time, scaled to 58 MoE layers.
+        "projected_full_r1_ud_iq1_s": {
+            "decode_tok_per_s": decode(ours_iq1) * scale if decode(ours_iq1) else None,
+            "prefill_2048_tok_per_s": prefill_2k * scale if prefill_2k else None,
+            "note": f"measured with {args.moe_layers} MoE layers + 3 dense, times scaled by "
+                    f"{args.moe_layers}/{FULL_MOE_LAYERS}",
+        },
+    }
+    (out / "side_by_side.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({"ratios": ratios, "met": met}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
