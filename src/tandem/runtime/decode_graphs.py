@@ -10,8 +10,10 @@ GPU worked ~0.2 ms of it. Here a step is a few graph replays. The step is cut at
     CPU:         ... the routed experts of MoE i run on the CPU (GIL released)
 
 and the last segment ends with the head. Tensors that cross a cut live in static buffers.
-Attention reads the cache up to a bucket of `bucket` positions, masked past the current one,
-so one set of graphs serves a whole bucket; a bucket's graphs are captured on first use.
+Attention reads the cache up to a bucket length, masked past the current position, so one set
+of graphs serves a whole bucket. Buckets double from `bucket` up to the cache length (at most
+twice the attention work, a handful of buckets even at 128K) and are all captured at the first
+step, so no later step pays for a capture.
 With `capture=False` the same segments run eagerly (CPU tests of the step logic).
 """
 
@@ -41,6 +43,15 @@ class Cut:
     routed: torch.Tensor | None = None  # the routed experts' output, back on the GPU
 
 
+def bucket_lengths(first: int, ctx: int) -> list[int]:
+    """first, 2 first, 4 first, ... while below ctx, then ctx."""
+    lengths, length = [], first
+    while length < ctx:
+        lengths.append(length)
+        length *= 2
+    return [*lengths, ctx]
+
+
 def supported(model: Decoder) -> bool:
     """MLA attention in every block, routed experts on the CPU, the rest on one CUDA device."""
     if not isinstance(model, Decoder) or not torch.cuda.is_available():
@@ -68,6 +79,8 @@ class DecodeGraphs:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.logits = torch.zeros(1, model.lm_head.weight.shape[0], device=device)
         self.cuts = self._cuts(model, d, pinned)
+        ctx = caches[0].latent.shape[0]
+        self.buckets = bucket_lengths(bucket, ctx)
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}
         self._pool = None
         self._ready = torch.cuda.Event() if pinned else None
@@ -96,8 +109,11 @@ class DecodeGraphs:
         model = self.model
         self.x_in.copy_(model.embed(torch.tensor([token])) * model.embed_scale)
         self.position.fill_(position)
-        length = min(self.caches[0].latent.shape[0], (position // self.bucket + 1) * self.bucket)
-        graphs = self._graphs_for(length) if self.capture else None
+        length = next(b for b in self.buckets if b > position)
+        if self.capture and not self._graphs:
+            for b in self.buckets:
+                self._capture(b)
+        graphs = self._graphs.get(length)
         for i, cut in enumerate(self.cuts):
             if graphs is None:
                 self._segment(i, length)
@@ -146,10 +162,7 @@ class DecodeGraphs:
         return self.model.blocks[cut.last].ffn_norm(self.x)
 
     # -- capture ---------------------------------------------------------------------------
-    def _graphs_for(self, length: int):
-        graphs = self._graphs.get(length)
-        if graphs is not None:
-            return graphs
+    def _capture(self, length: int) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside capture: cuBLAS handles, workspaces
@@ -171,4 +184,3 @@ class DecodeGraphs:
                     self._shared(cut)
             graphs.append((main, shared))
         self._graphs[length] = graphs
-        return graphs
