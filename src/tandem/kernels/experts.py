@@ -1,9 +1,9 @@
 """Routed-expert backends for the MoE seam: submit the routed experts, collect the result.
 
 `CpuExperts` runs them on the CPU (tandem's kernels or ggml's), reading the quantized weights
-in place; the caller's device keeps working (shared expert) until it collects. `TorchExperts` computes them
-with dequantized weights in torch, on any device: the reference, and the fallback for rules
-that put experts on a GPU.
+in place; the caller's device keeps working (shared expert) until it collects. `TorchExperts`
+computes them with dequantized weights in torch, on any device: the reference, and the
+fallback for rules that put experts on a GPU.
 """
 
 from __future__ import annotations
