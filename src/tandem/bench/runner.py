@@ -85,6 +85,10 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
                  f"decode {decode:6.2f} tok/s")
     engine = Engine(llm, max_batch=max(cfg.streams))
+
+    def expert_bytes_read() -> int:
+        return llm.kernels.expert_bytes_read if llm.kernels else 0
+
     try:
         for streams in cfg.streams:
             if streams == 1:
@@ -92,12 +96,12 @@ def run(cfg: BenchConfig, progress=print) -> dict:
             tps, expert_rates = [], []
             for _ in range(cfg.repetitions):
                 t0 = time.perf_counter()
-                read_before = llm.kernels.expert_bytes_read if llm.kernels else 0
+                read_before = expert_bytes_read()
                 reqs = [engine.submit(prompt(16), params) for _ in range(streams)]  # mostly decode
                 produced = sum(len(list(r.tokens(timeout=600))) for r in reqs)
                 elapsed = time.perf_counter() - t0
                 tps.append(produced / elapsed)
-                read = (llm.kernels.expert_bytes_read if llm.kernels else 0) - read_before
+                read = expert_bytes_read() - read_before
                 expert_rates.append(read / elapsed / 1e9)  # distinct experts' bytes per second
             rate = statistics.median(tps)
             results["decode"].append({"streams": streams, "context": 16, "tok_per_s": rate,

@@ -21,7 +21,7 @@ from tandem.gguf.types import GGMLType
 from tandem.kernels import native
 from tandem.kernels.ggml_lib import cpu_init, ggml
 from tandem.kernels.graph import Graph, point
-from tandem.kernels.tensors import QuantTensor
+from tandem.kernels.tensors import QuantTensor, activation_rows
 
 MAX_CACHED_GRAPHS = 32
 F32 = GGMLType.F32
@@ -41,8 +41,7 @@ def supports_matmul(t: GGMLType) -> bool:
 
 
 class CpuKernels:
-    def __init__(self, n_threads: int | None = None, own_kernels: bool = True):
-        self.own_kernels = own_kernels  # tandem's kernels where they cover the types (moe)
+    def __init__(self, n_threads: int | None = None):
         self.expert_bytes_read = 0  # weight bytes of the distinct experts all moe calls used
         self._lock = threading.Lock()
         self._graphs: OrderedDict[tuple, tuple[Graph, dict]] = OrderedDict()
@@ -78,7 +77,7 @@ class CpuKernels:
         if len(weight.shape) != 2:
             raise KernelError(f"matmul takes a 2-D weight, got shape {list(weight.shape)}")
         n, k = weight.shape
-        x = _activations(x, k, "x")
+        x = activation_rows(x, k, "x")
         _check_matmul_type(weight.ggml_type, "weight")
         t = x.shape[0]
         out = torch.empty(t, n, dtype=torch.float32)
@@ -91,16 +90,16 @@ class CpuKernels:
         return out
 
     def moe(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-            gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool | None = None) -> torch.Tensor:
+            gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool = True) -> torch.Tensor:
         """Routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
 
         x [T, d] float32; expert_ids [T, k] integer; expert_weights [T, k] float; gate and up
         [E, n_ff, d], down [E, d, n_ff], each in its own ggml type. Returns [T, d] float32.
-        `own` (default: own_kernels): tandem's kernels where they cover all three types
-        (tandem.kernels.native), else ggml's.
+        `own`: tandem's kernels where they cover all three types (tandem.kernels.native), else
+        (or when False) ggml's.
         """
         n_expert, n_ff, d = _check_experts(gate, up, down)
-        x = _activations(x, d, "x")
+        x = activation_rows(x, d, "x")
         t = x.shape[0]
         if expert_ids.dim() != 2 or expert_ids.shape[0] != t:
             raise KernelError(f"expert_ids must be [T={t}, k], got {list(expert_ids.shape)}")
@@ -117,7 +116,7 @@ class CpuKernels:
             return out
         distinct = int(ids.unique().numel())
         self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
-        if (self.own_kernels if own is None else own) and native.fits(gate, up, down):
+        if own and native.fits(gate, up, down):
             return native.moe(x, ids, weights, gate, up, down, self._n_threads)
         key = ("moe", t, k, gate.address, up.address, down.address)
         graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))
@@ -163,12 +162,6 @@ class CpuKernels:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _activations(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] != width:
-        raise KernelError(f"{name} must be [T, {width}], got {list(x.shape)}")
-    return x.detach().to("cpu", torch.float32).contiguous()
 
 
 def _check_matmul_type(t: GGMLType, what: str) -> None:

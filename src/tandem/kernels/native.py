@@ -16,7 +16,7 @@ from gguf import quants
 
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
-from tandem.kernels.tensors import QuantTensor
+from tandem.kernels.tensors import QuantTensor, activation_rows
 
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
 
@@ -66,7 +66,7 @@ def use_vectorized(on: bool) -> bool:
 def matmul(weight: QuantTensor, x: torch.Tensor, n_threads: int) -> torch.Tensor:
     """x [T, K] float32 times weight [N, K] transposed: [T, N] float32."""
     n, k = _matrix_shape(weight)
-    x = _floats(x, k, "x")
+    x = activation_rows(x, k, "x")
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
     if x.shape[0]:
         _check(_lib().tandem_matmul(weight.address, int(weight.ggml_type), n, k, x.data_ptr(), x.shape[0],
@@ -79,7 +79,7 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTe
     """The routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
     Shapes as CpuKernels.moe, which checks them before it calls here."""
     n_expert, n_ff, d = gate.shape
-    x = _floats(x, d, "x")
+    x = activation_rows(x, d, "x")
     t, k = ids.shape
     ids = ids.to(torch.int32).contiguous()
     weights = weights.to(torch.float32).contiguous()
@@ -103,12 +103,6 @@ def _matrix_shape(weight: QuantTensor) -> tuple[int, int]:
     if not fits(weight):
         raise KernelError(f"tandem has no CPU kernel for {weight.ggml_type.name} rows of {weight.shape[1]}")
     return weight.shape
-
-
-def _floats(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
-    if x.dim() != 2 or x.shape[1] != width:
-        raise KernelError(f"{name} must be [T, {width}], got {list(x.shape)}")
-    return x.detach().to("cpu", torch.float32).contiguous()
 
 
 def _check(rc: int, op: str, weight: QuantTensor) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType, tensor_bytes
@@ -47,3 +48,10 @@ class QuantTensor:
     def expert_bytes(self) -> int:
         """Bytes of one expert's matrix (stacked tensors only)."""
         return self.nbytes // self.shape[0]
+
+
+def activation_rows(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    """x as the CPU kernels take it: [T, width] float32, contiguous, in CPU memory."""
+    if x.dim() != 2 or x.shape[1] != width:
+        raise KernelError(f"{name} must be [T, {width}], got {list(x.shape)}")
+    return x.detach().to("cpu", torch.float32).contiguous()

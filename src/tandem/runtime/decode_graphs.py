@@ -70,8 +70,8 @@ def supported(model: Decoder) -> bool:
 class DecodeGraphs:
     def __init__(self, model: Decoder, caches: Sequence, device: torch.device, capture: bool = True,
                  bucket: int = BUCKET):
-        self.model, self.caches, self.device = model, caches, device
-        self.capture, self.bucket = capture, bucket
+        self.model, self.caches = model, caches
+        self.capture = capture
         d = model.norm.weight.shape[0]
         pinned = capture and device.type == "cuda"
         self.x_in = torch.zeros(1, d, device=device)  # the embedded token

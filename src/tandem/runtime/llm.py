@@ -23,7 +23,6 @@ from tandem.placement import planner
 from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
 from tandem.runtime import decode_graphs
 from tandem.runtime.architectures import ARCHITECTURES
-from tandem.runtime.decode_graphs import DecodeGraphs
 from tandem.runtime.kv_cache import ContextFull
 from tandem.runtime.loader import WeightLoader, check_tensors
 from tandem.runtime.sampler import Sampler, SamplingParams
@@ -83,7 +82,7 @@ class LLM:
         self.last_timings: Timings | None = None
         self._cached_ids: list[int] = []  # token ids whose keys and values the cache holds
         self.cuda_graphs = cuda_graphs
-        self._graphs: DecodeGraphs | None = None
+        self._graphs: decode_graphs.DecodeGraphs | None = None
 
     def new_cache(self) -> list:
         """An empty per-layer KV cache for one more sequence (continuous batching)."""
@@ -171,7 +170,7 @@ class LLM:
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
         if self._graphs is None and self.cuda_graphs and decode_graphs.supported(self.model):
             device = next(self.model.parameters()).device
-            self._graphs = DecodeGraphs(self.model, self._cache, device)
+            self._graphs = decode_graphs.DecodeGraphs(self.model, self._cache, device)
         if self._graphs is not None:
             return self._graphs.step(token, position)
         return self._forward(torch.tensor([token]), position)

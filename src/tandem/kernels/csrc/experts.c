@@ -339,37 +339,9 @@ int tandem_use_fast(int on) {
     return old;
 }
 
-/* out[t, n] = dot(weight row n, x[t]) for weights [n_rows, k] of `type`: one quantized matmul. */
-int tandem_matmul(const void *weight, int type, int n_rows, int k, const float *x, int n_tok, float *out, int n_threads) {
-    const type_info *ti = find_type(type);
-    if (!tables_set || ti == NULL || k % QK || n_tok < 1) return -1;
-    const int nb = k / QK;
-    block_q8 *xq = malloc(sizeof(block_q8) * (size_t)nb * n_tok);
-    if (!xq) return -2;
-    const dot_fn dot = dot_for(ti);
-    const size_t row_bytes = (size_t)nb * ti->block_bytes;
-#pragma omp parallel num_threads(n_threads)
-    {
-#pragma omp for schedule(static)
-        for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * k, xq + (size_t)t * nb, k);
-#pragma omp for schedule(dynamic, 16)
-        for (int r = 0; r < n_rows; r++) {
-            for (int t0 = 0; t0 < n_tok; t0 += TILE) {
-                const int nt = n_tok - t0 < TILE ? n_tok - t0 : TILE;
-                const block_q8 *xs[TILE];
-                float res[TILE];
-                for (int t = 0; t < nt; t++) xs[t] = xq + (size_t)(t0 + t) * nb;
-                dot((const uint8_t *)weight + r * row_bytes, xs, nt, nb, res);
-                for (int t = 0; t < nt; t++) out[(size_t)(t0 + t) * n_rows + r] = res[t];
-            }
-        }
-    }
-    free(xq);
-    return 0;
-}
-
-/* Rows [r0, r1) of one expert's matrix times the activation rows of its pairs. */
-static void expert_rows(dot_fn dot, const uint8_t *w, size_t row_bytes, int nb, int r0, int r1,
+/* Rows [r0, r1) of a matrix times the activation rows of `pairs` (row pairs[i] / x_of_pair_div
+ * of xq), in tiles of TILE tokens per decoded row; y[pairs[i], r] takes each result. */
+static void rows_times_tokens(dot_fn dot, const uint8_t *w, size_t row_bytes, int nb, int r0, int r1,
                         const block_q8 *xq, const int *pairs, int n_pairs, int x_of_pair_div, float *y, int y_width) {
     for (int r = r0; r < r1; r++) {
         for (int p0 = 0; p0 < n_pairs; p0 += TILE) {
@@ -394,6 +366,37 @@ typedef struct {
 static int rows_per_task(size_t row_bytes) {
     const size_t rows = TASK_BYTES / row_bytes;
     return rows < 4 ? 4 : (int)rows;
+}
+
+/* out[t, n] = dot(weight row n, x[t]) for weights [n_rows, k] of `type`: one quantized matmul. */
+int tandem_matmul(const void *weight, int type, int n_rows, int k, const float *x, int n_tok, float *out, int n_threads) {
+    const type_info *ti = find_type(type);
+    if (!tables_set || ti == NULL || k % QK || n_tok < 1) return -1;
+    const int nb = k / QK;
+    block_q8 *xq = malloc(sizeof(block_q8) * (size_t)nb * n_tok);
+    if (!xq) return -2;
+    int *tokens = malloc(sizeof(int) * n_tok);
+    if (!tokens) {
+        free(xq);
+        return -2;
+    }
+    for (int t = 0; t < n_tok; t++) tokens[t] = t;
+    const dot_fn dot = dot_for(ti);
+    const size_t row_bytes = (size_t)nb * ti->block_bytes;
+    const int rows = rows_per_task(row_bytes);
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(static)
+        for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * k, xq + (size_t)t * nb, k);
+#pragma omp for schedule(dynamic, 1)
+        for (int r0 = 0; r0 < n_rows; r0 += rows) {
+            const int r1 = r0 + rows < n_rows ? r0 + rows : n_rows;
+            rows_times_tokens(dot, weight, row_bytes, nb, r0, r1, xq, tokens, n_tok, 1, out, n_rows);
+        }
+    }
+    free(tokens);
+    free(xq);
+    return 0;
 }
 
 /* The routed experts of one MoE layer, see the header. x [T, d]; ids, w [T, k]; gate and up
@@ -451,9 +454,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         for (int i = 0; i < n_up_tasks; i++) {
             const int e = up_tasks[i].expert, r0 = up_tasks[i].row;
             const int r1 = r0 + up_rows < n_ff ? r0 + up_rows : n_ff;
-            expert_rows(dot_gate, (const uint8_t *)gate + (size_t)e * n_ff * gate_row, gate_row, nb_d, r0, r1, xq,
+            rows_times_tokens(dot_gate, (const uint8_t *)gate + (size_t)e * n_ff * gate_row, gate_row, nb_d, r0, r1, xq,
                         order + start[e], count[e], k, g, n_ff);
-            expert_rows(dot_up, (const uint8_t *)up + (size_t)e * n_ff * up_row, up_row, nb_d, r0, r1, xq,
+            rows_times_tokens(dot_up, (const uint8_t *)up + (size_t)e * n_ff * up_row, up_row, nb_d, r0, r1, xq,
                         order + start[e], count[e], k, u, n_ff);
         }
 #pragma omp for schedule(static)
@@ -467,7 +470,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         for (int i = 0; i < n_down_tasks; i++) {
             const int e = down_tasks[i].expert, r0 = down_tasks[i].row;
             const int r1 = r0 + down_rows < d ? r0 + down_rows : d;
-            expert_rows(dot_down, (const uint8_t *)down + (size_t)e * d * down_row, down_row, nb_ff, r0, r1, hq,
+            rows_times_tokens(dot_down, (const uint8_t *)down + (size_t)e * d * down_row, down_row, nb_ff, r0, r1, hq,
                         order + start[e], count[e], 1, y, d);
         }
 #pragma omp for schedule(static)
