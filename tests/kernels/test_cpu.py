@@ -18,10 +18,10 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
 from tandem.errors import KernelError
 from tandem.kernels.cpu import CpuKernels
-from tandem.kernels.quantize import quantize
 from tandem.kernels.tensors import QuantTensor
 
 Q8_ACTIVATION_TOL = 0.03
@@ -30,23 +30,6 @@ F16_TOL = 2e-3
 
 def tolerance(*types: T) -> float:
     return F16_TOL if all(t in (T.F16, T.F32, T.BF16) for t in types) else Q8_ACTIVATION_TOL
-
-
-def make_weight(t: T, shape: tuple[int, ...], rng) -> tuple[QuantTensor, torch.Tensor]:
-    values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    raw = quantize(values.reshape(-1, shape[-1]), t).reshape(-1)
-    reference = quants.dequantize(raw, t).reshape(shape).astype(np.float32)
-    return QuantTensor(t, shape, raw), torch.from_numpy(reference)
-
-
-def moe_reference(x, ids, weights, gate, up, down):
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for slot in range(ids.shape[1]):
-            e = int(ids[t, slot])
-            h = torch.nn.functional.silu(gate[e] @ x[t]) * (up[e] @ x[t])
-            out[t] += weights[t, slot] * (down[e] @ h)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +70,6 @@ def experts():
                       make_weight(tu, (n_expert, n_ff, d), rng),
                       make_weight(td, (n_expert, d, n_ff), rng))
     return made
-
-
-def routing(n_tokens: int, k: int = 4, n_expert: int = 8, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(n_expert, generator=g)[:k] for _ in range(n_tokens)])
-    return ids, torch.rand(n_tokens, k, generator=g)
 
 
 @pytest.mark.parametrize("mix", list(MIXES))

@@ -12,23 +12,15 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
-from gguf import quants
 
+from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
 from tandem.errors import KernelError
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
-from tandem.kernels.quantize import quantize
-from tandem.kernels.tensors import QuantTensor
 
 OWN_TYPES = [T.IQ1_S, T.IQ2_XXS]
 Q8_ACTIVATION_TOL = 0.03
-
-
-def make_weight(t: T, shape: tuple[int, ...], rng) -> tuple[QuantTensor, np.ndarray]:
-    values = (rng.standard_normal(shape) * 0.1).astype(np.float32)
-    raw = quantize(values.reshape(-1, shape[-1]), t).reshape(-1)
-    return QuantTensor(t, shape, raw), quants.dequantize(raw, t).reshape(shape).astype(np.float64)
 
 
 def q8_rounded(x: np.ndarray) -> np.ndarray:
@@ -56,6 +48,7 @@ def test_matmul_is_exact_on_rounded_activations(kernel_kind, t, n_tokens, rng):
     x = rng.standard_normal((n_tokens, 1024)).astype(np.float32)
     y = native.matmul(weight, torch.from_numpy(x), n_threads=2).numpy()
     assert y.shape == (n_tokens, 70)
+    reference = reference.double().numpy()
     expected = q8_rounded(x) @ reference.T
     assert np.abs(y - expected).max() <= 1e-5 * np.abs(expected).max()
     assert relative_error(torch.from_numpy(y), torch.from_numpy(x @ reference.T)) < Q8_ACTIVATION_TOL
@@ -84,32 +77,16 @@ def ud_experts():
             make_weight(T.IQ2_XXS, (n_expert, d, n_ff), rng))
 
 
-def float_moe(x, ids, weights, gate, up, down) -> np.ndarray:
-    out = np.zeros_like(x, dtype=np.float64)
-    for t in range(x.shape[0]):
-        for slot in range(ids.shape[1]):
-            e = int(ids[t, slot])
-            g, u = gate[e] @ x[t], up[e] @ x[t]
-            out[t] += float(weights[t, slot]) * (down[e] @ (g / (1 + np.exp(-g)) * u))
-    return out
-
-
-def routing(n_tokens: int, k: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(8, generator=g)[:k] for _ in range(n_tokens)])
-    return ids, torch.rand(n_tokens, k, generator=g)
-
-
 @pytest.mark.parametrize("n_tokens", [1, 7, 40])
 def test_moe_matches_float_reference(kernel_kind, ud_experts, n_tokens):
     (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
     x = torch.randn(n_tokens, 256)
     ids, weights = routing(n_tokens, k=4, seed=n_tokens)  # 40 tokens: every expert shared by many
     y = native.moe(x, ids, weights, gate, up, down, n_threads=2)
-    ref = float_moe(x.double().numpy(), ids, weights, g_ref, u_ref, d_ref)
-    assert relative_error(y, torch.from_numpy(ref)) < Q8_ACTIVATION_TOL
-    wrong = float_moe(x.double().numpy(), (ids + 1) % 8, weights, g_ref, u_ref, d_ref)
-    assert relative_error(torch.from_numpy(wrong), torch.from_numpy(ref)) > 0.5
+    ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+    assert relative_error(y, ref) < Q8_ACTIVATION_TOL
+    wrong = moe_reference(x, (ids + 1) % 8, weights, g_ref, u_ref, d_ref)
+    assert relative_error(wrong, ref) > 0.5
 
 
 def test_cpu_kernels_use_them_and_agree_with_ggml(ud_experts):
