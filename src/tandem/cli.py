@@ -193,6 +193,9 @@ def chat(
         help="CPU threads for the expert kernels.")] = None,
     ctx_size: Annotated[int | None, typer.Option("--ctx-size", "--ctx_size", help="Context length.")] = None,
     rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
+    gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
+        help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
+             "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
 ):
     """Talk to a model: interactively, or once with -p / stdin."""
     from tandem.chat import terminal
@@ -204,7 +207,7 @@ def chat(
     question = prompt if prompt is not None else terminal.read_stdin_prompt()
     path = model if model is not None else default_model_path()
     llm = LLM(path, model_path=model_path, rules=rules, ctx_size=ctx_size, n_threads=cpu_infer,
-              progress=err_console.is_terminal)
+              progress=err_console.is_terminal, gpu_experts_from=gpu_experts_from)
     params = SamplingParams.defaults_for(llm.file.metadata).updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
@@ -241,6 +244,9 @@ def serve(
     rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
     force_think: Annotated[str, typer.Option("--force_think", "--force-think",
         help="true: every chat answer starts inside <think>.")] = "false",
+    gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
+        help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
+             "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
 ):
     """OpenAI- and Ollama-compatible server with continuous batching."""
     import uvicorn
@@ -253,7 +259,7 @@ def serve(
                           model_path=model_path, served_model_name=served_model_name,
                           api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                           ctx_size=ctx_size, n_threads=cpu_infer, rules=rules,
-                          force_think=_bool(force_think))
+                          force_think=_bool(force_think), gpu_experts_from=gpu_experts_from)
     err_console.print(f"tandem: serving {config.model} on http://{host}:{port}/v1 "
                       f"(OpenAI) and http://{host}:{port}/api (Ollama); loading...",
                       highlight=False, soft_wrap=True)
@@ -271,6 +277,9 @@ def bench(
     threads: Annotated[int | None, typer.Option("--threads", "--cpu_infer")] = None,
     rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON result.")] = Path("bench-results"),
+    gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
+        help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
+             "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
     from datetime import UTC, datetime
@@ -285,7 +294,7 @@ def bench(
             raise TandemError(f"expected comma-separated numbers, got {text!r}") from None
 
     config = BenchConfig(model, ints(prompt_lengths), ints(streams), new_tokens, repetitions,
-                         ctx_size, threads, rules)
+                         ctx_size, threads, rules, gpu_experts_from)
     results = run(config, progress=lambda line: err_console.print(line, highlight=False))
     now = datetime.now(UTC)
     record = {"benchmark": "tandem bench", "date": now.isoformat(timespec="seconds"),

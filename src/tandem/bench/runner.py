@@ -27,6 +27,7 @@ class BenchConfig:
     ctx_size: int | None = None
     n_threads: int | None = None
     rules: Path | None = None
+    gpu_experts_from: int | None = None  # None: LLM's default
 
 
 def _memory_kb(key: str) -> int:
@@ -57,7 +58,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
 
     anon_before = _memory_kb("RssAnon")
     began = time.perf_counter()
-    llm = LLM(cfg.model, rules=cfg.rules, ctx_size=cfg.ctx_size, n_threads=cfg.n_threads)
+    llm = LLM(cfg.model, rules=cfg.rules, ctx_size=cfg.ctx_size, n_threads=cfg.n_threads,
+              gpu_experts_from=cfg.gpu_experts_from)
     load_s = time.perf_counter() - began
     vocab = llm.config.n_vocab
     gen = torch.Generator().manual_seed(0)
@@ -67,7 +69,10 @@ def run(cfg: BenchConfig, progress=print) -> dict:
 
     results: dict = {"load_s": load_s, "prefill": [], "decode": []}
     params = SamplingParams(temperature=0, max_new_tokens=cfg.new_tokens)
-    llm.generate(prompt(8), 4)  # warm-up: first allocations, kernels, page faults
+    # Warm-up: first allocations, kernels, and the page faults of every expert the longest
+    # prompt touches (the first pass over a mapped file would otherwise count as prefill).
+    fitting = [n for n in cfg.prompt_lengths if n + cfg.new_tokens <= llm.ctx_size]
+    llm.generate(prompt(max([8, *fitting])), 4)
     for n in cfg.prompt_lengths:
         if n + cfg.new_tokens > llm.ctx_size:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
@@ -113,6 +118,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     per_token = expert_bytes_per_token(llm)
     single = next((d["tok_per_s"] for d in results["decode"] if d["streams"] == 1), 0.0)
     results |= {
+        "gpu_experts_from": llm.gpu_experts_from,
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,

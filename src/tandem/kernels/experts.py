@@ -1,7 +1,8 @@
 """Routed-expert backends for the MoE seam: submit the routed experts, collect the result.
 
 `CpuExperts` runs them on the CPU (tandem's kernels or ggml's), reading the quantized weights
-in place; the caller's device keeps working (shared expert) until it collects. `TorchExperts`
+in place; the caller's device keeps working (shared expert) until it collects. Given an
+`ExpertStreamer`, batches long enough go to the GPU instead, their weights streamed there. `TorchExperts`
 computes them with dequantized weights in torch, on any device: the reference, and the
 fallback for rules that put experts on a GPU.
 """
@@ -14,22 +15,26 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 
 
 class CpuExperts:
     def __init__(self, kernels: CpuKernels, gate: QuantTensor, up: QuantTensor, down: QuantTensor,
-                 own_kernels: bool = True):
+                 own_kernels: bool = True, streamer: ExpertStreamer | None = None):
         self.kernels, self.gate, self.up, self.down = kernels, gate, up, down
         self.own_kernels = own_kernels  # tandem's kernels where they cover the types, else ggml
+        self.streamer = streamer
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future:
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future | torch.Tensor:
+        if self.streamer is not None and self.streamer.wants(x.shape[0], self.gate, self.up, self.down):
+            return self.streamer.moe(x, ids, weights, self.gate, self.up, self.down)  # queued there
         x = x.detach().to("cpu", torch.float32)
         return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down,
                                        own=self.own_kernels)
 
-    def collect(self, handle: Future) -> torch.Tensor:
-        return handle.result()
+    def collect(self, handle: Future | torch.Tensor) -> torch.Tensor:
+        return handle.result() if isinstance(handle, Future) else handle
 
     def compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same, on the calling thread (CPU tensors in, CPU tensor out)."""

@@ -18,6 +18,7 @@ import torch
 from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.streamed import ExpertStreamer
 from tandem.models.decoder import Segment
 from tandem.placement import planner
 from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
@@ -31,6 +32,10 @@ from tandem.runtime.scheduler import common_prefix
 log = logging.getLogger(__name__)
 
 DEFAULT_CTX = 4096
+# Batches of at least this many tokens compute their routed experts on the GPU, the weights
+# streamed there (kernels.streamed); shorter ones on the CPU. Measured on the GPU machine:
+# benchmarks/results/gpu_experts_threshold-*.json.
+GPU_EXPERTS_FROM = 64
 
 
 class LLM:
@@ -39,10 +44,12 @@ class LLM:
                  n_threads: int | None = None, prefill_chunk: int = 512,
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, gpu_experts_from: int | None = None):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
-        graphs where the model allows (runtime.decode_graphs)."""
+        graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
+        at least this many tokens run the CPU-placed routed experts on the model's GPU, their
+        weights streamed over PCIe (None: GPU_EXPERTS_FROM; 0: never; no GPU: never)."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -72,8 +79,10 @@ class LLM:
 
         cpu_experts = any(p.kernel in IN_PLACE_KERNELS and "_exps" in n for n, p in self.placements.items())
         self.kernels = CpuKernels(n_threads) if cpu_experts else None
+        streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
+        self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
-            loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases)
+            loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer)
             self.model = spec.build(self.file, c, loader, devices)
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
         self._cache: list | None = None  # this object's own sequence; allocated on first use
@@ -191,6 +200,15 @@ class LLM:
         self.close()
 
 
+
+
+def _streamer(devices: list[torch.device], min_tokens: int | None) -> ExpertStreamer | None:
+    """A streamer for the (first) GPU the layers run on, if any and if wanted."""
+    min_tokens = GPU_EXPERTS_FROM if min_tokens is None else min_tokens
+    if min_tokens < 0:
+        raise TandemError(f"gpu_experts_from must be a token count >= 1 (0: never), got {min_tokens}")
+    gpu = next((d for d in devices if d.type == "cuda"), None)
+    return ExpertStreamer(gpu, min_tokens) if gpu is not None and min_tokens > 0 else None
 
 
 @dataclass(frozen=True)

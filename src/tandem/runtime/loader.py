@@ -13,6 +13,7 @@ from tandem.gguf.model import GGUFModel
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.embedding import DenseEmbedding, QuantEmbedding
 from tandem.kernels.experts import CpuExperts, TorchExperts
+from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 from tandem.models.layers import GatedMLP, Linear, RMSNorm
 from tandem.placement.rules import IN_PLACE_KERNELS, Placement
@@ -38,14 +39,16 @@ def check_tensors(model: GGUFModel, expected: list[tuple[str, tuple[int, ...]]],
 
 class WeightLoader:
     """Module weights by tensor name, each as its placement says. `aliases` name tensors that
-    the file stores under another name (a tied output head reads token_embd)."""
+    the file stores under another name (a tied output head reads token_embd). `streamer` takes
+    long batches of the CPU experts of blocks whose router is on its device."""
 
     def __init__(self, model: GGUFModel, placements: dict[str, Placement],
                  kernels: CpuKernels | None, advance: Callable[[int], None] | None = None,
-                 aliases: dict[str, str] | None = None):
+                 aliases: dict[str, str] | None = None, streamer: ExpertStreamer | None = None):
         self.model, self.placements, self.kernels = model, placements, kernels
         self.advance = advance or (lambda n: None)
         self.aliases = aliases or {}
+        self.streamer = streamer
 
     def dense(self, name: str) -> torch.Tensor:
         p = self.placements[name]
@@ -77,8 +80,12 @@ class WeightLoader:
         if len(kernels) == 1 and kernels <= set(IN_PLACE_KERNELS):
             for n in names:
                 self.advance(self.model.tensors[n].n_bytes)
+            router = self.placements.get(f"{prefix}.ffn_gate_inp.weight")
+            streamer = self.streamer
+            if streamer is not None and (router is None or router.device != streamer.device):
+                streamer = None
             return CpuExperts(self.kernels, *(QuantTensor.from_gguf(self.model, n) for n in names),
-                              own_kernels=kernels == {"cpu"})
+                              own_kernels=kernels == {"cpu"}, streamer=streamer)
         if kernels == {"torch"}:
             return TorchExperts(*(self.dense(n) for n in names))
         raise GGUFError(f"{prefix}: gate, up and down experts must share one kernel, got "

@@ -28,6 +28,7 @@ class ServerConfig:
     n_threads: int | None = None
     rules: Path | None = None
     force_think: bool = False
+    gpu_experts_from: int | None = None  # None: LLM's default
 
 
 @dataclass
@@ -67,7 +68,8 @@ class ServerState:
         try:
             c = self.config
             self.llm = LLM(c.model, model_path=c.model_path, rules=c.rules, ctx_size=c.ctx_size,
-                           n_threads=c.n_threads, sequences=c.max_batch_size)
+                           n_threads=c.n_threads, sequences=c.max_batch_size,
+                           gpu_experts_from=c.gpu_experts_from)
             meta = self.llm.file.metadata
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
             self.template = template_for(meta, self.tokenizer)

@@ -1,0 +1,193 @@
+"""Dequantize ggml blocks with torch ops, on whatever device holds the bytes (the GPU, for
+expert weights streamed there during long prompts).
+
+Covers the types the routed experts of published DeepSeek GGUFs use: the k-quants, Q8_0 and
+the IQ1/IQ2 grids of Unsloth's dynamic quants. The arithmetic follows gguf-py's numpy
+dequantizers step for step, so float32 results equal them exactly. Grid types decode through
+one table lookup per 8 weights: the tables fold the IQ1 delta and the IQ2 signs into the grid
+rows, which leaves one gather and one multiply on the full-size data.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from gguf import quants
+
+from tandem.errors import KernelError
+from tandem.gguf.types import GGMLType, block_bytes, tensor_bytes
+
+T = GGMLType
+QK = 256  # weights per block in every type here except Q8_0
+
+
+def dequantize(raw: torch.Tensor, t: GGMLType, shape: tuple[int, ...],
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`shape` values of type `t` from the bytes `raw` (uint8, any device), as `dtype` there."""
+    decode = _DECODERS.get(t)
+    if decode is None:
+        raise KernelError(f"no torch dequantizer for type {t.name} (have: "
+                          f"{', '.join(x.name for x in _DECODERS)})")
+    need = tensor_bytes(t, shape)
+    if raw.dtype != torch.uint8 or raw.numel() != need:
+        raise KernelError(f"{t.name} tensor of shape {list(shape)} needs {need} uint8 bytes, got "
+                          f"{raw.numel()} of {raw.dtype}")
+    blocks = raw.reshape(-1, block_bytes(t))
+    return decode(blocks).to(dtype).reshape(shape)
+
+
+def supports(t: GGMLType) -> bool:
+    return t in _DECODERS
+
+
+# -- field readers -------------------------------------------------------------------------
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 at byte `at` of each block, as float32 [N, 1]."""
+    return b[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _u16(b: torch.Tensor, at: int, count: int) -> torch.Tensor:
+    """`count` little-endian uint16 from byte `at`, as int32 [N, count]."""
+    pairs = b[:, at : at + 2 * count].int().view(-1, count, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 8)
+
+
+def _u32(b: torch.Tensor, at: int, count: int) -> torch.Tensor:
+    """`count` little-endian uint32 from byte `at`, as int64 [N, count]."""
+    quads = b[:, at : at + 4 * count].long().view(-1, count, 4)
+    return quads[..., 0] | (quads[..., 1] << 8) | (quads[..., 2] << 16) | (quads[..., 3] << 24)
+
+
+def _steps(count: int, step: int, device, dtype=torch.uint8) -> torch.Tensor:
+    """0, step, 2 step, ...: shift amounts, made on the device (a host tensor would cost a
+    synchronizing copy per call)."""
+    return torch.arange(0, count * step, step, dtype=dtype, device=device)
+
+
+# -- k-quants and Q8_0 ---------------------------------------------------------------------
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    return _f16(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
+
+
+def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: eight 6-bit scales and mins packed in 12 bytes -> two [N, 8] int tensors."""
+    s = scales.int().view(-1, 3, 4)
+    d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
+    sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
+    q = (b[:, 16:144].view(n, 4, 1, 32) >> _steps(2, 4, b.device).view(1, 1, 2, 1)) & 0x0F
+    return (d * q.view(n, 8, 32).float() - dm).view(n, QK)
+
+
+def _q5_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc, mn = _k_scale_min(b[:, 4:16])
+    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
+    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
+    low = (b[:, 48:176].view(n, 4, 1, 32) >> _steps(2, 4, b.device).view(1, 1, 2, 1)) & 0x0F
+    high = (b[:, 16:48].view(n, 1, 32) >> _steps(8, 1, b.device).view(1, 8, 1)) & 1
+    q = low.view(n, 8, 32) | (high << 4)
+    return (d * q.float() - dm).view(n, QK)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    d = (_f16(b, 208) * b[:, 192:208].contiguous().view(torch.int8).float()).view(n, 16, 1)
+    low = (b[:, 0:128].view(n, 2, 1, 64) >> _steps(2, 4, b.device).view(1, 1, 2, 1)) & 0x0F
+    high = (b[:, 128:192].view(n, 2, 1, 32) >> _steps(4, 2, b.device).view(1, 1, 4, 1)) & 3
+    q = (low.view(n, 8, 32) | (high.view(n, 8, 32) << 4)).to(torch.int8) - 32
+    return (d * q.view(n, 16, 16).float()).view(n, QK)
+
+
+def _q2_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    scales = b[:, 0:16]
+    dl = (_f16(b, 80) * (scales & 0x0F).float()).view(n, 16, 1)
+    ml = (_f16(b, 82) * (scales >> 4).float()).view(n, 16, 1)
+    q = (b[:, 16:80].view(n, 2, 1, 32) >> _steps(4, 2, b.device).view(1, 1, 4, 1)) & 3
+    return (dl * q.view(n, 16, 16).float() - ml).view(n, QK)
+
+
+def _q3_k(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    low_sc = (b[:, 96:104].view(n, 1, 8) >> _steps(2, 4, b.device).view(1, 2, 1)).reshape(n, 16)
+    high_sc = (b[:, 104:108].view(n, 1, 4) >> _steps(4, 2, b.device).view(1, 4, 1)).reshape(n, 16)
+    scales = ((low_sc & 0x0F) | ((high_sc & 3) << 4)).to(torch.int8) - 32
+    dl = (_f16(b, 108) * scales.float()).view(n, 16, 1)
+    low = (b[:, 32:96].view(n, 2, 1, 32) >> _steps(4, 2, b.device).view(1, 1, 4, 1)) & 3
+    high = (b[:, 0:32].view(n, 1, 32) >> _steps(8, 1, b.device).view(1, 8, 1)) & 1
+    # The high bit *clears* the -4 offset: q = low - 4 where the mask bit is 0.
+    q = low.view(n, 16, 16).to(torch.int8) - ((high.view(n, 16, 16) ^ 1) << 2).to(torch.int8)
+    return (dl * q.float()).view(n, QK)
+
+
+# -- grid types ------------------------------------------------------------------------------
+@functools.cache
+def _tables(device: torch.device) -> dict[str, torch.Tensor]:
+    """Grid rows with the IQ1 delta or the IQ2 sign patterns folded in, float32 on `device`."""
+    iq1 = _grid(quants.IQ1_S)  # [2048, 8] in {-1, 0, 1}; IQ1_M shares it
+    delta = np.float32(quants.IQ1_S.delta)
+    iq1_rows = np.concatenate([iq1 + delta, iq1 - delta])  # row g + 2048 * (delta negative)
+    iq2 = _grid(quants.IQ2_XXS)  # [256, 8]
+    ksigns = np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8)  # 128 sign patterns
+    signs = np.where((ksigns[:, None] >> np.arange(8)) & 1, np.float32(-1), np.float32(1))
+    iq2_rows = (iq2[:, None, :] * signs[None, :, :]).reshape(-1, 8)  # row g * 128 + s
+    return {name: torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+            for name, rows in (("iq1", iq1_rows), ("iq2xxs", iq2_rows))}
+
+
+def _grid(kind) -> np.ndarray:
+    kind.init_grid()
+    return kind.grid.reshape(kind.grid_shape).astype(np.float32)
+
+
+def _iq1_s(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    qh = _u16(b, 34, 8)  # [N, 8]: 3 scale bits, delta sign, 4 x 3 high index bits
+    dl = _f16(b, 0) * (2 * ((qh >> 12) & 7) + 1).float()  # [N, 8]
+    high = (qh.view(n, 8, 1) >> _steps(4, 3, b.device, torch.int32)) & 7
+    index = b[:, 2:34].int().view(n, 8, 4) | (high << 8)
+    index += 2048 * ((qh >> 15) & 1).view(n, 8, 1)
+    rows = _tables(b.device)["iq1"][index.long()]  # [N, 8, 4, 8]
+    return (dl.view(n, 8, 1, 1) * rows).view(n, QK)
+
+
+def _iq1_m(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    sc = _u16(b, 48, 4)  # [N, 4]; their top nibbles hold the block's fp16 scale
+    bits = (sc[:, 0] >> 12) | ((sc[:, 1] >> 8) & 0xF0) | ((sc[:, 2] >> 4) & 0xF00) | (sc[:, 3] & 0xF000)
+    d = torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.float16).float()
+    scales = (sc.view(n, 4, 1) >> _steps(4, 3, b.device, torch.int32)) & 7
+    dl = d.view(n, 1) * (2 * scales.view(n, 16) + 1).float()  # one scale per 16 weights
+    qh = (b[:, 32:48].int().view(n, 16, 1) >> _steps(2, 4, b.device, torch.int32)).view(n, 32)
+    index = b[:, 0:32].int() | ((qh & 7) << 8)
+    index += 2048 * ((qh >> 3) & 1)
+    rows = _tables(b.device)["iq1"][index.long()]  # [N, 32, 8]
+    return (dl.view(n, 16, 1, 1) * rows.view(n, 16, 2, 8)).view(n, QK)
+
+
+def _iq2_xxs(b: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    words = _u32(b, 2, 16).view(n, 8, 2)  # per 32 weights: 4 grid bytes, then signs + scale
+    meta = words[..., 1]
+    db = _f16(b, 0) * (0.5 + (meta >> 28).float()) * 0.25  # [N, 8]
+    signs = (meta.view(n, 8, 1) >> _steps(4, 7, b.device, torch.int64)) & 0x7F
+    grid = b[:, 2:66].view(n, 8, 8)[..., :4].long()  # the first word's bytes
+    rows = _tables(b.device)["iq2xxs"][grid * 128 + signs]  # [N, 8, 4, 8]
+    return (db.view(n, 8, 1, 1) * rows).view(n, QK)
+
+
+_DECODERS = {
+    T.Q8_0: _q8_0, T.Q2_K: _q2_k, T.Q3_K: _q3_k, T.Q4_K: _q4_k, T.Q5_K: _q5_k, T.Q6_K: _q6_k,
+    T.IQ1_S: _iq1_s, T.IQ1_M: _iq1_m, T.IQ2_XXS: _iq2_xxs,
+}

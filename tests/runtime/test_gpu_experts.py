@@ -1,0 +1,62 @@
+"""Long batches with the routed experts streamed to a device (kernels.streamed) give the logits
+of the CPU kernels: the reference is the same model with every batch on the CPU experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tandem
+from logit_checks import relative_error, top1_agreement
+from tandem.errors import TandemError
+from tandem.kernels.experts import CpuExperts
+from tandem.kernels.streamed import ExpertStreamer
+from tandem.placement.rules import Rule
+
+CPU_RULES = [Rule(r"ffn_(gate|up|down)_exps\.", "cpu", "cpu"), Rule(r"^token_embd\.", "cpu", "ggml"),
+             Rule(".", "cpu", "torch")]
+
+
+def tokens(n: int) -> list[int]:
+    return torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(5)).tolist()
+
+
+def _experts(llm) -> list[CpuExperts]:
+    found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
+    return [e for e in found if isinstance(e, CpuExperts)]
+
+
+def test_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
+    prompt = tokens(40)
+    with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=64) as llm:
+        experts = _experts(llm)
+        assert experts and all(e.streamer is None for e in experts)  # no GPU: nothing streams
+        reference = llm.logits(prompt)
+        streamer = ExpertStreamer("cpu", min_tokens=16, experts_per_chunk=3)
+        for e in experts:
+            e.streamer = streamer
+        ours = llm.logits(prompt)
+        short = llm.logits(prompt[:8])  # below min_tokens: the CPU kernels again
+    assert relative_error(ours, reference) < 0.03  # bf16 weights and activations
+    assert top1_agreement(ours, reference) > 0.9
+    torch.testing.assert_close(short, reference[:8], rtol=1e-4, atol=1e-4)
+
+
+def test_negative_threshold_is_refused(tiny_q8):
+    with pytest.raises(TandemError, match="gpu_experts_from must be a token count"):
+        tandem.LLM(tiny_q8, ctx_size=64, gpu_experts_from=-1)
+
+
+@pytest.mark.cuda
+def test_gpu_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
+    prompt = tokens(100)
+    with tandem.LLM(tiny_q8, ctx_size=128, gpu_experts_from=0) as llm:
+        assert all(e.streamer is None for e in _experts(llm))
+        reference = llm.logits(prompt)
+    with tandem.LLM(tiny_q8, ctx_size=128, gpu_experts_from=32) as llm:
+        assert all(e.streamer is not None and e.streamer.device.type == "cuda" for e in _experts(llm))
+        ours = llm.logits(prompt)
+        generated = llm.generate(prompt, 8)  # decode steps (one token) stay on the CPU experts
+    assert relative_error(ours, reference) < 0.03
+    assert top1_agreement(ours, reference) > 0.9
+    assert len(generated) == 8
