@@ -42,3 +42,18 @@ def test_unsupported_type_and_wrong_size_are_named():
         torch_dequant.dequantize(torch.zeros(136, dtype=torch.uint8), T.IQ4_XS, (256,))
     with pytest.raises(KernelError, match="Q4_K tensor of shape \\[2, 256\\] needs 288 uint8 bytes, got 144"):
         torch_dequant.dequantize(torch.zeros(144, dtype=torch.uint8), T.Q4_K, (2, 256))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_compiled_on_the_gpu_equals_gguf_py(t, rng):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    for n_blocks in (64, 40):  # dynamic shapes: a second block count reuses the kernel
+        raw = random_blocks(t, n_blocks, rng).reshape(-1)
+        n = n_blocks * block_size(t)
+        ours = torch_dequant.dequantize(torch.from_numpy(raw).cuda(), t, (n,), compiled=True)
+        ref = quants.dequantize(raw, t).reshape(n).astype(np.float32)
+        # Fused kernels may contract a * b - c into one rounding (FMA).
+        torch.testing.assert_close(ours.cpu(), torch.from_numpy(ref), rtol=1e-6, atol=1e-7)
+    assert (t, torch.float32) not in torch_dequant._eager_only, "fell back to eager ops"

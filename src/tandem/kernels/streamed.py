@@ -6,7 +6,8 @@ MoE layer, a few experts (a chunk) at a time, through two slots:
 
     host thread:    mmap -> pinned slot (torch's threaded copy), then queue the upload
     copy stream:    pinned slot -> GPU slot (waits until the GPU is done with that slot)
-    compute stream: dequantize the slot to bf16; grouped matmuls over the chunk's tokens
+    compute stream: dequantize the slot to bf16 (torch.compile'd); grouped matmuls over the
+                    chunk's tokens
 
 The host launches chunk i's GPU work (asynchronous) before it copies chunk i + 1, so memcpy,
 PCIe transfer and GPU math overlap with one Python thread. Only experts that some token chose
@@ -100,7 +101,8 @@ class ExpertStreamer:
         for w in tensors:
             size = len(chunk) * w.expert_bytes()
             mats.append(torch_dequant.dequantize(raw[offset : offset + size], w.ggml_type,
-                                                 (len(chunk), *w.shape[1:]), self.dtype))
+                                                 (len(chunk), *w.shape[1:]), self.dtype,
+                                                 compiled=self.cuda))
             offset += size
         gate, up, down = mats  # [c, ff, d], [c, ff, d], [c, d, ff]
         lo, hi, ends = rows.span(index)
