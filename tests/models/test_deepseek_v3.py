@@ -66,6 +66,20 @@ def test_f32_logits_and_greedy_match_transformers(name, device, hf_models, f32_f
         assert llm.generate(tokens[:8], NEW_TOKENS) == hf_greedy(hf, tokens[:8], NEW_TOKENS)
 
 
+def test_attention_in_query_blocks_matches_transformers(hf_models, f32_files, monkeypatch):
+    """A prompt chunk longer than the attention's query block (long prompts are attended
+    QUERY_BLOCK queries at a time): blocks of 7 over one 40-token chunk."""
+    from tandem.models import deepseek_v3
+
+    monkeypatch.setattr(deepseek_v3, "QUERY_BLOCK", 7)
+    name = next(iter(CONFIGS))
+    hf = load_hf(hf_models[name])
+    tokens = prompt(hf.config.vocab_size)
+    with tandem.LLM(f32_files[name], rules=CPU_RULES, ctx_size=128, prefill_chunk=64) as llm:
+        ours = llm.logits(tokens)
+    assert (ours - hf_logits(hf, tokens)).abs().max().item() < 1e-4
+
+
 @pytest.mark.parametrize("recipe,tolerance", [("f16", 1e-2), ("bf16", 6e-2)])
 def test_half_precision_weights_within_their_rounding(recipe, tolerance, hf_models, tmp_path):
     """CPU path: dense weights rounded to F16 (11 significant bits) or BF16 (8), math in

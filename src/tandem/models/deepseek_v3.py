@@ -63,6 +63,9 @@ def _yarn_inv_freq(pos_freqs: torch.Tensor, factor: float, original_context: int
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
 
 
+QUERY_BLOCK = 512  # queries whose attention scores are computed at once
+
+
 class LayerKV(Protocol):
     """One layer's latent cache: write T new entries at `start` (or at the positions in a
     tensor, unchecked: CUDA-graph decode), read the first `length`."""
@@ -115,7 +118,7 @@ class MLAttention(nn.Module):
         cos, sin = self.rope.cos_sin(positions)
         q_pe = rope_pairs(q_pe, cos, sin)  # [T, H, p]
         k_pe = rope_pairs(latent_and_key[:, c.kv_lora_rank :], cos, sin)  # [T, p]
-        q_latent = torch.einsum("thn,hnr->thr", q_nope.to(self.w_k.dtype), self.w_k).float()
+        q_latent = torch.einsum("thn,hnr->thr", q_nope.to(self.w_k.dtype), self.w_k)  # weights' dtype
         return q_latent, q_pe, latent, k_pe
 
     def _output(self, out_latent: torch.Tensor) -> torch.Tensor:
@@ -124,19 +127,30 @@ class MLAttention(nn.Module):
         return self.out(out.reshape(t, -1))
 
     def _attend(self, kv: LayerKV, start: int, q_latent, q_pe, latent, k_pe, positions):
-        """One sequence's tokens against its cache (after adding their own entries)."""
+        """One sequence's tokens against its cache (after adding their own entries), QUERY_BLOCK
+        queries at a time: the scores of a long prompt chunk would not fit ([H, T, S] floats),
+        and each block reads the cache only up to its own last position."""
         kv.write(start, latent, k_pe)
-        return self._scores(q_latent, q_pe, *kv.read(start + latent.shape[0]), positions)
+        t = latent.shape[0]
+        return torch.cat([
+            self._scores(q_latent[i : i + QUERY_BLOCK], q_pe[i : i + QUERY_BLOCK],
+                         *kv.read(start + min(i + QUERY_BLOCK, t)), positions[i : i + QUERY_BLOCK])
+            for i in range(0, t, QUERY_BLOCK)
+        ])
 
     def _scores(self, q_latent, q_pe, cached_latent, cached_key, positions):
-        """Attention of queries at `positions` over cache rows [S, r], [S, p]: [T, H, r]."""
-        scores = torch.einsum("thr,sr->hts", q_latent, cached_latent.float())
-        scores += torch.einsum("thp,sp->hts", q_pe, cached_key.float())  # [H, T, S]
+        """Attention of queries at `positions` over cache rows [S, r], [S, p]: [T, H, r] in the
+        weights' dtype. The products run in that dtype (bf16 on a GPU: tensor cores, float32
+        sums); scale, mask and softmax in float32."""
+        dtype = self.w_k.dtype
+        scores = torch.einsum("thr,sr->hts", q_latent.to(dtype), cached_latent.to(dtype)).float()
+        scores += torch.einsum("thp,sp->hts", q_pe.to(dtype), cached_key.to(dtype)).float()  # [H, T, S]
         scores *= self.scale
         key_pos = torch.arange(cached_latent.shape[0], device=scores.device)
         future = key_pos[None, :] > positions.to(scores.device)[:, None]  # [T, S]
         scores.masked_fill_(future, float("-inf"))
-        return torch.einsum("hts,sr->thr", scores.softmax(dim=-1), cached_latent.float())
+        probs = scores.softmax(dim=-1).to(dtype)
+        return torch.einsum("hts,sr->thr", probs, cached_latent.to(dtype))
 
 
 class LoraQuery(nn.Module):

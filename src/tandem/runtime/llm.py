@@ -36,12 +36,14 @@ DEFAULT_CTX = 4096
 # streamed there (kernels.streamed); shorter ones on the CPU. Measured on the GPU machine:
 # benchmarks/results/gpu_experts_threshold-*.json.
 GPU_EXPERTS_FROM = 64
+PREFILL_CHUNK = 512
+STREAMED_PREFILL_CHUNK = 2048
 
 
 class LLM:
     def __init__(self, gguf_path: str | Path, model_path: str | Path | None = None,
                  rules: str | Path | Sequence[Rule] | None = None, *, ctx_size: int | None = None,
-                 n_threads: int | None = None, prefill_chunk: int = 512,
+                 n_threads: int | None = None, prefill_chunk: int | None = None,
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
                  cuda_graphs: bool = True, gpu_experts_from: int | None = None):
@@ -49,7 +51,9 @@ class LLM:
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
         graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
         at least this many tokens run the CPU-placed routed experts on the model's GPU, their
-        weights streamed over PCIe (None: GPU_EXPERTS_FROM; 0: never; no GPU: never)."""
+        weights streamed over PCIe (None: GPU_EXPERTS_FROM; 0: never; no GPU: never).
+        `prefill_chunk`: prompt tokens per forward pass (None: PREFILL_CHUNK, or
+        STREAMED_PREFILL_CHUNK when experts stream: each pass streams the experts once)."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -61,7 +65,7 @@ class LLM:
         if not 0 < ctx_size <= c.context_length:
             raise TandemError(f"ctx_size {ctx_size} must lie in 1..{c.context_length} "
                               "(the model's context length)")
-        self.ctx_size, self.prefill_chunk = ctx_size, prefill_chunk
+        self.ctx_size = ctx_size
         expected = spec.tensors(c, self.file)
         aliases = spec.aliases(self.file)
         check_tensors(self.file, expected, aliases)
@@ -81,6 +85,11 @@ class LLM:
         self.kernels = CpuKernels(n_threads) if cpu_experts else None
         streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
+        if prefill_chunk is None:
+            prefill_chunk = STREAMED_PREFILL_CHUNK if streamer else PREFILL_CHUNK
+        if prefill_chunk < 1:
+            raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer)
             self.model = spec.build(self.file, c, loader, devices)
