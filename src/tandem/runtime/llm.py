@@ -35,7 +35,7 @@ DEFAULT_CTX = 4096
 # Batches of at least this many tokens compute their routed experts on the GPU, the weights
 # streamed there (kernels.streamed); shorter ones on the CPU. Measured on the GPU machine:
 # benchmarks/results/gpu_experts_threshold-*.json.
-GPU_EXPERTS_FROM = 64
+GPU_EXPERTS_FROM = 96
 PREFILL_CHUNK = 512
 STREAMED_PREFILL_CHUNK = 2048
 
