@@ -1,4 +1,5 @@
-"""tandem's own CPU kernels (IQ1_S, IQ2_XXS) against gguf-py's dequantizers and against ggml.
+"""tandem's own CPU kernels (IQ1_S, IQ2_XXS, Q4_K, Q6_K) against gguf-py's dequantizers and
+against ggml.
 
 With the activations rounded the way the kernels round them (int8 per 256 values, one float
 scale: ggml's Q8_K), a dot product is exact up to float32 accumulation; the rounding in numpy
@@ -19,7 +20,8 @@ from tandem.errors import KernelError
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
 
-OWN_TYPES = [T.IQ1_S, T.IQ2_XXS]
+OWN_TYPES = [T.IQ1_S, T.IQ2_XXS, T.Q4_K, T.Q6_K]
+RECIPES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
 Q8_ACTIVATION_TOL = 0.03
 
 
@@ -54,10 +56,11 @@ def test_matmul_is_exact_on_rounded_activations(kernel_kind, t, n_tokens, rng):
     assert relative_error(torch.from_numpy(y), torch.from_numpy(x @ reference.T)) < Q8_ACTIVATION_TOL
 
 
-def test_vectorized_and_portable_kernels_agree(rng):
+@pytest.mark.parametrize("t", OWN_TYPES, ids=lambda t: t.name)
+def test_vectorized_and_portable_kernels_agree(t, rng):
     if not all(native.vectorized(t) for t in OWN_TYPES):
         pytest.skip("no vectorized kernels on this CPU")
-    weight, _ = make_weight(T.IQ1_S, (33, 512), rng)
+    weight, _ = make_weight(t, (33, 512), rng)
     x = torch.randn(5, 512)
     fast = native.matmul(weight, x, n_threads=1)
     before = native.use_vectorized(False)
@@ -68,19 +71,27 @@ def test_vectorized_and_portable_kernels_agree(rng):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 
+def _experts(recipe: str, seed: int = 11):
+    """8 experts of the recipe's gate/up/down types, with gguf-py references."""
+    rng = np.random.default_rng(seed)
+    n_expert, n_ff, d = 8, 512, 256
+    gate, up, down = RECIPES[recipe]
+    return (make_weight(gate, (n_expert, n_ff, d), rng), make_weight(up, (n_expert, n_ff, d), rng),
+            make_weight(down, (n_expert, d, n_ff), rng))
+
+
 @pytest.fixture(scope="module")
 def ud_experts():
-    """IQ1_S gate/up, IQ2_XXS down (Unsloth's UD-IQ1_S experts), 8 experts, with references."""
-    rng = np.random.default_rng(11)
-    n_expert, n_ff, d = 8, 512, 256
-    return (make_weight(T.IQ1_S, (n_expert, n_ff, d), rng), make_weight(T.IQ1_S, (n_expert, n_ff, d), rng),
-            make_weight(T.IQ2_XXS, (n_expert, d, n_ff), rng))
+    """IQ1_S gate/up, IQ2_XXS down: Unsloth's UD-IQ1_S experts."""
+    return _experts("ud-iq1_s")
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("n_tokens", [1, 7, 40])
-def test_moe_matches_float_reference(kernel_kind, ud_experts, n_tokens):
-    (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
-    x = torch.randn(n_tokens, 256)
+def test_moe_matches_float_reference(kernel_kind, recipe, n_tokens):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = _experts(recipe)
+    # seeded: the Q8 error of tiny random MoEs spreads from ~0.005 to ~0.023 over random inputs
+    x = torch.randn(n_tokens, 256, generator=torch.Generator().manual_seed(n_tokens))
     ids, weights = routing(n_tokens, k=4, seed=n_tokens)  # 40 tokens: every expert shared by many
     y = native.moe(x, ids, weights, gate, up, down, n_threads=2)
     ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
@@ -89,10 +100,11 @@ def test_moe_matches_float_reference(kernel_kind, ud_experts, n_tokens):
     assert relative_error(wrong, ref) > 0.5
 
 
-def test_cpu_kernels_use_them_and_agree_with_ggml(ud_experts):
-    (gate, _), (up, _), (down, _) = ud_experts
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_cpu_kernels_use_them_and_agree_with_ggml(recipe):
+    (gate, _), (up, _), (down, _) = _experts(recipe)
     assert native.fits(gate, up, down)
-    x = torch.randn(9, 256)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(9))
     ids, weights = routing(9, k=3, seed=1)
     with CpuKernels(n_threads=2) as kernels:
         ours = kernels.moe(x, ids, weights, gate, up, down)
@@ -102,10 +114,10 @@ def test_cpu_kernels_use_them_and_agree_with_ggml(ud_experts):
 
 
 def test_unsupported_input_is_refused(rng):
-    q4, _ = make_weight(T.Q4_K, (16, 256), rng)
-    assert not native.supports(T.Q4_K) and not native.fits(q4)
-    with pytest.raises(KernelError, match="no CPU kernel for Q4_K"):
-        native.matmul(q4, torch.randn(1, 256), n_threads=1)
+    q5, _ = make_weight(T.Q5_K, (16, 256), rng)
+    assert not native.supports(T.Q5_K) and not native.fits(q5)
+    with pytest.raises(KernelError, match="no CPU kernel for Q5_K"):
+        native.matmul(q5, torch.randn(1, 256), n_threads=1)
     short, _ = make_weight(T.IQ2_XXS, (4, 256), rng)
     with pytest.raises(KernelError, match=r"x must be \[T, 256\]"):
         native.matmul(short, torch.randn(1, 128), n_threads=1)

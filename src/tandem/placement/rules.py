@@ -11,8 +11,8 @@ A rule list is YAML, first match wins, like KTransformers' optimize rules but sh
       dtype: auto                       # auto, float32, bfloat16 or float16 (torch kernel)
 
 Kernels cpu and ggml read their tensors in place from the mapped file: the routed experts (CPU
-MoE op; cpu takes tandem's own kernels where they cover the types, IQ1_S and IQ2_XXS, and ggml's
-for the rest; ggml takes ggml's only) and the token embedding (rows dequantized as they are
+MoE op; cpu takes tandem's own kernels where they cover the types, IQ1_S, IQ2_XXS, Q4_K and
+Q6_K, and ggml's for the rest; ggml takes ggml's only) and the token embedding (rows dequantized as they are
 looked up); everything else takes torch. `auto` keeps F32/F16/BF16 tensors in
 their own precision and turns quantized ones into bfloat16 on a GPU, float32 on the CPU.
 """

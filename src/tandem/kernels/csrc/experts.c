@@ -16,6 +16,9 @@
  * with g in {-1,0,1} from a 2048-entry grid, s = qh>>12 & 7, delta = qh>>15 ? -1/8 : 1/8;
  * block_iq2_xxs {f16 d; u16 qs[32]}: per 32 weights 4 grid bytes (256-entry grid of
  * 8/25/43), 4x7 sign bits (the 8th is their parity) and a 4-bit scale s: w = d*(2s+1)/8*g*sign.
+ * Q4_K / Q6_K (llama.cpp's Q4_K_M experts): block_q4_k {f16 d, dmin; u8 scales[12]; u8 qs[128]}
+ * w = d*sc*q - dmin*m per 32 weights (6-bit sc, m packed in 12 bytes); block_q6_k {u8 ql[128];
+ * u8 qh[64]; i8 scales[16]; f16 d} w = d*sc*(q - 32) per 16 weights, q = 4 low + 2 high bits.
  */
 #include <math.h>
 #include <stdint.h>
@@ -33,7 +36,7 @@
 #define QK 256
 #define TILE 8 /* tokens sharing one decoded weight row at a time */
 
-enum { TYPE_IQ2_XXS = 16, TYPE_IQ1_S = 19 };
+enum { TYPE_Q4_K = 12, TYPE_Q6_K = 14, TYPE_IQ2_XXS = 16, TYPE_IQ1_S = 19 };
 
 typedef struct {
     uint16_t d;
@@ -46,11 +49,26 @@ typedef struct {
     uint16_t qs[32];
 } block_iq2_xxs;
 
-/* Activations of one 256-value block: x ~ d * q; s32[i] = sum of q over values 32i..32i+31. */
+typedef struct {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[128];
+} block_q4_k;
+
+typedef struct {
+    uint8_t ql[128];
+    uint8_t qh[64];
+    int8_t scales[16];
+    uint16_t d;
+} block_q6_k;
+
+/* Activations of one 256-value block: x ~ d * q; s32[i] = sum of q over values 32i..32i+31,
+ * s16[i] over 16i..16i+15. */
 typedef struct {
     float d;
     int8_t q[QK];
     int16_t s32[8];
+    int16_t s16[16];
 } block_q8;
 
 /* Grids as set by tandem_set_tables: IQ1_S with g+1 (0,1,2) per byte, IQ2_XXS as stored. */
@@ -90,15 +108,16 @@ static void quantize_row_q8(const float *x, block_q8 *y, int n) {
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(x[i]));
         float id = amax > 0.f ? 127.f / amax : 0.f;
         y[b].d = amax > 0.f ? amax / 127.f : 0.f;
-        for (int i = 0; i < 8; i++) {
+        for (int i = 0; i < 16; i++) {
             int sum = 0;
-            for (int j = 0; j < 32; j++) {
-                int q = (int)lrintf(x[32 * i + j] * id);
-                y[b].q[32 * i + j] = (int8_t)q;
+            for (int j = 0; j < 16; j++) {
+                int q = (int)lrintf(x[16 * i + j] * id);
+                y[b].q[16 * i + j] = (int8_t)q;
                 sum += q;
             }
-            y[b].s32[i] = (int16_t)sum;
+            y[b].s16[i] = (int16_t)sum;
         }
+        for (int i = 0; i < 8; i++) y[b].s32[i] = (int16_t)(y[b].s16[2 * i] + y[b].s16[2 * i + 1]);
     }
 }
 
@@ -155,6 +174,68 @@ static void dot_iq2_xxs_ref(const void *row, const block_q8 *const *x, int nt, i
         }
     }
     for (int t = 0; t < nt; t++) out[t] *= 0.125f;
+}
+
+/* Q4_K's eight 6-bit scales and mins from their 12 packed bytes (ggml's get_scale_min_k4). */
+static void q4_k_scales(const uint8_t *s, uint8_t *sc, uint8_t *m) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+static void dot_q4_k_ref(const void *row, const block_q8 *const *x, int nt, int nb, float *out) {
+    const block_q4_k *b = row;
+    for (int t = 0; t < nt; t++) out[t] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        uint8_t sc[8], m[8];
+        q4_k_scales(b[ib].scales, sc, m);
+        const float d = f16_to_f32(b[ib].d), dmin = f16_to_f32(b[ib].dmin);
+        for (int t = 0; t < nt; t++) {
+            const block_q8 *xb = x[t] + ib;
+            int sumi = 0, summ = 0;
+            for (int c = 0; c < 4; c++) { /* 32 bytes: low nibbles sub-block 2c, high 2c+1 */
+                int lo = 0, hi = 0;
+                for (int l = 0; l < 32; l++) {
+                    lo += (b[ib].qs[32 * c + l] & 15) * xb->q[64 * c + l];
+                    hi += (b[ib].qs[32 * c + l] >> 4) * xb->q[64 * c + 32 + l];
+                }
+                sumi += sc[2 * c] * lo + sc[2 * c + 1] * hi;
+            }
+            for (int j = 0; j < 8; j++) summ += m[j] * xb->s32[j];
+            out[t] += xb->d * (d * (float)sumi - dmin * (float)summ);
+        }
+    }
+}
+
+static void dot_q6_k_ref(const void *row, const block_q8 *const *x, int nt, int nb, float *out) {
+    const block_q6_k *b = row;
+    for (int t = 0; t < nt; t++) out[t] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        uint8_t u[QK]; /* q + 32, 0..63, in value order */
+        for (int n = 0; n < 2; n++) {
+            const uint8_t *ql = b[ib].ql + 64 * n, *qh = b[ib].qh + 32 * n;
+            for (int l = 0; l < 32; l++) {
+                u[128 * n + l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
+                u[128 * n + l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
+                u[128 * n + l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                u[128 * n + l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        const float d = f16_to_f32(b[ib].d);
+        for (int t = 0; t < nt; t++) {
+            const block_q8 *xb = x[t] + ib;
+            int sumi = 0;
+            for (int g = 0; g < 16; g++) {
+                int dot = 0;
+                for (int j = 0; j < 16; j++) dot += u[16 * g + j] * xb->q[16 * g + j];
+                sumi += b[ib].scales[g] * (dot - 32 * xb->s16[g]);
+            }
+            out[t] += xb->d * d * (float)sumi;
+        }
+    }
 }
 
 /* ---- AVX-512 (VNNI, VBMI, BITALG, VPOPCNTDQ: Ice Lake, Sapphire Rapids, Zen 4 and later) ---- */
@@ -249,6 +330,93 @@ AVX512 INLINE void iq2_xxs_tile(const block_iq2_xxs *b, const block_q8 *const *x
     for (int t = 0; t < nt; t++) out[t] = 0.125f * _mm512_reduce_add_ps(accf[t]);
 }
 
+/* Q4_K: per 32 weight bytes, the 64 nibbles in value order; maddubs with the activations, then
+ * dpwssd with the sub-block scales; the mins against the activations' 32-sums once per block. */
+AVX512 INLINE void q4_k_tile(const block_q4_k *b, const block_q8 *const *x, const int nt, int nb, float *out) {
+    __m512 accf[TILE];
+    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m512i scale_of_word[4]; /* words 0..15: sub-block 2c, 16..31: 2c+1 */
+    for (int c = 0; c < 4; c++)
+        scale_of_word[c] = _mm512_inserti64x4(_mm512_set1_epi16(2 * c), _mm256_set1_epi16(2 * c + 1), 1);
+    for (int ib = 0; ib < nb; ib++) {
+        const block_q4_k *blk = b + ib;
+        /* the 6-bit scales to bytes 0..7, the mins to 8..15 (ggml's word trick) */
+        uint32_t s[4];
+        memcpy(s, blk->scales, 12);
+        s[3] = ((s[2] >> 4) & 0x0f0f0f0f) | (((s[1] >> 6) & 0x03030303) << 4);
+        const uint32_t mins_low = s[1] & 0x3f3f3f3f;
+        s[1] = (s[2] & 0x0f0f0f0f) | (((s[0] >> 6) & 0x03030303) << 4);
+        s[2] = mins_low;
+        s[0] &= 0x3f3f3f3f;
+        const __m128i bytes = _mm_loadu_si128((const __m128i *)s);
+        const __m512i scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(bytes)); /* words 0..7 sc, 8..15 m */
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(bytes, 8));
+        __m512i acc[TILE];
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+            const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low4)),
+                                                 _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), 1);
+            const __m512i scv = _mm512_permutexvar_epi16(scale_of_word[c], scales);
+            for (int t = 0; t < nt; t++)
+                acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(u, _mm512_loadu_si512(x[t][ib].q + 64 * c)), scv);
+        }
+        const float d = _cvtsh_ss(blk->d), dmin = _cvtsh_ss(blk->dmin);
+        for (int t = 0; t < nt; t++) {
+            const __m128i summ = _mm_madd_epi16(mins, _mm_loadu_si128((const __m128i *)x[t][ib].s32));
+            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t]), _mm512_set1_ps(d * x[t][ib].d), accf[t]);
+            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_zextsi128_si512(summ)), _mm512_set1_ps(-dmin * x[t][ib].d), accf[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(accf[t]);
+}
+
+/* Q6_K: 64 values at a time as q + 32 (0..63, unsigned for maddubs), the 16-value scales by
+ * dpwssd; the -32 offset against the activations' 16-sums once per block. */
+AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, const int nt, int nb, float *out) {
+    __m512 accf[TILE];
+    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(3);
+    const __mmask64 upper = 0xFFFFFFFF00000000ULL;
+    /* word w of 64 values starting at group g0 belongs to group g0 + w/8 */
+    __m512i group_of_word[4];
+    for (int h = 0; h < 4; h++) {
+        int16_t idx[32];
+        for (int w = 0; w < 32; w++) idx[w] = (int16_t)(4 * h + w / 8);
+        group_of_word[h] = _mm512_loadu_si512(idx);
+    }
+    for (int ib = 0; ib < nb; ib++) {
+        const block_q6_k *blk = b + ib;
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->scales));
+        const __m512i scales = _mm512_castsi256_si512(sc16);
+        __m512i acc[TILE];
+        for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
+        for (int n = 0; n < 2; n++) {
+            const __m512i ql = _mm512_loadu_si512(blk->ql + 64 * n);
+            const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->qh + 32 * n)));
+            const __m512i h01 = _mm512_mask_blend_epi8(upper, qh, _mm512_srli_epi16(qh, 2));
+            const __m512i h23 = _mm512_mask_blend_epi8(upper, _mm512_srli_epi16(qh, 4), _mm512_srli_epi16(qh, 6));
+            const __m512i u0 = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_slli_epi16(_mm512_and_si512(h01, two), 4));
+            const __m512i u1 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
+                                               _mm512_slli_epi16(_mm512_and_si512(h23, two), 4));
+            const __m512i sc0 = _mm512_permutexvar_epi16(group_of_word[2 * n], scales);
+            const __m512i sc1 = _mm512_permutexvar_epi16(group_of_word[2 * n + 1], scales);
+            for (int t = 0; t < nt; t++) {
+                acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(u0, _mm512_loadu_si512(x[t][ib].q + 128 * n)), sc0);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(u1, _mm512_loadu_si512(x[t][ib].q + 128 * n + 64)), sc1);
+            }
+        }
+        const float d = _cvtsh_ss(blk->d);
+        for (int t = 0; t < nt; t++) {
+            const __m256i offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)x[t][ib].s16)), 5);
+            const __m512i total = _mm512_sub_epi32(acc[t], _mm512_zextsi256_si512(offset));
+            accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(d * x[t][ib].d), accf[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(accf[t]);
+}
+
 /* One function per tile size, so the token loops unroll and the accumulators stay in registers. */
 #define TILE_FUNCS(name, block)                                                                       \
     AVX512 static void name##_avx512(const void *row, const block_q8 *const *x, int nt, int nb, float *out) { \
@@ -265,6 +433,8 @@ AVX512 INLINE void iq2_xxs_tile(const block_iq2_xxs *b, const block_q8 *const *x
     }
 TILE_FUNCS(iq1_s, block_iq1_s)
 TILE_FUNCS(iq2_xxs, block_iq2_xxs)
+TILE_FUNCS(q4_k, block_q4_k)
+TILE_FUNCS(q6_k, block_q6_k)
 
 static int have_avx512(void) {
     __builtin_cpu_init();
@@ -288,6 +458,8 @@ typedef struct {
 static type_info types[] = {
     {TYPE_IQ1_S, sizeof(block_iq1_s), dot_iq1_s_ref, NULL},
     {TYPE_IQ2_XXS, sizeof(block_iq2_xxs), dot_iq2_xxs_ref, NULL},
+    {TYPE_Q4_K, sizeof(block_q4_k), dot_q4_k_ref, NULL},
+    {TYPE_Q6_K, sizeof(block_q6_k), dot_q6_k_ref, NULL},
 };
 #define N_TYPES (int)(sizeof(types) / sizeof(types[0]))
 
@@ -321,6 +493,8 @@ void tandem_set_tables(const uint8_t *iq1s_u, const uint8_t *iq2xxs) {
     if (have_avx512()) {
         types[0].fast = iq1_s_avx512;
         types[1].fast = iq2_xxs_avx512;
+        types[2].fast = q4_k_avx512;
+        types[3].fast = q6_k_avx512;
     }
 #endif
     tables_set = 1;
