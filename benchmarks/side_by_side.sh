@@ -12,7 +12,7 @@ $bench -m "$iq1s" -ngl 99 -ot exps=CPU -t "$threads" -p 2048 -n 0 -r 1 -nopo 1 -
     > "$out/llamacpp-iq1s-cpu-prefill.json"
 $bench -m "$q4km" -ngl 99 -ot exps=CPU -t "$threads" -p 0 -n 32 -r 2 -o json > "$out/llamacpp-q4km.json"
 python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1,8 --new-tokens 32 \
-    --repetitions 2 --ctx-size 4096 --threads "$threads" --out "$out/tandem-iq1s"
+    --repetitions 3 --ctx-size 4096 --threads "$threads" --out "$out/tandem-iq1s"
 # CPU-only prefill (no expert streaming), against llama.cpp's -nopo 1 figure
 python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1 --new-tokens 2 \
     --repetitions 1 --ctx-size 4096 --threads "$threads" --gpu-experts-from 0 --out "$out/tandem-iq1s-cpu"
