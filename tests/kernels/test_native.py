@@ -128,3 +128,4 @@ def test_expert_ids_out_of_range_are_refused(ud_experts):
     ids = torch.tensor([[0, 8]])
     with pytest.raises(KernelError, match="expert id out of range"):
         native.moe(torch.randn(1, 256), ids, torch.ones(1, 2), gate, up, down, n_threads=1)
+

@@ -3,7 +3,10 @@
 Quantizing tens of GB of floats to IQ types takes hours; the kernels read random blocks at the
 same speed. Codes are random bytes (every bit pattern is a valid grid index or sign mask in
 these formats); only the fp16 scales are replaced, by small finite values, so every block
-dequantizes to finite weights.
+dequantizes to finite weights. Types with an offset (a min: Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) get
+the min that centres their codes, as trained weights are: with random mins every weight leans
+one way, and a model of such matrices multiplies its activations up to overflow (TQ2_0 loses
+its unused code +2 for the same reason).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ IQ1_M_SCALES = 48  # 4 uint16 whose top nibbles together hold the block's fp16 s
 PLAIN = {T.F32: np.float32, T.F16: np.float16, T.BF16: None}
 
 SCALE_LOW, SCALE_HIGH = 2.0**-12, 2.0**-9
+MEAN_CODE = {T.Q4_1: 7.5, T.Q5_1: 15.5, T.Q2_K: 1.5, T.Q4_K: 7.5, T.Q5_K: 15.5}  # of uniform codes
 
 
 def can_fill(t: GGMLType) -> bool:
@@ -45,7 +49,30 @@ def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.nd
         return blocks
     for offset in FP16_SCALES[t]:
         blocks[:, offset:offset + 2] = _scales(n_blocks, rng).view(np.uint8).reshape(-1, 2)
+    if t in MEAN_CODE:
+        _centre(t, blocks)
+    if t == T.TQ2_0:  # 2-bit codes 0..2 are -1, 0, 1; random bytes also hold 3 (+2): make it 1 (0)
+        qs = blocks[:, :64]
+        both = qs & (qs >> 1) & 0x55
+        blocks[:, :64] = qs & ~(both << 1)
     return blocks
+
+
+def _centre(t: GGMLType, blocks: np.ndarray) -> None:
+    """Mins equal to the mean code times the scale, per block or sub-block: zero-mean weights."""
+    d_at, min_at = FP16_SCALES[t]
+    d = blocks[:, d_at:d_at + 2].copy().view(np.float16).astype(np.float32)
+    if t in (T.Q4_1, T.Q5_1):  # w = d*q + m
+        blocks[:, min_at:min_at + 2] = (-MEAN_CODE[t] * d).astype(np.float16).view(np.uint8)
+        return
+    # k-quants: w = d*sc_j*q - dmin*m_j; with m_j = sc_j and dmin = mean * d each sub-block centres
+    blocks[:, min_at:min_at + 2] = (MEAN_CODE[t] * d).astype(np.float16).view(np.uint8)
+    if t == T.Q2_K:  # a byte per sub-block: scale in the low nibble, min in the high one
+        blocks[:, 0:16] = (blocks[:, 0:16] & 0x0F) * 0x11
+    else:  # Q4_K/Q5_K: 12 bytes of 6-bit scales and mins (ggml's get_scale_min_k4)
+        s = blocks[:, 4:16]
+        s[:, 4:8] = s[:, 0:4]
+        s[:, 8:12] = (s[:, 8:12] & 0x0F) * 0x11
 
 
 def _scales(n: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,7 +1,8 @@
 """tandem's own CPU kernels (csrc/experts.c): the routed experts of one MoE layer and a plain
 quantized matmul, for the types of DeepSeek GGUFs' experts: IQ1_S and IQ2_XXS (where ggml's CPU
-kernels leave most of the RAM bandwidth unused) and Q4_K / Q6_K (Q4_K_M files). The C library is built at install time; the AVX-512 paths are chosen at run
-time, portable C serves every other CPU. Calls go through ctypes, which releases the GIL.
+kernels leave most of the RAM bandwidth unused) and Q4_K / Q6_K (Q4_K_M files). The C library
+is built at install time; the AVX-512 paths are chosen at run time, portable C serves every
+other CPU. Calls go through ctypes, which releases the GIL.
 """
 
 from __future__ import annotations
