@@ -6,12 +6,14 @@ these formats); only the fp16 scales are replaced, by small finite values, so ev
 dequantizes to finite weights. Types with an offset (a min: Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) get
 the min that centres their codes, as trained weights are: with random mins every weight leans
 one way, and a model of such matrices multiplies its activations up to overflow (TQ2_0 loses
-its unused code +2 for the same reason).
+its unused code +2 for the same reason). Then the scales are set so that weights spread as
+trained ones do (std WEIGHT_STD), whatever the type's code and sub-scale ranges.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from gguf import quants
 
 from tandem.gguf.types import GGMLType, block_bytes
 
@@ -28,6 +30,7 @@ IQ1_M_SCALES = 48  # 4 uint16 whose top nibbles together hold the block's fp16 s
 PLAIN = {T.F32: np.float32, T.F16: np.float16, T.BF16: None}
 
 SCALE_LOW, SCALE_HIGH = 2.0**-12, 2.0**-9
+WEIGHT_STD = 0.02  # about 1/sqrt(fan-in) of a 2K-7K wide layer, as in trained checkpoints
 MEAN_CODE = {T.Q4_1: 7.5, T.Q5_1: 15.5, T.Q2_K: 1.5, T.Q4_K: 7.5, T.Q5_K: 15.5}  # of uniform codes
 
 
@@ -55,7 +58,20 @@ def random_blocks(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.nd
         qs = blocks[:, :64]
         both = qs & (qs >> 1) & 0x55
         blocks[:, :64] = qs & ~(both << 1)
+    _rescale(t, blocks)
     return blocks
+
+
+def _rescale(t: GGMLType, blocks: np.ndarray) -> None:
+    """Multiply every fp16 scale field so the weights' std is WEIGHT_STD (measured on a sample
+    through gguf-py's dequantizer)."""
+    std = float(quants.dequantize(blocks[:64].reshape(-1), t).std())
+    if std == 0:
+        return
+    factor = np.float32(WEIGHT_STD / std)
+    for offset in FP16_SCALES[t]:
+        scaled = blocks[:, offset:offset + 2].copy().view(np.float16).astype(np.float32) * factor
+        blocks[:, offset:offset + 2] = scaled.astype(np.float16).view(np.uint8)
 
 
 def _centre(t: GGMLType, blocks: np.ndarray) -> None:
