@@ -526,15 +526,16 @@ int tandem_use_fast(int on) {
 }
 
 /* Rows [r0, r1) of a matrix times the activation rows of `pairs` (row pairs[i] / x_of_pair_div
- * of xq), in tiles of TILE tokens per decoded row; y[pairs[i], r] takes each result. */
+ * of xq), TILE tokens per decoded row; y[pairs[i], r] takes each result. Tiles outside, rows
+ * inside: a tile's activations stay in L1 while the task's rows (L2) pass by. */
 static void rows_times_tokens(dot_fn dot, const uint8_t *w, size_t row_bytes, int nb, int r0, int r1,
                         const block_q8 *xq, const int *pairs, int n_pairs, int x_of_pair_div, float *y, int y_width) {
-    for (int r = r0; r < r1; r++) {
-        for (int p0 = 0; p0 < n_pairs; p0 += TILE) {
-            const int nt = n_pairs - p0 < TILE ? n_pairs - p0 : TILE;
-            const block_q8 *xs[TILE];
+    for (int p0 = 0; p0 < n_pairs; p0 += TILE) {
+        const int nt = n_pairs - p0 < TILE ? n_pairs - p0 : TILE;
+        const block_q8 *xs[TILE];
+        for (int t = 0; t < nt; t++) xs[t] = xq + (size_t)(pairs[p0 + t] / x_of_pair_div) * nb;
+        for (int r = r0; r < r1; r++) {
             float res[TILE];
-            for (int t = 0; t < nt; t++) xs[t] = xq + (size_t)(pairs[p0 + t] / x_of_pair_div) * nb;
             dot(w + (size_t)r * row_bytes, xs, nt, nb, res);
             for (int t = 0; t < nt; t++) y[(size_t)pairs[p0 + t] * y_width + r] = res[t];
         }
@@ -544,14 +545,42 @@ static void rows_times_tokens(dot_fn dot, const uint8_t *w, size_t row_bytes, in
 /* Work is handed out in tasks of about this many weight bytes: small enough to balance 16+
  * threads over 8 experts at decode, large enough that taking a task costs nothing. */
 #define TASK_BYTES 49152
+/* (token, slot) pairs per task when an expert has many (prefill): their activations stay in
+ * L2 while the task's weight rows stream past once. */
+#define TOKEN_BLOCK 64
 
 typedef struct {
-    int expert, row;
+    int expert, row0, row1, pair0, n_pairs;
 } task;
 
 static int rows_per_task(size_t row_bytes) {
     const size_t rows = TASK_BYTES / row_bytes;
     return rows < 4 ? 4 : (int)rows;
+}
+
+/* One pass's tasks (out may be NULL: count only). An expert with at most TILE pairs (decode)
+ * gets row blocks of TASK_BYTES; one with more gets blocks of TOKEN_BLOCK pairs times rows worth
+ * about those pairs' activation bytes, so weights and activations each cross from RAM or L3
+ * about once per task instead of the activations once per row. */
+static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, size_t row_bytes, size_t act_bytes) {
+    int n = 0;
+    for (int e = 0; e < n_expert; e++) {
+        if (!count[e]) continue;
+        int rows = rows_per_task(row_bytes), pair_block = count[e];
+        if (count[e] > TILE) {
+            pair_block = count[e] < TOKEN_BLOCK ? count[e] : TOKEN_BLOCK;
+            const size_t target = (size_t)pair_block * act_bytes;
+            if (target > TASK_BYTES) rows = rows_per_task(row_bytes * TASK_BYTES / target);
+        }
+        for (int r = 0; r < n_rows; r += rows)
+            for (int p = 0; p < count[e]; p += pair_block, n++)
+                if (out) {
+                    const int r1 = r + rows < n_rows ? r + rows : n_rows;
+                    const int np = count[e] - p < pair_block ? count[e] - p : pair_block;
+                    out[n] = (task){e, r, r1, p, np};
+                }
+    }
+    return n;
 }
 
 /* out[t, n] = dot(weight row n, x[t]) for weights [n_rows, k] of `type`: one quantized matmul. */
@@ -597,7 +626,6 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     const int nb_d = d / QK, nb_ff = n_ff / QK, n_pairs = n_tok * k;
     const size_t gate_row = (size_t)nb_d * tg->block_bytes, up_row = (size_t)nb_d * tu->block_bytes;
     const size_t down_row = (size_t)nb_ff * td->block_bytes;
-    const int up_rows = rows_per_task(gate_row + up_row), down_rows = rows_per_task(down_row);
 
     /* pairs p = t*k + j grouped by expert (counting sort) */
     int *count = calloc(n_expert + 1, sizeof(int)), *start = malloc(sizeof(int) * (n_expert + 1));
@@ -606,10 +634,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     block_q8 *hq = malloc(sizeof(block_q8) * (size_t)n_pairs * nb_ff);
     float *g = malloc(sizeof(float) * (size_t)n_pairs * n_ff), *u = malloc(sizeof(float) * (size_t)n_pairs * n_ff);
     float *y = malloc(sizeof(float) * (size_t)n_pairs * d);
-    task *up_tasks = malloc(sizeof(task) * (size_t)n_expert * (n_ff / up_rows + 1));
-    task *down_tasks = malloc(sizeof(task) * (size_t)n_expert * (d / down_rows + 1));
+    task *up_tasks = NULL, *down_tasks = NULL;
     int rc = 0;
-    if (!count || !start || !order || !xq || !hq || !g || !u || !y || !up_tasks || !down_tasks) {
+    if (!count || !start || !order || !xq || !hq || !g || !u || !y) {
         rc = -2;
         goto done;
     }
@@ -625,13 +652,18 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     memset(count, 0, sizeof(int) * n_expert);
     for (int p = 0; p < n_pairs; p++) order[start[ids[p]] + count[ids[p]]++] = p;
 
-    /* tasks: (expert, first row) of up_rows / down_rows rows, for the up/gate and down passes */
-    int n_up_tasks = 0, n_down_tasks = 0;
-    for (int e = 0; e < n_expert; e++) {
-        if (!count[e]) continue;
-        for (int r = 0; r < n_ff; r += up_rows) up_tasks[n_up_tasks++] = (task){e, r};
-        for (int r = 0; r < d; r += down_rows) down_tasks[n_down_tasks++] = (task){e, r};
+    /* tasks of the gate/up pass (one task does both matrices) and of the down pass */
+    const size_t x_bytes = sizeof(block_q8) * (size_t)nb_d, h_bytes = sizeof(block_q8) * (size_t)nb_ff;
+    const int n_up_tasks = plan_tasks(NULL, count, n_expert, n_ff, gate_row + up_row, x_bytes);
+    const int n_down_tasks = plan_tasks(NULL, count, n_expert, d, down_row, h_bytes);
+    up_tasks = malloc(sizeof(task) * (size_t)(n_up_tasks + 1));
+    down_tasks = malloc(sizeof(task) * (size_t)(n_down_tasks + 1));
+    if (!up_tasks || !down_tasks) {
+        rc = -2;
+        goto done;
     }
+    plan_tasks(up_tasks, count, n_expert, n_ff, gate_row + up_row, x_bytes);
+    plan_tasks(down_tasks, count, n_expert, d, down_row, h_bytes);
     const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
 
 #pragma omp parallel num_threads(n_threads)
@@ -641,12 +673,12 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_up_tasks; i++) {
-            const int e = up_tasks[i].expert, r0 = up_tasks[i].row;
-            const int r1 = r0 + up_rows < n_ff ? r0 + up_rows : n_ff;
-            rows_times_tokens(dot_gate, (const uint8_t *)gate + (size_t)e * n_ff * gate_row, gate_row, nb_d, r0, r1, xq,
-                        order + start[e], count[e], k, g, n_ff);
-            rows_times_tokens(dot_up, (const uint8_t *)up + (size_t)e * n_ff * up_row, up_row, nb_d, r0, r1, xq,
-                        order + start[e], count[e], k, u, n_ff);
+            const task tk = up_tasks[i];
+            const int *pairs = order + start[tk.expert] + tk.pair0;
+            rows_times_tokens(dot_gate, (const uint8_t *)gate + (size_t)tk.expert * n_ff * gate_row, gate_row, nb_d,
+                              tk.row0, tk.row1, xq, pairs, tk.n_pairs, k, g, n_ff);
+            rows_times_tokens(dot_up, (const uint8_t *)up + (size_t)tk.expert * n_ff * up_row, up_row, nb_d,
+                              tk.row0, tk.row1, xq, pairs, tk.n_pairs, k, u, n_ff);
         }
 #pragma omp for schedule(static)
         for (int p = 0; p < n_pairs; p++) {
@@ -657,10 +689,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         }
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_down_tasks; i++) {
-            const int e = down_tasks[i].expert, r0 = down_tasks[i].row;
-            const int r1 = r0 + down_rows < d ? r0 + down_rows : d;
-            rows_times_tokens(dot_down, (const uint8_t *)down + (size_t)e * d * down_row, down_row, nb_ff, r0, r1, hq,
-                        order + start[e], count[e], 1, y, d);
+            const task tk = down_tasks[i];
+            rows_times_tokens(dot_down, (const uint8_t *)down + (size_t)tk.expert * d * down_row, down_row, nb_ff,
+                              tk.row0, tk.row1, hq, order + start[tk.expert] + tk.pair0, tk.n_pairs, 1, y, d);
         }
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tok; t++) {
