@@ -5,7 +5,10 @@ random choice every step so the bytes come from RAM, not cache. Expert blocks ar
 valid (tandem.bench.random_blocks); the kernels read them at the same speed as real weights.
 
     python benchmarks/moe_decode.py [--recipes ud-iq1_s q4_k_m] [--kernels ggml tandem]
-                                    [--threads 1 2 16] [--tokens 1 8] [--steps 30]
+                                    [--threads 1 2 16] [--tokens 1 8] [--steps 30] [--pool 16]
+
+--pool N: every token picks its experts among the first N only (a prompt whose tokens share
+experts, as the synthetic files' routing does), so each expert serves many tokens.
 
 Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
 """
@@ -43,7 +46,7 @@ def experts(t: GGMLType, shape: tuple[int, int, int], rng) -> QuantTensor:
 
 
 def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: int,
-        warmup: int) -> list[dict]:
+        warmup: int, pool: int = N_EXPERT) -> list[dict]:
     rng = np.random.default_rng(0)
     tg, tu, td = RECIPES[recipe]
     gate = experts(tg, (N_EXPERT, N_FF, D_MODEL), rng)
@@ -58,7 +61,7 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
             times = []
             for step in range(warmup + steps):
                 # each token its own random choice, as concurrent streams (prefill shares more)
-                ids = torch.stack([torch.randperm(N_EXPERT, generator=g)[:N_USED] for _ in range(tokens)])
+                ids = torch.stack([torch.randperm(pool, generator=g)[:N_USED] for _ in range(tokens)])
                 weights = torch.rand(tokens, N_USED, generator=g)
                 start = time.perf_counter()
                 cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
@@ -68,12 +71,12 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
         distinct = statistics.mean(n for _, n in times)
         rows.append({
             "recipe": recipe, "kernel": kernel, "types": [tg.name, tu.name, td.name],
-            "threads": n_threads, "tokens": tokens, "steps": steps, "median_ms": median * 1e3,
+            "threads": n_threads, "tokens": tokens, "pool": pool, "steps": steps, "median_ms": median * 1e3,
             "min_ms": min(t for t, _ in times) * 1e3, "distinct_experts_per_step": distinct,
             "expert_bytes_per_step": distinct * expert_bytes,
             "gb_per_s": distinct * expert_bytes / median / 1e9,
         })
-        print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} threads={n_threads:3d}  "
+        print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} pool={pool:3d} threads={n_threads:3d}  "
               f"{median * 1e3:8.2f} ms  {rows[-1]['gb_per_s']:7.2f} GB/s", flush=True)
     return rows
 
@@ -86,6 +89,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=["ggml", "tandem"], choices=["ggml", "tandem"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1],
                         help="tokens per step, each with its own expert choice (concurrent streams)")
+    parser.add_argument("--pool", type=int, default=N_EXPERT,
+                        help="experts the tokens choose from (the first N; default all)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -96,7 +101,7 @@ def main() -> None:
     print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
           f"RAM read {bandwidth:.1f} GB/s", flush=True)
     results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens
-               for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup)]
+               for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup, args.pool)]
     for row in results:
         row["share_of_ram_bandwidth"] = row["gb_per_s"] / bandwidth
         # Decode speed of a 58-MoE-layer R1 if the experts ran at this rate (all streams together).
