@@ -97,33 +97,33 @@ def _q8_0(b: torch.Tensor, grid: None) -> torch.Tensor:
     return _f16(b, 0) * b[:, 2:34].contiguous().view(torch.int8).float()
 
 
-def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K: eight 6-bit scales and mins packed in 12 bytes -> two [N, 8] int tensors."""
-    s = scales.int().view(-1, 3, 4)
+def _k_scale_min(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K: d times the eight 6-bit sub-block scales and dmin times the eight mins (packed
+    in bytes 4..15), as [N, 8, 1] float32."""
+    n = b.shape[0]
+    s = b[:, 4:16].int().view(-1, 3, 4)
     d, m, m_d = s[:, 0], s[:, 1], s[:, 2]
     sc = torch.cat([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
     mn = torch.cat([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc, mn
+    return (_f16(b, 0) * sc.float()).view(n, 8, 1), (_f16(b, 2) * mn.float()).view(n, 8, 1)
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """128 bytes of 4-bit codes, per 32 bytes first the low nibbles then the high: [N, 8, 32]."""
+    n = codes.shape[0]
+    return ((codes.view(n, 4, 1, 32) >> _steps(2, 4, codes.device).view(1, 1, 2, 1)) & 0x0F).view(n, 8, 32)
 
 
 def _q4_k(b: torch.Tensor, grid: None) -> torch.Tensor:
-    n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    q = (b[:, 16:144].view(n, 4, 1, 32) >> _steps(2, 4, b.device).view(1, 1, 2, 1)) & 0x0F
-    return (d * q.view(n, 8, 32).float() - dm).view(n, QK)
+    d, dm = _k_scale_min(b)
+    return (d * _nibbles(b[:, 16:144]).float() - dm).view(-1, QK)
 
 
 def _q5_k(b: torch.Tensor, grid: None) -> torch.Tensor:
     n = b.shape[0]
-    sc, mn = _k_scale_min(b[:, 4:16])
-    d = (_f16(b, 0) * sc.float()).view(n, 8, 1)
-    dm = (_f16(b, 2) * mn.float()).view(n, 8, 1)
-    low = (b[:, 48:176].view(n, 4, 1, 32) >> _steps(2, 4, b.device).view(1, 1, 2, 1)) & 0x0F
+    d, dm = _k_scale_min(b)
     high = (b[:, 16:48].view(n, 1, 32) >> _steps(8, 1, b.device).view(1, 8, 1)) & 1
-    q = low.view(n, 8, 32) | (high << 4)
-    return (d * q.float() - dm).view(n, QK)
+    return (d * (_nibbles(b[:, 48:176]) | (high << 4)).float() - dm).view(n, QK)
 
 
 def _q6_k(b: torch.Tensor, grid: None) -> torch.Tensor:
