@@ -70,3 +70,16 @@ def test_memory_plan_counts_bytes_per_device_and_layer(tiny_q8):
     check_fits(plan, default_rules(False), {"cpu": 1 << 40, "cpu-total": 1 << 40})
     with pytest.raises(PlacementError, match="routed experts .* exceed the"):
         check_fits(plan, default_rules(False), {"cpu": 1 << 40, "cpu-total": experts})
+
+
+def test_streaming_workspace_counts_and_is_named_when_short(tiny_q8):
+    model = tandem.open_gguf(tiny_q8)
+    placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(False),
+                    devices={"cpu"})
+    plan = plan_memory(model.tensors, placed, {"cpu": 1000}, workspace={"cuda": 3 << 30, "cpu": 5000})
+    assert plan.resident["cuda"] == 3 << 30 and plan.workspace == {"cuda": 3 << 30, "cpu": 5000}
+    caps = {"cpu": 1 << 40, "cpu-total": 1 << 40}
+    check_fits(plan, default_rules(False), {**caps, "cuda:0": 4 << 30})
+    with pytest.raises(PlacementError, match=r"cuda: needs 3.22 GB but 2.15 GB is free.*"
+                                             r"workspace for streaming experts.*--gpu-experts-from 0"):
+        check_fits(plan, default_rules(False), {**caps, "cuda:0": 2 << 30})

@@ -32,6 +32,17 @@ EXPERTS_PER_CHUNK = 8  # R1: ~0.7 GB of bf16 weights per chunk, 76-220 MB of qua
 SLOTS = 2
 
 
+def workspace_bytes(expert_bytes: int, n_ff: int, d: int, tokens: int, k: int,
+                    experts_per_chunk: int = EXPERTS_PER_CHUNK) -> tuple[int, int]:
+    """(device bytes, pinned host bytes) that streaming batches of `tokens` needs, for experts of
+    `expert_bytes` (gate + up + down, quantized) and shape n_ff x d: the two slots, one chunk of
+    bf16 weights, the batch's sorted rows with their intermediates, and the float32 output."""
+    slots = SLOTS * experts_per_chunk * expert_bytes
+    chunk_weights = experts_per_chunk * 3 * n_ff * d * 2
+    rows = tokens * k * (2 * d + 3 * 2 * n_ff + 4 * d) + 4 * tokens * d
+    return slots + chunk_weights + rows, slots
+
+
 class ExpertStreamer:
     def __init__(self, device: torch.device | str, min_tokens: int,
                  experts_per_chunk: int = EXPERTS_PER_CHUNK, dtype: torch.dtype = torch.bfloat16):

@@ -24,6 +24,7 @@ class MemoryPlan:
 
     resident: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     mapped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    workspace: dict[str, int] = field(default_factory=dict)  # part of resident: expert streaming
     by_rule: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     per_layer: dict[str, dict[str, int]] = field(default_factory=dict)  # "blk.N"/"other" -> dev -> bytes
 
@@ -39,8 +40,9 @@ def placed_bytes(info: TensorInfo, p: Placement) -> int:
 
 
 def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement],
-                kv_bytes: dict[str, int]) -> MemoryPlan:
-    """kv_bytes: KV cache bytes per device (from the context size asked for)."""
+                kv_bytes: dict[str, int], workspace: dict[str, int] | None = None) -> MemoryPlan:
+    """kv_bytes: KV cache bytes per device (from the context size asked for); workspace:
+    buffers per device for streaming experts to the GPU (kernels.streamed)."""
     plan = MemoryPlan()
     for name, info in tensors.items():
         p = placements[name]
@@ -53,6 +55,9 @@ def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement]
         plan.per_layer.setdefault(layer, defaultdict(int))[device] += n
     for device, n in kv_bytes.items():
         plan.resident[device] += n
+    for device, n in (workspace or {}).items():
+        plan.resident[device] += n
+        plan.workspace[device] = n
     return plan
 
 
@@ -95,6 +100,9 @@ def _too_big(device: str, need: int, have: int, plan: MemoryPlan, rules: list[Ru
         r = rules[i]
         hint = (f"; the largest share, {_gb(n)}, comes from rule {r.match!r} ({r.source}): "
                 "send some of its tensors to another device or pick a smaller dtype")
+    if plan.workspace.get(device):
+        hint += (f"; {_gb(plan.workspace[device])} of it is the workspace for streaming experts "
+                 "to the GPU during long prompts (--gpu-experts-from 0 turns that off)")
     return f"{device}: needs {_gb(need)} but {_gb(max(have, 0))} is free, {_gb(need - have)} short{hint}"
 
 

@@ -18,7 +18,7 @@ import torch
 from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels.cpu import CpuKernels
-from tandem.kernels.streamed import ExpertStreamer
+from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
 from tandem.models.decoder import Segment
 from tandem.placement import planner
 from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
@@ -78,11 +78,7 @@ class LLM:
         for d in devices:
             per_layer = spec.cache_layer_bytes(c, ctx_size, kv_dtype) * sequences
             kv_bytes[str(d)] = kv_bytes.get(str(d), 0) + per_layer
-        self.memory = planner.plan_memory(needed, self.placements, kv_bytes)
-        planner.check_fits(self.memory, self.rules, memory_caps)
-
         cpu_experts = any(p.kernel in IN_PLACE_KERNELS and "_exps" in n for n, p in self.placements.items())
-        self.kernels = CpuKernels(n_threads) if cpu_experts else None
         streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
         if prefill_chunk is None:
@@ -90,6 +86,11 @@ class LLM:
         if prefill_chunk < 1:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        workspace = _stream_workspace(streamer, needed, c, prefill_chunk) if streamer else {}
+        self.memory = planner.plan_memory(needed, self.placements, kv_bytes, workspace)
+        planner.check_fits(self.memory, self.rules, memory_caps)
+
+        self.kernels = CpuKernels(n_threads) if cpu_experts else None
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer)
             self.model = spec.build(self.file, c, loader, devices)
@@ -218,6 +219,23 @@ def _streamer(devices: list[torch.device], min_tokens: int | None) -> ExpertStre
         raise TandemError(f"gpu_experts_from must be a token count >= 1 (0: never), got {min_tokens}")
     gpu = next((d for d in devices if d.type == "cuda"), None)
     return ExpertStreamer(gpu, min_tokens) if gpu is not None and min_tokens > 0 else None
+
+
+def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -> dict[str, int]:
+    """Device and pinned host bytes the streamer needs for batches of `tokens`, sized by the
+    largest layer's experts."""
+    per_layer: dict[str, int] = {}
+    shape = None
+    for name, info in tensors.items():
+        if "_exps." in name:
+            layer = name.split(".")[1]
+            per_layer[layer] = per_layer.get(layer, 0) + info.n_bytes // info.shape[0]
+            if "ffn_gate_exps" in name:
+                shape = info.shape  # [E, n_ff, d]
+    if shape is None:
+        return {}
+    device, host = workspace_bytes(max(per_layer.values()), shape[1], shape[2], tokens, c.n_expert_used)
+    return {str(streamer.device): device, "cpu": host}
 
 
 @dataclass(frozen=True)
