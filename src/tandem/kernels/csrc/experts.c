@@ -77,9 +77,10 @@ static uint64_t iq2xxs_grid[256];
 static uint8_t iq2_signs[128];
 static int tables_set = 0;
 
-/* Denormal floats take microcode assists on x86 (~100 cycles per operation on Intel), and
- * activations near the float limits of a badly scaled model made the kernels 5x slower on the
- * GPU machine. Every thread of a call flushes them to zero (FTZ + DAZ), as GPUs do by default. */
+/* Denormal floats take microcode assists on x86 (~100 cycles per operation on Intel); on the
+ * GPU machine the kernel calls ran 5x slower on the overflowing activations of a badly scaled
+ * synthetic model, denormals the likely cause. Every thread of a call flushes them to zero
+ * (FTZ + DAZ), as GPUs do by default. */
 #if defined(__x86_64__)
 #include <xmmintrin.h>
 #define FLUSH_DENORMALS_BEGIN const unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);
