@@ -83,19 +83,23 @@ def crossover(llm: LLM, token_counts: list[int]) -> list[dict]:
         x = torch.randn(t, d, generator=gen)
         ids = torch.stack([torch.randperm(n_expert, generator=gen)[:k] for _ in range(t)])
         w = torch.rand(t, k, generator=gen)
-        times = {}
-        for name, run in (("cpu_ms", lambda: llm.kernels.moe(x, ids, w, *tensors)),
-                          ("gpu_streamed_ms", lambda: streamer.moe(x.cuda(), ids.cuda(), w.cuda(), *tensors))):
-            run()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            run()
-            torch.cuda.synchronize()
-            times[name] = (time.perf_counter() - t0) * 1e3
+        gpu_args = (x.cuda(), ids.cuda(), w.cuda())
+        times = {"cpu_ms": _ms(llm.kernels.moe, x, ids, w, *tensors),
+                 "gpu_streamed_ms": _ms(streamer.moe, *gpu_args, *tensors)}
         rows.append({"tokens": t, "distinct_experts": int(ids.unique().numel()), **times})
         print(f"one layer, {t:5d} tokens ({rows[-1]['distinct_experts']} experts): CPU "
               f"{times['cpu_ms']:8.1f} ms, GPU streamed {times['gpu_streamed_ms']:7.1f} ms", flush=True)
     return rows
+
+
+def _ms(fn, *args) -> float:
+    """Milliseconds of the second call of fn(*args) (the first warms up), GPU synchronized."""
+    fn(*args)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def main() -> None:
