@@ -10,7 +10,8 @@
  *
  * One call = one MoE layer: quantize x, group (token, slot) pairs by expert, gate and up rows
  * with SiLU-gating, quantize the hidden rows, down rows, weighted sum over the k slots. Threads:
- * OpenMP, one parallel region per call, work split by (expert, row range).
+ * OpenMP, one parallel region per call, work split by (expert, row range, block of pairs).
+ * Experts with many pairs (prefill) run IQ1_S gate/up as a GEMM with the tokens in the lanes.
  *
  * Formats (ggml-common.h): block_iq1_s {f16 d; u8 qs[32]; u16 qh[8]}  w = d*(2s+1)*(g+delta)
  * with g in {-1,0,1} from a 2048-entry grid, s = qh>>12 & 7, delta = qh>>15 ? -1/8 : 1/8;
@@ -21,6 +22,7 @@
  * u8 qh[64]; i8 scales[16]; f16 d} w = d*sc*(q - 32) per 16 weights, q = 4 low + 2 high bits.
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -430,6 +432,166 @@ AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, cons
     for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(accf[t]);
 }
 
+/* ---- IQ1_S with many tokens per expert (prefill): a GEMM with the tokens in the lanes ----
+ * A task's activations are laid out once as a panel: per block and 4-value group, one vector of
+ * 16 tokens x 4 bytes. Each weight row is decoded once into bytes (scale folded in, as above);
+ * then every 4 weights of a row are one broadcast and one vpdpbusd per 16 tokens, and the
+ * sub-block correction one vpdpwssd per 2 sub-blocks. Same integer sums as iq1_s_tile. */
+#define PANEL_V 4 /* token vectors per panel: TOKEN_BLOCK / 16 */
+#define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels */
+#define GEMM_ROWS 4 /* weight rows per register block */
+
+typedef struct {
+    __m512i q[QK / 4][PANEL_V]; /* per 4-value group: 16 tokens x 4 bytes */
+    __m512i s32[4][PANEL_V];    /* per pair of sub-blocks: 16 tokens x (s32[2p], s32[2p+1]) */
+    __m512 d[PANEL_V];          /* 16 tokens' activation scales */
+} panel_block;
+
+/* The panel of up to 64 pairs (rows pairs[i] / x_div of xq), nb blocks; lanes past n_pairs 0. */
+AVX512 static void iq1_s_panel(const block_q8 *xq, int nb, const int *pairs, int n_pairs, int x_div,
+                               panel_block *panel) {
+    for (int v = 0; v < PANEL_V; v++) {
+        int32_t offs[16];
+        __mmask16 live = 0;
+        for (int i = 0; i < 16; i++) {
+            const int p = 16 * v + i;
+            offs[i] = p < n_pairs ? (int32_t)((size_t)(pairs[p] / x_div) * nb * sizeof(block_q8)) : 0;
+            if (p < n_pairs) live |= (__mmask16)(1u << i);
+        }
+        const __m512i base = _mm512_loadu_si512(offs);
+        for (int ib = 0; ib < nb; ib++) {
+            const __m512i blk = _mm512_add_epi32(base, _mm512_set1_epi32((int)(ib * sizeof(block_q8))));
+            const char *x0 = (const char *)xq;
+            for (int j = 0; j < QK / 4; j++)
+                panel[ib].q[j][v] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                    _mm512_add_epi32(blk, _mm512_set1_epi32((int)offsetof(block_q8, q) + 4 * j)), x0, 1);
+            for (int pr = 0; pr < 4; pr++)
+                panel[ib].s32[pr][v] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                    _mm512_add_epi32(blk, _mm512_set1_epi32((int)offsetof(block_q8, s32) + 4 * pr)), x0, 1);
+            panel[ib].d[v] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                _mm512_add_epi32(blk, _mm512_set1_epi32((int)offsetof(block_q8, d))), x0, 1);
+        }
+    }
+}
+
+/* One IQ1_S row as bytes (g+1)*8*(2s+1) per weight, -(2s+1)*m per sub-block as int16 pairs, and
+ * the block scales: what iq1_s_tile computes per block, stored. */
+AVX512 static void iq1_s_decode_row(const block_iq1_s *b, int nb, uint8_t *w, int32_t *corr, float *dw) {
+    const __m512i qh_of_group = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4,
+                                                 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i group_shift = _mm512_set_epi16(9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0,
+                                                 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0);
+    const __m512i high_bits = _mm512_set1_epi16(7 << 8);
+    for (int ib = 0; ib < nb; ib++) {
+        const block_iq1_s *blk = b + ib;
+        const __m128i qh = _mm_loadu_si128((const __m128i *)blk->qh);
+        const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs));
+        const __m512i hi = _mm512_srlv_epi16(_mm512_permutexvar_epi16(qh_of_group, _mm512_castsi128_si512(qh)), group_shift);
+        const __m512i idx = _mm512_ternarylogic_epi64(_mm512_slli_epi16(hi, 8), high_bits, lo, 0xEA);
+        const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
+        const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
+        const __m256i group_idx[4] = {_mm512_castsi512_si256(idx_lo), _mm512_extracti64x4_epi64(idx_lo, 1),
+                                      _mm512_castsi512_si256(idx_hi), _mm512_extracti64x4_epi64(idx_hi, 1)};
+        for (int c = 0; c < 4; c++) {
+            const __m512i u = _mm512_i32gather_epi64(group_idx[c], (const long long *)iq1s_grid, 8);
+            const int pair = ((blk->qh[2 * c] >> 12) & 7) | ((blk->qh[2 * c + 1] >> 9) & 0x38);
+            _mm512_storeu_si512(w + (size_t)ib * QK + 64 * c, _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[pair]), u));
+        }
+        const __m128i s3 = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
+        const __m128i ls = _mm_add_epi16(_mm_slli_epi16(s3, 1), _mm_set1_epi16(1));
+        const __m128i m = _mm_add_epi16(_mm_set1_epi16(7), _mm_slli_epi16(_mm_srli_epi16(qh, 15), 1));
+        _mm_storeu_si128((__m128i *)(corr + 4 * ib), _mm_sub_epi16(_mm_setzero_si128(), _mm_mullo_epi16(ls, m)));
+        dw[ib] = _cvtsh_ss(blk->d);
+    }
+}
+
+/* `rows` (1..GEMM_ROWS) decoded weight rows against the panel's V token vectors; the float sums
+ * live in res (memory: it spares registers for integer accumulators, touched once a block). */
+AVX512 INLINE void iq1_s_gemm_rows(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
+                                   const panel_block *panel, int nb, const int rows, const int V, float *res) {
+    for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        __m512i acc[GEMM_ROWS][PANEL_V];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
+        const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
+        for (int j = 0; j < QK / 4; j++) {
+            __m512i wb[GEMM_ROWS];
+            for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
+            for (int v = 0; v < V; v++) {
+                const __m512i xv = panel[ib].q[j][v];
+                for (int r = 0; r < rows; r++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wb[r], xv);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const int32_t *cr = corr + (size_t)r * nb * 4 + 4 * ib;
+            const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]); /* 1/8: see the header */
+            for (int v = 0; v < V; v++) {
+                __m512i total = acc[r][v];
+                for (int pr = 0; pr < 4; pr++)
+                    total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), panel[ib].s32[pr][v]);
+                float *out = res + (size_t)(r * PANEL_V + v) * 16;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, panel[ib].d[v]),
+                                                      _mm512_loadu_ps(out)));
+            }
+        }
+    }
+}
+
+AVX512 static void iq1_s_gemm_dispatch(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
+                                       const panel_block *panel, int nb, int rows, int V, float *res) {
+#define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq1_s_gemm_rows(w, corr, dw, row_stride, panel, nb, R, VV, res); return; }
+    GEMM_CASE(4, 4) GEMM_CASE(4, 3) GEMM_CASE(4, 2) GEMM_CASE(4, 1)
+    GEMM_CASE(3, 4) GEMM_CASE(3, 3) GEMM_CASE(3, 2) GEMM_CASE(3, 1)
+    GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
+    GEMM_CASE(1, 4) GEMM_CASE(1, 3) GEMM_CASE(1, 2) GEMM_CASE(1, 1)
+#undef GEMM_CASE
+}
+
+/* Per-thread scratch of the GEMM path: the panel and GEMM_ROWS decoded rows. */
+typedef struct {
+    panel_block *panel;
+    uint8_t *w;
+    int32_t *corr;
+    float *dw;
+} gemm_scratch;
+
+static void gemm_scratch_free(gemm_scratch *g) {
+    free(g->panel);
+    free(g->w);
+    free(g->corr);
+    free(g->dw);
+}
+
+static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
+    g->panel = aligned_alloc(64, sizeof(panel_block) * (size_t)nb);
+    g->w = aligned_alloc(64, (size_t)GEMM_ROWS * nb * QK);
+    g->corr = malloc(sizeof(int32_t) * 4 * GEMM_ROWS * (size_t)nb);
+    g->dw = malloc(sizeof(float) * GEMM_ROWS * (size_t)nb);
+    if (g->panel && g->w && g->corr && g->dw) return 1;
+    gemm_scratch_free(g); /* the tile kernels take over */
+    return 0;
+}
+
+
+/* Rows [r0, r1) of an IQ1_S matrix times the up to 64 pairs whose panel is in g; y[pairs[i], r]
+ * takes each result (as rows_times_tokens). */
+AVX512 static void iq1_s_rows_gemm(const block_iq1_s *wm, int nb, int r0, int r1, const gemm_scratch *g,
+                                   const int *pairs, int n_pairs, float *y, int y_width) {
+    const int V = (n_pairs + 15) / 16;
+    const size_t row_stride = (size_t)nb * QK;
+    float res[GEMM_ROWS * PANEL_V * 16];
+    for (int r = r0; r < r1; r += GEMM_ROWS) {
+        const int rows = r1 - r < GEMM_ROWS ? r1 - r : GEMM_ROWS;
+        for (int i = 0; i < rows; i++)
+            iq1_s_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->corr + (size_t)i * 4 * nb,
+                             g->dw + (size_t)i * nb);
+        iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
+        for (int i = 0; i < rows; i++)
+            for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+    }
+}
+
 /* One function per tile size, so the token loops unroll and the accumulators stay in registers. */
 #define TILE_FUNCS(name, block)                                                                       \
     AVX512 static void name##_avx512(const void *row, const block_q8 *const *x, int nt, int nb, float *out) { \
@@ -666,20 +828,34 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     plan_tasks(up_tasks, count, n_expert, n_ff, gate_row + up_row, x_bytes);
     plan_tasks(down_tasks, count, n_expert, d, down_row, h_bytes);
     const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
+    /* IQ1_S gate and up with many tokens per expert: the GEMM path (AVX-512 only) */
+    const int gemm = X86 && tg->fast && dot_gate == tg->fast && tg->type == TYPE_IQ1_S && tu->type == TYPE_IQ1_S;
 
 #pragma omp parallel num_threads(n_threads)
     {
         FLUSH_DENORMALS_BEGIN
+#if X86
+        gemm_scratch scratch = {0};
+        const int have_scratch = gemm && gemm_scratch_alloc(&scratch, nb_d);
+#endif
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_up_tasks; i++) {
             const task tk = up_tasks[i];
             const int *pairs = order + start[tk.expert] + tk.pair0;
-            rows_times_tokens(dot_gate, (const uint8_t *)gate + (size_t)tk.expert * n_ff * gate_row, gate_row, nb_d,
-                              tk.row0, tk.row1, xq, pairs, tk.n_pairs, k, g, n_ff);
-            rows_times_tokens(dot_up, (const uint8_t *)up + (size_t)tk.expert * n_ff * up_row, up_row, nb_d,
-                              tk.row0, tk.row1, xq, pairs, tk.n_pairs, k, u, n_ff);
+            const uint8_t *gate_e = (const uint8_t *)gate + (size_t)tk.expert * n_ff * gate_row;
+            const uint8_t *up_e = (const uint8_t *)up + (size_t)tk.expert * n_ff * up_row;
+#if X86
+            if (have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
+                iq1_s_panel(xq, nb_d, pairs, tk.n_pairs, k, scratch.panel);
+                iq1_s_rows_gemm((const block_iq1_s *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
+                iq1_s_rows_gemm((const block_iq1_s *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
+                continue;
+            }
+#endif
+            rows_times_tokens(dot_gate, gate_e, gate_row, nb_d, tk.row0, tk.row1, xq, pairs, tk.n_pairs, k, g, n_ff);
+            rows_times_tokens(dot_up, up_e, up_row, nb_d, tk.row0, tk.row1, xq, pairs, tk.n_pairs, k, u, n_ff);
         }
 #pragma omp for schedule(static)
         for (int p = 0; p < n_pairs; p++) {
@@ -704,6 +880,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
                 for (int i = 0; i < d; i++) o[i] += wj * yp[i];
             }
         }
+#if X86
+        if (have_scratch) gemm_scratch_free(&scratch);
+#endif
         FLUSH_DENORMALS_END
     }
 done:
