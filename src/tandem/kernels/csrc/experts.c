@@ -447,9 +447,11 @@ typedef struct {
     __m512 d[PANEL_V];          /* 16 tokens' activation scales */
 } panel_block;
 
-/* The panel of up to 64 pairs (rows pairs[i] / x_div of xq), nb blocks; lanes past n_pairs 0. */
-AVX512 static void iq1_s_panel(const block_q8 *xq, int nb, const int *pairs, int n_pairs, int x_div,
-                               panel_block *panel) {
+/* The panel of up to 64 pairs (rows pairs[i] / x_div of xq), nb blocks; lanes past n_pairs 0.
+ * `to_unsigned`: the activation bytes as q + 128 (for weights that are the signed operand). */
+AVX512 static void build_panel(const block_q8 *xq, int nb, const int *pairs, int n_pairs, int x_div,
+                               int to_unsigned, panel_block *panel) {
+    const __m512i flip = _mm512_set1_epi8(to_unsigned ? (char)0x80 : 0);
     for (int v = 0; v < PANEL_V; v++) {
         int32_t offs[16];
         __mmask16 live = 0;
@@ -463,8 +465,8 @@ AVX512 static void iq1_s_panel(const block_q8 *xq, int nb, const int *pairs, int
             const __m512i blk = _mm512_add_epi32(base, _mm512_set1_epi32((int)(ib * sizeof(block_q8))));
             const char *x0 = (const char *)xq;
             for (int j = 0; j < QK / 4; j++)
-                panel[ib].q[j][v] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
-                    _mm512_add_epi32(blk, _mm512_set1_epi32((int)offsetof(block_q8, q) + 4 * j)), x0, 1);
+                panel[ib].q[j][v] = _mm512_xor_si512(flip, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
+                    _mm512_add_epi32(blk, _mm512_set1_epi32((int)offsetof(block_q8, q) + 4 * j)), x0, 1));
             for (int pr = 0; pr < 4; pr++)
                 panel[ib].s32[pr][v] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live,
                     _mm512_add_epi32(blk, _mm512_set1_epi32((int)offsetof(block_q8, s32) + 4 * pr)), x0, 1);
@@ -548,11 +550,92 @@ AVX512 static void iq1_s_gemm_dispatch(const uint8_t *w, const int32_t *corr, co
 #undef GEMM_CASE
 }
 
+/* One IQ2_XXS row as signed bytes g*sign per weight, with per sub-block 2s+1 and the sum of its
+ * 32 weights (to undo the +128 of unsigned activations), and the block scales. */
+AVX512 static void iq2_xxs_decode_row(const block_iq2_xxs *b, int nb, int8_t *w, int32_t *ls, int32_t *wsum, float *dw) {
+    const __m512i sign_fields = _mm512_set1_epi64(0x352e2720LL);
+    const __m512i sign_bits = _mm512_set_epi64(0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL,
+                                               0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL);
+    const __m512i group_byte = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0);
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int ib = 0; ib < nb; ib++) {
+        const block_iq2_xxs *blk = b + ib;
+        const __m512i all = _mm512_loadu_si512(blk->qs);
+        const __m512i s7 = _mm512_and_si512(_mm512_multishift_epi64_epi8(sign_fields, all), _mm512_set1_epi8(0x7f));
+        const __m512i signs = _mm512_ternarylogic_epi64(s7, _mm512_slli_epi16(_mm512_popcnt_epi8(s7), 7), _mm512_set1_epi8((char)0x80), 0xF8);
+        for (int c = 0; c < 4; c++) {
+            const __m512i idx = _mm512_maskz_permutexvar_epi8(0x0101010101010101ULL, _mm512_add_epi64(group_byte, _mm512_set1_epi64(16 * c)), all);
+            const __m512i g = _mm512_i64gather_epi64(idx, (const long long *)iq2xxs_grid, 8);
+            const __m512i pair = _mm512_permutexvar_epi64(_mm512_set_epi64(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c), signs);
+            const __mmask64 neg = _mm512_bitshuffle_epi64_mask(pair, sign_bits);
+            const __m512i ws = _mm512_mask_sub_epi8(g, neg, _mm512_setzero_si512(), g);
+            _mm512_storeu_si512(w + (size_t)ib * QK + 64 * c, ws);
+            const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, ws); /* 16 sums of 4 */
+            wsum[8 * ib + 2 * c] = _mm512_mask_reduce_add_epi32(0x00FF, sums);
+            wsum[8 * ib + 2 * c + 1] = _mm512_mask_reduce_add_epi32(0xFF00, sums);
+        }
+        for (int sb = 0; sb < 8; sb++) {
+            uint32_t meta;
+            memcpy(&meta, (const uint8_t *)blk->qs + 8 * sb + 4, 4);
+            ls[8 * ib + sb] = 2 * (int32_t)(meta >> 28) + 1;
+        }
+        dw[ib] = _cvtsh_ss(blk->d);
+    }
+}
+
+/* `rows` (1 or 2) decoded IQ2_XXS rows against a panel of unsigned activations (q + 128). */
+AVX512 INLINE void iq2_xxs_gemm_rows(const int8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
+                                     size_t row_stride, const panel_block *panel, int nb, const int rows, const int V,
+                                     float *res) {
+    for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        __m512i total[2][PANEL_V];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < V; v++) total[r][v] = _mm512_setzero_si512();
+        const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
+        for (int sb = 0; sb < 8; sb++) {
+            __m512i acc[2][PANEL_V];
+            for (int r = 0; r < rows; r++)
+                for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
+            for (int j = 8 * sb; j < 8 * sb + 8; j++) {
+                __m512i wb[2];
+                for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
+                for (int v = 0; v < V; v++) {
+                    const __m512i xv = panel[ib].q[j][v];
+                    for (int r = 0; r < rows; r++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xv, wb[r]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const int32_t k = 8 * ((int32_t)(r * row_stride / QK) + ib) + sb;
+                const __m512i scale = _mm512_set1_epi32(ls[k]), shift = _mm512_set1_epi32(128 * wsum[k]);
+                for (int v = 0; v < V; v++)
+                    total[r][v] = _mm512_add_epi32(total[r][v], _mm512_mullo_epi32(_mm512_sub_epi32(acc[r][v], shift), scale));
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
+            for (int v = 0; v < V; v++) {
+                float *out = res + (size_t)(r * PANEL_V + v) * 16;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(scale, panel[ib].d[v]),
+                                                      _mm512_loadu_ps(out)));
+            }
+        }
+    }
+}
+
+AVX512 static void iq2_xxs_gemm_dispatch(const int8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
+                                         size_t row_stride, const panel_block *panel, int nb, int rows, int V, float *res) {
+#define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq2_xxs_gemm_rows(w, ls, wsum, dw, row_stride, panel, nb, R, VV, res); return; }
+    GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
+    GEMM_CASE(1, 4) GEMM_CASE(1, 3) GEMM_CASE(1, 2) GEMM_CASE(1, 1)
+#undef GEMM_CASE
+}
+
 /* Per-thread scratch of the GEMM path: the panel and GEMM_ROWS decoded rows. */
 typedef struct {
     panel_block *panel;
     uint8_t *w;
-    int32_t *corr;
+    int32_t *corr, *ls, *wsum;
     float *dw;
 } gemm_scratch;
 
@@ -560,6 +643,8 @@ static void gemm_scratch_free(gemm_scratch *g) {
     free(g->panel);
     free(g->w);
     free(g->corr);
+    free(g->ls);
+    free(g->wsum);
     free(g->dw);
 }
 
@@ -567,8 +652,10 @@ static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
     g->panel = aligned_alloc(64, sizeof(panel_block) * (size_t)nb);
     g->w = aligned_alloc(64, (size_t)GEMM_ROWS * nb * QK);
     g->corr = malloc(sizeof(int32_t) * 4 * GEMM_ROWS * (size_t)nb);
+    g->ls = malloc(sizeof(int32_t) * 8 * GEMM_ROWS * (size_t)nb);
+    g->wsum = malloc(sizeof(int32_t) * 8 * GEMM_ROWS * (size_t)nb);
     g->dw = malloc(sizeof(float) * GEMM_ROWS * (size_t)nb);
-    if (g->panel && g->w && g->corr && g->dw) return 1;
+    if (g->panel && g->w && g->corr && g->ls && g->wsum && g->dw) return 1;
     gemm_scratch_free(g); /* the tile kernels take over */
     return 0;
 }
@@ -587,6 +674,23 @@ AVX512 static void iq1_s_rows_gemm(const block_iq1_s *wm, int nb, int r0, int r1
             iq1_s_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->corr + (size_t)i * 4 * nb,
                              g->dw + (size_t)i * nb);
         iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
+        for (int i = 0; i < rows; i++)
+            for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+    }
+}
+
+/* The same for the rows of an IQ2_XXS matrix (the panel built with to_unsigned). */
+AVX512 static void iq2_xxs_rows_gemm(const block_iq2_xxs *wm, int nb, int r0, int r1, const gemm_scratch *g,
+                                     const int *pairs, int n_pairs, float *y, int y_width) {
+    const int V = (n_pairs + 15) / 16;
+    const size_t row_stride = (size_t)nb * QK;
+    float res[2 * PANEL_V * 16];
+    for (int r = r0; r < r1; r += 2) {
+        const int rows = r + 1 < r1 ? 2 : 1;
+        for (int i = 0; i < rows; i++)
+            iq2_xxs_decode_row(wm + (size_t)(r + i) * nb, nb, (int8_t *)g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
+                               g->wsum + (size_t)i * 8 * nb, g->dw + (size_t)i * nb);
+        iq2_xxs_gemm_dispatch((const int8_t *)g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, rows, V, res);
         for (int i = 0; i < rows; i++)
             for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
     }
@@ -830,13 +934,14 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
     /* IQ1_S gate and up with many tokens per expert: the GEMM path (AVX-512 only) */
     const int gemm = X86 && tg->fast && dot_gate == tg->fast && tg->type == TYPE_IQ1_S && tu->type == TYPE_IQ1_S;
+    const int gemm_down = X86 && td->fast && dot_down == td->fast && td->type == TYPE_IQ2_XXS;
 
 #pragma omp parallel num_threads(n_threads)
     {
         FLUSH_DENORMALS_BEGIN
 #if X86
         gemm_scratch scratch = {0};
-        const int have_scratch = gemm && gemm_scratch_alloc(&scratch, nb_d);
+        const int have_scratch = (gemm || gemm_down) && gemm_scratch_alloc(&scratch, nb_d > nb_ff ? nb_d : nb_ff);
 #endif
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
@@ -847,8 +952,8 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
             const uint8_t *gate_e = (const uint8_t *)gate + (size_t)tk.expert * n_ff * gate_row;
             const uint8_t *up_e = (const uint8_t *)up + (size_t)tk.expert * n_ff * up_row;
 #if X86
-            if (have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
-                iq1_s_panel(xq, nb_d, pairs, tk.n_pairs, k, scratch.panel);
+            if (gemm && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
+                build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
                 iq1_s_rows_gemm((const block_iq1_s *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
                 iq1_s_rows_gemm((const block_iq1_s *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
                 continue;
@@ -867,6 +972,15 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_down_tasks; i++) {
             const task tk = down_tasks[i];
+#if X86
+            if (gemm_down && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
+                const int *pairs = order + start[tk.expert] + tk.pair0;
+                build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 1, scratch.panel);
+                iq2_xxs_rows_gemm((const block_iq2_xxs *)((const uint8_t *)down + (size_t)tk.expert * d * down_row), nb_ff,
+                                  tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
+                continue;
+            }
+#endif
             rows_times_tokens(dot_down, (const uint8_t *)down + (size_t)tk.expert * d * down_row, down_row, nb_ff,
                               tk.row0, tk.row1, hq, order + start[tk.expert] + tk.pair0, tk.n_pairs, 1, y, d);
         }
