@@ -262,39 +262,47 @@ static void dot_q6_k_ref(const void *row, const block_q8 *const *x, int nt, int 
  * second): bytes 0..31 map g+1 to (g+1)*8*(2s+1) for the first, bytes 32..63 for the second. */
 static uint8_t iq1s_scale_lut[64][64];
 
-AVX512 INLINE void iq1_s_tile(const block_iq1_s *b, const block_q8 *const *x, const int nt, int nb, float *out) {
-    __m512 accf[TILE];
-    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
+/* One IQ1_S block as 4 vectors of 64 weight bytes (g+1)*8*(2s+1) and -(2s+1)*m per sub-block
+ * (int16, for the correction with the activations' 32-sums). */
+AVX512 INLINE void iq1_s_block(const block_iq1_s *blk, __m512i w[4], __m128i *neg_lsm) {
     /* word i of the index vector takes qh[i/4] >> 3*(i%4) */
     const __m512i qh_of_group = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4,
                                                  3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     const __m512i group_shift = _mm512_set_epi16(9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0,
                                                  9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0);
     const __m512i high_bits = _mm512_set1_epi16(7 << 8);
+    const __m128i qh = _mm_loadu_si128((const __m128i *)blk->qh);
+    /* the 32 grid indices of the block, 11 bits each, as words */
+    const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs));
+    const __m512i hi = _mm512_srlv_epi16(_mm512_permutexvar_epi16(qh_of_group, _mm512_castsi128_si512(qh)), group_shift);
+    const __m512i idx = _mm512_ternarylogic_epi64(_mm512_slli_epi16(hi, 8), high_bits, lo, 0xEA);
+    const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
+    const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
+    const __m256i group_idx[4] = {_mm512_castsi512_si256(idx_lo), _mm512_extracti64x4_epi64(idx_lo, 1),
+                                  _mm512_castsi512_si256(idx_hi), _mm512_extracti64x4_epi64(idx_hi, 1)};
+    for (int c = 0; c < 4; c++) {
+        const __m512i u = _mm512_i32gather_epi64(group_idx[c], (const long long *)iq1s_grid, 8);
+        const int pair = ((blk->qh[2 * c] >> 12) & 7) | ((blk->qh[2 * c + 1] >> 9) & 0x38);
+        w[c] = _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[pair]), u);
+    }
+    const __m128i s3 = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
+    const __m128i ls = _mm_add_epi16(_mm_slli_epi16(s3, 1), _mm_set1_epi16(1));
+    const __m128i m = _mm_add_epi16(_mm_set1_epi16(7), _mm_slli_epi16(_mm_srli_epi16(qh, 15), 1));
+    *neg_lsm = _mm_sub_epi16(_mm_setzero_si128(), _mm_mullo_epi16(ls, m));
+}
+
+AVX512 INLINE void iq1_s_tile(const block_iq1_s *b, const block_q8 *const *x, const int nt, int nb, float *out) {
+    __m512 accf[TILE];
+    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
     for (int ib = 0; ib < nb; ib++) {
         const block_iq1_s *blk = b + ib;
-        const __m128i qh = _mm_loadu_si128((const __m128i *)blk->qh);
-        /* the 32 grid indices of the block, 11 bits each, as words */
-        const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs));
-        const __m512i hi = _mm512_srlv_epi16(_mm512_permutexvar_epi16(qh_of_group, _mm512_castsi128_si512(qh)), group_shift);
-        const __m512i idx = _mm512_ternarylogic_epi64(_mm512_slli_epi16(hi, 8), high_bits, lo, 0xEA);
-        const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
-        const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
-        const __m256i group_idx[4] = {_mm512_castsi512_si256(idx_lo), _mm512_extracti64x4_epi64(idx_lo, 1),
-                                      _mm512_castsi512_si256(idx_hi), _mm512_extracti64x4_epi64(idx_hi, 1)};
-        /* -ls*m per sub-block (int16) for the correction term with the activation sums */
-        const __m128i s3 = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
-        const __m128i ls = _mm_add_epi16(_mm_slli_epi16(s3, 1), _mm_set1_epi16(1));
-        const __m128i m = _mm_add_epi16(_mm_set1_epi16(7), _mm_slli_epi16(_mm_srli_epi16(qh, 15), 1));
-        const __m128i neg_lsm = _mm_sub_epi16(_mm_setzero_si128(), _mm_mullo_epi16(ls, m));
+        __m512i w[4];
+        __m128i neg_lsm;
+        iq1_s_block(blk, w, &neg_lsm);
         __m512i acc[TILE];
         for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
-        for (int c = 0; c < 4; c++) {
-            const __m512i u = _mm512_i32gather_epi64(group_idx[c], (const long long *)iq1s_grid, 8);
-            const int pair = ((blk->qh[2 * c] >> 12) & 7) | ((blk->qh[2 * c + 1] >> 9) & 0x38);
-            const __m512i w = _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[pair]), u);
-            for (int t = 0; t < nt; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], w, _mm512_loadu_si512(x[t][ib].q + 64 * c));
-        }
+        for (int c = 0; c < 4; c++)
+            for (int t = 0; t < nt; t++) acc[t] = _mm512_dpbusd_epi32(acc[t], w[c], _mm512_loadu_si512(x[t][ib].q + 64 * c));
         const float dw = _cvtsh_ss(blk->d);
         for (int t = 0; t < nt; t++) {
             const __m128i corr = _mm_madd_epi16(neg_lsm, _mm_loadu_si128((const __m128i *)x[t][ib].s32));
@@ -305,37 +313,46 @@ AVX512 INLINE void iq1_s_tile(const block_iq1_s *b, const block_q8 *const *x, co
     for (int t = 0; t < nt; t++) out[t] = 0.125f * _mm512_reduce_add_ps(accf[t]);
 }
 
-AVX512 INLINE void iq2_xxs_tile(const block_iq2_xxs *b, const block_q8 *const *x, const int nt, int nb, float *out) {
-    __m512 accf[TILE];
-    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
+/* One IQ2_XXS block: per 64 weights the grid bytes g (8/25/43) and the mask of negative ones,
+ * and 2s+1 of sub-block i in dword 2i+1 of `ls`. */
+AVX512 INLINE void iq2_xxs_block(const block_iq2_xxs *blk, __m512i g[4], __mmask64 neg[4], __m512i *ls) {
     /* bytes 0..3 of each sub-block's qword: its four 7-bit sign fields (bits 32, 39, 46, 53) */
     const __m512i sign_fields = _mm512_set1_epi64(0x352e2720LL);
     /* selector: bit j of sign byte g%4 in the qword that holds group g's signs */
     const __m512i sign_bits = _mm512_set_epi64(0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL,
                                                0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL);
     const __m512i group_byte = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0); /* grid byte of group g */
+    const __m512i all = _mm512_loadu_si512(blk->qs); /* 8 x (u32 grid bytes, u32 signs|scale) */
+    *ls = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(all, 28), 1), _mm512_set1_epi32(1));
+    /* sign bytes with their parity bit on top, as ggml's ksigns_iq2xs */
+    const __m512i s7 = _mm512_and_si512(_mm512_multishift_epi64_epi8(sign_fields, all), _mm512_set1_epi8(0x7f));
+    const __m512i signs = _mm512_ternarylogic_epi64(s7, _mm512_slli_epi16(_mm512_popcnt_epi8(s7), 7), _mm512_set1_epi8((char)0x80), 0xF8);
+    for (int c = 0; c < 4; c++) {
+        const __m512i idx = _mm512_maskz_permutexvar_epi8(0x0101010101010101ULL, _mm512_add_epi64(group_byte, _mm512_set1_epi64(16 * c)), all);
+        g[c] = _mm512_i64gather_epi64(idx, (const long long *)iq2xxs_grid, 8);
+        const __m512i pair = _mm512_permutexvar_epi64(_mm512_set_epi64(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c), signs);
+        neg[c] = _mm512_bitshuffle_epi64_mask(pair, sign_bits);
+    }
+}
+
+AVX512 INLINE void iq2_xxs_tile(const block_iq2_xxs *b, const block_q8 *const *x, const int nt, int nb, float *out) {
+    __m512 accf[TILE];
+    for (int t = 0; t < nt; t++) accf[t] = _mm512_setzero_ps();
     for (int ib = 0; ib < nb; ib++) {
         const block_iq2_xxs *blk = b + ib;
-        const __m512i all = _mm512_loadu_si512(blk->qs); /* 8 x (u32 grid bytes, u32 signs|scale) */
-        /* 2s+1 in the odd dwords (the sign/scale words) */
-        const __m512i ls = _mm512_add_epi32(_mm512_slli_epi32(_mm512_srli_epi32(all, 28), 1), _mm512_set1_epi32(1));
-        /* sign bytes with their parity bit on top, as ggml's ksigns_iq2xs */
-        const __m512i s7 = _mm512_and_si512(_mm512_multishift_epi64_epi8(sign_fields, all), _mm512_set1_epi8(0x7f));
-        const __m512i signs = _mm512_ternarylogic_epi64(s7, _mm512_slli_epi16(_mm512_popcnt_epi8(s7), 7), _mm512_set1_epi8((char)0x80), 0xF8);
+        __m512i g[4], ls;
+        __mmask64 neg[4];
+        iq2_xxs_block(blk, g, neg, &ls);
         __m512i acc[TILE];
         for (int t = 0; t < nt; t++) acc[t] = _mm512_setzero_si512();
         for (int c = 0; c < 4; c++) {
-            const __m512i idx = _mm512_maskz_permutexvar_epi8(0x0101010101010101ULL, _mm512_add_epi64(group_byte, _mm512_set1_epi64(16 * c)), all);
-            const __m512i g = _mm512_i64gather_epi64(idx, (const long long *)iq2xxs_grid, 8);
-            const __m512i pair = _mm512_permutexvar_epi64(_mm512_set_epi64(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c), signs);
-            const __mmask64 neg = _mm512_bitshuffle_epi64_mask(pair, sign_bits);
             /* scale of sub-block 2c in words 0..15, of 2c+1 in words 16..31 */
             const __m512i lsv = _mm512_permutexvar_epi16(
                 _mm512_inserti64x4(_mm512_set1_epi16(8 * c + 2), _mm256_set1_epi16(8 * c + 6), 1), ls);
             for (int t = 0; t < nt; t++) {
                 const __m512i q = _mm512_loadu_si512(x[t][ib].q + 64 * c);
-                const __m512i qs = _mm512_mask_sub_epi8(q, neg, _mm512_setzero_si512(), q);
-                acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(g, qs), lsv);
+                const __m512i qs = _mm512_mask_sub_epi8(q, neg[c], _mm512_setzero_si512(), q);
+                acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(g[c], qs), lsv);
             }
         }
         const float dw = _cvtsh_ss(blk->d);
@@ -479,31 +496,13 @@ AVX512 static void build_panel(const block_q8 *xq, int nb, const int *pairs, int
 /* One IQ1_S row as bytes (g+1)*8*(2s+1) per weight, -(2s+1)*m per sub-block as int16 pairs, and
  * the block scales: what iq1_s_tile computes per block, stored. */
 AVX512 static void iq1_s_decode_row(const block_iq1_s *b, int nb, uint8_t *w, int32_t *corr, float *dw) {
-    const __m512i qh_of_group = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4,
-                                                 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i group_shift = _mm512_set_epi16(9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0,
-                                                 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0);
-    const __m512i high_bits = _mm512_set1_epi16(7 << 8);
     for (int ib = 0; ib < nb; ib++) {
-        const block_iq1_s *blk = b + ib;
-        const __m128i qh = _mm_loadu_si128((const __m128i *)blk->qh);
-        const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs));
-        const __m512i hi = _mm512_srlv_epi16(_mm512_permutexvar_epi16(qh_of_group, _mm512_castsi128_si512(qh)), group_shift);
-        const __m512i idx = _mm512_ternarylogic_epi64(_mm512_slli_epi16(hi, 8), high_bits, lo, 0xEA);
-        const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
-        const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
-        const __m256i group_idx[4] = {_mm512_castsi512_si256(idx_lo), _mm512_extracti64x4_epi64(idx_lo, 1),
-                                      _mm512_castsi512_si256(idx_hi), _mm512_extracti64x4_epi64(idx_hi, 1)};
-        for (int c = 0; c < 4; c++) {
-            const __m512i u = _mm512_i32gather_epi64(group_idx[c], (const long long *)iq1s_grid, 8);
-            const int pair = ((blk->qh[2 * c] >> 12) & 7) | ((blk->qh[2 * c + 1] >> 9) & 0x38);
-            _mm512_storeu_si512(w + (size_t)ib * QK + 64 * c, _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[pair]), u));
-        }
-        const __m128i s3 = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
-        const __m128i ls = _mm_add_epi16(_mm_slli_epi16(s3, 1), _mm_set1_epi16(1));
-        const __m128i m = _mm_add_epi16(_mm_set1_epi16(7), _mm_slli_epi16(_mm_srli_epi16(qh, 15), 1));
-        _mm_storeu_si128((__m128i *)(corr + 4 * ib), _mm_sub_epi16(_mm_setzero_si128(), _mm_mullo_epi16(ls, m)));
-        dw[ib] = _cvtsh_ss(blk->d);
+        __m512i bytes[4];
+        __m128i neg_lsm;
+        iq1_s_block(b + ib, bytes, &neg_lsm);
+        for (int c = 0; c < 4; c++) _mm512_storeu_si512(w + (size_t)ib * QK + 64 * c, bytes[c]);
+        _mm_storeu_si128((__m128i *)(corr + 4 * ib), neg_lsm);
+        dw[ib] = _cvtsh_ss(b[ib].d);
     }
 }
 
@@ -553,33 +552,22 @@ AVX512 static void iq1_s_gemm_dispatch(const uint8_t *w, const int32_t *corr, co
 /* One IQ2_XXS row as signed bytes g*sign per weight, with per sub-block 2s+1 and the sum of its
  * 32 weights (to undo the +128 of unsigned activations), and the block scales. */
 AVX512 static void iq2_xxs_decode_row(const block_iq2_xxs *b, int nb, int8_t *w, int32_t *ls, int32_t *wsum, float *dw) {
-    const __m512i sign_fields = _mm512_set1_epi64(0x352e2720LL);
-    const __m512i sign_bits = _mm512_set_epi64(0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL,
-                                               0x1f1e1d1c1b1a1918LL, 0x1716151413121110LL, 0x0f0e0d0c0b0a0908LL, 0x0706050403020100LL);
-    const __m512i group_byte = _mm512_set_epi64(11, 10, 9, 8, 3, 2, 1, 0);
     const __m512i ones = _mm512_set1_epi8(1);
     for (int ib = 0; ib < nb; ib++) {
-        const block_iq2_xxs *blk = b + ib;
-        const __m512i all = _mm512_loadu_si512(blk->qs);
-        const __m512i s7 = _mm512_and_si512(_mm512_multishift_epi64_epi8(sign_fields, all), _mm512_set1_epi8(0x7f));
-        const __m512i signs = _mm512_ternarylogic_epi64(s7, _mm512_slli_epi16(_mm512_popcnt_epi8(s7), 7), _mm512_set1_epi8((char)0x80), 0xF8);
+        __m512i g[4], scales;
+        __mmask64 neg[4];
+        iq2_xxs_block(b + ib, g, neg, &scales);
         for (int c = 0; c < 4; c++) {
-            const __m512i idx = _mm512_maskz_permutexvar_epi8(0x0101010101010101ULL, _mm512_add_epi64(group_byte, _mm512_set1_epi64(16 * c)), all);
-            const __m512i g = _mm512_i64gather_epi64(idx, (const long long *)iq2xxs_grid, 8);
-            const __m512i pair = _mm512_permutexvar_epi64(_mm512_set_epi64(2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c + 1, 2 * c, 2 * c, 2 * c, 2 * c), signs);
-            const __mmask64 neg = _mm512_bitshuffle_epi64_mask(pair, sign_bits);
-            const __m512i ws = _mm512_mask_sub_epi8(g, neg, _mm512_setzero_si512(), g);
+            const __m512i ws = _mm512_mask_sub_epi8(g[c], neg[c], _mm512_setzero_si512(), g[c]);
             _mm512_storeu_si512(w + (size_t)ib * QK + 64 * c, ws);
             const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, ws); /* 16 sums of 4 */
             wsum[8 * ib + 2 * c] = _mm512_mask_reduce_add_epi32(0x00FF, sums);
             wsum[8 * ib + 2 * c + 1] = _mm512_mask_reduce_add_epi32(0xFF00, sums);
         }
-        for (int sb = 0; sb < 8; sb++) {
-            uint32_t meta;
-            memcpy(&meta, (const uint8_t *)blk->qs + 8 * sb + 4, 4);
-            ls[8 * ib + sb] = 2 * (int32_t)(meta >> 28) + 1;
-        }
-        dw[ib] = _cvtsh_ss(blk->d);
+        int32_t lanes[16];
+        _mm512_storeu_si512(lanes, scales);
+        for (int sb = 0; sb < 8; sb++) ls[8 * ib + sb] = lanes[2 * sb + 1];
+        dw[ib] = _cvtsh_ss(b[ib].d);
     }
 }
 
