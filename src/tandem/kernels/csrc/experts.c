@@ -619,12 +619,84 @@ AVX512 static void iq2_xxs_gemm_dispatch(const int8_t *w, const int32_t *ls, con
 #undef GEMM_CASE
 }
 
+/* One Q4_K row as codes 0..15 in value order, per block the 8 sub-block scales and mins (the
+ * mins as int16 pairs, for vpdpwssd with the activations' 32-sums) and d, dmin. */
+AVX512 static void q4_k_decode_row(const block_q4_k *b, int nb, uint8_t *w, int32_t *sc, int32_t *min_pairs,
+                                   float *dw, float *dmin) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int ib = 0; ib < nb; ib++) {
+        const block_q4_k *blk = b + ib;
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(blk->qs + 32 * c));
+            _mm256_storeu_si256((__m256i *)(w + (size_t)ib * QK + 64 * c), _mm256_and_si256(v, low4));
+            _mm256_storeu_si256((__m256i *)(w + (size_t)ib * QK + 64 * c + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+        }
+        uint8_t scales[8], mins[8];
+        q4_k_scales(blk->scales, scales, mins);
+        for (int j = 0; j < 8; j++) sc[8 * ib + j] = scales[j];
+        for (int p = 0; p < 4; p++) min_pairs[4 * ib + p] = (int32_t)((uint32_t)mins[2 * p] | ((uint32_t)mins[2 * p + 1] << 16));
+        dw[ib] = _cvtsh_ss(blk->d);
+        dmin[ib] = _cvtsh_ss(blk->dmin);
+    }
+}
+
+/* `rows` (1 or 2) decoded Q4_K rows against a panel of signed activations: per sub-block one
+ * integer sum, times its scale; the mins against the 32-sums; d and dmin in float. */
+AVX512 INLINE void q4_k_gemm_rows(const uint8_t *w, const int32_t *sc, const int32_t *min_pairs, const float *dw,
+                                  const float *dmin, size_t row_stride, const panel_block *panel, int nb,
+                                  const int rows, const int V, float *res) {
+    for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        __m512i total[2][PANEL_V];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < V; v++) total[r][v] = _mm512_setzero_si512();
+        const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
+        for (int sb = 0; sb < 8; sb++) {
+            __m512i acc[2][PANEL_V];
+            for (int r = 0; r < rows; r++)
+                for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
+            for (int j = 8 * sb; j < 8 * sb + 8; j++) {
+                __m512i wb[2];
+                for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
+                for (int v = 0; v < V; v++) {
+                    const __m512i xv = panel[ib].q[j][v];
+                    for (int r = 0; r < rows; r++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wb[r], xv);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const __m512i scale = _mm512_set1_epi32(sc[8 * ((size_t)r * nb + ib) + sb]);
+                for (int v = 0; v < V; v++) total[r][v] = _mm512_add_epi32(total[r][v], _mm512_mullo_epi32(acc[r][v], scale));
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const int32_t *mp = min_pairs + 4 * ((size_t)r * nb + ib);
+            const __m512 d = _mm512_set1_ps(dw[(size_t)r * nb + ib]), dm = _mm512_set1_ps(-dmin[(size_t)r * nb + ib]);
+            for (int v = 0; v < V; v++) {
+                __m512i summ = _mm512_setzero_si512();
+                for (int pr = 0; pr < 4; pr++) summ = _mm512_dpwssd_epi32(summ, _mm512_set1_epi32(mp[pr]), panel[ib].s32[pr][v]);
+                float *out = res + (size_t)(r * PANEL_V + v) * 16;
+                __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(d, panel[ib].d[v]), _mm512_loadu_ps(out));
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dm, panel[ib].d[v]), acc));
+            }
+        }
+    }
+}
+
+AVX512 static void q4_k_gemm_dispatch(const uint8_t *w, const int32_t *sc, const int32_t *min_pairs, const float *dw,
+                                      const float *dmin, size_t row_stride, const panel_block *panel, int nb, int rows,
+                                      int V, float *res) {
+#define GEMM_CASE(R, VV) if (rows == R && V == VV) { q4_k_gemm_rows(w, sc, min_pairs, dw, dmin, row_stride, panel, nb, R, VV, res); return; }
+    GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
+    GEMM_CASE(1, 4) GEMM_CASE(1, 3) GEMM_CASE(1, 2) GEMM_CASE(1, 1)
+#undef GEMM_CASE
+}
+
 /* Per-thread scratch of the GEMM path: the panel and GEMM_ROWS decoded rows. */
 typedef struct {
     panel_block *panel;
     uint8_t *w;
     int32_t *corr, *ls, *wsum;
-    float *dw;
+    float *dw, *dmin;
 } gemm_scratch;
 
 static void gemm_scratch_free(gemm_scratch *g) {
@@ -634,6 +706,7 @@ static void gemm_scratch_free(gemm_scratch *g) {
     free(g->ls);
     free(g->wsum);
     free(g->dw);
+    free(g->dmin);
 }
 
 static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
@@ -643,7 +716,8 @@ static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
     g->ls = malloc(sizeof(int32_t) * 8 * GEMM_ROWS * (size_t)nb);
     g->wsum = malloc(sizeof(int32_t) * 8 * GEMM_ROWS * (size_t)nb);
     g->dw = malloc(sizeof(float) * GEMM_ROWS * (size_t)nb);
-    if (g->panel && g->w && g->corr && g->ls && g->wsum && g->dw) return 1;
+    g->dmin = malloc(sizeof(float) * GEMM_ROWS * (size_t)nb);
+    if (g->panel && g->w && g->corr && g->ls && g->wsum && g->dw && g->dmin) return 1;
     gemm_scratch_free(g); /* the tile kernels take over */
     return 0;
 }
@@ -679,6 +753,24 @@ AVX512 static void iq2_xxs_rows_gemm(const block_iq2_xxs *wm, int nb, int r0, in
             iq2_xxs_decode_row(wm + (size_t)(r + i) * nb, nb, (int8_t *)g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
                                g->wsum + (size_t)i * 8 * nb, g->dw + (size_t)i * nb);
         iq2_xxs_gemm_dispatch((const int8_t *)g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, rows, V, res);
+        for (int i = 0; i < rows; i++)
+            for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+    }
+}
+
+/* The same for the rows of a Q4_K matrix (panel of signed activations). Scratch: ls holds the
+ * sub-block scales, corr the min pairs. */
+AVX512 static void q4_k_rows_gemm(const block_q4_k *wm, int nb, int r0, int r1, const gemm_scratch *g,
+                                  const int *pairs, int n_pairs, float *y, int y_width) {
+    const int V = (n_pairs + 15) / 16;
+    const size_t row_stride = (size_t)nb * QK;
+    float res[2 * PANEL_V * 16];
+    for (int r = r0; r < r1; r += 2) {
+        const int rows = r + 1 < r1 ? 2 : 1;
+        for (int i = 0; i < rows; i++)
+            q4_k_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
+                            g->corr + (size_t)i * 4 * nb, g->dw + (size_t)i * nb, g->dmin + (size_t)i * nb);
+        q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, rows, V, res);
         for (int i = 0; i < rows; i++)
             for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
     }
@@ -920,8 +1012,10 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     plan_tasks(up_tasks, count, n_expert, n_ff, gate_row + up_row, x_bytes);
     plan_tasks(down_tasks, count, n_expert, d, down_row, h_bytes);
     const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
-    /* IQ1_S gate and up with many tokens per expert: the GEMM path (AVX-512 only) */
-    const int gemm = X86 && tg->fast && dot_gate == tg->fast && tg->type == TYPE_IQ1_S && tu->type == TYPE_IQ1_S;
+    /* gate and up (IQ1_S or Q4_K), down (IQ2_XXS) with many tokens per expert: the GEMM paths
+     * (AVX-512 only) */
+    const int gemm = X86 && tg->fast && dot_gate == tg->fast && tg->type == tu->type &&
+                     (tg->type == TYPE_IQ1_S || tg->type == TYPE_Q4_K);
     const int gemm_down = X86 && td->fast && dot_down == td->fast && td->type == TYPE_IQ2_XXS;
 
 #pragma omp parallel num_threads(n_threads)
@@ -942,8 +1036,13 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
             if (gemm && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
-                iq1_s_rows_gemm((const block_iq1_s *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
-                iq1_s_rows_gemm((const block_iq1_s *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
+                if (tg->type == TYPE_IQ1_S) {
+                    iq1_s_rows_gemm((const block_iq1_s *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
+                    iq1_s_rows_gemm((const block_iq1_s *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
+                } else {
+                    q4_k_rows_gemm((const block_q4_k *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
+                    q4_k_rows_gemm((const block_q4_k *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
+                }
                 continue;
             }
 #endif
