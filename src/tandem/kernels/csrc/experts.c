@@ -571,6 +571,24 @@ AVX512 static void iq2_xxs_decode_row(const block_iq2_xxs *b, int nb, int8_t *w,
     }
 }
 
+/* Integer sums over the 32 weights of sub-block sb for `rows` (1 or 2) rows and V token
+ * vectors; the weights are the unsigned operand of vpdpbusd (weights_unsigned) or the signed one
+ * (against activations + 128). */
+AVX512 INLINE void gemm_sub_block(const int32_t *w32, size_t row_stride, const panel_block *pb, int sb, const int rows,
+                                  const int V, const int weights_unsigned, __m512i acc[2][PANEL_V]) {
+    for (int r = 0; r < rows; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
+    for (int j = 8 * sb; j < 8 * sb + 8; j++) {
+        __m512i wb[2];
+        for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
+        for (int v = 0; v < V; v++) {
+            const __m512i xv = pb->q[j][v];
+            for (int r = 0; r < rows; r++)
+                acc[r][v] = weights_unsigned ? _mm512_dpbusd_epi32(acc[r][v], wb[r], xv) : _mm512_dpbusd_epi32(acc[r][v], xv, wb[r]);
+        }
+    }
+}
+
 /* `rows` (1 or 2) decoded IQ2_XXS rows against a panel of unsigned activations (q + 128). */
 AVX512 INLINE void iq2_xxs_gemm_rows(const int8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
                                      size_t row_stride, const panel_block *panel, int nb, const int rows, const int V,
@@ -583,16 +601,7 @@ AVX512 INLINE void iq2_xxs_gemm_rows(const int8_t *w, const int32_t *ls, const i
         const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
         for (int sb = 0; sb < 8; sb++) {
             __m512i acc[2][PANEL_V];
-            for (int r = 0; r < rows; r++)
-                for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
-            for (int j = 8 * sb; j < 8 * sb + 8; j++) {
-                __m512i wb[2];
-                for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
-                for (int v = 0; v < V; v++) {
-                    const __m512i xv = panel[ib].q[j][v];
-                    for (int r = 0; r < rows; r++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xv, wb[r]);
-                }
-            }
+            gemm_sub_block(w32, row_stride, &panel[ib], sb, rows, V, 0, acc);
             for (int r = 0; r < rows; r++) {
                 const int32_t k = 8 * ((int32_t)(r * row_stride / QK) + ib) + sb;
                 const __m512i scale = _mm512_set1_epi32(ls[k]), shift = _mm512_set1_epi32(128 * wsum[k]);
@@ -653,16 +662,7 @@ AVX512 INLINE void q4_k_gemm_rows(const uint8_t *w, const int32_t *sc, const int
         const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
         for (int sb = 0; sb < 8; sb++) {
             __m512i acc[2][PANEL_V];
-            for (int r = 0; r < rows; r++)
-                for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
-            for (int j = 8 * sb; j < 8 * sb + 8; j++) {
-                __m512i wb[2];
-                for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
-                for (int v = 0; v < V; v++) {
-                    const __m512i xv = panel[ib].q[j][v];
-                    for (int r = 0; r < rows; r++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wb[r], xv);
-                }
-            }
+            gemm_sub_block(w32, row_stride, &panel[ib], sb, rows, V, 1, acc);
             for (int r = 0; r < rows; r++) {
                 const __m512i scale = _mm512_set1_epi32(sc[8 * ((size_t)r * nb + ib) + sb]);
                 for (int v = 0; v < V; v++) total[r][v] = _mm512_add_epi32(total[r][v], _mm512_mullo_epi32(acc[r][v], scale));
@@ -723,6 +723,12 @@ static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
 }
 
 
+/* res (row i, pair p at [i][p / 16][p % 16]) into y[pairs[p], r + i]. */
+static void scatter_results(const float *res, int rows, int r, const int *pairs, int n_pairs, float *y, int y_width) {
+    for (int i = 0; i < rows; i++)
+        for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+}
+
 /* Rows [r0, r1) of an IQ1_S matrix times the up to 64 pairs whose panel is in g; y[pairs[i], r]
  * takes each result (as rows_times_tokens). */
 AVX512 static void iq1_s_rows_gemm(const block_iq1_s *wm, int nb, int r0, int r1, const gemm_scratch *g,
@@ -736,8 +742,7 @@ AVX512 static void iq1_s_rows_gemm(const block_iq1_s *wm, int nb, int r0, int r1
             iq1_s_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->corr + (size_t)i * 4 * nb,
                              g->dw + (size_t)i * nb);
         iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
-        for (int i = 0; i < rows; i++)
-            for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
     }
 }
 
@@ -753,8 +758,7 @@ AVX512 static void iq2_xxs_rows_gemm(const block_iq2_xxs *wm, int nb, int r0, in
             iq2_xxs_decode_row(wm + (size_t)(r + i) * nb, nb, (int8_t *)g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
                                g->wsum + (size_t)i * 8 * nb, g->dw + (size_t)i * nb);
         iq2_xxs_gemm_dispatch((const int8_t *)g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, rows, V, res);
-        for (int i = 0; i < rows; i++)
-            for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
     }
 }
 
@@ -771,8 +775,7 @@ AVX512 static void q4_k_rows_gemm(const block_q4_k *wm, int nb, int r0, int r1, 
             q4_k_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
                             g->corr + (size_t)i * 4 * nb, g->dw + (size_t)i * nb, g->dmin + (size_t)i * nb);
         q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, rows, V, res);
-        for (int i = 0; i < rows; i++)
-            for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
     }
 }
 
