@@ -235,7 +235,9 @@ def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -
     if shape is None:
         return {}
     device, host = workspace_bytes(max(per_layer.values()), shape[1], shape[2], tokens, c.n_expert_used)
-    return {str(streamer.device): device, "cpu": host}
+    workspace = {"cpu": host}
+    workspace[str(streamer.device)] = workspace.get(str(streamer.device), 0) + device
+    return workspace
 
 
 @dataclass(frozen=True)
