@@ -66,3 +66,19 @@ def test_gpu_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
     assert relative_error(ours, reference) < 0.03
     assert top1_agreement(ours, reference) > 0.9
     assert len(generated) == 8
+
+
+def test_llm_wires_a_streamer_plans_its_memory_and_prefills_in_long_passes(tiny_q8, monkeypatch):
+    """What LLM does when it finds a GPU, with the streamer on the CPU instead: every MoE gets
+    it, the memory plan carries its workspace, passes grow to 2048 tokens, logits hold."""
+    from tandem.runtime import llm as llm_module
+
+    with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=64) as llm:
+        reference = llm.logits(tokens(40))
+    monkeypatch.setattr(llm_module, "_streamer", lambda devices, m: ExpertStreamer("cpu", 16))
+    with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=64) as llm:
+        assert all(e.streamer is not None for e in _experts(llm))
+        assert llm.prefill_chunk == 2048 and llm.gpu_experts_from == 16
+        assert llm.memory.workspace["cpu"] > 0
+        ours = llm.logits(tokens(40))
+    assert relative_error(ours, reference) < 0.03
