@@ -449,11 +449,12 @@ AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, cons
     for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(accf[t]);
 }
 
-/* ---- IQ1_S with many tokens per expert (prefill): a GEMM with the tokens in the lanes ----
+/* ---- Many tokens per expert (prefill): GEMMs with the tokens in the vector lanes ----
  * A task's activations are laid out once as a panel: per block and 4-value group, one vector of
- * 16 tokens x 4 bytes. Each weight row is decoded once into bytes (scale folded in, as above);
- * then every 4 weights of a row are one broadcast and one vpdpbusd per 16 tokens, and the
- * sub-block correction one vpdpwssd per 2 sub-blocks. Same integer sums as iq1_s_tile. */
+ * 16 tokens x 4 bytes. Each weight row is decoded once into bytes; then every 4 weights of a row
+ * are one broadcast and one vpdpbusd per 16 tokens. IQ1_S folds its scales into the bytes (as
+ * above) and corrects with one vpdpwssd per 2 sub-blocks; IQ2_XXS and Q4_K sum per sub-block
+ * and multiply by its scale. Same integer sums as the tile kernels. */
 #define PANEL_V 4 /* token vectors per panel: TOKEN_BLOCK / 16 */
 #define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels */
 #define GEMM_ROWS 4 /* weight rows per register block */
@@ -469,7 +470,7 @@ typedef struct {
 AVX512 static void build_panel(const block_q8 *xq, int nb, const int *pairs, int n_pairs, int x_div,
                                int to_unsigned, panel_block *panel) {
     const __m512i flip = _mm512_set1_epi8(to_unsigned ? (char)0x80 : 0);
-    for (int v = 0; v < PANEL_V; v++) {
+    for (int v = 0; v < (n_pairs + 15) / 16; v++) { /* the GEMMs read no vector past n_pairs */
         int32_t offs[16];
         __mmask16 live = 0;
         for (int i = 0; i < 16; i++) {
