@@ -572,44 +572,46 @@ AVX512 static void iq2_xxs_decode_row(const block_iq2_xxs *b, int nb, int8_t *w,
     }
 }
 
-/* Integer sums over the 32 weights of sub-block sb for `rows` (1 or 2) rows and V token
- * vectors; the weights are the unsigned operand of vpdpbusd (weights_unsigned) or the signed one
- * (against activations + 128). */
-AVX512 INLINE void gemm_sub_block(const int32_t *w32, size_t row_stride, const panel_block *pb, int sb, const int rows,
-                                  const int V, const int weights_unsigned, __m512i acc[2][PANEL_V]) {
+/* For `rows` (1 or 2) decoded rows, V token vectors and block ib: the integer sum over each
+ * 32-weight sub-block, times the sub-block's scale (scales[8 * (r * nb + ib) + sb]), added up.
+ * wsum NULL: unsigned weight bytes against signed activations; else signed weight bytes against
+ * activations + 128, and wsum (the sub-blocks' weight sums, same index) takes the 128s out. */
+AVX512 INLINE void scaled_sub_block_sums(const uint8_t *w, size_t row_stride, const panel_block *pb, int nb, int ib,
+                                         const int32_t *scales, const int32_t *wsum, const int rows, const int V,
+                                         __m512i total[2][PANEL_V]) {
+    const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
     for (int r = 0; r < rows; r++)
-        for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
-    for (int j = 8 * sb; j < 8 * sb + 8; j++) {
-        __m512i wb[2];
-        for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
-        for (int v = 0; v < V; v++) {
-            const __m512i xv = pb->q[j][v];
-            for (int r = 0; r < rows; r++)
-                acc[r][v] = weights_unsigned ? _mm512_dpbusd_epi32(acc[r][v], wb[r], xv) : _mm512_dpbusd_epi32(acc[r][v], xv, wb[r]);
+        for (int v = 0; v < V; v++) total[r][v] = _mm512_setzero_si512();
+    for (int sb = 0; sb < 8; sb++) {
+        __m512i acc[2][PANEL_V];
+        for (int r = 0; r < rows; r++)
+            for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
+        for (int j = 8 * sb; j < 8 * sb + 8; j++) {
+            __m512i wb[2];
+            for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
+            for (int v = 0; v < V; v++) {
+                const __m512i xv = pb->q[j][v];
+                for (int r = 0; r < rows; r++)
+                    acc[r][v] = wsum ? _mm512_dpbusd_epi32(acc[r][v], xv, wb[r]) : _mm512_dpbusd_epi32(acc[r][v], wb[r], xv);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            const size_t k = 8 * ((size_t)r * nb + ib) + sb;
+            const __m512i scale = _mm512_set1_epi32(scales[k]), shift = _mm512_set1_epi32(wsum ? 128 * wsum[k] : 0);
+            for (int v = 0; v < V; v++)
+                total[r][v] = _mm512_add_epi32(total[r][v], _mm512_mullo_epi32(_mm512_sub_epi32(acc[r][v], shift), scale));
         }
     }
 }
 
 /* `rows` (1 or 2) decoded IQ2_XXS rows against a panel of unsigned activations (q + 128). */
-AVX512 INLINE void iq2_xxs_gemm_rows(const int8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
+AVX512 INLINE void iq2_xxs_gemm_rows(const uint8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
                                      size_t row_stride, const panel_block *panel, int nb, const int rows, const int V,
                                      float *res) {
     for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
     for (int ib = 0; ib < nb; ib++) {
         __m512i total[2][PANEL_V];
-        for (int r = 0; r < rows; r++)
-            for (int v = 0; v < V; v++) total[r][v] = _mm512_setzero_si512();
-        const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
-        for (int sb = 0; sb < 8; sb++) {
-            __m512i acc[2][PANEL_V];
-            gemm_sub_block(w32, row_stride, &panel[ib], sb, rows, V, 0, acc);
-            for (int r = 0; r < rows; r++) {
-                const int32_t k = 8 * ((int32_t)(r * row_stride / QK) + ib) + sb;
-                const __m512i scale = _mm512_set1_epi32(ls[k]), shift = _mm512_set1_epi32(128 * wsum[k]);
-                for (int v = 0; v < V; v++)
-                    total[r][v] = _mm512_add_epi32(total[r][v], _mm512_mullo_epi32(_mm512_sub_epi32(acc[r][v], shift), scale));
-            }
-        }
+        scaled_sub_block_sums(w, row_stride, &panel[ib], nb, ib, ls, wsum, rows, V, total);
         for (int r = 0; r < rows; r++) {
             const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
             for (int v = 0; v < V; v++) {
@@ -621,7 +623,7 @@ AVX512 INLINE void iq2_xxs_gemm_rows(const int8_t *w, const int32_t *ls, const i
     }
 }
 
-AVX512 static void iq2_xxs_gemm_dispatch(const int8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
+AVX512 static void iq2_xxs_gemm_dispatch(const uint8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
                                          size_t row_stride, const panel_block *panel, int nb, int rows, int V, float *res) {
 #define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq2_xxs_gemm_rows(w, ls, wsum, dw, row_stride, panel, nb, R, VV, res); return; }
     GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
@@ -658,17 +660,7 @@ AVX512 INLINE void q4_k_gemm_rows(const uint8_t *w, const int32_t *sc, const int
     for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
     for (int ib = 0; ib < nb; ib++) {
         __m512i total[2][PANEL_V];
-        for (int r = 0; r < rows; r++)
-            for (int v = 0; v < V; v++) total[r][v] = _mm512_setzero_si512();
-        const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
-        for (int sb = 0; sb < 8; sb++) {
-            __m512i acc[2][PANEL_V];
-            gemm_sub_block(w32, row_stride, &panel[ib], sb, rows, V, 1, acc);
-            for (int r = 0; r < rows; r++) {
-                const __m512i scale = _mm512_set1_epi32(sc[8 * ((size_t)r * nb + ib) + sb]);
-                for (int v = 0; v < V; v++) total[r][v] = _mm512_add_epi32(total[r][v], _mm512_mullo_epi32(acc[r][v], scale));
-            }
-        }
+        scaled_sub_block_sums(w, row_stride, &panel[ib], nb, ib, sc, NULL, rows, V, total);
         for (int r = 0; r < rows; r++) {
             const int32_t *mp = min_pairs + 4 * ((size_t)r * nb + ib);
             const __m512 d = _mm512_set1_ps(dw[(size_t)r * nb + ib]), dm = _mm512_set1_ps(-dmin[(size_t)r * nb + ib]);
@@ -730,52 +722,37 @@ static void scatter_results(const float *res, int rows, int r, const int *pairs,
         for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
 }
 
-/* Rows [r0, r1) of an IQ1_S matrix times the up to 64 pairs whose panel is in g; y[pairs[i], r]
- * takes each result (as rows_times_tokens). */
-AVX512 static void iq1_s_rows_gemm(const block_iq1_s *wm, int nb, int r0, int r1, const gemm_scratch *g,
-                                   const int *pairs, int n_pairs, float *y, int y_width) {
-    const int V = (n_pairs + 15) / 16;
+/* Rows [r0, r1) of a matrix of `type` (IQ1_S, IQ2_XXS or Q4_K) times the up to 64 pairs whose
+ * panel is in g (built with to_unsigned for IQ2_XXS); y[pairs[i], r] takes each result (as
+ * rows_times_tokens). Rows go GEMM_ROWS at a time for IQ1_S, 2 for the types that sum per
+ * sub-block (more accumulators). Scratch: IQ2_XXS keeps its scales in ls and its weight sums in
+ * wsum; Q4_K its scales in ls and its min pairs in corr. */
+AVX512 static void rows_gemm(int type, const void *wm, int nb, int r0, int r1, const gemm_scratch *g,
+                             const int *pairs, int n_pairs, float *y, int y_width) {
+    const int V = (n_pairs + 15) / 16, step = type == TYPE_IQ1_S ? GEMM_ROWS : 2;
     const size_t row_stride = (size_t)nb * QK;
     float res[GEMM_ROWS * PANEL_V * 16];
-    for (int r = r0; r < r1; r += GEMM_ROWS) {
-        const int rows = r1 - r < GEMM_ROWS ? r1 - r : GEMM_ROWS;
-        for (int i = 0; i < rows; i++)
-            iq1_s_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->corr + (size_t)i * 4 * nb,
-                             g->dw + (size_t)i * nb);
-        iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
-        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
-    }
-}
-
-/* The same for the rows of an IQ2_XXS matrix (the panel built with to_unsigned). */
-AVX512 static void iq2_xxs_rows_gemm(const block_iq2_xxs *wm, int nb, int r0, int r1, const gemm_scratch *g,
-                                     const int *pairs, int n_pairs, float *y, int y_width) {
-    const int V = (n_pairs + 15) / 16;
-    const size_t row_stride = (size_t)nb * QK;
-    float res[2 * PANEL_V * 16];
-    for (int r = r0; r < r1; r += 2) {
-        const int rows = r + 1 < r1 ? 2 : 1;
-        for (int i = 0; i < rows; i++)
-            iq2_xxs_decode_row(wm + (size_t)(r + i) * nb, nb, (int8_t *)g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
-                               g->wsum + (size_t)i * 8 * nb, g->dw + (size_t)i * nb);
-        iq2_xxs_gemm_dispatch((const int8_t *)g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, rows, V, res);
-        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
-    }
-}
-
-/* The same for the rows of a Q4_K matrix (panel of signed activations). Scratch: ls holds the
- * sub-block scales, corr the min pairs. */
-AVX512 static void q4_k_rows_gemm(const block_q4_k *wm, int nb, int r0, int r1, const gemm_scratch *g,
-                                  const int *pairs, int n_pairs, float *y, int y_width) {
-    const int V = (n_pairs + 15) / 16;
-    const size_t row_stride = (size_t)nb * QK;
-    float res[2 * PANEL_V * 16];
-    for (int r = r0; r < r1; r += 2) {
-        const int rows = r + 1 < r1 ? 2 : 1;
-        for (int i = 0; i < rows; i++)
-            q4_k_decode_row(wm + (size_t)(r + i) * nb, nb, g->w + i * row_stride, g->ls + (size_t)i * 8 * nb,
-                            g->corr + (size_t)i * 4 * nb, g->dw + (size_t)i * nb, g->dmin + (size_t)i * nb);
-        q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, rows, V, res);
+    for (int r = r0; r < r1; r += step) {
+        const int rows = r1 - r < step ? r1 - r : step;
+        for (int i = 0; i < rows; i++) {
+            const size_t row = (size_t)(r + i) * nb;
+            uint8_t *w = g->w + i * row_stride;
+            float *dw = g->dw + (size_t)i * nb;
+            if (type == TYPE_IQ1_S)
+                iq1_s_decode_row((const block_iq1_s *)wm + row, nb, w, g->corr + (size_t)i * 4 * nb, dw);
+            else if (type == TYPE_IQ2_XXS)
+                iq2_xxs_decode_row((const block_iq2_xxs *)wm + row, nb, (int8_t *)w, g->ls + (size_t)i * 8 * nb,
+                                   g->wsum + (size_t)i * 8 * nb, dw);
+            else
+                q4_k_decode_row((const block_q4_k *)wm + row, nb, w, g->ls + (size_t)i * 8 * nb,
+                                g->corr + (size_t)i * 4 * nb, dw, g->dmin + (size_t)i * nb);
+        }
+        if (type == TYPE_IQ1_S)
+            iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
+        else if (type == TYPE_IQ2_XXS)
+            iq2_xxs_gemm_dispatch(g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, rows, V, res);
+        else
+            q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, rows, V, res);
         scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
     }
 }
@@ -1040,13 +1017,8 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
             if (gemm && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
-                if (tg->type == TYPE_IQ1_S) {
-                    iq1_s_rows_gemm((const block_iq1_s *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
-                    iq1_s_rows_gemm((const block_iq1_s *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
-                } else {
-                    q4_k_rows_gemm((const block_q4_k *)gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
-                    q4_k_rows_gemm((const block_q4_k *)up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
-                }
+                rows_gemm(tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
+                rows_gemm(tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
                 continue;
             }
 #endif
@@ -1067,8 +1039,8 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
             if (gemm_down && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 const int *pairs = order + start[tk.expert] + tk.pair0;
                 build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 1, scratch.panel);
-                iq2_xxs_rows_gemm((const block_iq2_xxs *)((const uint8_t *)down + (size_t)tk.expert * d * down_row), nb_ff,
-                                  tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
+                rows_gemm(td->type, (const uint8_t *)down + (size_t)tk.expert * d * down_row, nb_ff, tk.row0, tk.row1,
+                          &scratch, pairs, tk.n_pairs, y, d);
                 continue;
             }
 #endif
