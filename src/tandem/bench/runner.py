@@ -3,7 +3,6 @@ RAM-bandwidth roofline of the routed experts. Warm-up runs are excluded; medians
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -12,9 +11,8 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine
+from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime.sampler import SamplingParams
-
-EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
 
 
 @dataclass
@@ -43,13 +41,8 @@ def _memory_kb(key: str) -> int:
 
 def expert_bytes_per_token(llm) -> int:
     """Bytes of routed-expert weights one token reads: k experts x (gate+up+down) per MoE layer."""
-    per_layer: dict[int, int] = {}
-    for name, info in llm.file.tensors.items():
-        match = EXPERTS.match(name)
-        if match:
-            per_layer[int(match[1])] = per_layer.get(int(match[1]), 0) + info.n_bytes // info.shape[0]
     k = getattr(llm.config, "n_expert_used", 0)
-    return k * sum(per_layer.values())
+    return k * sum(expert_bytes_per_layer(llm.file.tensors).values())
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:
@@ -74,7 +67,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     fitting = [n for n in cfg.prompt_lengths if n + cfg.new_tokens <= llm.ctx_size]
     llm.generate(prompt(max([8, *fitting])), 4)
     for n in cfg.prompt_lengths:
-        if n + cfg.new_tokens > llm.ctx_size:
+        if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
         runs = []

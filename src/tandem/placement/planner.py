@@ -15,6 +15,7 @@ from tandem.placement.rules import IN_PLACE_KERNELS, Placement, PlacementError, 
 GPU_HEADROOM = 1 << 30  # activations, CUDA context and allocator slack
 CPU_HEADROOM = 2 << 30
 LAYER = re.compile(r"^blk\.(\d+)\.")
+EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.")
 
 
 @dataclass
@@ -37,6 +38,16 @@ def placed_bytes(info: TensorInfo, p: Placement) -> int:
     if p.kernel in IN_PLACE_KERNELS:
         return info.n_bytes
     return info.n_elements * torch.tensor([], dtype=p.dtype).element_size()
+
+
+def expert_bytes_per_layer(tensors: dict[str, TensorInfo]) -> dict[int, int]:
+    """Bytes of one routed expert (gate + up + down, as stored) in each MoE layer."""
+    per_layer: dict[int, int] = defaultdict(int)
+    for name, info in tensors.items():
+        match = EXPERT_TENSOR.match(name)
+        if match:
+            per_layer[int(match[1])] += info.n_bytes // info.shape[0]
+    return dict(per_layer)
 
 
 def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement],

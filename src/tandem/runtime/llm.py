@@ -224,17 +224,12 @@ def _streamer(devices: list[torch.device], min_tokens: int | None) -> ExpertStre
 def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -> dict[str, int]:
     """Device and pinned host bytes the streamer needs for batches of `tokens`, sized by the
     largest layer's experts."""
-    per_layer: dict[str, int] = {}
-    shape = None
-    for name, info in tensors.items():
-        if "_exps." in name:
-            layer = name.split(".")[1]
-            per_layer[layer] = per_layer.get(layer, 0) + info.n_bytes // info.shape[0]
-            if "ffn_gate_exps" in name:
-                shape = info.shape  # [E, n_ff, d]
-    if shape is None:
+    per_layer = planner.expert_bytes_per_layer(tensors)
+    gate = next((info for name, info in tensors.items() if "ffn_gate_exps" in name), None)
+    if gate is None:
         return {}
-    device, host = workspace_bytes(max(per_layer.values()), shape[1], shape[2], tokens, c.n_expert_used)
+    _, n_ff, d = gate.shape
+    device, host = workspace_bytes(max(per_layer.values()), n_ff, d, tokens, c.n_expert_used)
     workspace = {"cpu": host}
     workspace[str(streamer.device)] = workspace.get(str(streamer.device), 0) + device
     return workspace
