@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -108,12 +107,8 @@ def main() -> None:
         row["r1_58_layer_tok_per_s_at_this_rate"] = row["tokens"] * 1e3 / (58 * row["median_ms"])
     now = datetime.now(UTC)
     record = {
-        "benchmark": "moe_decode",
-        "date": now.isoformat(timespec="seconds"),
-        "device": info,
+        **machine.record_header("moe_decode", now, device=info),
         "ram_read_gb_per_s": bandwidth,
-        "commit": machine.git_commit(Path(__file__).parent),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "shapes": {"experts": N_EXPERT, "used": N_USED, "d_model": D_MODEL, "n_ff": N_FF},
         "results": results,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,11 +88,7 @@ def main() -> None:
             proj += FULL_LAYERS * kv_per_layer
         projected[device] = proj
     record = {
-        "benchmark": "r1_hybrid",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "device": machine.describe(),
-        "commit": machine.git_commit(Path(__file__).parent),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **machine.record_header("r1_hybrid", datetime.now(UTC)),
         "file": {"path": str(args.file), "recipe": args.recipe, "layers": c.n_layers,
                  "dense_layers": c.n_dense_layers, "bytes": args.file.stat().st_size},
         "ctx": args.ctx,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tandem.bench import machine
@@ -74,10 +75,7 @@ def main() -> None:
     met = {k: (v is not None and v >= TARGETS[k]) for k, v in ratios.items()}
     scale = args.moe_layers / FULL_MOE_LAYERS  # time per token grows with the MoE layers
     summary = {
-        "benchmark": "side_by_side",
-        "device": machine.describe(),
-        "commit": machine.git_commit(Path(__file__).parent),
-        "command": args.command,
+        **machine.record_header("side_by_side", datetime.now(UTC), args.command),
         "ratios": ratios,
         "targets": TARGETS,
         "met": met,

@@ -117,11 +117,7 @@ def main() -> None:
     llm = LLM(args.file, ctx_size=max(args.lengths) + 16, n_threads=args.threads, gpu_experts_from=1)
     try:
         record = {
-            "benchmark": "streamed_prefill",
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "device": machine.describe(),
-            "commit": machine.git_commit(Path(__file__).parent),
-            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            **machine.record_header("streamed_prefill", datetime.now(UTC)),
             "prefill": prefill_runs(llm, args.lengths, args.passes, args.repetitions),
             "one_layer_uniform_routing": crossover(llm, args.tokens),
         }

@@ -297,10 +297,8 @@ def bench(
                          ctx_size, threads, rules, gpu_experts_from)
     results = run(config, progress=lambda line: err_console.print(line, highlight=False))
     now = datetime.now(UTC)
-    record = {"benchmark": "tandem bench", "date": now.isoformat(timespec="seconds"),
-              "device": machine.describe(), "commit": machine.git_commit(),
-              "command": " ".join(["tandem", *sys.argv[1:]]), "model": str(model),
-              "results": results}
+    record = {**machine.record_header("tandem bench", now, " ".join(["tandem", *sys.argv[1:]])),
+              "model": str(model), "results": results}
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench-{Path(model).stem}-{now:%Y%m%d-%H%M%S}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -42,6 +44,19 @@ def git_commit(repo: Path | None = None) -> str:
                               cwd=repo or Path(__file__).parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def record_header(benchmark: str, now: datetime, command: str | None = None,
+                  device: dict | None = None) -> dict:
+    """The fields every results JSON starts with: what ran (the script's command line unless
+    given), when, on which machine, at which commit."""
+    return {
+        "benchmark": benchmark,
+        "date": now.isoformat(timespec="seconds"),
+        "device": describe() if device is None else device,
+        "commit": git_commit(),
+        "command": command or " ".join([Path(sys.executable).name, *sys.argv]),
+    }
 
 
 def describe() -> dict:
