@@ -18,6 +18,7 @@ import torch
 from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
 from tandem.models.decoder import Segment
 from tandem.placement import planner
@@ -46,14 +47,18 @@ class LLM:
                  n_threads: int | None = None, prefill_chunk: int | None = None,
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
-                 cuda_graphs: bool = True, gpu_experts_from: int | None = None):
+                 cuda_graphs: bool = True, gpu_experts_from: int | None = None,
+                 page_in: bool = True):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
         graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
         at least this many tokens run the CPU-placed routed experts on the model's GPU, their
         weights streamed over PCIe (None: GPU_EXPERTS_FROM; 0: never; no GPU: never).
         `prefill_chunk`: prompt tokens per forward pass (None: PREFILL_CHUNK, or
-        STREAMED_PREFILL_CHUNK when experts stream: each pass streams the experts once)."""
+        STREAMED_PREFILL_CHUNK when experts stream: each pass streams the experts once).
+        `page_in`: map the pages of the weights read in place (the CPU experts) into the
+        process on a background thread (kernels.page_in), so first uses take no page faults;
+        `self.page_in.wait()` blocks until that is done."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -94,6 +99,7 @@ class LLM:
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer)
             self.model = spec.build(self.file, c, loader, devices)
+        self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [])
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
         self._cache: list | None = None  # this object's own sequence; allocated on first use
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
@@ -199,6 +205,7 @@ class LLM:
             yield offset + start, tokens[start : start + self.prefill_chunk]
 
     def close(self) -> None:
+        self.page_in.close()
         if self.kernels is not None:
             self.kernels.close()
         self.file.close()

@@ -49,6 +49,12 @@ class WeightLoader:
         self.advance = advance or (lambda n: None)
         self.aliases = aliases or {}
         self.streamer = streamer
+        self.in_place: list[QuantTensor] = []  # tensors the CPU reads from the mapped file
+
+    def _in_place(self, name: str) -> QuantTensor:
+        tensor = QuantTensor.from_gguf(self.model, name)
+        self.in_place.append(tensor)
+        return tensor
 
     def dense(self, name: str) -> torch.Tensor:
         p = self.placements[name]
@@ -71,7 +77,7 @@ class WeightLoader:
     def embedding(self, name: str):
         if self.placements[name].kernel in IN_PLACE_KERNELS:
             self.advance(self.model.tensors[name].n_bytes)
-            return QuantEmbedding(QuantTensor.from_gguf(self.model, name))
+            return QuantEmbedding(self._in_place(name))
         return DenseEmbedding(self.dense(name))
 
     def experts(self, prefix: str):
@@ -84,7 +90,7 @@ class WeightLoader:
             streamer = self.streamer
             if streamer is not None and (router is None or router.device != streamer.device):
                 streamer = None
-            return CpuExperts(self.kernels, *(QuantTensor.from_gguf(self.model, n) for n in names),
+            return CpuExperts(self.kernels, *(self._in_place(n) for n in names),
                               own_kernels=kernels == {"cpu"}, streamer=streamer)
         if kernels == {"torch"}:
             return TorchExperts(*(self.dense(n) for n in names))

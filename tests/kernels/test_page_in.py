@@ -1,0 +1,76 @@
+"""PageIn against the kernel's own accounting: the mapping's resident set in /proc/self/smaps
+and the process's minor page faults."""
+
+import resource
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tandem.kernels.page_in import PageIn, page_ranges
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page tables")
+
+SIZE = 32 << 20
+
+
+def mapping_rss_kb(address: int) -> int:
+    """Rss of the mapping that holds `address`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@pytest.fixture
+def mapped(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 255, SIZE, dtype=np.uint8).tobytes())
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    yield data
+    del data
+
+
+def test_pages_are_mapped_and_reads_take_no_faults(mapped):
+    part = mapped[4096 * 3 + 100 : SIZE - 5000]  # not page aligned at either end
+    assert mapping_rss_kb(mapped.ctypes.data) < 1024  # nothing touched yet
+    pager = PageIn([part], ram=1 << 40)
+    assert pager.wait(timeout=30) and pager.skipped is None
+    assert pager.done_bytes == pager.total >= part.nbytes
+    assert mapping_rss_kb(mapped.ctypes.data) >= part.nbytes // 1024
+    before = minor_faults()
+    part[::4096].astype(np.int64).sum()  # one read per page
+    assert minor_faults() - before < 16
+
+
+def test_too_large_for_ram_is_left_alone(mapped):
+    pager = PageIn([mapped], ram=SIZE)  # would fill all of a (pretend) RAM
+    assert pager.done and "would not fit" in pager.skipped
+    assert mapping_rss_kb(mapped.ctypes.data) < 1024
+    pager.close()
+
+
+def test_close_stops_early(mapped):
+    pager = PageIn([mapped], ram=1 << 40)
+    pager.close()
+    assert pager.done and pager.done_bytes <= pager.total
+
+
+def test_page_ranges_merge_overlaps():
+    buf = np.zeros(5 * 4096, dtype=np.uint8)
+    base = buf.ctypes.data
+    ranges = page_ranges([buf[100:200], buf[150:5000], buf[4 * 4096 :]])
+    start = base & ~4095
+    assert ranges[0][0] == start
+    assert ranges[-1][0] + ranges[-1][1] == base + buf.nbytes
+    assert len(ranges) == 2  # [100, 5000) and [16384, end) do not touch
