@@ -82,18 +82,26 @@ def _experts(recipe: str, seed: int = 11):
             make_weight(down, (n_expert, d, n_ff), rng))
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_many_tokens_per_expert_equal_the_portable_kernels(recipe):
+def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx):
     """Prefill-sized batches take other paths (tasks of 64 token-slot pairs; GEMMs with the
-    tokens in the vector lanes): the same integer sums as the portable kernels, float sums in
-    another order. Where a hidden value lies on a rounding boundary of its 8-bit quantization
-    that order can flip it by one step, so a token or two may differ a little more."""
+    tokens in the vector lanes, on AVX-512 or on AMX tiles): the same integer sums as the
+    portable kernels, float sums in another order. Where a hidden value lies on a rounding
+    boundary of its 8-bit quantization that order can flip it by one step, so a token or two
+    may differ a little more."""
     if not native.vectorized(RECIPES[recipe][0]):
         pytest.skip("no vectorized kernels on this CPU")
+    if amx and not native.amx_available():
+        pytest.skip("no AMX on this CPU")
     (gate, _), (up, _), (down, _) = _experts(recipe)
     x = torch.randn(150, 256, generator=torch.Generator().manual_seed(5))
     ids, weights = routing(150, k=4, seed=5)  # ~75 pairs per expert: blocks of 64 and the rest
-    fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+    amx_before = native.use_amx(amx)
+    try:
+        fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+    finally:
+        native.use_amx(amx_before)
     before = native.use_vectorized(False)
     try:
         slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)

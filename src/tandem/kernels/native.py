@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import os
 
 import numpy as np
 import torch
@@ -33,11 +34,14 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_set_tables.argtypes = [ptr, ptr]
     lib.tandem_type_support.argtypes = [i32]
     lib.tandem_use_fast.argtypes = [i32]
+    lib.tandem_use_amx.argtypes = [i32]
     lib.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
     lib.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
+    if os.environ.get("TANDEM_AMX") == "0":  # benchmarks: the AVX-512 GEMMs on an AMX CPU
+        lib.tandem_use_amx(0)
     return lib
 
 
@@ -62,6 +66,17 @@ def use_vectorized(on: bool) -> bool:
     """Switch between the vectorized and the portable kernels (tests compare both); returns
     the previous setting."""
     return bool(_lib().tandem_use_fast(int(on)))
+
+
+def use_amx(on: bool) -> bool:
+    """Run the prefill GEMMs of IQ1_S and IQ2_XXS experts on AMX tiles (on by default where the
+    CPU has them; TANDEM_AMX=0 turns them off) or on AVX-512; returns the previous setting."""
+    return bool(_lib().tandem_use_amx(int(on)))
+
+
+def amx_available() -> bool:
+    """Whether this CPU (and kernel) lets tandem's kernels use AMX tiles."""
+    return bool(_lib().tandem_amx_available())
 
 
 def matmul(weight: QuantTensor, x: torch.Tensor, n_threads: int) -> torch.Tensor:

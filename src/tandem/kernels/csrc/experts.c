@@ -21,12 +21,15 @@
  * w = d*sc*q - dmin*m per 32 weights (6-bit sc, m packed in 12 bytes); block_q6_k {u8 ql[128];
  * u8 qh[64]; i8 scales[16]; f16 d} w = d*sc*(q - 32) per 16 weights, q = 4 low + 2 high bits.
  */
+#define _GNU_SOURCE /* syscall() */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -684,10 +687,11 @@ AVX512 static void q4_k_gemm_dispatch(const uint8_t *w, const int32_t *sc, const
 #undef GEMM_CASE
 }
 
-/* Per-thread scratch of the GEMM path: the panel and GEMM_ROWS decoded rows. */
+/* Per-thread scratch of the GEMM paths: the panel and SCRATCH_ROWS decoded rows. */
+#define SCRATCH_ROWS 16 /* GEMM_ROWS, or AMX_ROWS */
 typedef struct {
     panel_block *panel;
-    uint8_t *w;
+    uint8_t *w, *w2; /* w2: IQ2_XXS's lo bytes on the AMX path */
     int32_t *corr, *ls, *wsum;
     float *dw, *dmin;
 } gemm_scratch;
@@ -695,6 +699,7 @@ typedef struct {
 static void gemm_scratch_free(gemm_scratch *g) {
     free(g->panel);
     free(g->w);
+    free(g->w2);
     free(g->corr);
     free(g->ls);
     free(g->wsum);
@@ -704,13 +709,14 @@ static void gemm_scratch_free(gemm_scratch *g) {
 
 static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
     g->panel = aligned_alloc(64, sizeof(panel_block) * (size_t)nb);
-    g->w = aligned_alloc(64, (size_t)GEMM_ROWS * nb * QK);
-    g->corr = malloc(sizeof(int32_t) * 4 * GEMM_ROWS * (size_t)nb);
-    g->ls = malloc(sizeof(int32_t) * 8 * GEMM_ROWS * (size_t)nb);
-    g->wsum = malloc(sizeof(int32_t) * 8 * GEMM_ROWS * (size_t)nb);
-    g->dw = malloc(sizeof(float) * GEMM_ROWS * (size_t)nb);
-    g->dmin = malloc(sizeof(float) * GEMM_ROWS * (size_t)nb);
-    if (g->panel && g->w && g->corr && g->ls && g->wsum && g->dw && g->dmin) return 1;
+    g->w = aligned_alloc(64, (size_t)SCRATCH_ROWS * nb * QK);
+    g->w2 = aligned_alloc(64, (size_t)SCRATCH_ROWS * nb * QK);
+    g->corr = malloc(sizeof(int32_t) * 4 * SCRATCH_ROWS * (size_t)nb);
+    g->ls = malloc(sizeof(int32_t) * 8 * SCRATCH_ROWS * (size_t)nb);
+    g->wsum = malloc(sizeof(int32_t) * 8 * SCRATCH_ROWS * (size_t)nb);
+    g->dw = malloc(sizeof(float) * SCRATCH_ROWS * (size_t)nb);
+    g->dmin = malloc(sizeof(float) * SCRATCH_ROWS * (size_t)nb);
+    if (g->panel && g->w && g->w2 && g->corr && g->ls && g->wsum && g->dw && g->dmin) return 1;
     gemm_scratch_free(g); /* the tile kernels take over */
     return 0;
 }
@@ -784,7 +790,205 @@ static int have_avx512(void) {
            __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vpopcntdq") &&
            __builtin_cpu_supports("f16c");
 }
+
+/* ---- AMX (Sapphire Rapids and later): the same GEMMs on tile registers ----
+ * TDPBUSD multiplies a tile of 16 weight rows x 64 unsigned bytes by 64 activation bytes x 16
+ * tokens (signed) into 16 x 16 int32 sums: the panel above is already that B layout, one tile
+ * load per 64 values with a stride of PANEL_V vectors. Per block the sums leave the tiles and
+ * take the scales in vector registers, as in the GEMMs above.
+ * IQ1_S: the decoded bytes (g+1)*8*(2s+1) are the A tile; the IQ1_S correction as above.
+ * IQ2_XXS: g*sign*(2s+1) (|.| <= 1333) does not fit a byte, so v = that + 1333 is split into
+ * hi = v >> 4 and lo = v & 15, two A tiles; dot = 16*C_hi + C_lo - 1333 * (the block's sum of
+ * activations): exact, and one scale per block instead of per 32 weights. */
+#define AMX_ROWS 16
+#define IQ2_XXS_OFFSET 1333
+
+#if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#define HAVE_AMX_BUILD 1
+#define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c")))
+#else
+#define HAVE_AMX_BUILD 0
 #endif
+
+
+/* Linux hands out the tile state only on request, once per process. */
+static int amx_available(void) {
+#if HAVE_AMX_BUILD && defined(__linux__)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-int8") || !have_avx512()) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+#if HAVE_AMX_BUILD
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* All 8 tiles 16 x 64 bytes: 0..3 int32 sums (16 rows x 16 tokens), 4, 5 weights (16 rows x
+ * 64 values), 6, 7 activations (16 groups of 4 values x 16 tokens). */
+AMX static void amx_configure(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* B tile (tile 6 or 7) of the panel: groups j0.. of token vector v. */
+#define LOAD_B(tile, pb, j0, v) _tile_loadd(tile, &(pb)->q[j0][v], PANEL_V * 64)
+
+/* 16 decoded IQ1_S rows (rows past `rows` zero) against the panel's V token vectors. */
+AMX static void iq1_s_amx_rows(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
+                               const panel_block *panel, int nb, int rows, int V, float *res) {
+    int32_t sums[PANEL_V][AMX_ROWS * 16] __attribute__((aligned(64)));
+    for (int i = 0; i < AMX_ROWS * PANEL_V * 16; i++) res[i] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        const panel_block *pb = &panel[ib];
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int c = 0; c < 4; c++) {
+            _tile_loadd(4, w + (size_t)ib * QK + 64 * c, (long)row_stride);
+            LOAD_B(6, pb, 16 * c, 0);
+            _tile_dpbusd(0, 4, 6);
+            if (V > 1) { LOAD_B(7, pb, 16 * c, 1); _tile_dpbusd(1, 4, 7); }
+            if (V > 2) { LOAD_B(6, pb, 16 * c, 2); _tile_dpbusd(2, 4, 6); }
+            if (V > 3) { LOAD_B(7, pb, 16 * c, 3); _tile_dpbusd(3, 4, 7); }
+        }
+        _tile_stored(0, sums[0], 64);
+        if (V > 1) _tile_stored(1, sums[1], 64);
+        if (V > 2) _tile_stored(2, sums[2], 64);
+        if (V > 3) _tile_stored(3, sums[3], 64);
+        for (int r = 0; r < rows; r++) {
+            const int32_t *cr = corr + (size_t)r * nb * 4 + 4 * ib;
+            const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
+            for (int v = 0; v < V; v++) {
+                __m512i total = _mm512_load_si512(sums[v] + 16 * r);
+                for (int pr = 0; pr < 4; pr++)
+                    total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), pb->s32[pr][v]);
+                float *out = res + (size_t)(r * PANEL_V + v) * 16;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, pb->d[v]),
+                                                      _mm512_loadu_ps(out)));
+            }
+        }
+    }
+}
+
+/* One IQ2_XXS row as the hi and lo bytes of g*sign*(2s+1) + IQ2_XXS_OFFSET, and the block scales. */
+AMX static void iq2_xxs_decode_split(const block_iq2_xxs *b, int nb, uint8_t *hi, uint8_t *lo, float *dw) {
+    const __m512i offset = _mm512_set1_epi16(IQ2_XXS_OFFSET), low4 = _mm512_set1_epi16(15);
+    for (int ib = 0; ib < nb; ib++) {
+        __m512i g[4], scales;
+        __mmask64 neg[4];
+        iq2_xxs_block(b + ib, g, neg, &scales);
+        int32_t lanes[16];
+        _mm512_storeu_si512(lanes, scales);
+        for (int c = 0; c < 4; c++)
+            for (int half = 0; half < 2; half++) { /* 32 weights: sub-block 2c + half */
+                const __m512i g16 = _mm512_cvtepu8_epi16(half ? _mm512_extracti64x4_epi64(g[c], 1) : _mm512_castsi512_si256(g[c]));
+                const __m512i mag = _mm512_mullo_epi16(g16, _mm512_set1_epi16((short)lanes[2 * (2 * c + half) + 1]));
+                const __mmask32 m = (__mmask32)(neg[c] >> (32 * half));
+                const __m512i v = _mm512_add_epi16(_mm512_mask_sub_epi16(mag, m, _mm512_setzero_si512(), mag), offset);
+                const size_t at = (size_t)ib * QK + 64 * c + 32 * half;
+                _mm256_storeu_si256((__m256i *)(hi + at), _mm512_cvtepi16_epi8(_mm512_srli_epi16(v, 4)));
+                _mm256_storeu_si256((__m256i *)(lo + at), _mm512_cvtepi16_epi8(_mm512_and_si512(v, low4)));
+            }
+        dw[ib] = _cvtsh_ss(b[ib].d);
+    }
+}
+
+/* 16 decoded IQ2_XXS rows (hi, lo) against the panel's V token vectors (signed activations),
+ * two token vectors per pass (each takes a hi and a lo tile). */
+AMX static void iq2_xxs_amx_rows(const uint8_t *hi, const uint8_t *lo, const float *dw, size_t row_stride,
+                                 const panel_block *panel, int nb, int rows, int V, float *res) {
+    int32_t sums[4][AMX_ROWS * 16] __attribute__((aligned(64)));
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (int i = 0; i < AMX_ROWS * PANEL_V * 16; i++) res[i] = 0.f;
+    for (int ib = 0; ib < nb; ib++) {
+        const panel_block *pb = &panel[ib];
+        for (int v0 = 0; v0 < V; v0 += 2) {
+            const int two = V - v0 > 1;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int c = 0; c < 4; c++) {
+                const size_t at = (size_t)ib * QK + 64 * c;
+                _tile_loadd(4, hi + at, (long)row_stride);
+                _tile_loadd(5, lo + at, (long)row_stride);
+                LOAD_B(6, pb, 16 * c, v0);
+                _tile_dpbusd(0, 4, 6);
+                _tile_dpbusd(1, 5, 6);
+                if (two) {
+                    LOAD_B(7, pb, 16 * c, v0 + 1);
+                    _tile_dpbusd(2, 4, 7);
+                    _tile_dpbusd(3, 5, 7);
+                }
+            }
+            _tile_stored(0, sums[0], 64);
+            _tile_stored(1, sums[1], 64);
+            if (two) {
+                _tile_stored(2, sums[2], 64);
+                _tile_stored(3, sums[3], 64);
+            }
+            for (int k = 0; k <= two; k++) {
+                const int v = v0 + k;
+                __m512i block_sum = _mm512_setzero_si512(); /* per token: its 256 activations */
+                for (int pr = 0; pr < 4; pr++) block_sum = _mm512_add_epi32(block_sum, _mm512_madd_epi16(pb->s32[pr][v], ones));
+                const __m512i shift = _mm512_mullo_epi32(block_sum, _mm512_set1_epi32(IQ2_XXS_OFFSET));
+                for (int r = 0; r < rows; r++) {
+                    const __m512i h = _mm512_load_si512(sums[2 * k] + 16 * r), l = _mm512_load_si512(sums[2 * k + 1] + 16 * r);
+                    const __m512i total = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h, 4), l), shift);
+                    const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
+                    float *out = res + (size_t)(r * PANEL_V + v) * 16;
+                    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, pb->d[v]),
+                                                          _mm512_loadu_ps(out)));
+                }
+            }
+        }
+    }
+}
+
+/* rows_gemm on tiles, for IQ1_S (panel of signed activations) and IQ2_XXS (signed too: build
+ * the panel without to_unsigned). Rows go AMX_ROWS at a time; a short last group is padded
+ * with whatever the scratch rows hold (integer sums only), and their results are dropped. */
+AMX static void rows_gemm_amx(int type, const void *wm, int nb, int r0, int r1, const gemm_scratch *g,
+                              const int *pairs, int n_pairs, float *y, int y_width) {
+    const int V = (n_pairs + 15) / 16;
+    const size_t row_stride = (size_t)nb * QK;
+    float res[AMX_ROWS * PANEL_V * 16];
+    amx_configure();
+    for (int r = r0; r < r1; r += AMX_ROWS) {
+        const int rows = r1 - r < AMX_ROWS ? r1 - r : AMX_ROWS;
+        for (int i = 0; i < rows; i++) {
+            const size_t row = (size_t)(r + i) * nb;
+            if (type == TYPE_IQ1_S)
+                iq1_s_decode_row((const block_iq1_s *)wm + row, nb, g->w + i * row_stride, g->corr + (size_t)i * 4 * nb,
+                                 g->dw + (size_t)i * nb);
+            else
+                iq2_xxs_decode_split((const block_iq2_xxs *)wm + row, nb, g->w + i * row_stride, g->w2 + i * row_stride,
+                                     g->dw + (size_t)i * nb);
+        }
+        if (type == TYPE_IQ1_S)
+            iq1_s_amx_rows(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
+        else
+            iq2_xxs_amx_rows(g->w, g->w2, g->dw, row_stride, g->panel, nb, rows, V, res);
+        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
+    }
+}
+
+AMX static void amx_done(void) { _tile_release(); }
+#endif
+#endif /* X86 */
 
 /* ---------------------------------------------------------------------------------------- */
 
@@ -804,6 +1008,7 @@ static type_info types[] = {
 #define N_TYPES (int)(sizeof(types) / sizeof(types[0]))
 
 static int use_fast = 1;
+static int amx_ok = 0, use_amx = 0; /* AMX tiles usable here (tandem_set_tables), and wanted */
 
 static const type_info *find_type(int type) {
     for (int i = 0; i < N_TYPES; i++)
@@ -830,6 +1035,7 @@ void tandem_set_tables(const uint8_t *iq1s_u, const uint8_t *iq2xxs) {
             }
         }
     }
+    amx_ok = use_amx = amx_available();
     if (have_avx512()) {
         types[0].fast = iq1_s_avx512;
         types[1].fast = iq2_xxs_avx512;
@@ -844,6 +1050,16 @@ void tandem_set_tables(const uint8_t *iq1s_u, const uint8_t *iq2xxs) {
 int tandem_type_support(int type) {
     const type_info *ti = find_type(type);
     return ti == NULL ? 0 : ti->fast ? 2 : 1;
+}
+
+/* Prefill GEMMs of IQ1_S and IQ2_XXS on AMX tiles where the CPU has them (1, default) or on
+ * AVX-512 (0); returns the old value. With no AMX here it stays 0. */
+int tandem_amx_available(void) { return amx_ok; }
+
+int tandem_use_amx(int on) {
+    const int old = use_amx;
+    use_amx = on && amx_ok;
+    return old;
 }
 
 /* Use the vectorized kernels (1, default) or the portable ones (0); returns the old value. */
@@ -876,6 +1092,8 @@ static void rows_times_tokens(dot_fn dot, const uint8_t *w, size_t row_bytes, in
 /* (token, slot) pairs per task when an expert has many (prefill): their activations stay in
  * L2 while the task's weight rows stream past once. */
 #define TOKEN_BLOCK 64
+/* ... and at least this many rows (one AMX tile of weight rows; the panel is built per task). */
+#define PREFILL_TASK_ROWS 16
 
 typedef struct {
     int expert, row0, row1, pair0, n_pairs;
@@ -899,6 +1117,7 @@ static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, siz
             pair_block = count[e] < TOKEN_BLOCK ? count[e] : TOKEN_BLOCK;
             const size_t target = (size_t)pair_block * act_bytes;
             if (target > TASK_BYTES) rows = rows_per_task(row_bytes * TASK_BYTES / target);
+            if (rows < PREFILL_TASK_ROWS) rows = PREFILL_TASK_ROWS;
         }
         for (int r = 0; r < n_rows; r += rows)
             for (int p = 0; p < count[e]; p += pair_block, n++)
@@ -998,6 +1217,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     const int gemm = X86 && tg->fast && dot_gate == tg->fast && tg->type == tu->type &&
                      (tg->type == TYPE_IQ1_S || tg->type == TYPE_Q4_K);
     const int gemm_down = X86 && td->fast && dot_down == td->fast && td->type == TYPE_IQ2_XXS;
+    const int amx_up = gemm && use_amx && tg->type == TYPE_IQ1_S, amx_down = gemm_down && use_amx;
 
 #pragma omp parallel num_threads(n_threads)
     {
@@ -1017,6 +1237,13 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
             if (gemm && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
+#if HAVE_AMX_BUILD
+                if (amx_up) {
+                    rows_gemm_amx(tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
+                    rows_gemm_amx(tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
+                    continue;
+                }
+#endif
                 rows_gemm(tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
                 rows_gemm(tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
                 continue;
@@ -1038,9 +1265,16 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
             if (gemm_down && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 const int *pairs = order + start[tk.expert] + tk.pair0;
+                const uint8_t *down_e = (const uint8_t *)down + (size_t)tk.expert * d * down_row;
+#if HAVE_AMX_BUILD
+                if (amx_down) { /* signed activations here: the weights are the unsigned side */
+                    build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 0, scratch.panel);
+                    rows_gemm_amx(td->type, down_e, nb_ff, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
+                    continue;
+                }
+#endif
                 build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 1, scratch.panel);
-                rows_gemm(td->type, (const uint8_t *)down + (size_t)tk.expert * d * down_row, nb_ff, tk.row0, tk.row1,
-                          &scratch, pairs, tk.n_pairs, y, d);
+                rows_gemm(td->type, down_e, nb_ff, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
                 continue;
             }
 #endif
@@ -1059,6 +1293,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         }
 #if X86
         if (have_scratch) gemm_scratch_free(&scratch);
+#if HAVE_AMX_BUILD
+        if (amx_up || amx_down) amx_done();
+#endif
 #endif
         FLUSH_DENORMALS_END
     }
