@@ -38,7 +38,11 @@ DEFAULT_CTX = 4096
 # benchmarks/results/gpu_experts_threshold-*.json.
 GPU_EXPERTS_FROM = 96
 PREFILL_CHUNK = 512
-STREAMED_PREFILL_CHUNK = 2048
+# Prompt tokens per pass where routed experts are read in place: each pass reads (or streams)
+# every used expert's weights once, so longer passes read them less often per token. On the
+# CPU, 2048 tokens give an R1 expert ~64 tokens on average (a full AMX/GEMM block) against ~16
+# at 512.
+EXPERT_PREFILL_CHUNK = 2048
 
 
 class LLM:
@@ -54,8 +58,8 @@ class LLM:
         graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
         at least this many tokens run the CPU-placed routed experts on the model's GPU, their
         weights streamed over PCIe (None: GPU_EXPERTS_FROM; 0: never; no GPU: never).
-        `prefill_chunk`: prompt tokens per forward pass (None: PREFILL_CHUNK, or
-        STREAMED_PREFILL_CHUNK when experts stream: each pass streams the experts once).
+        `prefill_chunk`: prompt tokens per forward pass (None: EXPERT_PREFILL_CHUNK where
+        routed experts are read in place, on the CPU or streamed; else PREFILL_CHUNK).
         `page_in`: map the pages of the weights read in place (the CPU experts) into the
         process on a background thread (kernels.page_in), so first uses take no page faults;
         `self.page_in.wait()` blocks until that is done."""
@@ -87,7 +91,7 @@ class LLM:
         streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
         if prefill_chunk is None:
-            prefill_chunk = STREAMED_PREFILL_CHUNK if streamer else PREFILL_CHUNK
+            prefill_chunk = EXPERT_PREFILL_CHUNK if cpu_experts else PREFILL_CHUNK
         if prefill_chunk < 1:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk

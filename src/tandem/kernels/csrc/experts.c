@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <pthread.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -1163,6 +1165,49 @@ int tandem_matmul(const void *weight, int type, int n_rows, int k, const float *
     return 0;
 }
 
+/* ---- Work buffers of tandem_moe, kept per calling thread between calls ----
+ * A 2048-token pass needs ~0.7 GB of gate, up and down results. Fresh from malloc, every call
+ * paid a page fault and the kernel's zeroing for each page; kept, only the first call does.
+ * They grow as needed (on 2 MB pages where the kernel allows) and go when the thread ends. */
+enum { BUF_XQ, BUF_HQ, BUF_G, BUF_U, BUF_Y, N_BUFFERS };
+typedef struct {
+    void *p[N_BUFFERS];
+    size_t n[N_BUFFERS];
+} work_buffers;
+
+static pthread_key_t buffers_key;
+static pthread_once_t buffers_once = PTHREAD_ONCE_INIT;
+
+static void free_buffers(void *arg) {
+    work_buffers *b = arg;
+    for (int i = 0; i < N_BUFFERS; i++) free(b->p[i]);
+    free(b);
+}
+
+static void make_buffers_key(void) { pthread_key_create(&buffers_key, free_buffers); }
+
+/* Buffer i of this thread with at least `bytes`, or NULL when out of memory. */
+static void *work_buffer(int i, size_t bytes) {
+    pthread_once(&buffers_once, make_buffers_key);
+    work_buffers *b = pthread_getspecific(buffers_key);
+    if (!b) {
+        b = calloc(1, sizeof(*b));
+        if (!b || pthread_setspecific(buffers_key, b)) {
+            free(b);
+            return NULL;
+        }
+    }
+    if (b->n[i] >= bytes) return b->p[i];
+    free(b->p[i]);
+    const size_t huge = (size_t)2 << 20, n = (bytes + bytes / 4 + huge - 1) / huge * huge;
+    b->p[i] = aligned_alloc(huge, n);
+    b->n[i] = b->p[i] ? n : 0;
+#ifdef MADV_HUGEPAGE
+    if (b->p[i]) madvise(b->p[i], n, MADV_HUGEPAGE);
+#endif
+    return b->p[i];
+}
+
 /* The routed experts of one MoE layer, see the header. x [T, d]; ids, w [T, k]; gate and up
  * [E, n_ff, d], down [E, d, n_ff]; out [T, d]. Returns 0, or <0 for unsupported input. */
 int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float *w, int k,
@@ -1177,10 +1222,11 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     /* pairs p = t*k + j grouped by expert (counting sort) */
     int *count = calloc(n_expert + 1, sizeof(int)), *start = malloc(sizeof(int) * (n_expert + 1));
     int *order = malloc(sizeof(int) * n_pairs);
-    block_q8 *xq = malloc(sizeof(block_q8) * (size_t)n_tok * nb_d);
-    block_q8 *hq = malloc(sizeof(block_q8) * (size_t)n_pairs * nb_ff);
-    float *g = malloc(sizeof(float) * (size_t)n_pairs * n_ff), *u = malloc(sizeof(float) * (size_t)n_pairs * n_ff);
-    float *y = malloc(sizeof(float) * (size_t)n_pairs * d);
+    block_q8 *xq = work_buffer(BUF_XQ, sizeof(block_q8) * (size_t)n_tok * nb_d);
+    block_q8 *hq = work_buffer(BUF_HQ, sizeof(block_q8) * (size_t)n_pairs * nb_ff);
+    float *g = work_buffer(BUF_G, sizeof(float) * (size_t)n_pairs * n_ff);
+    float *u = work_buffer(BUF_U, sizeof(float) * (size_t)n_pairs * n_ff);
+    float *y = work_buffer(BUF_Y, sizeof(float) * (size_t)n_pairs * d);
     task *up_tasks = NULL, *down_tasks = NULL;
     int rc = 0;
     if (!count || !start || !order || !xq || !hq || !g || !u || !y) {
@@ -1303,11 +1349,6 @@ done:
     free(count);
     free(start);
     free(order);
-    free(xq);
-    free(hq);
-    free(g);
-    free(u);
-    free(y);
     free(up_tasks);
     free(down_tasks);
     return rc;
