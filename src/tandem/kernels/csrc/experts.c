@@ -460,7 +460,8 @@ AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, cons
  * are one broadcast and one vpdpbusd per 16 tokens. IQ1_S folds its scales into the bytes (as
  * above) and corrects with one vpdpwssd per 2 sub-blocks; IQ2_XXS and Q4_K sum per sub-block
  * and multiply by its scale. Same integer sums as the tile kernels. */
-#define PANEL_V 4 /* token vectors per panel: TOKEN_BLOCK / 16 */
+#define PANEL_V 8 /* token vectors per panel: TOKEN_BLOCK / 16 */
+#define REG_V 4 /* token vectors whose sums one register block holds */
 #define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels */
 #define GEMM_ROWS 4 /* weight rows per register block */
 
@@ -470,7 +471,7 @@ typedef struct {
     __m512 d[PANEL_V];          /* 16 tokens' activation scales */
 } panel_block;
 
-/* The panel of up to 64 pairs (rows pairs[i] / x_div of xq), nb blocks; lanes past n_pairs 0.
+/* The panel of up to TOKEN_BLOCK pairs (rows pairs[i] / x_div of xq), nb blocks; lanes past n_pairs 0.
  * `to_unsigned`: the activation bytes as q + 128 (for weights that are the signed operand). */
 AVX512 static void build_panel(const block_q8 *xq, int nb, const int *pairs, int n_pairs, int x_div,
                                int to_unsigned, panel_block *panel) {
@@ -512,13 +513,18 @@ AVX512 static void iq1_s_decode_row(const block_iq1_s *b, int nb, uint8_t *w, in
     }
 }
 
+/* res (row r, token vector v at [r][v][16]) of token vectors v0 .. v0 + V - 1 set to 0. */
+static void zero_results(float *res, int rows, int v0, int V) {
+    for (int r = 0; r < rows; r++) memset(res + (size_t)(r * PANEL_V + v0) * 16, 0, sizeof(float) * 16 * V);
+}
+
 /* `rows` (1..GEMM_ROWS) decoded weight rows against the panel's V token vectors; the float sums
  * live in res (memory: it spares registers for integer accumulators, touched once a block). */
 AVX512 INLINE void iq1_s_gemm_rows(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
-                                   const panel_block *panel, int nb, const int rows, const int V, float *res) {
-    for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
+                                   const panel_block *panel, int nb, int v0, const int rows, const int V, float *res) {
+    zero_results(res, rows, v0, V);
     for (int ib = 0; ib < nb; ib++) {
-        __m512i acc[GEMM_ROWS][PANEL_V];
+        __m512i acc[GEMM_ROWS][REG_V];
         for (int r = 0; r < rows; r++)
             for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
         const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
@@ -526,7 +532,7 @@ AVX512 INLINE void iq1_s_gemm_rows(const uint8_t *w, const int32_t *corr, const 
             __m512i wb[GEMM_ROWS];
             for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
             for (int v = 0; v < V; v++) {
-                const __m512i xv = panel[ib].q[j][v];
+                const __m512i xv = panel[ib].q[j][v0 + v];
                 for (int r = 0; r < rows; r++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wb[r], xv);
             }
         }
@@ -536,9 +542,9 @@ AVX512 INLINE void iq1_s_gemm_rows(const uint8_t *w, const int32_t *corr, const 
             for (int v = 0; v < V; v++) {
                 __m512i total = acc[r][v];
                 for (int pr = 0; pr < 4; pr++)
-                    total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), panel[ib].s32[pr][v]);
-                float *out = res + (size_t)(r * PANEL_V + v) * 16;
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, panel[ib].d[v]),
+                    total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), panel[ib].s32[pr][v0 + v]);
+                float *out = res + (size_t)(r * PANEL_V + v0 + v) * 16;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, panel[ib].d[v0 + v]),
                                                       _mm512_loadu_ps(out)));
             }
         }
@@ -546,8 +552,8 @@ AVX512 INLINE void iq1_s_gemm_rows(const uint8_t *w, const int32_t *corr, const 
 }
 
 AVX512 static void iq1_s_gemm_dispatch(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
-                                       const panel_block *panel, int nb, int rows, int V, float *res) {
-#define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq1_s_gemm_rows(w, corr, dw, row_stride, panel, nb, R, VV, res); return; }
+                                       const panel_block *panel, int nb, int v0, int rows, int V, float *res) {
+#define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq1_s_gemm_rows(w, corr, dw, row_stride, panel, nb, v0, R, VV, res); return; }
     GEMM_CASE(4, 4) GEMM_CASE(4, 3) GEMM_CASE(4, 2) GEMM_CASE(4, 1)
     GEMM_CASE(3, 4) GEMM_CASE(3, 3) GEMM_CASE(3, 2) GEMM_CASE(3, 1)
     GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
@@ -582,20 +588,20 @@ AVX512 static void iq2_xxs_decode_row(const block_iq2_xxs *b, int nb, int8_t *w,
  * wsum NULL: unsigned weight bytes against signed activations; else signed weight bytes against
  * activations + 128, and wsum (the sub-blocks' weight sums, same index) takes the 128s out. */
 AVX512 INLINE void scaled_sub_block_sums(const uint8_t *w, size_t row_stride, const panel_block *pb, int nb, int ib,
-                                         const int32_t *scales, const int32_t *wsum, const int rows, const int V,
-                                         __m512i total[2][PANEL_V]) {
+                                         const int32_t *scales, const int32_t *wsum, int v0, const int rows, const int V,
+                                         __m512i total[2][REG_V]) {
     const int32_t *w32 = (const int32_t *)(w + (size_t)ib * QK);
     for (int r = 0; r < rows; r++)
         for (int v = 0; v < V; v++) total[r][v] = _mm512_setzero_si512();
     for (int sb = 0; sb < 8; sb++) {
-        __m512i acc[2][PANEL_V];
+        __m512i acc[2][REG_V];
         for (int r = 0; r < rows; r++)
             for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_si512();
         for (int j = 8 * sb; j < 8 * sb + 8; j++) {
             __m512i wb[2];
             for (int r = 0; r < rows; r++) wb[r] = _mm512_set1_epi32(w32[r * row_stride / 4 + j]);
             for (int v = 0; v < V; v++) {
-                const __m512i xv = pb->q[j][v];
+                const __m512i xv = pb->q[j][v0 + v];
                 for (int r = 0; r < rows; r++)
                     acc[r][v] = wsum ? _mm512_dpbusd_epi32(acc[r][v], xv, wb[r]) : _mm512_dpbusd_epi32(acc[r][v], wb[r], xv);
             }
@@ -611,17 +617,17 @@ AVX512 INLINE void scaled_sub_block_sums(const uint8_t *w, size_t row_stride, co
 
 /* `rows` (1 or 2) decoded IQ2_XXS rows against a panel of unsigned activations (q + 128). */
 AVX512 INLINE void iq2_xxs_gemm_rows(const uint8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
-                                     size_t row_stride, const panel_block *panel, int nb, const int rows, const int V,
-                                     float *res) {
-    for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
+                                     size_t row_stride, const panel_block *panel, int nb, int v0, const int rows,
+                                     const int V, float *res) {
+    zero_results(res, rows, v0, V);
     for (int ib = 0; ib < nb; ib++) {
-        __m512i total[2][PANEL_V];
-        scaled_sub_block_sums(w, row_stride, &panel[ib], nb, ib, ls, wsum, rows, V, total);
+        __m512i total[2][REG_V];
+        scaled_sub_block_sums(w, row_stride, &panel[ib], nb, ib, ls, wsum, v0, rows, V, total);
         for (int r = 0; r < rows; r++) {
             const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
             for (int v = 0; v < V; v++) {
-                float *out = res + (size_t)(r * PANEL_V + v) * 16;
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(scale, panel[ib].d[v]),
+                float *out = res + (size_t)(r * PANEL_V + v0 + v) * 16;
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(scale, panel[ib].d[v0 + v]),
                                                       _mm512_loadu_ps(out)));
             }
         }
@@ -629,8 +635,8 @@ AVX512 INLINE void iq2_xxs_gemm_rows(const uint8_t *w, const int32_t *ls, const 
 }
 
 AVX512 static void iq2_xxs_gemm_dispatch(const uint8_t *w, const int32_t *ls, const int32_t *wsum, const float *dw,
-                                         size_t row_stride, const panel_block *panel, int nb, int rows, int V, float *res) {
-#define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq2_xxs_gemm_rows(w, ls, wsum, dw, row_stride, panel, nb, R, VV, res); return; }
+                                         size_t row_stride, const panel_block *panel, int nb, int v0, int rows, int V, float *res) {
+#define GEMM_CASE(R, VV) if (rows == R && V == VV) { iq2_xxs_gemm_rows(w, ls, wsum, dw, row_stride, panel, nb, v0, R, VV, res); return; }
     GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
     GEMM_CASE(1, 4) GEMM_CASE(1, 3) GEMM_CASE(1, 2) GEMM_CASE(1, 1)
 #undef GEMM_CASE
@@ -661,29 +667,29 @@ AVX512 static void q4_k_decode_row(const block_q4_k *b, int nb, uint8_t *w, int3
  * integer sum, times its scale; the mins against the 32-sums; d and dmin in float. */
 AVX512 INLINE void q4_k_gemm_rows(const uint8_t *w, const int32_t *sc, const int32_t *min_pairs, const float *dw,
                                   const float *dmin, size_t row_stride, const panel_block *panel, int nb,
-                                  const int rows, const int V, float *res) {
-    for (int i = 0; i < rows * PANEL_V * 16; i++) res[i] = 0.f;
+                                  int v0, const int rows, const int V, float *res) {
+    zero_results(res, rows, v0, V);
     for (int ib = 0; ib < nb; ib++) {
-        __m512i total[2][PANEL_V];
-        scaled_sub_block_sums(w, row_stride, &panel[ib], nb, ib, sc, NULL, rows, V, total);
+        __m512i total[2][REG_V];
+        scaled_sub_block_sums(w, row_stride, &panel[ib], nb, ib, sc, NULL, v0, rows, V, total);
         for (int r = 0; r < rows; r++) {
             const int32_t *mp = min_pairs + 4 * ((size_t)r * nb + ib);
             const __m512 d = _mm512_set1_ps(dw[(size_t)r * nb + ib]), dm = _mm512_set1_ps(-dmin[(size_t)r * nb + ib]);
             for (int v = 0; v < V; v++) {
                 __m512i summ = _mm512_setzero_si512();
-                for (int pr = 0; pr < 4; pr++) summ = _mm512_dpwssd_epi32(summ, _mm512_set1_epi32(mp[pr]), panel[ib].s32[pr][v]);
-                float *out = res + (size_t)(r * PANEL_V + v) * 16;
-                __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(d, panel[ib].d[v]), _mm512_loadu_ps(out));
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dm, panel[ib].d[v]), acc));
+                for (int pr = 0; pr < 4; pr++) summ = _mm512_dpwssd_epi32(summ, _mm512_set1_epi32(mp[pr]), panel[ib].s32[pr][v0 + v]);
+                float *out = res + (size_t)(r * PANEL_V + v0 + v) * 16;
+                __m512 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(d, panel[ib].d[v0 + v]), _mm512_loadu_ps(out));
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(summ), _mm512_mul_ps(dm, panel[ib].d[v0 + v]), acc));
             }
         }
     }
 }
 
 AVX512 static void q4_k_gemm_dispatch(const uint8_t *w, const int32_t *sc, const int32_t *min_pairs, const float *dw,
-                                      const float *dmin, size_t row_stride, const panel_block *panel, int nb, int rows,
+                                      const float *dmin, size_t row_stride, const panel_block *panel, int nb, int v0, int rows,
                                       int V, float *res) {
-#define GEMM_CASE(R, VV) if (rows == R && V == VV) { q4_k_gemm_rows(w, sc, min_pairs, dw, dmin, row_stride, panel, nb, R, VV, res); return; }
+#define GEMM_CASE(R, VV) if (rows == R && V == VV) { q4_k_gemm_rows(w, sc, min_pairs, dw, dmin, row_stride, panel, nb, v0, R, VV, res); return; }
     GEMM_CASE(2, 4) GEMM_CASE(2, 3) GEMM_CASE(2, 2) GEMM_CASE(2, 1)
     GEMM_CASE(1, 4) GEMM_CASE(1, 3) GEMM_CASE(1, 2) GEMM_CASE(1, 1)
 #undef GEMM_CASE
@@ -730,7 +736,7 @@ static void scatter_results(const float *res, int rows, int r, const int *pairs,
         for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
 }
 
-/* Rows [r0, r1) of a matrix of `type` (IQ1_S, IQ2_XXS or Q4_K) times the up to 64 pairs whose
+/* Rows [r0, r1) of a matrix of `type` (IQ1_S, IQ2_XXS or Q4_K) times the up to TOKEN_BLOCK pairs whose
  * panel is in g (built with to_unsigned for IQ2_XXS); y[pairs[i], r] takes each result (as
  * rows_times_tokens). Rows go GEMM_ROWS at a time for IQ1_S, 2 for the types that sum per
  * sub-block (more accumulators). Scratch: IQ2_XXS keeps its scales in ls and its weight sums in
@@ -755,12 +761,15 @@ AVX512 static void rows_gemm(int type, const void *wm, int nb, int r0, int r1, c
                 q4_k_decode_row((const block_q4_k *)wm + row, nb, w, g->ls + (size_t)i * 8 * nb,
                                 g->corr + (size_t)i * 4 * nb, dw, g->dmin + (size_t)i * nb);
         }
-        if (type == TYPE_IQ1_S)
-            iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, rows, V, res);
-        else if (type == TYPE_IQ2_XXS)
-            iq2_xxs_gemm_dispatch(g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, rows, V, res);
-        else
-            q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, rows, V, res);
+        for (int v0 = 0; v0 < V; v0 += REG_V) { /* REG_V token vectors per register block */
+            const int nv = V - v0 < REG_V ? V - v0 : REG_V;
+            if (type == TYPE_IQ1_S)
+                iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, v0, rows, nv, res);
+            else if (type == TYPE_IQ2_XXS)
+                iq2_xxs_gemm_dispatch(g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, v0, rows, nv, res);
+            else
+                q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, v0, rows, nv, res);
+        }
         scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
     }
 }
@@ -850,36 +859,40 @@ AMX static void amx_configure(void) {
 /* 16 decoded IQ1_S rows (rows past `rows` zero) against the panel's V token vectors. */
 AMX static void iq1_s_amx_rows(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
                                const panel_block *panel, int nb, int rows, int V, float *res) {
-    int32_t sums[PANEL_V][AMX_ROWS * 16] __attribute__((aligned(64)));
+    int32_t sums[4][AMX_ROWS * 16] __attribute__((aligned(64)));
     for (int i = 0; i < AMX_ROWS * PANEL_V * 16; i++) res[i] = 0.f;
     for (int ib = 0; ib < nb; ib++) {
         const panel_block *pb = &panel[ib];
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int c = 0; c < 4; c++) {
-            _tile_loadd(4, w + (size_t)ib * QK + 64 * c, (long)row_stride);
-            LOAD_B(6, pb, 16 * c, 0);
-            _tile_dpbusd(0, 4, 6);
-            if (V > 1) { LOAD_B(7, pb, 16 * c, 1); _tile_dpbusd(1, 4, 7); }
-            if (V > 2) { LOAD_B(6, pb, 16 * c, 2); _tile_dpbusd(2, 4, 6); }
-            if (V > 3) { LOAD_B(7, pb, 16 * c, 3); _tile_dpbusd(3, 4, 7); }
-        }
-        _tile_stored(0, sums[0], 64);
-        if (V > 1) _tile_stored(1, sums[1], 64);
-        if (V > 2) _tile_stored(2, sums[2], 64);
-        if (V > 3) _tile_stored(3, sums[3], 64);
-        for (int r = 0; r < rows; r++) {
-            const int32_t *cr = corr + (size_t)r * nb * 4 + 4 * ib;
-            const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
-            for (int v = 0; v < V; v++) {
-                __m512i total = _mm512_load_si512(sums[v] + 16 * r);
-                for (int pr = 0; pr < 4; pr++)
-                    total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), pb->s32[pr][v]);
-                float *out = res + (size_t)(r * PANEL_V + v) * 16;
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, pb->d[v]),
-                                                      _mm512_loadu_ps(out)));
+        for (int v0 = 0; v0 < V; v0 += 4) { /* 4 token vectors per pass: tiles 0..3 */
+            const int nv = V - v0 < 4 ? V - v0 : 4;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int c = 0; c < 4; c++) {
+                _tile_loadd(4, w + (size_t)ib * QK + 64 * c, (long)row_stride);
+                LOAD_B(6, pb, 16 * c, v0);
+                _tile_dpbusd(0, 4, 6);
+                if (nv > 1) { LOAD_B(7, pb, 16 * c, v0 + 1); _tile_dpbusd(1, 4, 7); }
+                if (nv > 2) { LOAD_B(6, pb, 16 * c, v0 + 2); _tile_dpbusd(2, 4, 6); }
+                if (nv > 3) { LOAD_B(7, pb, 16 * c, v0 + 3); _tile_dpbusd(3, 4, 7); }
+            }
+            _tile_stored(0, sums[0], 64);
+            if (nv > 1) _tile_stored(1, sums[1], 64);
+            if (nv > 2) _tile_stored(2, sums[2], 64);
+            if (nv > 3) _tile_stored(3, sums[3], 64);
+            for (int r = 0; r < rows; r++) {
+                const int32_t *cr = corr + (size_t)r * nb * 4 + 4 * ib;
+                const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
+                for (int k = 0; k < nv; k++) {
+                    const int v = v0 + k;
+                    __m512i total = _mm512_load_si512(sums[k] + 16 * r);
+                    for (int pr = 0; pr < 4; pr++)
+                        total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), pb->s32[pr][v]);
+                    float *out = res + (size_t)(r * PANEL_V + v) * 16;
+                    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, pb->d[v]),
+                                                          _mm512_loadu_ps(out)));
+                }
             }
         }
     }
@@ -1092,8 +1105,10 @@ static void rows_times_tokens(dot_fn dot, const uint8_t *w, size_t row_bytes, in
  * threads over 8 experts at decode, large enough that taking a task costs nothing. */
 #define TASK_BYTES 49152
 /* (token, slot) pairs per task when an expert has many (prefill): their activations stay in
- * L2 while the task's weight rows stream past once. */
-#define TOKEN_BLOCK 64
+ * L2 while the task's weight rows stream past once (a panel of R1's 7168 inputs: ~1 MB), and
+ * each weight row is decoded once per this many tokens (on AMX the decoding costs more than
+ * the products). */
+#define TOKEN_BLOCK 128
 /* ... and at least this many rows (one AMX tile of weight rows; the panel is built per task). */
 #define PREFILL_TASK_ROWS 16
 
