@@ -54,6 +54,9 @@ def _run_chunks(fn, raw: np.ndarray, out: torch.Tensor, t: GGMLType) -> None:
         count = min(step, n - start)
         fn(src + start // bs * bb, float_ptr(dst + 4 * start), count)
 
+    if n <= step:  # one chunk (an embedding row per decode step): no hand-off to the pool
+        convert(0)
+        return
     list(_pool.map(convert, range(0, n, step)))
 
 
