@@ -11,7 +11,8 @@
  * One call = one MoE layer: quantize x, group (token, slot) pairs by expert, gate and up rows
  * with SiLU-gating, quantize the hidden rows, down rows, weighted sum over the k slots. Threads:
  * OpenMP, one parallel region per call, work split by (expert, row range, block of pairs).
- * Experts with many pairs (prefill) run IQ1_S gate/up as a GEMM with the tokens in the lanes.
+ * Experts with many pairs (prefill) run as GEMMs with the tokens in the lanes (AVX-512), or for
+ * IQ1_S and IQ2_XXS on AMX tiles where the CPU has them.
  *
  * Formats (ggml-common.h): block_iq1_s {f16 d; u8 qs[32]; u16 qh[8]}  w = d*(2s+1)*(g+delta)
  * with g in {-1,0,1} from a 2048-entry grid, s = qh>>12 & 7, delta = qh>>15 ? -1/8 : 1/8;
