@@ -1287,6 +1287,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
         gemm_scratch scratch = {0};
         const int have_scratch = (gemm || gemm_down) && gemm_scratch_alloc(&scratch, nb_d > nb_ff ? nb_d : nb_ff);
+#if HAVE_AMX_BUILD
+        int used_amx = 0;
+#endif
 #endif
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
@@ -1301,6 +1304,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
 #if HAVE_AMX_BUILD
                 if (amx_up) {
+                    used_amx = 1;
                     rows_gemm_amx(tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
                     rows_gemm_amx(tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
                     continue;
@@ -1330,6 +1334,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
                 const uint8_t *down_e = (const uint8_t *)down + (size_t)tk.expert * d * down_row;
 #if HAVE_AMX_BUILD
                 if (amx_down) { /* signed activations here: the weights are the unsigned side */
+                    used_amx = 1;
                     build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 0, scratch.panel);
                     rows_gemm_amx(td->type, down_e, nb_ff, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
                     continue;
@@ -1356,7 +1361,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
         if (have_scratch) gemm_scratch_free(&scratch);
 #if HAVE_AMX_BUILD
-        if (amx_up || amx_down) amx_done();
+        if (used_amx) amx_done(); /* this thread's tiles back to the init state */
 #endif
 #endif
         FLUSH_DENORMALS_END
