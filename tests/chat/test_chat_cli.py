@@ -98,14 +98,17 @@ def test_interactive_session_in_a_terminal(smollm2_gguf):
         child.expect("Graphics Processing Unit")
         child.expect("prompt eval: .* tok/s")
         child.expect_exact(">>> ")
-        # A long answer, stopped with Ctrl-C: back to the prompt, the program still running.
+        child.sendline("/reset")
+        child.expect_exact("(conversation reset)")
+        child.expect_exact(">>> ")
+        # A long answer (as a first turn the greedy story runs past -n 200; after the question
+        # above it ended at 82 tokens, racing the Ctrl-C), stopped with Ctrl-C: back to the
+        # prompt, the program still running.
         child.sendline("Write a very long story about a dragon who learns to paint.")
         child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
         child.sendintr()
         child.expect_exact("(stopped)")
         child.expect_exact(">>> ")
-        child.sendline("/reset")
-        child.expect_exact("(conversation reset)")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
