@@ -83,3 +83,15 @@ def test_streaming_workspace_counts_and_is_named_when_short(tiny_q8):
     with pytest.raises(PlacementError, match=r"cuda: needs 3.22 GB but 2.15 GB is free.*"
                                              r"workspace for streaming experts.*--gpu-experts-from 0"):
         check_fits(plan, default_rules(False), {**caps, "cuda:0": 2 << 30})
+
+
+def test_cpu_experts_buffers_are_planned_and_named_when_short(tiny_q8):
+    with tandem.LLM(tiny_q8, ctx_size=64) as llm:  # no GPU here: whole passes on the CPU op
+        workspace = llm.memory.workspace["cpu"]
+        assert workspace > 0 and llm.memory.resident["cpu"] >= workspace
+        resident = llm.memory.resident["cpu"]
+    ggml_experts = [Rule(r"_exps\.", "cpu", "ggml"), *default_rules(False)[1:]]
+    with tandem.LLM(tiny_q8, ctx_size=64, rules=ggml_experts) as llm:  # ggml's op: not ours
+        assert "cpu" not in llm.memory.workspace
+    with pytest.raises(PlacementError, match=r"cpu: needs .*routed experts' workspace"):
+        tandem.LLM(tiny_q8, ctx_size=64, memory_caps={"cpu": resident - workspace // 2})

@@ -35,6 +35,8 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_type_support.argtypes = [i32]
     lib.tandem_use_fast.argtypes = [i32]
     lib.tandem_use_amx.argtypes = [i32]
+    lib.tandem_moe_work_bytes.argtypes = [i32, i32, i32, i32]
+    lib.tandem_moe_work_bytes.restype = ctypes.c_size_t
     lib.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
     lib.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
@@ -77,6 +79,12 @@ def use_amx(on: bool) -> bool:
 def amx_available() -> bool:
     """Whether this CPU (and kernel) lets tandem's kernels use AMX tiles."""
     return bool(_lib().tandem_amx_available())
+
+
+def moe_work_bytes(n_tokens: int, k: int, d: int, n_ff: int) -> int:
+    """Bytes of work buffers the MoE op keeps per calling thread after a batch of n_tokens
+    (quantized inputs and hidden rows, gate, up and down results; kept between calls)."""
+    return int(_lib().tandem_moe_work_bytes(n_tokens, k, d, n_ff))
 
 
 def matmul(weight: QuantTensor, x: torch.Tensor, n_threads: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ class MemoryPlan:
 
     resident: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     mapped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    workspace: dict[str, int] = field(default_factory=dict)  # part of resident: expert streaming
+    workspace: dict[str, int] = field(default_factory=dict)  # part of resident: expert buffers
     by_rule: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     per_layer: dict[str, dict[str, int]] = field(default_factory=dict)  # "blk.N"/"other" -> dev -> bytes
 
@@ -53,7 +53,8 @@ def expert_bytes_per_layer(tensors: dict[str, TensorInfo]) -> dict[int, int]:
 def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement],
                 kv_bytes: dict[str, int], workspace: dict[str, int] | None = None) -> MemoryPlan:
     """kv_bytes: KV cache bytes per device (from the context size asked for); workspace:
-    buffers per device for streaming experts to the GPU (kernels.streamed)."""
+    buffers per device of the routed experts (streaming to the GPU: kernels.streamed; the CPU
+    op's work buffers: kernels.native)."""
     plan = MemoryPlan()
     for name, info in tensors.items():
         p = placements[name]
@@ -111,7 +112,10 @@ def _too_big(device: str, need: int, have: int, plan: MemoryPlan, rules: list[Ru
         r = rules[i]
         hint = (f"; the largest share, {_gb(n)}, comes from rule {r.match!r} ({r.source}): "
                 "send some of its tensors to another device or pick a smaller dtype")
-    if plan.workspace.get(device):
+    if plan.workspace.get(device) and device == "cpu":
+        hint += (f"; {_gb(plan.workspace[device])} of it is the routed experts' workspace (their "
+                 "CPU op's buffers for a prompt pass, pinned slots for streaming)")
+    elif plan.workspace.get(device):
         hint += (f"; {_gb(plan.workspace[device])} of it is the workspace for streaming experts "
                  "to the GPU during long prompts (--gpu-experts-from 0 turns that off)")
     return f"{device}: needs {_gb(need)} but {_gb(max(have, 0))} is free, {_gb(need - have)} short{hint}"

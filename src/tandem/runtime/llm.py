@@ -17,6 +17,7 @@ import torch
 
 from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
+from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
@@ -96,6 +97,11 @@ class LLM:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         workspace = _stream_workspace(streamer, needed, c, prefill_chunk) if streamer else {}
+        if any(p.kernel == "cpu" and "_exps" in n for n, p in self.placements.items()):
+            # tandem's MoE op keeps its buffers for the longest batch it sees: shorter than the
+            # streaming threshold, or a whole prefill pass when nothing streams
+            batch = streamer.min_tokens - 1 if streamer else min(prefill_chunk, ctx_size)
+            workspace["cpu"] = workspace.get("cpu", 0) + _cpu_expert_workspace(needed, c, batch)
         self.memory = planner.plan_memory(needed, self.placements, kv_bytes, workspace)
         planner.check_fits(self.memory, self.rules, memory_caps)
 
@@ -244,6 +250,15 @@ def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -
     workspace = {"cpu": host}
     workspace[str(streamer.device)] = workspace.get(str(streamer.device), 0) + device
     return workspace
+
+
+def _cpu_expert_workspace(tensors: dict, c, tokens: int) -> int:
+    """Work buffers of tandem's CPU MoE op (kernels.native) for batches of `tokens`."""
+    gate = next((info for name, info in tensors.items() if "ffn_gate_exps" in name), None)
+    if gate is None or tokens < 1:
+        return 0
+    _, n_ff, d = gate.shape
+    return native.moe_work_bytes(tokens, c.n_expert_used, d, n_ff)
 
 
 @dataclass(frozen=True)

@@ -1202,6 +1202,19 @@ static void free_buffers(void *arg) {
 
 static void make_buffers_key(void) { pthread_key_create(&buffers_key, free_buffers); }
 
+#define HUGE_PAGE ((size_t)2 << 20)
+
+/* What a buffer asked for `bytes` takes: a quarter more (batches vary), in whole 2 MB pages. */
+static size_t buffer_size(size_t bytes) { return (bytes + bytes / 4 + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+
+/* Bytes of work buffers a thread keeps after a tandem_moe call with n_tok tokens (the memory
+ * planner counts them). */
+size_t tandem_moe_work_bytes(int n_tok, int k, int d, int n_ff) {
+    const size_t pairs = (size_t)n_tok * k;
+    return buffer_size(sizeof(block_q8) * (size_t)n_tok * (d / QK)) + buffer_size(sizeof(block_q8) * pairs * (n_ff / QK)) +
+           2 * buffer_size(sizeof(float) * pairs * n_ff) + buffer_size(sizeof(float) * pairs * d);
+}
+
 /* Buffer i of this thread with at least `bytes`, or NULL when out of memory. */
 static void *work_buffer(int i, size_t bytes) {
     pthread_once(&buffers_once, make_buffers_key);
@@ -1215,8 +1228,8 @@ static void *work_buffer(int i, size_t bytes) {
     }
     if (b->n[i] >= bytes) return b->p[i];
     free(b->p[i]);
-    const size_t huge = (size_t)2 << 20, n = (bytes + bytes / 4 + huge - 1) / huge * huge;
-    b->p[i] = aligned_alloc(huge, n);
+    const size_t n = buffer_size(bytes);
+    b->p[i] = aligned_alloc(HUGE_PAGE, n);
     b->n[i] = b->p[i] ? n : 0;
 #ifdef MADV_HUGEPAGE
     if (b->p[i]) madvise(b->p[i], n, MADV_HUGEPAGE);
