@@ -822,7 +822,6 @@ static int have_avx512(void) {
 #define HAVE_AMX_BUILD 0
 #endif
 
-
 /* Linux hands out the tile state only on request, once per process. */
 static int amx_available(void) {
 #if HAVE_AMX_BUILD && defined(__linux__)
@@ -857,7 +856,8 @@ AMX static void amx_configure(void) {
 /* B tile (tile 6 or 7) of the panel: groups j0.. of token vector v. */
 #define LOAD_B(tile, pb, j0, v) _tile_loadd(tile, &(pb)->q[j0][v], PANEL_V * 64)
 
-/* 16 decoded IQ1_S rows (rows past `rows` zero) against the panel's V token vectors. */
+/* 16 decoded IQ1_S rows against the panel's V token vectors (rows past `rows`: stale scratch,
+ * their sums are not kept). */
 AMX static void iq1_s_amx_rows(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
                                const panel_block *panel, int nb, int rows, int V, float *res) {
     int32_t sums[4][AMX_ROWS * 16] __attribute__((aligned(64)));
