@@ -82,10 +82,11 @@ def _experts(recipe: str, seed: int = 11):
             make_weight(down, (n_expert, d, n_ff), rng))
 
 
+@pytest.mark.parametrize("token_block", [64, 128])
 @pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx):
-    """Prefill-sized batches take other paths (tasks of up to 128 token-slot pairs; GEMMs with the
+def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx, token_block):
+    """Prefill-sized batches take other paths (tasks of up to 64 or 128 token-slot pairs; GEMMs with the
     tokens in the vector lanes, on AVX-512 or on AMX tiles): the same integer sums as the
     portable kernels, float sums in another order. Where a hidden value lies on a rounding
     boundary of its 8-bit quantization that order can flip it by one step, so a token or two
@@ -97,11 +98,12 @@ def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx):
     (gate, _), (up, _), (down, _) = _experts(recipe)
     x = torch.randn(300, 256, generator=torch.Generator().manual_seed(5))
     ids, weights = routing(300, k=4, seed=5)  # ~150 pairs per expert: blocks of 128 and the rest
-    amx_before = native.use_amx(amx)
+    amx_before, block_before = native.use_amx(amx), native.set_token_block(token_block)
     try:
         fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
     finally:
         native.use_amx(amx_before)
+        native.set_token_block(block_before)
     before = native.use_vectorized(False)
     try:
         slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)

@@ -35,6 +35,7 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_type_support.argtypes = [i32]
     lib.tandem_use_fast.argtypes = [i32]
     lib.tandem_use_amx.argtypes = [i32]
+    lib.tandem_set_token_block.argtypes = [i32]
     lib.tandem_moe_work_bytes.argtypes = [i32, i32, i32, i32]
     lib.tandem_moe_work_bytes.restype = ctypes.c_size_t
     lib.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
@@ -44,6 +45,8 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
     if os.environ.get("TANDEM_AMX") == "0":  # benchmarks: the AVX-512 GEMMs on an AMX CPU
         lib.tandem_use_amx(0)
+    if os.environ.get("TANDEM_TOKEN_BLOCK"):  # benchmarks: (token, slot) pairs per prefill task
+        lib.tandem_set_token_block(int(os.environ["TANDEM_TOKEN_BLOCK"]))
     return lib
 
 
@@ -74,6 +77,12 @@ def use_amx(on: bool) -> bool:
     """Run the prefill GEMMs of IQ1_S and IQ2_XXS experts on AMX tiles (on by default where the
     CPU has them; TANDEM_AMX=0 turns them off) or on AVX-512; returns the previous setting."""
     return bool(_lib().tandem_use_amx(int(on)))
+
+
+def set_token_block(pairs: int) -> int:
+    """(token, slot) pairs per prefill task, 16..128 (default 128; TANDEM_TOKEN_BLOCK sets it at
+    load, for A/B benchmarks); returns the previous value."""
+    return int(_lib().tandem_set_token_block(int(pairs)))
 
 
 def amx_available() -> bool:

@@ -1110,8 +1110,16 @@ static void rows_times_tokens(dot_fn dot, const uint8_t *w, size_t row_bytes, in
  * each weight row is decoded once per this many tokens (on AMX the decoding costs more than
  * the products). */
 #define TOKEN_BLOCK 128
+static int token_block = TOKEN_BLOCK; /* tandem_set_token_block: 16..TOKEN_BLOCK, for A/B runs */
 /* ... and at least this many rows (one AMX tile of weight rows; the panel is built per task). */
 #define PREFILL_TASK_ROWS 16
+
+/* Pairs per prefill task (16..TOKEN_BLOCK, default TOKEN_BLOCK); returns the old value. */
+int tandem_set_token_block(int n) {
+    const int old = token_block;
+    token_block = n < 16 ? 16 : n > TOKEN_BLOCK ? TOKEN_BLOCK : n;
+    return old;
+}
 
 typedef struct {
     int expert, row0, row1, pair0, n_pairs;
@@ -1132,7 +1140,7 @@ static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, siz
         if (!count[e]) continue;
         int rows = rows_per_task(row_bytes), pair_block = count[e];
         if (count[e] > TILE) {
-            pair_block = count[e] < TOKEN_BLOCK ? count[e] : TOKEN_BLOCK;
+            pair_block = count[e] < token_block ? count[e] : token_block;
             const size_t target = (size_t)pair_block * act_bytes;
             if (target > TASK_BYTES) rows = rows_per_task(row_bytes * TASK_BYTES / target);
             if (rows < PREFILL_TASK_ROWS) rows = PREFILL_TASK_ROWS;
