@@ -3,6 +3,7 @@ RAM-bandwidth roofline of the routed experts. Warm-up runs are excluded; medians
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ def expert_bytes_per_token(llm) -> int:
     """Bytes of routed-expert weights one token reads: k experts x (gate+up+down) per MoE layer."""
     k = getattr(llm.config, "n_expert_used", 0)
     return k * sum(expert_bytes_per_layer(llm.file.tensors).values())
+
+
+KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK")
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:
@@ -114,6 +118,9 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     single = next((d["tok_per_s"] for d in results["decode"] if d["streams"] == 1), 0.0)
     results |= {
         "gpu_experts_from": llm.gpu_experts_from,
+        "prefill_chunk": llm.prefill_chunk,
+        # variants of tandem's CPU expert kernels picked by environment (kernels.native)
+        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,
