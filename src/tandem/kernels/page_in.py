@@ -77,10 +77,11 @@ class PageIn:
         self._libc = _libc()
         ram = physical_ram() if ram is None else ram
         self.skipped = self._skip_reason(ram)
+        self._thread = None
         if self.skipped:
             log.info("not paging in the in-place weights: %s", self.skipped)
+        if self.skipped or not self.ranges:
             self._done.set()
-            self._thread = None
             return
         self._thread = threading.Thread(target=self._run, name="tandem-page-in", daemon=True)
         self._thread.start()
