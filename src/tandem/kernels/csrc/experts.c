@@ -514,6 +514,11 @@ AVX512 static void iq1_s_decode_row(const block_iq1_s *b, int nb, uint8_t *w, in
     }
 }
 
+/* out (16 tokens' float sums) += total * scale * d: one block's integer sums, scaled. */
+AVX512 INLINE void accumulate(float *out, __m512i total, __m512 scale, __m512 d) {
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, d), _mm512_loadu_ps(out)));
+}
+
 /* res (row r, token vector v at [r][v][16]) of token vectors v0 .. v0 + V - 1 set to 0. */
 static void zero_results(float *res, int rows, int v0, int V) {
     for (int r = 0; r < rows; r++) memset(res + (size_t)(r * PANEL_V + v0) * 16, 0, sizeof(float) * 16 * V);
@@ -544,9 +549,7 @@ AVX512 INLINE void iq1_s_gemm_rows(const uint8_t *w, const int32_t *corr, const 
                 __m512i total = acc[r][v];
                 for (int pr = 0; pr < 4; pr++)
                     total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), panel[ib].s32[pr][v0 + v]);
-                float *out = res + (size_t)(r * PANEL_V + v0 + v) * 16;
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, panel[ib].d[v0 + v]),
-                                                      _mm512_loadu_ps(out)));
+                accumulate(res + (size_t)(r * PANEL_V + v0 + v) * 16, total, scale, panel[ib].d[v0 + v]);
             }
         }
     }
@@ -627,9 +630,7 @@ AVX512 INLINE void iq2_xxs_gemm_rows(const uint8_t *w, const int32_t *ls, const 
         for (int r = 0; r < rows; r++) {
             const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
             for (int v = 0; v < V; v++) {
-                float *out = res + (size_t)(r * PANEL_V + v0 + v) * 16;
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total[r][v]), _mm512_mul_ps(scale, panel[ib].d[v0 + v]),
-                                                      _mm512_loadu_ps(out)));
+                accumulate(res + (size_t)(r * PANEL_V + v0 + v) * 16, total[r][v], scale, panel[ib].d[v0 + v]);
             }
         }
     }
@@ -861,7 +862,7 @@ AMX static void amx_configure(void) {
 AMX static void iq1_s_amx_rows(const uint8_t *w, const int32_t *corr, const float *dw, size_t row_stride,
                                const panel_block *panel, int nb, int rows, int V, float *res) {
     int32_t sums[4][AMX_ROWS * 16] __attribute__((aligned(64)));
-    for (int i = 0; i < AMX_ROWS * PANEL_V * 16; i++) res[i] = 0.f;
+    zero_results(res, rows, 0, V);
     for (int ib = 0; ib < nb; ib++) {
         const panel_block *pb = &panel[ib];
         for (int v0 = 0; v0 < V; v0 += 4) { /* 4 token vectors per pass: tiles 0..3 */
@@ -890,9 +891,7 @@ AMX static void iq1_s_amx_rows(const uint8_t *w, const int32_t *corr, const floa
                     __m512i total = _mm512_load_si512(sums[k] + 16 * r);
                     for (int pr = 0; pr < 4; pr++)
                         total = _mm512_dpwssd_epi32(total, _mm512_set1_epi32(cr[pr]), pb->s32[pr][v]);
-                    float *out = res + (size_t)(r * PANEL_V + v) * 16;
-                    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, pb->d[v]),
-                                                          _mm512_loadu_ps(out)));
+                    accumulate(res + (size_t)(r * PANEL_V + v) * 16, total, scale, pb->d[v]);
                 }
             }
         }
@@ -928,7 +927,7 @@ AMX static void iq2_xxs_amx_rows(const uint8_t *hi, const uint8_t *lo, const flo
                                  const panel_block *panel, int nb, int rows, int V, float *res) {
     int32_t sums[4][AMX_ROWS * 16] __attribute__((aligned(64)));
     const __m512i ones = _mm512_set1_epi16(1);
-    for (int i = 0; i < AMX_ROWS * PANEL_V * 16; i++) res[i] = 0.f;
+    zero_results(res, rows, 0, V);
     for (int ib = 0; ib < nb; ib++) {
         const panel_block *pb = &panel[ib];
         for (int v0 = 0; v0 < V; v0 += 2) {
@@ -965,9 +964,7 @@ AMX static void iq2_xxs_amx_rows(const uint8_t *hi, const uint8_t *lo, const flo
                     const __m512i h = _mm512_load_si512(sums[2 * k] + 16 * r), l = _mm512_load_si512(sums[2 * k + 1] + 16 * r);
                     const __m512i total = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(h, 4), l), shift);
                     const __m512 scale = _mm512_set1_ps(0.125f * dw[(size_t)r * nb + ib]);
-                    float *out = res + (size_t)(r * PANEL_V + v) * 16;
-                    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_mul_ps(scale, pb->d[v]),
-                                                          _mm512_loadu_ps(out)));
+                    accumulate(res + (size_t)(r * PANEL_V + v) * 16, total, scale, pb->d[v]);
                 }
             }
         }
@@ -1003,7 +1000,19 @@ AMX static void rows_gemm_amx(int type, const void *wm, int nb, int r0, int r1, 
 }
 
 AMX static void amx_done(void) { _tile_release(); }
+#else
+#define rows_gemm_amx rows_gemm /* never called: use_amx stays 0 */
+static void amx_done(void) {}
 #endif
+
+/* A task's GEMM on AMX tiles (amx) or AVX-512. */
+AVX512 static void task_gemm(int amx, int type, const void *wm, int nb, int r0, int r1, const gemm_scratch *g,
+                             const int *pairs, int n_pairs, float *y, int y_width) {
+    if (amx)
+        rows_gemm_amx(type, wm, nb, r0, r1, g, pairs, n_pairs, y, y_width);
+    else
+        rows_gemm(type, wm, nb, r0, r1, g, pairs, n_pairs, y, y_width);
+}
 #endif /* X86 */
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1308,9 +1317,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
         gemm_scratch scratch = {0};
         const int have_scratch = (gemm || gemm_down) && gemm_scratch_alloc(&scratch, nb_d > nb_ff ? nb_d : nb_ff);
-#if HAVE_AMX_BUILD
         int used_amx = 0;
-#endif
 #endif
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
@@ -1323,16 +1330,9 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #if X86
             if (gemm && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
-#if HAVE_AMX_BUILD
-                if (amx_up) {
-                    used_amx = 1;
-                    rows_gemm_amx(tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
-                    rows_gemm_amx(tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
-                    continue;
-                }
-#endif
-                rows_gemm(tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
-                rows_gemm(tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
+                used_amx |= amx_up;
+                task_gemm(amx_up, tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
+                task_gemm(amx_up, tu->type, up_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, u, n_ff);
                 continue;
             }
 #endif
@@ -1353,16 +1353,10 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
             if (gemm_down && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
                 const int *pairs = order + start[tk.expert] + tk.pair0;
                 const uint8_t *down_e = (const uint8_t *)down + (size_t)tk.expert * d * down_row;
-#if HAVE_AMX_BUILD
-                if (amx_down) { /* signed activations here: the weights are the unsigned side */
-                    used_amx = 1;
-                    build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 0, scratch.panel);
-                    rows_gemm_amx(td->type, down_e, nb_ff, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
-                    continue;
-                }
-#endif
-                build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, 1, scratch.panel);
-                rows_gemm(td->type, down_e, nb_ff, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
+                /* AVX-512 takes the activations as q + 128; AMX the weights as the unsigned side */
+                build_panel(hq, nb_ff, pairs, tk.n_pairs, 1, !amx_down, scratch.panel);
+                used_amx |= amx_down;
+                task_gemm(amx_down, td->type, down_e, nb_ff, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, y, d);
                 continue;
             }
 #endif
@@ -1381,9 +1375,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         }
 #if X86
         if (have_scratch) gemm_scratch_free(&scratch);
-#if HAVE_AMX_BUILD
         if (used_amx) amx_done(); /* this thread's tiles back to the init state */
-#endif
 #endif
         FLUSH_DENORMALS_END
     }
