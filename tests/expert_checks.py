@@ -1,5 +1,5 @@
-"""Quantized test weights with gguf-py's float references, routings, and a float MoE oracle:
-what the CPU kernel tests (ggml's and tandem's own) share."""
+"""Quantized test weights with gguf-py's float references, routings, a float MoE oracle, and a
+loaded model's CPU experts: what the CPU kernel tests (ggml's and tandem's own) share."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
+from tandem.kernels.experts import CpuExperts
 from tandem.kernels.quantize import quantize
 from tandem.kernels.tensors import QuantTensor
 
@@ -36,3 +37,9 @@ def routing(n_tokens: int, k: int = 4, n_expert: int = 8, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(n_expert, generator=g)[:k] for _ in range(n_tokens)])
     return ids, torch.rand(n_tokens, k, generator=g)
+
+
+def cpu_experts(llm) -> list[CpuExperts]:
+    """The CpuExperts of an LLM's MoE blocks."""
+    found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
+    return [e for e in found if isinstance(e, CpuExperts)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tandem
-from tandem.kernels.experts import CpuExperts
+from expert_checks import cpu_experts
 from tandem.kernels.page_in import PageIn, page_ranges
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page tables")
@@ -79,18 +79,13 @@ def test_page_ranges_merge_overlaps():
 
 
 
-def _cpu_experts(llm) -> list[CpuExperts]:
-    found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
-    return [e for e in found if isinstance(e, CpuExperts)]
-
-
 def test_llm_pages_in_its_cpu_experts(tiny_q8):
     with tandem.LLM(tiny_q8, ctx_size=64, page_in=False) as llm:
         assert llm.page_in.total == 0 and llm.page_in.done
-        rss_without = mapping_rss_kb(_cpu_experts(llm)[0].gate.address)
+        rss_without = mapping_rss_kb(cpu_experts(llm)[0].gate.address)
     with tandem.LLM(tiny_q8, ctx_size=64) as llm:
         assert llm.page_in.wait(timeout=30) and llm.page_in.skipped is None
-        experts = _cpu_experts(llm)
+        experts = cpu_experts(llm)
         expert_bytes = sum(p.nbytes for e in experts for p in (e.gate, e.up, e.down))
         assert llm.page_in.done_bytes == llm.page_in.total >= expert_bytes
         # the file's mapping now holds the expert pages too (dense weights were read either way)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import tandem
+from expert_checks import cpu_experts
 from logit_checks import relative_error, top1_agreement
 from tandem.errors import TandemError
-from tandem.kernels.experts import CpuExperts
 from tandem.kernels.streamed import ExpertStreamer
 from tandem.placement.rules import Rule
 
@@ -25,15 +25,10 @@ def tokens(n: int) -> list[int]:
     return torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
-def _experts(llm) -> list[CpuExperts]:
-    found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
-    return [e for e in found if isinstance(e, CpuExperts)]
-
-
 def test_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
     prompt = tokens(40)
     with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=64) as llm:
-        experts = _experts(llm)
+        experts = cpu_experts(llm)
         assert experts and all(e.streamer is None for e in experts)  # no GPU: nothing streams
         reference = llm.logits(prompt)
         streamer = ExpertStreamer("cpu", min_tokens=16, experts_per_chunk=3)
@@ -55,12 +50,12 @@ def test_negative_threshold_is_refused(tiny_q8):
 def test_gpu_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
     prompt = tokens(100)
     with tandem.LLM(tiny_q8, rules=GPU_F32_RULES, ctx_size=128, gpu_experts_from=0) as llm:
-        assert all(e.streamer is None for e in _experts(llm))
+        assert all(e.streamer is None for e in cpu_experts(llm))
         assert llm.prefill_chunk == 2048  # experts read in place: long passes either way
         reference = llm.logits(prompt)
     with tandem.LLM(tiny_q8, rules=GPU_F32_RULES, ctx_size=128, gpu_experts_from=32) as llm:
         assert llm.prefill_chunk == 2048
-        assert all(e.streamer is not None and e.streamer.device.type == "cuda" for e in _experts(llm))
+        assert all(e.streamer is not None and e.streamer.device.type == "cuda" for e in cpu_experts(llm))
         ours = llm.logits(prompt)
         generated = llm.generate(prompt, 8)  # decode steps (one token) stay on the CPU experts
     assert relative_error(ours, reference) < 0.03
@@ -77,7 +72,7 @@ def test_llm_wires_a_streamer_plans_its_memory_and_prefills_in_long_passes(tiny_
         reference = llm.logits(tokens(40))
     monkeypatch.setattr(llm_module, "_streamer", lambda devices, m: ExpertStreamer("cpu", 16))
     with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=64) as llm:
-        assert all(e.streamer is not None for e in _experts(llm))
+        assert all(e.streamer is not None for e in cpu_experts(llm))
         assert llm.prefill_chunk == 2048 and llm.gpu_experts_from == 16
         assert llm.memory.workspace["cpu"] > 0
         ours = llm.logits(tokens(40))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine
+from tandem.kernels import native
 from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime.sampler import SamplingParams
 
@@ -44,9 +45,6 @@ def expert_bytes_per_token(llm) -> int:
     """Bytes of routed-expert weights one token reads: k experts x (gate+up+down) per MoE layer."""
     k = getattr(llm.config, "n_expert_used", 0)
     return k * sum(expert_bytes_per_layer(llm.file.tensors).values())
-
-
-KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK")
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:
@@ -120,7 +118,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "gpu_experts_from": llm.gpu_experts_from,
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
-        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+        "kernel_env": {k: os.environ[k] for k in native.KERNEL_ENV if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,

@@ -21,6 +21,9 @@ from tandem.gguf.types import GGMLType
 from tandem.kernels.tensors import QuantTensor, activation_rows
 
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
+# Environment variables that pick kernel variants at load, for A/B benchmarks: TANDEM_AMX=0 keeps
+# the AVX-512 GEMMs on an AMX CPU; TANDEM_TOKEN_BLOCK sets (token, slot) pairs per prefill task.
+KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK")
 
 
 @functools.cache
@@ -43,10 +46,11 @@ def _lib() -> ctypes.CDLL:
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
-    if os.environ.get("TANDEM_AMX") == "0":  # benchmarks: the AVX-512 GEMMs on an AMX CPU
+    amx, token_block = (os.environ.get(name) for name in KERNEL_ENV)
+    if amx == "0":
         lib.tandem_use_amx(0)
-    if os.environ.get("TANDEM_TOKEN_BLOCK"):  # benchmarks: (token, slot) pairs per prefill task
-        lib.tandem_set_token_block(int(os.environ["TANDEM_TOKEN_BLOCK"]))
+    if token_block:
+        lib.tandem_set_token_block(int(token_block))
     return lib
 
 

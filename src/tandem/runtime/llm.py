@@ -88,7 +88,8 @@ class LLM:
         for d in devices:
             per_layer = spec.cache_layer_bytes(c, ctx_size, kv_dtype) * sequences
             kv_bytes[str(d)] = kv_bytes.get(str(d), 0) + per_layer
-        cpu_experts = any(p.kernel in IN_PLACE_KERNELS and "_exps" in n for n, p in self.placements.items())
+        expert_kernels = {p.kernel for n, p in self.placements.items() if "_exps" in n}
+        cpu_experts = bool(expert_kernels & set(IN_PLACE_KERNELS))
         streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
         if prefill_chunk is None:
@@ -97,7 +98,7 @@ class LLM:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         workspace = _stream_workspace(streamer, needed, c, prefill_chunk) if streamer else {}
-        if any(p.kernel == "cpu" and "_exps" in n for n, p in self.placements.items()):
+        if "cpu" in expert_kernels:
             # tandem's MoE op keeps its buffers for the longest batch it sees: shorter than the
             # streaming threshold, or a whole prefill pass when nothing streams
             batch = streamer.min_tokens - 1 if streamer else min(prefill_chunk, ctx_size)
@@ -241,11 +242,11 @@ def _streamer(devices: list[torch.device], min_tokens: int | None) -> ExpertStre
 def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -> dict[str, int]:
     """Device and pinned host bytes the streamer needs for batches of `tokens`, sized by the
     largest layer's experts."""
-    per_layer = planner.expert_bytes_per_layer(tensors)
-    gate = next((info for name, info in tensors.items() if "ffn_gate_exps" in name), None)
-    if gate is None:
+    shape = _expert_shape(tensors)
+    if shape is None:
         return {}
-    _, n_ff, d = gate.shape
+    n_ff, d = shape
+    per_layer = planner.expert_bytes_per_layer(tensors)
     device, host = workspace_bytes(max(per_layer.values()), n_ff, d, tokens, c.n_expert_used)
     workspace = {"cpu": host}
     workspace[str(streamer.device)] = workspace.get(str(streamer.device), 0) + device
@@ -254,11 +255,17 @@ def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -
 
 def _cpu_expert_workspace(tensors: dict, c, tokens: int) -> int:
     """Work buffers of tandem's CPU MoE op (kernels.native) for batches of `tokens`."""
-    gate = next((info for name, info in tensors.items() if "ffn_gate_exps" in name), None)
-    if gate is None or tokens < 1:
+    shape = _expert_shape(tensors)
+    if shape is None or tokens < 1:
         return 0
-    _, n_ff, d = gate.shape
+    n_ff, d = shape
     return native.moe_work_bytes(tokens, c.n_expert_used, d, n_ff)
+
+
+def _expert_shape(tensors: dict) -> tuple[int, int] | None:
+    """(n_ff, d) of the routed experts (their gate matrices), None for a dense model."""
+    gate = next((info for name, info in tensors.items() if "ffn_gate_exps" in name), None)
+    return None if gate is None else tuple(gate.shape[1:])
 
 
 @dataclass(frozen=True)
