@@ -163,3 +163,27 @@ def test_expert_ids_out_of_range_are_refused(ud_experts):
     with pytest.raises(KernelError, match="expert id out of range"):
         native.moe(torch.randn(1, 256), ids, torch.ones(1, 2), gate, up, down, n_threads=1)
 
+
+
+@pytest.mark.parametrize("vectorized", [True, False], ids=["vectorized", "portable"])
+def test_hidden_values_are_silu_times_up(vectorized):
+    """The MoE's silu(g) * u: its own exp (one op sequence, vectorized or not) against torch's, from
+    deep in the negative range (exp clamped) to the positive one."""
+    if vectorized and not native.vectorized(T.IQ1_S):
+        pytest.skip("no vectorized kernels on this CPU")
+    gen = torch.Generator().manual_seed(3)
+    g = torch.cat([torch.linspace(-120, 120, 4096), torch.randn(4096, generator=gen) * 4])
+    u = torch.randn(g.numel(), generator=gen)
+    got = native.silu_mul(g, u, vectorized=vectorized)
+    expected = (torch.nn.functional.silu(g.double()) * u.double()).float()
+    torch.testing.assert_close(got, expected, rtol=3e-7, atol=1e-30)
+
+
+def test_vectorized_and_portable_hidden_values_are_identical():
+    """Bit for bit: the prefill paths (vectorized) and the portable kernels must quantize the same
+    hidden values, or a rounding boundary would flip between them."""
+    if not native.vectorized(T.IQ1_S):
+        pytest.skip("no vectorized kernels on this CPU")
+    g = torch.randn(1 << 16, generator=torch.Generator().manual_seed(4)) * 6
+    u = torch.randn(1 << 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(native.silu_mul(g, u, vectorized=True), native.silu_mul(g, u, vectorized=False))

@@ -41,6 +41,7 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_set_token_block.argtypes = [i32]
     lib.tandem_moe_work_bytes.argtypes = [i32, i32, i32, i32]
     lib.tandem_moe_work_bytes.restype = ctypes.c_size_t
+    lib.tandem_silu_mul.argtypes = [ptr, ptr, i32, i32]
     lib.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
     lib.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
@@ -126,6 +127,19 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTe
                                gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
                                down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
         _check(rc, "moe", gate)
+    return out
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor, vectorized: bool = True) -> torch.Tensor:
+    """silu(g) * u as the MoE op computes its hidden values (float32, numel a multiple of 16),
+    vectorized (AVX-512) or portable. For tests."""
+    if g.shape != u.shape or g.numel() % 16:
+        raise KernelError(f"silu_mul takes two tensors of one shape, 16k values, "
+                          f"got {list(g.shape)} and {list(u.shape)}")
+    out = g.to(torch.float32).contiguous().clone()
+    u = u.to(torch.float32).contiguous()
+    if _lib().tandem_silu_mul(out.data_ptr(), u.data_ptr(), out.numel(), int(vectorized)):
+        raise KernelError("no vectorized SiLU on this CPU")
     return out
 
 

@@ -142,6 +142,32 @@ static void quantize_row_q8(const float *x, block_q8 *y, int n) {
     }
 }
 
+/* e^x in plain multiplies and adds: Cephes' expf polynomial after a Cody-Waite reduction, x
+ * clamped to [-87, 88] (2^n stays a normal float). exp_avx512 does the same operations in the
+ * same order, so every path of the MoE computes the same hidden values. Within ~2 ulp of expf. */
+static float exp_portable(float x) {
+    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+    const float n = (x * 1.44269504f + 12582912.f) - 12582912.f; /* rounded to an integer */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * (r * r) + r + 1.f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return e * two_n;
+}
+
+/* The experts' hidden values: g = silu(g) * u over n values. */
+static void silu_mul_portable(float *g, const float *u, int n) {
+    for (int i = 0; i < n; i++) g[i] = g[i] / (1.f + exp_portable(-g[i])) * u[i];
+}
+
 /* ---- portable dot products: row of nb blocks times nt activation rows --------------------- */
 
 static void dot_iq1_s_ref(const void *row, const block_q8 *const *x, int nt, int nb, float *out) {
@@ -263,6 +289,54 @@ static void dot_q6_k_ref(const void *row, const block_q8 *const *x, int nt, int 
 #if X86
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c")))
 #define INLINE static inline __attribute__((always_inline))
+
+/* exp_portable, 16 at a time. */
+AVX512 INLINE __m512 exp_avx512(__m512 x) {
+    const __m512 round = _mm512_set1_ps(12582912.f);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), round), round);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    const __m512 e = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r), _mm512_set1_ps(1.f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(e, _mm512_castsi512_ps(bits));
+}
+
+/* silu_mul_portable, 16 at a time (n: a multiple of 16). */
+AVX512 static void silu_mul_avx512(float *g, const float *u, int n) {
+    for (int i = 0; i < n; i += 16) {
+        const __m512 gv = _mm512_loadu_ps(g + i);
+        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)), _mm512_loadu_ps(u + i)));
+    }
+}
+
+/* quantize_row_q8, 16 values at a time: the same maximum, scale and rounding (the current mode,
+ * as lrintf), so the same bytes. */
+AVX512 static void quantize_row_q8_avx512(const float *x, block_q8 *y, int n) {
+    for (int b = 0; b < n / QK; b++, x += QK) {
+        __m512 v[16], amax = _mm512_setzero_ps();
+        for (int i = 0; i < 16; i++) {
+            v[i] = _mm512_loadu_ps(x + 16 * i);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
+        }
+        const float m = _mm512_reduce_max_ps(amax);
+        const __m512 id = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+        y[b].d = m > 0.f ? m / 127.f : 0.f;
+        for (int i = 0; i < 16; i++) {
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], id));
+            _mm_storeu_si128((__m128i *)(y[b].q + 16 * i), _mm512_cvtsepi32_epi8(q));
+            y[b].s16[i] = (int16_t)_mm512_reduce_add_epi32(q);
+        }
+        for (int i = 0; i < 8; i++) y[b].s32[i] = (int16_t)(y[b].s16[2 * i] + y[b].s16[2 * i + 1]);
+    }
+}
 
 /* vpshufb tables for two sub-blocks of IQ1_S at once, by (s of the first) + 8 * (s of the
  * second): bytes 0..31 map g+1 to (g+1)*8*(2s+1) for the first, bytes 32..63 for the second. */
@@ -1033,6 +1107,10 @@ static type_info types[] = {
 #define N_TYPES (int)(sizeof(types) / sizeof(types[0]))
 
 static int use_fast = 1;
+/* Activation rounding and the hidden values: vectorized where the CPU can, whatever use_fast
+ * says (both give the same results, so switching kernels changes only the dot products). */
+static void (*quantize_row)(const float *x, block_q8 *y, int n) = quantize_row_q8;
+static void (*silu_mul)(float *g, const float *u, int n) = silu_mul_portable;
 static int amx_ok = 0, use_amx = 0; /* AMX tiles usable here (tandem_set_tables), and wanted */
 
 static const type_info *find_type(int type) {
@@ -1066,6 +1144,8 @@ void tandem_set_tables(const uint8_t *iq1s_u, const uint8_t *iq2xxs) {
         types[1].fast = iq2_xxs_avx512;
         types[2].fast = q4_k_avx512;
         types[3].fast = q6_k_avx512;
+        quantize_row = quantize_row_q8_avx512;
+        silu_mul = silu_mul_avx512;
     }
 #endif
     tables_set = 1;
@@ -1085,6 +1165,18 @@ int tandem_use_amx(int on) {
     const int old = use_amx;
     use_amx = on && amx_ok;
     return old;
+}
+
+/* g = silu(g) * u over n values (a multiple of 16), as the MoE computes it: vectorized where the
+ * CPU can (1) or portable (0). For tests; returns -1 where the vectorized one is missing. */
+int tandem_silu_mul(float *g, const float *u, int n, int vectorized) {
+    if (n % 16) return -1;
+    void (*f)(float *, const float *, int) = vectorized ? silu_mul : silu_mul_portable;
+    if (vectorized && f == silu_mul_portable) return -1;
+    FLUSH_DENORMALS_BEGIN
+    f(g, u, n);
+    FLUSH_DENORMALS_END
+    return 0;
 }
 
 /* Use the vectorized kernels (1, default) or the portable ones (0); returns the old value. */
@@ -1185,7 +1277,7 @@ int tandem_matmul(const void *weight, int type, int n_rows, int k, const float *
     {
         FLUSH_DENORMALS_BEGIN
 #pragma omp for schedule(static)
-        for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * k, xq + (size_t)t * nb, k);
+        for (int t = 0; t < n_tok; t++) quantize_row(x + (size_t)t * k, xq + (size_t)t * nb, k);
 #pragma omp for schedule(dynamic, 1)
         for (int r0 = 0; r0 < n_rows; r0 += rows) {
             const int r1 = r0 + rows < n_rows ? r0 + rows : n_rows;
@@ -1320,7 +1412,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         int used_amx = 0;
 #endif
 #pragma omp for schedule(static)
-        for (int t = 0; t < n_tok; t++) quantize_row_q8(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
+        for (int t = 0; t < n_tok; t++) quantize_row(x + (size_t)t * d, xq + (size_t)t * nb_d, d);
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_up_tasks; i++) {
             const task tk = up_tasks[i];
@@ -1342,9 +1434,8 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 #pragma omp for schedule(static)
         for (int p = 0; p < n_pairs; p++) {
             float *gp = g + (size_t)p * n_ff;
-            const float *up_p = u + (size_t)p * n_ff;
-            for (int i = 0; i < n_ff; i++) gp[i] = gp[i] / (1.f + expf(-gp[i])) * up_p[i];
-            quantize_row_q8(gp, hq + (size_t)p * nb_ff, n_ff);
+            silu_mul(gp, u + (size_t)p * n_ff, n_ff);
+            quantize_row(gp, hq + (size_t)p * nb_ff, n_ff);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < n_down_tasks; i++) {
