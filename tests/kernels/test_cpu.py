@@ -143,6 +143,35 @@ def test_moe_rejects_bad_input(kernels, experts):
         kernels.moe(x, torch.zeros(2, 2), torch.ones(2, 2), gate, up, gate)
 
 
+@pytest.mark.parametrize("mix", ["iq1_s-gate-up_q4_k-down", "q8_0"])  # tandem's kernels, ggml's
+def test_moe_writes_into_a_given_output(kernels, experts, mix):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts[mix]
+    x = torch.randn(5, 256)
+    ids, weights = routing(5, seed=2)
+    out = torch.full((5, 256), float("nan"))
+    assert kernels.moe(x, ids, weights, gate, up, down, out=out) is out
+    assert relative_error(out, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+    for bad in (torch.empty(5, 128), torch.empty(5, 256, dtype=torch.float64), torch.empty(256, 5).t()):
+        with pytest.raises(KernelError, match="out must be a contiguous float32 \\[5, 256\\] CPU tensor"):
+            kernels.moe(x, ids, weights, gate, up, down, out=bad)
+
+
+@pytest.mark.cuda
+def test_cpu_experts_take_gpu_input_through_pinned_memory(kernels, experts):
+    """What a GPU-side MoE hands over (CUDA tensors) comes back as the CPU input would, from a
+    pinned buffer (fast to upload)."""
+    from tandem.kernels.experts import CpuExperts
+
+    (gate, _), (up, _), (down, _) = experts["iq1_s-gate-up_q4_k-down"]
+    cpu_experts = CpuExperts(kernels, gate, up, down)
+    x = torch.randn(40, 256)
+    ids, weights = routing(40, seed=3)
+    reference = cpu_experts.collect(cpu_experts.submit(x, ids, weights))
+    ours = cpu_experts.collect(cpu_experts.submit(x.cuda(), ids.cuda(), weights.cuda()))
+    assert ours.is_pinned() and not reference.is_pinned()
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
 def test_matmul_rejects_types_without_kernel(kernels):
     raw = np.zeros(4 * 32, dtype=np.int32).view(np.uint8)
     with pytest.raises(KernelError, match="I32 has no CPU matmul kernel"):

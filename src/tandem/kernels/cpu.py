@@ -90,11 +90,13 @@ class CpuKernels:
         return out
 
     def moe(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-            gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool = True) -> torch.Tensor:
+            gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool = True,
+            out: torch.Tensor | None = None) -> torch.Tensor:
         """Routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
 
         x [T, d] float32; expert_ids [T, k] integer; expert_weights [T, k] float; gate and up
-        [E, n_ff, d], down [E, d, n_ff], each in its own ggml type. Returns [T, d] float32.
+        [E, n_ff, d], down [E, d, n_ff], each in its own ggml type. Returns [T, d] float32, in
+        `out` if given (contiguous float32 on the CPU, e.g. pinned for a fast upload).
         `own`: tandem's kernels where they cover all three types (tandem.kernels.native), else
         (or when False) ggml's.
         """
@@ -111,13 +113,18 @@ class CpuKernels:
             raise KernelError(f"expert ids must lie in [0, {n_expert}), got "
                               f"{int(ids.min())}..{int(ids.max())}")
         weights = expert_weights.detach().to("cpu", torch.float32).contiguous()
-        out = torch.empty(t, d, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(t, d, dtype=torch.float32)
+        elif (tuple(out.shape) != (t, d) or out.dtype != torch.float32 or out.device.type != "cpu"
+              or not out.is_contiguous()):
+            raise KernelError(f"out must be a contiguous float32 [{t}, {d}] CPU tensor, got "
+                              f"{out.dtype} {list(out.shape)} on {out.device}")
         if t == 0:
             return out
         distinct = int(ids.unique().numel())
         self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
         if own and native.fits(gate, up, down):
-            return native.moe(x, ids, weights, gate, up, down, self._n_threads)
+            return native.moe(x, ids, weights, gate, up, down, self._n_threads, out=out)
         key = ("moe", t, k, gate.address, up.address, down.address)
         graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))
         with self._lock:

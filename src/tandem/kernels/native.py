@@ -113,15 +113,16 @@ def matmul(weight: QuantTensor, x: torch.Tensor, n_threads: int) -> torch.Tensor
 
 
 def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor, up: QuantTensor,
-        down: QuantTensor, n_threads: int) -> torch.Tensor:
+        down: QuantTensor, n_threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
-    Shapes as CpuKernels.moe, which checks them before it calls here."""
+    Shapes (and `out`) as CpuKernels.moe, which checks them before it calls here."""
     n_expert, n_ff, d = gate.shape
     x = activation_rows(x, d, "x")
     t, k = ids.shape
     ids = ids.to(torch.int32).contiguous()
     weights = weights.to(torch.float32).contiguous()
-    out = torch.empty(t, d, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(t, d, dtype=torch.float32)
     if t:
         rc = _lib().tandem_moe(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k,
                                gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
