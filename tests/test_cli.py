@@ -111,3 +111,7 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
     assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32
     assert 0 < r["roofline_fraction"] < 1
+    # paged in up front: decoding faults on no page of the experts (a few from allocations)
+    assert r["page_in_method"] in ("populate", "touch") and r["page_in_skipped"] is None
+    assert all(0 <= d["page_faults_per_token"] < 50 for d in r["decode"] if d["streams"] == 1)
+    assert data["device"]["kernel"]

@@ -1,6 +1,7 @@
 """PageIn against the kernel's own accounting: the mapping's resident set in /proc/self/smaps
 and the process's minor page faults."""
 
+import ctypes
 import resource
 import sys
 from pathlib import Path
@@ -43,10 +44,11 @@ def mapped(tmp_path):
     del data
 
 
-def test_pages_are_mapped_and_reads_take_no_faults(mapped):
+@pytest.mark.parametrize("method", ["populate", "touch"])  # touch: kernels before 5.14
+def test_pages_are_mapped_and_reads_take_no_faults(mapped, method):
     part = mapped[4096 * 3 + 100 : SIZE - 5000]  # not page aligned at either end
     assert mapping_rss_kb(mapped.ctypes.data) < 1024  # nothing touched yet
-    pager = PageIn([part], ram=1 << 40)
+    pager = PageIn([part], ram=1 << 40, method=method)
     assert pager.wait(timeout=30) and pager.skipped is None
     assert pager.done_bytes == pager.total >= part.nbytes
     assert mapping_rss_kb(mapped.ctypes.data) >= part.nbytes // 1024
@@ -60,6 +62,29 @@ def test_too_large_for_ram_is_left_alone(mapped):
     assert pager.done and "would not fit" in pager.skipped
     assert mapping_rss_kb(mapped.ctypes.data) < 1024
     pager.close()
+
+
+def test_a_failing_madvise_is_reported_and_stops(mapped):
+    import mmap
+
+    region = mmap.mmap(-1, 1 << 20)
+    gone = np.frombuffer((ctypes.c_uint8 * (1 << 20)).from_address(_address(region)), dtype=np.uint8)
+    region.close()  # unmapped now: madvise answers ENOMEM (the pages are never read)
+    pager = PageIn([gone], ram=1 << 40)
+    assert pager.wait(timeout=30)
+    assert pager.skipped.startswith("madvise failed (Cannot allocate memory)")
+
+
+def _address(region) -> int:
+    view = (ctypes.c_uint8 * len(region)).from_buffer(region)
+    address = ctypes.addressof(view)
+    del view  # the mapping can close only once no export holds it
+    return address
+
+
+def test_unknown_method_is_refused(mapped):
+    with pytest.raises(ValueError, match="page-in method must be"):
+        PageIn([mapped], method="willneed")
 
 
 def test_close_stops_early(mapped):

@@ -69,6 +69,7 @@ def describe() -> dict:
         "gpu": gpu,
         "torch": torch.__version__,
         "host": platform.node(),
+        "kernel": platform.release(),  # page-table and madvise behaviour depend on it
     }
 
 

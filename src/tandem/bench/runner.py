@@ -4,6 +4,7 @@ RAM-bandwidth roofline of the routed experts. Warm-up runs are excluded; medians
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,12 @@ def expert_bytes_per_token(llm) -> int:
     return k * sum(expert_bytes_per_layer(llm.file.tensors).values())
 
 
+def _page_faults() -> int:
+    """Minor and major page faults of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def run(cfg: BenchConfig, progress=print) -> dict:
     from tandem.runtime.engine import Engine
     from tandem.runtime.llm import LLM
@@ -64,7 +71,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     def prompt(n: int) -> list[int]:
         return torch.randint(10, vocab, (n,), generator=gen).tolist()
 
-    results: dict = {"load_s": load_s, "page_in_s": page_in_s,
+    results: dict = {"load_s": load_s, "page_in_s": page_in_s, "page_in_method": llm.page_in.method,
                      "page_in_skipped": llm.page_in.skipped, "prefill": [], "decode": []}
     params = SamplingParams(temperature=0, max_new_tokens=cfg.new_tokens)
     # Warm-up: first allocations, kernels, CUDA graphs (page faults are gone: paged in above).
@@ -74,16 +81,22 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs = []
+        runs, decoded, faults = [], 0, 0
         for _ in range(cfg.repetitions):
-            list(llm.stream(prompt(n), params))
-            t = llm.last_timings
-            runs.append(t)
+            tokens = llm.stream(prompt(n), params)
+            next(tokens)  # the prompt is in
+            before = _page_faults()
+            decoded += len(list(tokens))
+            faults += _page_faults() - before
+            runs.append(llm.last_timings)
         prefill = statistics.median(r.prompt_tok_per_s for r in runs)
         ttft = statistics.median(r.prompt_s for r in runs)
         decode = statistics.median(r.decode_tok_per_s for r in runs)
         results["prefill"].append({"prompt_tokens": n, "tok_per_s": prefill, "ttft_s": ttft})
-        results["decode"].append({"streams": 1, "context": n, "tok_per_s": decode})
+        # page faults while decoding: ~0 once the in-place weights are paged in (else each
+        # first read of an expert's page pays one; see kernels.page_in)
+        results["decode"].append({"streams": 1, "context": n, "tok_per_s": decode,
+                                  "page_faults_per_token": faults / max(decoded, 1)})
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
                  f"decode {decode:6.2f} tok/s")
     engine = Engine(llm, max_batch=max(cfg.streams))

@@ -6,10 +6,10 @@ experts nobody has used yet then pays for tens of thousands of faults. On the GP
 that made a Q4_K_M-like MoE layer 5x slower (20.5 against 4.1 ms) until every expert had been
 touched once. llama.cpp maps its file with MAP_POPULATE for the same reason.
 
-`PageIn` asks the kernel to populate the page tables (MADV_POPULATE_READ, Linux 5.14+; older
-kernels get MADV_WILLNEED, a read-ahead only) on a background thread, in chunks, so loading
-does not wait and `close()` can stop it. It does nothing when the mapped bytes would not fit
-in RAM: populating them would only push earlier pages out again.
+`PageIn` asks the kernel to populate the page tables (MADV_POPULATE_READ, Linux 5.14+; on older
+kernels it reads one byte of every page instead, which maps them as well) on a background
+thread, in chunks, so loading does not wait and `close()` can stop it. It does nothing when the
+mapped bytes would not fit in RAM: populating them would only push earlier pages out again.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MADV_WILLNEED = 3
 MADV_POPULATE_READ = 22
+EINVAL = 22
 CHUNK = 64 << 20  # bytes per madvise call: close() waits for one chunk at most
 RAM_SHARE = 0.8  # populate only if the bytes fit in this share of physical RAM
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -61,17 +61,27 @@ def page_ranges(arrays: Iterable[np.ndarray]) -> list[tuple[int, int]]:
     return [(s, e - s) for s, e in merged]
 
 
+def _touch(address: int, length: int) -> None:
+    """Read one byte of every page in [address, address + length): each read maps its page
+    (numpy's reduction drops the GIL)."""
+    pages = np.frombuffer((ctypes.c_uint8 * length).from_address(address), dtype=np.uint8)
+    np.add.reduce(pages[::PAGE], dtype=np.uint64)
+
+
 class PageIn:
     """Populates the page tables of `arrays` (views of a file mapping) on a thread. The arrays
     must stay alive (their mapping mapped) until `close()` returns or `done` is set."""
 
-    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None):
+    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None, method: str = "populate"):
+        """`method`: "populate" (madvise; "touch" where the kernel lacks it) or "touch"."""
+        if method not in ("populate", "touch"):
+            raise ValueError(f"page-in method must be 'populate' or 'touch', got {method!r}")
+        self.method = method
         self.arrays = list(arrays)  # keeps the mappings alive while the thread runs
         self.ranges = page_ranges(self.arrays)
         self.total = sum(n for _, n in self.ranges)
         self.done_bytes = 0
         self.seconds = 0.0
-        self.advice = MADV_POPULATE_READ
         self._stop = threading.Event()
         self._done = threading.Event()
         self._libc = _libc()
@@ -111,16 +121,19 @@ class PageIn:
                      self.seconds)
 
     def _advise(self, address: int, length: int) -> None:
-        if self._libc.madvise(address, length, self.advice) == 0:  # ctypes drops the GIL here
+        if self.method == "touch":
+            _touch(address, length)
+            return
+        if self._libc.madvise(address, length, MADV_POPULATE_READ) == 0:  # ctypes drops the GIL
             return
         errno = ctypes.get_errno()
-        if self.advice == MADV_POPULATE_READ and errno == 22:  # EINVAL: a kernel before 5.14
-            log.info("MADV_POPULATE_READ unsupported by this kernel; using MADV_WILLNEED")
-            self.advice = MADV_WILLNEED
-            self._advise(address, length)
+        if errno == EINVAL:  # a kernel before 5.14
+            log.info("MADV_POPULATE_READ unsupported by this kernel; reading a byte per page instead")
+            self.method = "touch"
+            _touch(address, length)
             return
-        log.warning("madvise failed on in-place weights (%s); pages load on first use",
-                    os.strerror(errno))
+        self.skipped = f"madvise failed ({os.strerror(errno)}); pages load on first use"
+        log.warning("on in-place weights: %s", self.skipped)
         self._stop.set()
 
     @property
