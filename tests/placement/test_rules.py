@@ -72,6 +72,23 @@ def test_memory_plan_counts_bytes_per_device_and_layer(tiny_q8):
         check_fits(plan, default_rules(False), {"cpu": 1 << 40, "cpu-total": experts})
 
 
+def test_short_ram_names_the_rule_with_most_copied_bytes(tiny_q8):
+    """The experts, read in place, are the most bytes; the copies that do not fit come from the
+    dense rule, which the hint must name."""
+    model = tandem.open_gguf(tiny_q8)
+    rules = default_rules(False)
+    placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, rules, devices={"cpu"})
+    plan = plan_memory(model.tensors, placed, {})
+    assert plan.mapped["cpu"] > 0
+    experts_rule = next(p.rule for n, p in placed.items() if "_exps" in n)
+    assert experts_rule not in plan.resident_by_rule
+    with pytest.raises(PlacementError) as err:
+        check_fits(plan, rules, {"cpu": plan.resident["cpu"] // 2, "cpu-total": 1 << 40})
+    heaviest = max(plan.resident_by_rule, key=plan.resident_by_rule.get)
+    assert f"comes from rule {rules[heaviest].match!r}" in str(err.value)
+    assert rules[experts_rule].match not in str(err.value)
+
+
 def test_streaming_workspace_counts_and_is_named_when_short(tiny_q8):
     model = tandem.open_gguf(tiny_q8)
     placed = assign({n: t.ggml_type for n, t in model.tensors.items()}, default_rules(False),

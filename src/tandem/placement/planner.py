@@ -26,7 +26,7 @@ class MemoryPlan:
     resident: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     mapped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     workspace: dict[str, int] = field(default_factory=dict)  # part of resident: expert buffers
-    by_rule: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    resident_by_rule: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # copies only
     per_layer: dict[str, dict[str, int]] = field(default_factory=dict)  # "blk.N"/"other" -> dev -> bytes
 
     def as_dict(self) -> dict:
@@ -60,8 +60,11 @@ def plan_memory(tensors: dict[str, TensorInfo], placements: dict[str, Placement]
         p = placements[name]
         n = placed_bytes(info, p)
         device = str(p.device)
-        (plan.mapped if p.kernel in IN_PLACE_KERNELS else plan.resident)[device] += n
-        plan.by_rule[p.rule] += n
+        if p.kernel in IN_PLACE_KERNELS:
+            plan.mapped[device] += n
+        else:
+            plan.resident[device] += n
+            plan.resident_by_rule[p.rule] += n
         match = LAYER.match(name)
         layer = f"blk.{match[1]}" if match else "other"
         plan.per_layer.setdefault(layer, defaultdict(int))[device] += n
@@ -104,7 +107,7 @@ def check_fits(plan: MemoryPlan, rules: list[Rule], caps: dict[str, int] | None 
 
 
 def _too_big(device: str, need: int, have: int, plan: MemoryPlan, rules: list[Rule]) -> str:
-    heaviest = sorted(((n, i) for i, n in plan.by_rule.items()
+    heaviest = sorted(((n, i) for i, n in plan.resident_by_rule.items()
                        if rules[i].device.split(":")[0] == device.split(":")[0]), reverse=True)
     hint = ""
     if heaviest:
