@@ -23,6 +23,11 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+GpuExpertShare = Annotated[float | None, typer.Option(
+    "--gpu-expert-share",
+    help="Fraction of each decode step's routed experts computed on the GPU while the CPU does "
+         "the rest, their weights copied from the pinned file; 0: none (default: balanced per "
+         "layer as it runs).")]
 _state = {"debug": False}
 
 
@@ -196,6 +201,7 @@ def chat(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
+    gpu_expert_share: GpuExpertShare = None,
 ):
     """Talk to a model: interactively, or once with -p / stdin."""
     from tandem.chat import terminal
@@ -207,7 +213,8 @@ def chat(
     question = prompt if prompt is not None else terminal.read_stdin_prompt()
     path = model if model is not None else default_model_path()
     llm = LLM(path, model_path=model_path, rules=rules, ctx_size=ctx_size, n_threads=cpu_infer,
-              progress=err_console.is_terminal, gpu_experts_from=gpu_experts_from)
+              progress=err_console.is_terminal, gpu_experts_from=gpu_experts_from,
+              gpu_expert_share=gpu_expert_share)
     params = SamplingParams.defaults_for(llm.file.metadata).updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
@@ -247,6 +254,7 @@ def serve(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
+    gpu_expert_share: GpuExpertShare = None,
 ):
     """OpenAI- and Ollama-compatible server with continuous batching."""
     import uvicorn
@@ -259,7 +267,8 @@ def serve(
                           model_path=model_path, served_model_name=served_model_name,
                           api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                           ctx_size=ctx_size, n_threads=cpu_infer, rules=rules,
-                          force_think=_bool(force_think), gpu_experts_from=gpu_experts_from)
+                          force_think=_bool(force_think), gpu_experts_from=gpu_experts_from,
+                          gpu_expert_share=gpu_expert_share)
     err_console.print(f"tandem: serving {config.model} on http://{host}:{port}/v1 "
                       f"(OpenAI) and http://{host}:{port}/api (Ollama); loading...",
                       highlight=False, soft_wrap=True)
@@ -280,6 +289,7 @@ def bench(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
+    gpu_expert_share: GpuExpertShare = None,
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
     from datetime import UTC, datetime
@@ -294,7 +304,7 @@ def bench(
             raise TandemError(f"expected comma-separated numbers, got {text!r}") from None
 
     config = BenchConfig(model, ints(prompt_lengths), ints(streams), new_tokens, repetitions,
-                         ctx_size, threads, rules, gpu_experts_from)
+                         ctx_size, threads, rules, gpu_experts_from, gpu_expert_share)
     results = run(config, progress=lambda line: err_console.print(line, highlight=False))
     now = datetime.now(UTC)
     record = {**machine.record_header("tandem bench", now, " ".join(["tandem", *sys.argv[1:]])),

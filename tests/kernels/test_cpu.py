@@ -21,7 +21,7 @@ from gguf import quants
 from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
 from tandem.errors import KernelError
-from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels
 from tandem.kernels.tensors import QuantTensor
 
 Q8_ACTIVATION_TOL = 0.03
@@ -133,7 +133,7 @@ def test_moe_releases_the_gil(experts):
 def test_moe_rejects_bad_input(kernels, experts):
     (gate, _), (up, _), (down, _) = experts["q8_0"]
     x = torch.randn(2, 256)
-    with pytest.raises(KernelError, match="expert ids must lie in \\[0, 8\\), got 0..8"):
+    with pytest.raises(KernelError, match=r"expert ids must lie in \[0, 8\) \(or be -1: skipped\), got 0..8"):
         kernels.moe(x, torch.tensor([[0, 8], [1, 2]]), torch.ones(2, 2), gate, up, down)
     with pytest.raises(KernelError, match="x must be \\[T, 256\\]"):
         kernels.moe(torch.randn(2, 128), torch.zeros(2, 2), torch.ones(2, 2), gate, up, down)
@@ -154,6 +154,33 @@ def test_moe_writes_into_a_given_output(kernels, experts, mix):
     for bad in (torch.empty(5, 128), torch.empty(5, 256, dtype=torch.float64), torch.empty(256, 5).t()):
         with pytest.raises(KernelError, match="out must be a contiguous float32 \\[5, 256\\] CPU tensor"):
             kernels.moe(x, ids, weights, gate, up, down, out=bad)
+
+
+@pytest.mark.parametrize("mix", ["iq1_s-gate-up_q4_k-down", "q4_k-gate-up_q6_k-down"])
+def test_skipped_slots_add_nothing(kernels, experts, mix):
+    """Slots marked SKIPPED_SLOT (their experts computed on the GPU) leave the sum over the
+    others, as the float oracle without those slots says; all skipped: zeros."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts[mix]
+    x = torch.randn(6, 256)
+    ids, weights = routing(6, seed=4)
+    skipped = ids.clone()
+    skipped[ids % 3 == 0] = SKIPPED_SLOT
+    y = kernels.moe(x, skipped, weights, gate, up, down)
+    kept = torch.where(ids % 3 == 0, 0.0, weights)
+    assert relative_error(y, moe_reference(x, ids, kept, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+    assert relative_error(y, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) > 0.1
+    none = kernels.moe(x, torch.full_like(ids, SKIPPED_SLOT), weights, gate, up, down)
+    assert torch.equal(none, torch.zeros_like(none))
+
+
+def test_skipped_slots_need_own_kernels_and_other_negatives_are_refused(kernels, experts):
+    (gate, _), (up, _), (down, _) = experts["q8_0"]  # ggml's kernels: no skipping
+    x = torch.randn(2, 256)
+    with pytest.raises(KernelError, match=r"skipped slots \(id -1\) need tandem's own kernels"):
+        kernels.moe(x, torch.tensor([[0, -1], [1, 2]]), torch.ones(2, 2), gate, up, down)
+    (gate, _), (up, _), (down, _) = experts["iq1_s-gate-up_q4_k-down"]
+    with pytest.raises(KernelError, match=r"expert ids must lie in \[0, 8\) \(or be -1"):
+        kernels.moe(x, torch.tensor([[0, -2], [1, 2]]), torch.ones(2, 2), gate, up, down)
 
 
 @pytest.mark.cuda

@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from expert_checks import make_weight, moe_reference, routing
-from tandem.kernels.streamed import ExpertStreamer, _runs
+from tandem.kernels.streamed import ExpertStreamer, consecutive_runs
 
 RECIPES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
 N_EXPERT, N_FF, D = 10, 512, 256
@@ -58,5 +58,5 @@ def test_wants_long_batches_of_supported_types_only(rng):
 
 
 def test_runs_group_consecutive_ids():
-    assert _runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 1), (7, 2)]
-    assert _runs([]) == []
+    assert consecutive_runs([0, 1, 2, 5, 7, 8]) == [(0, 3), (5, 1), (7, 2)]
+    assert consecutive_runs([]) == []

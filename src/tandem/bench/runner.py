@@ -29,6 +29,7 @@ class BenchConfig:
     n_threads: int | None = None
     rules: Path | None = None
     gpu_experts_from: int | None = None  # None: LLM's default
+    gpu_expert_share: float | None = None  # None: LLM's default (balanced)
 
 
 def _memory_kb(key: str) -> int:
@@ -54,6 +55,17 @@ def _page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+def _share_record(llm) -> dict:
+    """Whether decode split its experts with the GPU, and the layers' shares at the end."""
+    share = llm.gpu_share
+    if share is None:
+        return {"on": False, "why_off": "no GPU, or turned off"}
+    found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
+    shares = [e.balance.share for e in found if getattr(e, "share", None) is not None]
+    return {"on": share.ready.is_set(), "why_off": share.skipped,
+            "layer_shares_at_end": [round(x, 3) for x in shares]}
+
+
 def run(cfg: BenchConfig, progress=print) -> dict:
     from tandem.runtime.engine import Engine
     from tandem.runtime.llm import LLM
@@ -61,9 +73,11 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     anon_before = _memory_kb("RssAnon")
     began = time.perf_counter()
     llm = LLM(cfg.model, rules=cfg.rules, ctx_size=cfg.ctx_size, n_threads=cfg.n_threads,
-              gpu_experts_from=cfg.gpu_experts_from)
+              gpu_experts_from=cfg.gpu_experts_from, gpu_expert_share=cfg.gpu_expert_share)
     load_s = time.perf_counter() - began
     llm.page_in.wait()  # measure steps, not first touches of pages (see kernels.page_in)
+    if llm.gpu_share is not None:
+        llm.gpu_share.wait()  # the experts pinned for the GPU share (or the reason it is off)
     page_in_s = time.perf_counter() - began - load_s
     vocab = llm.config.n_vocab
     gen = torch.Generator().manual_seed(0)
@@ -129,6 +143,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     single = next((d["tok_per_s"] for d in results["decode"] if d["streams"] == 1), 0.0)
     results |= {
         "gpu_experts_from": llm.gpu_experts_from,
+        "gpu_expert_share": _share_record(llm),
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
         "kernel_env": {k: os.environ[k] for k in native.KERNEL_ENV if k in os.environ},

@@ -24,6 +24,7 @@ from tandem.kernels.graph import Graph, point
 from tandem.kernels.tensors import QuantTensor, activation_rows
 
 MAX_CACHED_GRAPHS = 32
+SKIPPED_SLOT = -1  # expert id of a slot that moe() leaves out (experts.c's SKIPPED_SLOT)
 F32 = GGMLType.F32
 I32 = GGMLType.I32
 
@@ -98,7 +99,8 @@ class CpuKernels:
         [E, n_ff, d], down [E, d, n_ff], each in its own ggml type. Returns [T, d] float32, in
         `out` if given (contiguous float32 on the CPU, e.g. pinned for a fast upload).
         `own`: tandem's kernels where they cover all three types (tandem.kernels.native), else
-        (or when False) ggml's.
+        (or when False) ggml's. A slot whose id is SKIPPED_SLOT adds nothing (own kernels only):
+        its expert is computed elsewhere (kernels.gpu_share).
         """
         n_expert, n_ff, d = _check_experts(gate, up, down)
         x = activation_rows(x, d, "x")
@@ -109,9 +111,14 @@ class CpuKernels:
         if tuple(expert_weights.shape) != (t, k):
             raise KernelError(f"expert_weights must be [{t}, {k}], got {list(expert_weights.shape)}")
         ids = expert_ids.detach().to("cpu", torch.int32).contiguous()
-        if t and (int(ids.min()) < 0 or int(ids.max()) >= n_expert):
-            raise KernelError(f"expert ids must lie in [0, {n_expert}), got "
-                              f"{int(ids.min())}..{int(ids.max())}")
+        if t and (int(ids.min()) < SKIPPED_SLOT or int(ids.max()) >= n_expert):
+            raise KernelError(f"expert ids must lie in [0, {n_expert}) (or be {SKIPPED_SLOT}: "
+                              f"skipped), got {int(ids.min())}..{int(ids.max())}")
+        own = own and native.fits(gate, up, down)
+        if not own and t and bool((ids == SKIPPED_SLOT).any()):
+            raise KernelError(f"skipped slots (id {SKIPPED_SLOT}) need tandem's own kernels; "
+                              f"ggml's cannot skip ({gate.ggml_type.name}/{up.ggml_type.name}/"
+                              f"{down.ggml_type.name} experts)")
         weights = expert_weights.detach().to("cpu", torch.float32).contiguous()
         if out is None:
             out = torch.empty(t, d, dtype=torch.float32)
@@ -121,9 +128,9 @@ class CpuKernels:
                               f"{out.dtype} {list(out.shape)} on {out.device}")
         if t == 0:
             return out
-        distinct = int(ids.unique().numel())
+        distinct = int((ids.unique() >= 0).sum())
         self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
-        if own and native.fits(gate, up, down):
+        if own:
             return native.moe(x, ids, weights, gate, up, down, self._n_threads, out=out)
         key = ("moe", t, k, gate.address, up.address, down.address)
         graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))

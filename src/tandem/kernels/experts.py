@@ -2,33 +2,55 @@
 
 `CpuExperts` runs them on the CPU (tandem's kernels or ggml's), reading the quantized weights
 in place; the caller's device keeps working (shared expert) until it collects. Given an
-`ExpertStreamer`, batches long enough go to the GPU instead, their weights streamed there. `TorchExperts`
-computes them with dequantized weights in torch, on any device: the reference, and the
-fallback for rules that put experts on a GPU.
+`ExpertStreamer`, batches long enough go to the GPU instead, their weights streamed there.
+Given a `GpuShare`, short batches (decode) send a balanced share of their experts to the GPU
+and compute the rest on the CPU at the same time. `TorchExperts` computes them with
+dequantized weights in torch, on any device: the reference, and the fallback for rules that
+put experts on a GPU.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.gpu_share import GpuShare, Launched, ShareBalance, split
 from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 
 
+@dataclass
+class _SharedCall:
+    cpu: Future | None  # the CPU's experts (their result in pinned memory)
+    gpu: Launched | None  # the GPU's
+
+
 class CpuExperts:
     def __init__(self, kernels: CpuKernels, gate: QuantTensor, up: QuantTensor, down: QuantTensor,
-                 own_kernels: bool = True, streamer: ExpertStreamer | None = None):
+                 own_kernels: bool = True, streamer: ExpertStreamer | None = None,
+                 share: GpuShare | None = None, balance: ShareBalance | None = None):
         self.kernels, self.gate, self.up, self.down = kernels, gate, up, down
         self.own_kernels = own_kernels  # tandem's kernels where they cover the types, else ggml
         self.streamer = streamer
+        # the GPU share needs tandem's kernels: ggml's cannot skip the GPU's slots
+        self.share = share if own_kernels and native.fits(gate, up, down) else None
+        self.balance = balance or ShareBalance()  # this layer's share of experts on the GPU
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Future | torch.Tensor:
+    def shares(self, n_tokens: int) -> bool:
+        """Whether a batch of `n_tokens` splits its experts between the GPU and the CPU."""
+        return self.share is not None and self.share.wants(n_tokens, self.gate, self.up, self.down)
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor,
+               weights: torch.Tensor) -> Future | torch.Tensor | _SharedCall:
         if self.streamer is not None and self.streamer.wants(x.shape[0], self.gate, self.up, self.down):
             return self.streamer.moe(x, ids, weights, self.gate, self.up, self.down)  # queued there
+        if x.device == getattr(self.share, "device", None) and self.shares(x.shape[0]):
+            return self._submit_shared(x, ids.cpu(), weights.cpu())
         out = None
         if x.is_cuda:
             # Through pinned memory both ways: a fresh pageable copy of a 2048-token batch (59 MB)
@@ -40,8 +62,47 @@ class CpuExperts:
         return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down,
                                        own=self.own_kernels, out=out)
 
-    def collect(self, handle: Future | torch.Tensor) -> torch.Tensor:
+    def collect(self, handle: Future | torch.Tensor | _SharedCall) -> torch.Tensor:
+        if isinstance(handle, _SharedCall):
+            return self._collect_shared(handle)
         return handle.result() if isinstance(handle, Future) else handle
+
+    def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+        """The same with a share on the GPU (when `shares`), waiting for both: x on the share's
+        device and its copy x_host (pinned), ids and weights on the host. Result on the device."""
+        return self._collect_shared(self._submit_shared(x, ids, weights, x_host))
+
+    # -- split between the GPU and the CPU ---------------------------------------------------
+    def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       x_host: torch.Tensor | None = None) -> _SharedCall:
+        n_gpu = min(self.balance.take(int(ids.unique().numel())), self.share.max_experts)
+        gpu_experts, cpu_ids = split(ids, n_gpu)
+        gpu = None
+        if gpu_experts:
+            gpu = self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down)
+            self.kernels.expert_bytes_read += len(gpu_experts) * sum(
+                w.expert_bytes() for w in (self.gate, self.up, self.down))
+        cpu = None
+        if bool((cpu_ids >= 0).any()):
+            if x_host is None:
+                x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
+            out = torch.empty(x_host.shape, dtype=torch.float32, pin_memory=self.share.cuda)
+            cpu = self.kernels.submit_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
+                                          own=True, out=out)
+        return _SharedCall(cpu, gpu)
+
+    def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
+        cpu = call.cpu.result() if call.cpu is not None else None
+        if call.cpu is None or call.gpu is None:
+            self.balance.update(gpu_first=call.gpu is None)  # an idle side asks for more
+        else:  # both worked: who was done first? (off CUDA the GPU part ran before the CPU's)
+            self.balance.update(gpu_first=call.gpu.done is None or call.gpu.done.query())
+        if call.gpu is None:
+            return cpu.to(self.share.device, non_blocking=True)
+        if cpu is None:
+            return call.gpu.out
+        return call.gpu.out + cpu.to(self.share.device, non_blocking=True)
 
     def compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same, on the calling thread (CPU tensors in, CPU tensor out)."""

@@ -95,7 +95,7 @@ class ExpertStreamer:
         offset = 0
         for w in tensors:
             source, size = self._source(w), w.expert_bytes()
-            for first, count in _runs(chunk):
+            for first, count in consecutive_runs(chunk):
                 host[offset : offset + count * size].copy_(source[first : first + count].reshape(-1))
                 offset += count * size
         if self.cuda:
@@ -178,7 +178,7 @@ class _Rows:
         return lo, hi, self.ends[first:last]
 
 
-def _runs(ids: list[int]) -> list[tuple[int, int]]:
+def consecutive_runs(ids: list[int]) -> list[tuple[int, int]]:
     """Sorted ids as (first, count) runs of consecutive values: one copy per run."""
     runs: list[tuple[int, int]] = []
     for e in ids:

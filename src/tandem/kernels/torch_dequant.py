@@ -55,6 +55,17 @@ def supports(t: GGMLType) -> bool:
     return t in _DECODERS
 
 
+def grid_table(t: GGMLType, device: torch.device | str) -> torch.Tensor | None:
+    """The lookup table type `t` decodes through (None for types without a grid)."""
+    return _tables(torch.device(device))[_GRIDS[t]] if t in _GRIDS else None
+
+
+def values(raw: torch.Tensor, t: GGMLType, grid: torch.Tensor | None) -> torch.Tensor:
+    """float32 [blocks, values per block] from raw bytes (uint8, whole blocks, unchecked), `grid` from
+    grid_table: the bare decoder, for callers that fuse it into their own compiled function."""
+    return _DECODERS[t](raw.reshape(-1, block_bytes(t)), grid)
+
+
 def _decode(t: GGMLType, dtype: torch.dtype, blocks: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
     return _DECODERS[t](blocks, grid).to(dtype)
 

@@ -7,7 +7,8 @@ GPU worked ~0.2 ms of it. Here a step is a few graph replays. The step is cut at
     segment i:   x + routed_{i-1} + shared_{i-1} -> layers ... -> MoE i's input h, routing;
                  h, expert ids and weights copied to pinned host memory
     shared i:    MoE i's shared expert, its own graph, running on the GPU while ...
-    CPU:         ... the routed experts of MoE i run on the CPU (GIL released)
+    CPU:         ... the routed experts of MoE i run on the CPU (GIL released), or a share
+                 of them on the GPU too (kernels.gpu_share; eager, not captured)
 
 and the last segment ends with the head. Tensors that cross a cut live in static buffers.
 Attention reads the cache up to a bucket length, masked past the current position, so one set
@@ -76,6 +77,7 @@ class DecodeGraphs:
         pinned = capture and device.type == "cuda"
         self.x_in = torch.zeros(1, d, device=device)  # the embedded token
         self.x = torch.zeros(1, d, device=device)  # the residual stream at a cut
+        self.h = torch.zeros(1, d, device=device)  # the MoE input at a cut (for a GPU share)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.logits = torch.zeros(1, model.lm_head.weight.shape[0], device=device)
         self.cuts = self._cuts(model, d, pinned)
@@ -128,8 +130,11 @@ class DecodeGraphs:
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
                 self._ready.synchronize()
-            routed = cut.moe.experts.compute(cut.host["h"], cut.host["ids"], cut.host["weights"])
-            cut.routed.copy_(routed, non_blocking=True)
+            experts, host = cut.moe.experts, cut.host
+            if experts.shares(1):  # some experts on the GPU, the others on the CPU meanwhile
+                cut.routed.copy_(experts.compute_shared(self.h, host["h"], host["ids"], host["weights"]))
+            else:
+                cut.routed.copy_(experts.compute(host["h"], host["ids"], host["weights"]), non_blocking=True)
         return self.logits
 
     def _segment(self, i: int, length: int) -> None:
@@ -146,6 +151,7 @@ class DecodeGraphs:
             if j == cut.last and cut.moe is not None:
                 ids, weights = cut.moe.choose(h)
                 self.x.copy_(x)
+                self.h.copy_(h)
                 cut.host["h"].copy_(h, non_blocking=True)
                 cut.host["ids"].copy_(ids, non_blocking=True)
                 cut.host["weights"].copy_(weights, non_blocking=True)

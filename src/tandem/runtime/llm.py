@@ -19,6 +19,7 @@ from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.gpu_share import GpuShare
 from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
 from tandem.models.decoder import Segment
@@ -53,7 +54,7 @@ class LLM:
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
                  cuda_graphs: bool = True, gpu_experts_from: int | None = None,
-                 page_in: bool = True):
+                 page_in: bool = True, gpu_expert_share: float | None = None):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
         graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
@@ -63,7 +64,11 @@ class LLM:
         routed experts are read in place, on the CPU or streamed; else PREFILL_CHUNK).
         `page_in`: map the pages of the weights read in place (the CPU experts) into the
         process on a background thread (kernels.page_in), so first uses take no page faults;
-        `self.page_in.wait()` blocks until that is done."""
+        `self.page_in.wait()` blocks until that is done. `gpu_expert_share`: the fraction of
+        the CPU-placed experts of short batches (decode) computed on the model's GPU at the
+        same time, their weights copied from the pinned file mapping (kernels.gpu_share); None:
+        balanced per layer, measured as it runs; 0: none. Needs the mapped experts to fit in
+        RAM (they are page-locked); `self.gpu_share.wait()` blocks until they are."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -92,12 +97,16 @@ class LLM:
         cpu_experts = bool(expert_kernels & set(IN_PLACE_KERNELS))
         streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
+        self.gpu_share = _gpu_share(devices, c, gpu_expert_share) if "cpu" in expert_kernels else None
         if prefill_chunk is None:
             prefill_chunk = EXPERT_PREFILL_CHUNK if cpu_experts else PREFILL_CHUNK
         if prefill_chunk < 1:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         workspace = _stream_workspace(streamer, needed, c, prefill_chunk) if streamer else {}
+        if self.gpu_share is not None:  # its slots: k experts' quantized bytes
+            slots = c.n_expert_used * max(planner.expert_bytes_per_layer(needed).values(), default=0)
+            workspace[str(self.gpu_share.device)] = workspace.get(str(self.gpu_share.device), 0) + slots
         if "cpu" in expert_kernels:
             # tandem's MoE op keeps its buffers for the longest batch it sees: shorter than the
             # streaming threshold, or a whole prefill pass when nothing streams
@@ -108,9 +117,12 @@ class LLM:
 
         self.kernels = CpuKernels(n_threads) if cpu_experts else None
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
-            loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer)
+            loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer,
+                                  self.gpu_share, gpu_expert_share)
             self.model = spec.build(self.file, c, loader, devices)
         self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [])
+        if self.gpu_share is not None:
+            self.gpu_share.pin([t.data for t in loader.in_place])
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
         self._cache: list | None = None  # this object's own sequence; allocated on first use
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
@@ -217,6 +229,8 @@ class LLM:
 
     def close(self) -> None:
         self.page_in.close()
+        if self.gpu_share is not None:
+            self.gpu_share.close()
         if self.kernels is not None:
             self.kernels.close()
         self.file.close()
@@ -237,6 +251,17 @@ def _streamer(devices: list[torch.device], min_tokens: int | None) -> ExpertStre
         raise TandemError(f"gpu_experts_from must be a token count >= 1 (0: never), got {min_tokens}")
     gpu = next((d for d in devices if d.type == "cuda"), None)
     return ExpertStreamer(gpu, min_tokens) if gpu is not None and min_tokens > 0 else None
+
+
+def _gpu_share(devices: list[torch.device], c, fraction: float | None) -> GpuShare | None:
+    """A GPU share for the (first) GPU the layers run on, unless there is none or it is off."""
+    if fraction is not None and not 0.0 <= fraction <= 1.0:
+        raise TandemError(f"gpu_expert_share must lie in [0, 1] (0: off), got {fraction}")
+    gpu = next((d for d in devices if d.type == "cuda"), None)
+    k = getattr(c, "n_expert_used", 0)
+    if gpu is None or fraction == 0.0 or not k:
+        return None
+    return GpuShare(gpu, max_experts=k)
 
 
 def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -> dict[str, int]:

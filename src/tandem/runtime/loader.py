@@ -13,6 +13,7 @@ from tandem.gguf.model import GGUFModel
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.embedding import DenseEmbedding, QuantEmbedding
 from tandem.kernels.experts import CpuExperts, TorchExperts
+from tandem.kernels.gpu_share import GpuShare, ShareBalance
 from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 from tandem.models.layers import GatedMLP, Linear, RMSNorm
@@ -40,15 +41,19 @@ def check_tensors(model: GGUFModel, expected: list[tuple[str, tuple[int, ...]]],
 class WeightLoader:
     """Module weights by tensor name, each as its placement says. `aliases` name tensors that
     the file stores under another name (a tied output head reads token_embd). `streamer` takes
-    long batches of the CPU experts of blocks whose router is on its device."""
+    long batches of the CPU experts of blocks whose router is on its device; `share` computes
+    part of their short batches there."""
 
     def __init__(self, model: GGUFModel, placements: dict[str, Placement],
                  kernels: CpuKernels | None, advance: Callable[[int], None] | None = None,
-                 aliases: dict[str, str] | None = None, streamer: ExpertStreamer | None = None):
+                 aliases: dict[str, str] | None = None, streamer: ExpertStreamer | None = None,
+                 share: GpuShare | None = None, share_fraction: float | None = None):
         self.model, self.placements, self.kernels = model, placements, kernels
         self.advance = advance or (lambda n: None)
         self.aliases = aliases or {}
         self.streamer = streamer
+        self.share = share
+        self.share_fraction = share_fraction  # fixed, or None: balanced per layer from 0.5
         self.in_place: list[QuantTensor] = []  # tensors the CPU reads from the mapped file
 
     def _in_place(self, name: str) -> QuantTensor:
@@ -87,11 +92,16 @@ class WeightLoader:
             for n in names:
                 self.advance(self.model.tensors[n].n_bytes)
             router = self.placements.get(f"{prefix}.ffn_gate_inp.weight")
-            streamer = self.streamer
+            streamer, share = self.streamer, self.share
             if streamer is not None and (router is None or router.device != streamer.device):
                 streamer = None
+            if share is not None and (router is None or router.device != share.device):
+                share = None
+            fixed = self.share_fraction is not None
+            balance = ShareBalance(self.share_fraction if fixed else 0.5, fixed=fixed)
             return CpuExperts(self.kernels, *(self._in_place(n) for n in names),
-                              own_kernels=kernels == {"cpu"}, streamer=streamer)
+                              own_kernels=kernels == {"cpu"}, streamer=streamer, share=share,
+                              balance=balance)
         if kernels == {"torch"}:
             return TorchExperts(*(self.dense(n) for n in names))
         raise GGUFError(f"{prefix}: gate, up and down experts must share one kernel, got "

@@ -29,6 +29,7 @@ class ServerConfig:
     rules: Path | None = None
     force_think: bool = False
     gpu_experts_from: int | None = None  # None: LLM's default
+    gpu_expert_share: float | None = None  # None: balanced (LLM's default)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class ServerState:
             c = self.config
             self.llm = LLM(c.model, model_path=c.model_path, rules=c.rules, ctx_size=c.ctx_size,
                            n_threads=c.n_threads, sequences=c.max_batch_size,
-                           gpu_experts_from=c.gpu_experts_from)
+                           gpu_experts_from=c.gpu_experts_from, gpu_expert_share=c.gpu_expert_share)
             meta = self.llm.file.metadata
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
             self.template = template_for(meta, self.tokenizer)

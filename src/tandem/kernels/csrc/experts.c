@@ -43,6 +43,7 @@
 
 #define QK 256
 #define TILE 8 /* tokens sharing one decoded weight row at a time */
+#define SKIPPED_SLOT -1 /* expert id of a (token, slot) pair this call leaves out */
 
 enum { TYPE_Q4_K = 12, TYPE_Q6_K = 14, TYPE_IQ2_XXS = 16, TYPE_IQ1_S = 19 };
 
@@ -1347,7 +1348,8 @@ static void *work_buffer(int i, size_t bytes) {
 }
 
 /* The routed experts of one MoE layer, see the header. x [T, d]; ids, w [T, k]; gate and up
- * [E, n_ff, d], down [E, d, n_ff]; out [T, d]. Returns 0, or <0 for unsupported input. */
+ * [E, n_ff, d], down [E, d, n_ff]; out [T, d]. A slot whose id is SKIPPED_SLOT adds nothing (its
+ * expert is computed elsewhere, e.g. on the GPU). Returns 0, or <0 for unsupported input. */
 int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float *w, int k,
                const void *gate, int gate_type, const void *up, int up_type, const void *down, int down_type,
                int n_expert, int n_ff, float *out, int n_threads) {
@@ -1372,16 +1374,17 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         goto done;
     }
     for (int p = 0; p < n_pairs; p++) {
-        if (ids[p] < 0 || ids[p] >= n_expert) {
+        if (ids[p] < SKIPPED_SLOT || ids[p] >= n_expert) {
             rc = -3;
             goto done;
         }
-        count[ids[p]]++;
+        if (ids[p] != SKIPPED_SLOT) count[ids[p]]++;
     }
     start[0] = 0;
     for (int e = 0; e < n_expert; e++) start[e + 1] = start[e] + count[e];
     memset(count, 0, sizeof(int) * n_expert);
-    for (int p = 0; p < n_pairs; p++) order[start[ids[p]] + count[ids[p]]++] = p;
+    for (int p = 0; p < n_pairs; p++)
+        if (ids[p] != SKIPPED_SLOT) order[start[ids[p]] + count[ids[p]]++] = p;
 
     /* tasks of the gate/up pass (one task does both matrices) and of the down pass */
     const size_t x_bytes = sizeof(block_q8) * (size_t)nb_d, h_bytes = sizeof(block_q8) * (size_t)nb_ff;
@@ -1433,6 +1436,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         }
 #pragma omp for schedule(static)
         for (int p = 0; p < n_pairs; p++) {
+            if (ids[p] == SKIPPED_SLOT) continue;
             float *gp = g + (size_t)p * n_ff;
             silu_mul(gp, u + (size_t)p * n_ff, n_ff);
             quantize_row(gp, hq + (size_t)p * nb_ff, n_ff);
@@ -1459,6 +1463,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
             float *o = out + (size_t)t * d;
             for (int i = 0; i < d; i++) o[i] = 0.f;
             for (int j = 0; j < k; j++) {
+                if (ids[(size_t)t * k + j] == SKIPPED_SLOT) continue;
                 const float wj = w[(size_t)t * k + j];
                 const float *yp = y + ((size_t)t * k + j) * d;
                 for (int i = 0; i < d; i++) o[i] += wj * yp[i];

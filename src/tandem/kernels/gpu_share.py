@@ -1,0 +1,297 @@
+"""A share of each small batch's routed experts on the GPU, computed while the CPU does the rest.
+
+At batch 1 tandem's CPU kernels are bound by their arithmetic, not by RAM: on the GPU machine
+the IQ1_S experts are read at ~35 GB/s of the ~100 GB/s the RAM delivers. The GPU's copy
+engine can use the rest without taking a CPU core. The file mapping under the experts is
+registered with CUDA (page-locked, read-only), so a chosen expert's bytes go from it straight
+to the GPU by DMA: 53 GB/s on the GPU machine's PCIe 5 link, against 5 GB/s from unregistered
+memory. There one compiled kernel per matrix dequantizes and multiplies them. Meanwhile the CPU
+computes the batch's other experts; the skipped slots are marked SKIPPED_SLOT for it.
+
+    host:         ids -> split: experts [0, n) to the GPU, the rest to the CPU kernels
+    copy stream:  mapped file -> device slots, 3 copies per run of consecutive experts
+    GPU stream:   fused dequantize + multiply (gate, up, SiLU, down, routing weights)
+    CPU threads:  the other experts (kernels.native), then the two results are added
+
+How many experts go to the GPU is balanced per layer (`ShareBalance`): after each call, the
+side that finished last gets a smaller share next time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tandem.errors import KernelError
+from tandem.gguf.types import GGMLType
+from tandem.kernels import torch_dequant
+from tandem.kernels.page_in import PAGE, page_ranges, physical_ram
+from tandem.kernels.streamed import consecutive_runs
+from tandem.kernels.tensors import QuantTensor
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 16  # larger batches stay on the CPU: the fused kernels decode once per token
+STEP = 0.02  # change of a layer's share per call
+RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
+CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
+
+
+class ShareBalance:
+    """The fraction of a layer's experts that go to the GPU. `take` turns it into whole experts
+    by error diffusion (0.55 of 8 experts: 4 and 5 alternating, 4.4 on average); `update` moves
+    it toward the point where both sides finish together."""
+
+    def __init__(self, share: float = 0.5, fixed: bool = False):
+        if not 0.0 <= share <= 1.0:
+            raise KernelError(f"GPU expert share must lie in [0, 1], got {share}")
+        self.share, self.fixed = share, fixed
+        self._carry = 0.0
+
+    def take(self, n: int) -> int:
+        """How many of n experts go to the GPU this time."""
+        want = self.share * n + self._carry
+        taken = min(n, int(want))
+        self._carry = want - taken
+        return taken
+
+    def update(self, gpu_first: bool) -> None:
+        """After a call: did the GPU finish before the CPU?"""
+        if not self.fixed:
+            self.share = min(1.0, max(0.0, self.share + (STEP if gpu_first else -STEP)))
+
+
+class PinnedMappings:
+    """Pages under `arrays` (views of read-only file mappings) registered with CUDA, so copies
+    from them are DMA transfers. Registering maps and locks every page: the file's bytes must
+    fit in RAM. Raises KernelError naming the reason when it cannot."""
+
+    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None):
+        self.ranges: list[tuple[int, int]] = []
+        spans = [(start, -(-length // PAGE) * PAGE) for start, length in page_ranges(arrays)]
+        total = sum(length for _, length in spans)
+        limit = (physical_ram() if ram is None else ram) - RAM_RESERVE
+        if total > limit:
+            raise KernelError(f"{total / 2**30:.1f} GiB of expert weights would not fit in RAM "
+                              f"({limit / 2**30:.1f} GiB may be locked); not pinning them")
+        cudart = torch.cuda.cudart()
+        for start, length in spans:
+            rc = cudart.cudaHostRegister(start, length, CUDA_HOST_REGISTER_READ_ONLY)
+            if int(rc) != 0:
+                self.close()
+                raise KernelError(f"cudaHostRegister of {length / 2**20:.0f} MiB of mapped "
+                                  f"weights failed: {rc}")
+            self.ranges.append((start, length))
+        self.bytes = total
+
+    def close(self) -> None:
+        cudart = torch.cuda.cudart()
+        for start, _ in self.ranges:
+            cudart.cudaHostUnregister(start)
+        self.ranges = []
+
+
+@dataclass
+class Launched:
+    """The GPU part of one call: its result [T, d] float32 (valid once `done` has passed, in
+    stream order) and the event that marks it done."""
+
+    out: torch.Tensor
+    done: torch.cuda.Event | None
+
+
+class GpuShare:
+    """Computes the experts it is given on `device`, their weights copied from the mapped file.
+    One object serves all layers (one set of device slots, one copy stream)."""
+
+    def __init__(self, device: torch.device | str, max_experts: int):
+        self.device = torch.device(device)
+        self.max_experts = max_experts
+        self.cuda = self.device.type == "cuda"
+        self.ready = threading.Event()  # set when the weights are pinned (at once off CUDA)
+        self.skipped: str | None = None  # why the share is off, if it is
+        self._pinning_ended = threading.Event()
+        self._pins: PinnedMappings | None = None
+        self._slots: torch.Tensor | None = None
+        self._sources: dict[int, torch.Tensor] = {}
+        if self.cuda:
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._consumed = torch.cuda.Event()  # the last call's kernels have read the slots
+        else:
+            self.ready.set()
+            self._pinning_ended.set()
+
+    # -- setup -----------------------------------------------------------------------------
+    def pin(self, arrays: Sequence[np.ndarray], ram: int | None = None) -> None:
+        """Register the mapped weights with CUDA on a background thread; the share starts
+        once that is done (`ready`). On failure the share stays off, the reason in `skipped`."""
+        if not self.cuda:
+            return
+
+        def run():
+            try:
+                self._pins = PinnedMappings(arrays, ram)
+                log.info("GPU expert share: %.1f GiB of mapped experts pinned", self._pins.bytes / 2**30)
+                self.ready.set()
+            except KernelError as exc:
+                self._turn_off(str(exc))
+            finally:
+                self._pinning_ended.set()
+
+        threading.Thread(target=run, name="tandem-pin", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the pinning has ended (either way); True if the share is on."""
+        self._pinning_ended.wait(timeout)
+        return self.ready.is_set()
+
+    def _turn_off(self, reason: str) -> None:
+        self.skipped = reason
+        self.ready.clear()
+        log.warning("GPU expert share off: %s", reason)
+
+    def wants(self, n_tokens: int, *weights: QuantTensor) -> bool:
+        return (self.ready.is_set() and 0 < n_tokens <= MAX_TOKENS
+                and all(torch_dequant.supports(w.ggml_type) for w in weights))
+
+    def close(self) -> None:
+        if self._pins is not None:
+            if self.cuda:
+                torch.cuda.synchronize(self.device)  # no copy may still read the pages
+            self._pins.close()
+            self._pins = None
+        self.ready.clear()
+
+    # -- one call --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
+               gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> Launched:
+        """Queue sum over the slots (t, j) with ids[t, j] in `experts` of
+        weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) on the device; x [T, d] there, ids and
+        weights [T, k] on the host. Returns without waiting."""
+        experts = sorted(experts)
+        if not experts or len(experts) > self.max_experts:
+            raise KernelError(f"the GPU share takes 1..{self.max_experts} experts, got {len(experts)}")
+        tensors = (gate, up, down)
+        sizes = [w.expert_bytes() for w in tensors]
+        slots = self._ensure_slots(self.max_experts * sum(sizes))
+        n = len(experts)
+        parts, offset = [], 0
+        for size in sizes:
+            parts.append(slots[offset : offset + n * size].view(n, size))
+            offset += n * size
+        if self.cuda:
+            self._copy_stream.wait_event(self._consumed)  # the previous call is done with the slots
+            copied = torch.cuda.Event()
+            with torch.cuda.stream(self._copy_stream):
+                self._copy(experts, tensors, parts)
+                copied.record()
+            torch.cuda.current_stream(self.device).wait_event(copied)
+        else:
+            self._copy(experts, tensors, parts)
+        token, weight = _assignments(ids, weights, experts)
+        token, weight = token.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
+        args = (*parts, x[token].float(), weight, *self._grids(tensors))
+        types = (gate.ggml_type, up.ggml_type, down.ggml_type)
+        try:
+            y = _experts_fn(*types, self.cuda)(*args)  # [n, m, d]
+        except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
+            if not self.cuda:
+                raise
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._turn_off(f"compiling its kernels failed ({first_line})")
+            y = _experts_fn(*types, False)(*args)  # this call eagerly (large temporaries), then no more
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=self.device)
+        out.index_add_(0, token.reshape(-1), y.reshape(-1, x.shape[1]))
+        done = None
+        if self.cuda:
+            self._consumed.record()
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(out, done)
+
+    def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
+        for w, part in zip(tensors, parts, strict=True):
+            source, row = self._source(w), 0
+            for first, count in consecutive_runs(experts):
+                part[row : row + count].copy_(source[first : first + count], non_blocking=True)
+                row += count
+
+    def _grids(self, tensors: Sequence[QuantTensor]) -> list[torch.Tensor | None]:
+        return [torch_dequant.grid_table(w.ggml_type, self.device) for w in tensors]
+
+    def _ensure_slots(self, nbytes: int) -> torch.Tensor:
+        if self._slots is None or self._slots.numel() < nbytes:
+            if self._slots is not None and self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+            self._slots = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._slots
+
+    def _source(self, w: QuantTensor) -> torch.Tensor:
+        """The tensor's mapped bytes as uint8 [experts, bytes per expert], no copy."""
+        source = self._sources.get(id(w))
+        if source is None:
+            with warnings.catch_warnings():  # read-only mmap: torch warns, we only read
+                warnings.simplefilter("ignore", UserWarning)
+                source = torch.from_numpy(w.data.reshape(w.shape[0], -1))
+            self._sources[id(w)] = source
+        return source
+
+
+def split(ids: torch.Tensor, n_gpu_experts: int) -> tuple[list[int], torch.Tensor]:
+    """The experts for the GPU (those with the fewest tokens, the cheapest there) and the ids
+    for the CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the host."""
+    from tandem.kernels.cpu import SKIPPED_SLOT
+
+    used, counts = ids.unique(return_counts=True)
+    order = sorted(range(len(used)), key=lambda i: (int(counts[i]), int(used[i])))
+    gpu = [int(used[i]) for i in order[:n_gpu_experts]]
+    cpu_ids = ids.clone()
+    if gpu:
+        cpu_ids[torch.isin(ids, torch.tensor(gpu, dtype=ids.dtype))] = SKIPPED_SLOT
+    return gpu, cpu_ids
+
+
+def _assignments(ids: torch.Tensor, weights: torch.Tensor,
+                 experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per GPU expert its tokens and routing weights, padded to the most tokens any of them has
+    (padding: token 0 with weight 0): long [n, m], float32 [n, m]."""
+    rows = [(ids == e).nonzero(as_tuple=True) for e in experts]
+    m = max(len(t) for t, _ in rows)
+    token = torch.zeros(len(experts), m, dtype=torch.long)
+    weight = torch.zeros(len(experts), m, dtype=torch.float32)
+    for i, (t, j) in enumerate(rows):
+        token[i, : len(t)] = t
+        weight[i, : len(t)] = weights[t, j].float()
+    return token, weight
+
+
+def _experts(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, gate_raw: torch.Tensor,
+             up_raw: torch.Tensor, down_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+             gate_grid, up_grid, down_grid) -> torch.Tensor:
+    """n experts' raw bytes [n, bytes] against their tokens x [n, m, d] with routing weights
+    [n, m]: weight * down(silu(gate x) * up x), [n, m, d] float32. Written as products and
+    sums (not matmuls) so that torch.compile fuses the dequantization into one reduction kernel
+    per matrix, which reads only the quantized bytes."""
+    n, _, d = x.shape
+    g = torch_dequant.values(gate_raw, gate_type, gate_grid).view(n, 1, -1, d)
+    u = torch_dequant.values(up_raw, up_type, up_grid).view(n, 1, -1, d)
+    xs = x[:, :, None, :]
+    h = F.silu((g * xs).sum(-1)) * (u * xs).sum(-1)  # [n, m, ff]
+    down = torch_dequant.values(down_raw, down_type, down_grid).view(n, 1, d, -1)
+    return (down * h[:, :, None, :]).sum(-1) * weight[..., None]
+
+
+@functools.cache
+def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, compiled: bool):
+    fn = functools.partial(_experts, gate_type, up_type, down_type)
+    # dynamic: one kernel set for every expert and token count
+    return torch.compile(fn, dynamic=True) if compiled else fn

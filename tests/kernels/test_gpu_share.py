@@ -1,0 +1,161 @@
+"""Short batches split between a GPU share and the CPU kernels (kernels.gpu_share), against the
+float MoE oracle on gguf-py's dequantized weights. Off CUDA the share runs on the CPU device
+with the same splitting and arithmetic (eager, no pinning, no streams); the GPU run, with the
+weights in a read-only file mapping registered with CUDA, is marked cuda."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from expert_checks import make_weight, moe_reference, routing
+from logit_checks import relative_error
+from tandem.errors import KernelError
+from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels
+from tandem.kernels.experts import CpuExperts
+from tandem.kernels.gpu_share import MAX_TOKENS, GpuShare, ShareBalance, split
+from tandem.kernels.tensors import QuantTensor
+
+RECIPES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
+N_EXPERT, N_FF, D, K = 8, 512, 256, 4
+Q8_ACTIVATION_TOL = 0.03  # the CPU's part rounds activations to int8 (as test_cpu)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    with CpuKernels() as k:
+        yield k
+
+
+@pytest.fixture(scope="module")
+def experts():
+    rng = np.random.default_rng(11)
+    made = {}
+    for recipe, types in RECIPES.items():
+        shapes = [(N_EXPERT, N_FF, D), (N_EXPERT, N_FF, D), (N_EXPERT, D, N_FF)]
+        made[recipe] = [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
+    return made
+
+
+def _run(experts_obj: CpuExperts, x, ids, weights):
+    return experts_obj.collect(experts_obj.submit(x, ids, weights))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n_tokens", [1, 5])
+def test_split_batches_match_the_float_reference(kernels, experts, recipe, share, n_tokens):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts[recipe]
+    gpu_share = GpuShare("cpu", max_experts=N_EXPERT)
+    moe = CpuExperts(kernels, gate, up, down, share=gpu_share, balance=ShareBalance(share, fixed=True))
+    assert moe.shares(n_tokens)
+    x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(n_tokens))
+    ids, weights = routing(n_tokens, k=K, n_expert=N_EXPERT, seed=3)
+    ours = _run(moe, x, ids, weights)
+    expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+    assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+    wrong = moe_reference(x, (ids + 1) % N_EXPERT, weights, g_ref, u_ref, d_ref)
+    assert relative_error(wrong, expected) > 0.5  # the oracle tells experts apart
+
+
+def test_the_share_part_alone_is_float_exact(experts):
+    """All experts on the share: float32 activations, no int8 rounding, so it meets the oracle
+    to float32 summation order (the CPU kernels' int8 activations could not)."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts["ud-iq1_s"]
+    x = torch.randn(3, D)
+    ids, weights = routing(3, k=K, n_expert=N_EXPERT, seed=5)
+    used = sorted(set(ids.flatten().tolist()))
+    launched = GpuShare("cpu", max_experts=N_EXPERT).launch(x, ids, weights, used, gate, up, down)
+    expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+    assert relative_error(launched.out, expected) < 1e-5
+
+
+def test_balance_turns_a_share_into_whole_experts_and_moves_toward_the_slower_side():
+    balance = ShareBalance(0.55)
+    taken = [balance.take(8) for _ in range(100)]
+    assert set(taken) == {4, 5} and sum(taken) == pytest.approx(0.55 * 8 * 100, abs=1)
+    balance.update(gpu_first=True)
+    assert balance.share > 0.55
+    for _ in range(100):
+        balance.update(gpu_first=False)
+    assert balance.share == 0.0 and balance.take(8) == 0
+    fixed = ShareBalance(0.25, fixed=True)
+    fixed.update(gpu_first=True)
+    assert fixed.share == 0.25
+    with pytest.raises(KernelError, match="GPU expert share must lie in \\[0, 1\\], got 1.5"):
+        ShareBalance(1.5)
+
+
+def test_split_gives_the_gpu_the_experts_with_fewest_tokens():
+    ids = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 3]])  # counts: 0:3, 1:2, 2:1, 3:2, 4:1
+    gpu, cpu_ids = split(ids, 3)
+    assert gpu == [2, 4, 1]
+    assert cpu_ids.tolist() == [[0, SKIPPED_SLOT, SKIPPED_SLOT], [0, SKIPPED_SLOT, 3], [0, SKIPPED_SLOT, 3]]
+    none, unchanged = split(ids, 0)
+    assert none == [] and torch.equal(unchanged, ids)
+
+
+def test_balanced_calls_stay_correct_while_the_share_moves(kernels, experts):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts["ud-iq1_s"]
+    moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=K))
+    shares = []
+    for seed in range(12):
+        x = torch.randn(1, D)
+        ids, weights = routing(1, k=K, n_expert=N_EXPERT, seed=seed)
+        ours = _run(moe, x, ids, weights)
+        assert relative_error(ours, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+        shares.append(moe.balance.share)
+    assert len(set(shares)) > 1  # it moved
+
+
+def test_long_batches_and_foreign_types_do_not_share(kernels, experts, rng):
+    (gate, _), (up, _), (down, _) = experts["ud-iq1_s"]
+    moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=K))
+    assert moe.shares(MAX_TOKENS) and not moe.shares(MAX_TOKENS + 1)
+    odd, _ = make_weight(T.IQ4_XS, (N_EXPERT, D, N_FF), rng)  # tandem has no CPU kernel for it
+    assert CpuExperts(kernels, gate, up, odd, share=GpuShare("cpu", max_experts=K)).share is None
+    with pytest.raises(KernelError, match="the GPU share takes 1..4 experts, got 5"):
+        GpuShare("cpu", max_experts=K).launch(torch.randn(1, D), torch.zeros(1, 5, dtype=torch.long),
+                                              torch.ones(1, 5), [0, 1, 2, 3, 4], gate, up, down)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    mapped = []
+    for i, (q, _) in enumerate(experts[recipe]):
+        path = tmp_path / f"w{i}.bin"
+        q.data.tofile(path)
+        mapped.append(QuantTensor(q.ggml_type, q.shape, np.memmap(path, dtype=np.uint8, mode="r")))
+    refs = [ref for _, ref in experts[recipe]]
+    share = GpuShare("cuda", max_experts=K)
+    share.pin([q.data for q in mapped])
+    assert share.wait(60), share.skipped
+    moe = CpuExperts(kernels, *mapped, share=share)
+    try:
+        for n_tokens in (1, 1, 5, 1):  # repeated: the slots and events are reused
+            x = torch.randn(n_tokens, D)
+            ids, weights = routing(n_tokens, k=K, n_expert=N_EXPERT, seed=n_tokens)
+            ours = _run(moe, x.cuda(), ids.cuda(), weights.cuda())
+            assert ours.is_cuda
+            expected = moe_reference(x, ids, weights, *refs)
+            assert relative_error(ours.cpu(), expected) < Q8_ACTIVATION_TOL
+        host = torch.from_numpy(np.asarray(mapped[0].data))
+        assert host.is_pinned()  # registered: copies from it are DMA
+    finally:
+        share.close()
+    assert not torch.from_numpy(np.asarray(mapped[0].data)).is_pinned()
+
+
+@pytest.mark.cuda
+def test_pinning_more_than_ram_is_refused_with_the_reason(experts):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    share = GpuShare("cuda", max_experts=K)
+    share.pin([experts["ud-iq1_s"][0][0].data], ram=1 << 20)
+    assert not share.wait(60)
+    assert "would not fit in RAM" in share.skipped
