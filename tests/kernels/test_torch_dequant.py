@@ -57,3 +57,16 @@ def test_compiled_on_the_gpu_equals_gguf_py(t, rng):
         # Fused kernels may contract a * b - c into one rounding (FMA).
         torch.testing.assert_close(ours.cpu(), torch.from_numpy(ref), rtol=1e-6, atol=1e-7)
     assert (t, torch.float32) not in torch_dequant._eager_only, "fell back to eager ops"
+
+
+def test_iq1_s_row_dots_through_the_product_table_equal_the_dequantized_rows(rng):
+    """One lookup per 8 weights gives what gguf-py's weights give, multiplied in float64."""
+    rows, k = 12, 1024
+    raw = random_blocks(T.IQ1_S, rows * k // 256, rng)
+    weights = torch.from_numpy(quants.dequantize(raw, T.IQ1_S).reshape(rows, k).astype(np.float64))
+    x = torch.randn(k, generator=torch.Generator().manual_seed(2))
+    ours = torch_dequant.iq1_s_row_dots(torch.from_numpy(raw), torch_dequant.iq1_s_products(x))
+    expected = weights @ x.double()
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    shifted = torch_dequant.iq1_s_row_dots(torch.from_numpy(raw), torch_dequant.iq1_s_products(x.roll(8)))
+    assert (shifted.double() - expected).abs().max() > 0.1 * expected.abs().max()  # the positions matter

@@ -78,18 +78,17 @@ class CpuExperts:
                        x_host: torch.Tensor | None = None) -> _SharedCall:
         n_gpu = min(self.balance.take(int(ids.unique().numel())), self.share.max_experts)
         gpu_experts, cpu_ids = split(ids, n_gpu)
-        gpu = None
-        if gpu_experts:
-            gpu = self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down)
-            self.kernels.expert_bytes_read += len(gpu_experts) * sum(
-                w.expert_bytes() for w in (self.gate, self.up, self.down))
-        cpu = None
-        if bool((cpu_ids >= 0).any()):
+        cpu = gpu = None
+        if bool((cpu_ids >= 0).any()):  # the CPU first: its threads start while the GPU's work is queued
             if x_host is None:
                 x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             out = torch.empty(x_host.shape, dtype=torch.float32, pin_memory=self.share.cuda)
             cpu = self.kernels.submit_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
                                           own=True, out=out)
+        if gpu_experts:
+            gpu = self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down)
+            self.kernels.expert_bytes_read += len(gpu_experts) * sum(
+                w.expert_bytes() for w in (self.gate, self.up, self.down))
         return _SharedCall(cpu, gpu)
 
     def _collect_shared(self, call: _SharedCall) -> torch.Tensor:

@@ -39,7 +39,7 @@ from tandem.kernels.tensors import QuantTensor
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 16  # larger batches stay on the CPU: the fused kernels decode once per token
+MAX_TOKENS = 1  # decode at batch 1; batches of several tokens stay on the CPU (measured slower)
 STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
@@ -114,6 +114,8 @@ class GpuShare:
 
     def __init__(self, device: torch.device | str, max_experts: int):
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # compare equal to x.device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_experts = max_experts
         self.cuda = self.device.type == "cuda"
         self.ready = threading.Event()  # set when the weights are pinned (at once off CUDA)
@@ -174,49 +176,67 @@ class GpuShare:
     @torch.inference_mode()
     def launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
                gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> Launched:
-        """Queue sum over the slots (t, j) with ids[t, j] in `experts` of
-        weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) on the device; x [T, d] there, ids and
-        weights [T, k] on the host. Returns without waiting."""
+        """Queue sum over the slots j with ids[0, j] in `experts` of
+        weights[0, j] * down_e(silu(gate_e x) * up_e x) on the device, for one token: x [1, d]
+        there, ids and weights [1, k] on the host. Returns without waiting.
+
+        Two halves: the second half's bytes cross PCIe while the first half is computed."""
         experts = sorted(experts)
         if not experts or len(experts) > self.max_experts:
             raise KernelError(f"the GPU share takes 1..{self.max_experts} experts, got {len(experts)}")
+        if x.shape[0] != 1 or ids.shape[0] != 1:
+            raise KernelError(f"the GPU share takes one token, got {x.shape[0]}")
+        slot_of = {int(e): j for j, e in enumerate(ids[0].tolist())}
+        weight = torch.tensor([float(weights[0, slot_of[e]]) for e in experts], dtype=torch.float32)
+        weight = weight.to(self.device, non_blocking=True)
         tensors = (gate, up, down)
         sizes = [w.expert_bytes() for w in tensors]
         slots = self._ensure_slots(self.max_experts * sum(sizes))
-        n = len(experts)
-        parts, offset = [], 0
-        for size in sizes:
-            parts.append(slots[offset : offset + n * size].view(n, size))
-            offset += n * size
-        if self.cuda:
-            self._copy_stream.wait_event(self._consumed)  # the previous call is done with the slots
-            copied = torch.cuda.Event()
-            with torch.cuda.stream(self._copy_stream):
-                self._copy(experts, tensors, parts)
-                copied.record()
-            torch.cuda.current_stream(self.device).wait_event(copied)
-        else:
-            self._copy(experts, tensors, parts)
-        token, weight = _assignments(ids, weights, experts)
-        token, weight = token.to(self.device, non_blocking=True), weight.to(self.device, non_blocking=True)
-        args = (*parts, x[token].float(), weight, *self._grids(tensors))
-        types = (gate.ggml_type, up.ggml_type, down.ggml_type)
-        try:
-            y = _experts_fn(*types, self.cuda)(*args)  # [n, m, d]
-        except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
-            if not self.cuda:
-                raise
-            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            self._turn_off(f"compiling its kernels failed ({first_line})")
-            y = _experts_fn(*types, False)(*args)  # this call eagerly (large temporaries), then no more
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=self.device)
-        out.index_add_(0, token.reshape(-1), y.reshape(-1, x.shape[1]))
+        half = (len(experts) + 1) // 2
+        groups = [experts[:half], experts[half:]] if len(experts) > 1 else [experts]
+        fn = _experts_fn(gate.ggml_type, up.ggml_type, down.ggml_type, self.cuda)
+        grids = self._grids(tensors)
+        xv = x.reshape(-1).float()
+        out, offset, first = None, 0, 0
+        for group in groups:
+            parts = []
+            for size in sizes:
+                parts.append(slots[offset : offset + len(group) * size].view(len(group), size))
+                offset += len(group) * size
+            self._upload(group, tensors, parts, wait_for_previous_call=first == 0)
+            y = self._compute(fn, parts, xv, weight[first : first + len(group)], grids)
+            out = y if out is None else out + y
+            first += len(group)
         done = None
         if self.cuda:
             self._consumed.record()
             done = torch.cuda.Event()
             done.record()
-        return Launched(out, done)
+        return Launched(out.view(1, -1), done)
+
+    def _upload(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor],
+                wait_for_previous_call: bool) -> None:
+        """Copy the experts' bytes into `parts` (on the copy stream; the compute stream waits)."""
+        if not self.cuda:
+            self._copy(experts, tensors, parts)
+            return
+        if wait_for_previous_call:
+            self._copy_stream.wait_event(self._consumed)  # its kernels are done with the slots
+        copied = torch.cuda.Event()
+        with torch.cuda.stream(self._copy_stream):
+            self._copy(experts, tensors, parts)
+            copied.record()
+        torch.cuda.current_stream(self.device).wait_event(copied)
+
+    def _compute(self, fn, parts, x, weight, grids) -> torch.Tensor:
+        try:
+            return fn(*parts, x, weight, *grids)
+        except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
+            if not self.cuda:
+                raise
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._turn_off(f"compiling its kernels failed ({first_line})")
+            return _experts_fn(*fn.types, False)(*parts, x, weight, *grids)  # eager, this once
 
     def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
         for w, part in zip(tensors, parts, strict=True):
@@ -260,38 +280,35 @@ def split(ids: torch.Tensor, n_gpu_experts: int) -> tuple[list[int], torch.Tenso
     return gpu, cpu_ids
 
 
-def _assignments(ids: torch.Tensor, weights: torch.Tensor,
-                 experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per GPU expert its tokens and routing weights, padded to the most tokens any of them has
-    (padding: token 0 with weight 0): long [n, m], float32 [n, m]."""
-    rows = [(ids == e).nonzero(as_tuple=True) for e in experts]
-    m = max(len(t) for t, _ in rows)
-    token = torch.zeros(len(experts), m, dtype=torch.long)
-    weight = torch.zeros(len(experts), m, dtype=torch.float32)
-    for i, (t, j) in enumerate(rows):
-        token[i, : len(t)] = t
-        weight[i, : len(t)] = weights[t, j].float()
-    return token, weight
+def _rows_times(raw: torch.Tensor, t: GGMLType, grid, x: torch.Tensor, products) -> torch.Tensor:
+    """n experts' matrices (raw bytes [n, bytes], rows of len(x)) times x [K]: [n, rows]."""
+    n = raw.shape[0]
+    if t == GGMLType.IQ1_S:  # one table lookup per 8 weights (torch_dequant.iq1_s_products)
+        return torch_dequant.iq1_s_row_dots(raw, products).view(n, -1)
+    return (torch_dequant.values(raw, t, grid).view(n, -1, x.shape[0]) * x).sum(-1)
 
 
-def _experts(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, gate_raw: torch.Tensor,
-             up_raw: torch.Tensor, down_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-             gate_grid, up_grid, down_grid) -> torch.Tensor:
-    """n experts' raw bytes [n, bytes] against their tokens x [n, m, d] with routing weights
-    [n, m]: weight * down(silu(gate x) * up x), [n, m, d] float32. Written as products and
-    sums (not matmuls) so that torch.compile fuses the dequantization into one reduction kernel
-    per matrix, which reads only the quantized bytes."""
-    n, _, d = x.shape
-    g = torch_dequant.values(gate_raw, gate_type, gate_grid).view(n, 1, -1, d)
-    u = torch_dequant.values(up_raw, up_type, up_grid).view(n, 1, -1, d)
-    xs = x[:, :, None, :]
-    h = F.silu((g * xs).sum(-1)) * (u * xs).sum(-1)  # [n, m, ff]
-    down = torch_dequant.values(down_raw, down_type, down_grid).view(n, 1, d, -1)
-    return (down * h[:, :, None, :]).sum(-1) * weight[..., None]
+def _experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
+             down_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate_grid, up_grid,
+             down_grid) -> torch.Tensor:
+    """n experts (raw bytes [n, bytes] each) on one token x [d] with routing weights [n]:
+    sum_e weight_e * down_e(silu(gate_e x) * up_e x), [d] float32. Products and sums, not
+    matmuls, so that torch.compile fuses the dequantization into reduction kernels that read
+    only the quantized bytes."""
+    gate_type, up_type, down_type = types
+    products = torch_dequant.iq1_s_products(x) if GGMLType.IQ1_S in (gate_type, up_type) else None
+    h = F.silu(_rows_times(gate_raw, gate_type, gate_grid, x, products)) * _rows_times(
+        up_raw, up_type, up_grid, x, products)  # [n, ff]
+    n, d = down_raw.shape[0], x.shape[0]
+    down = torch_dequant.values(down_raw, down_type, down_grid).view(n, d, -1)
+    return ((down * h[:, None, :]).sum(-1) * weight[:, None]).sum(0)
 
 
 @functools.cache
 def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, compiled: bool):
-    fn = functools.partial(_experts, gate_type, up_type, down_type)
-    # dynamic: one kernel set for every expert and token count
-    return torch.compile(fn, dynamic=True) if compiled else fn
+    types = (gate_type, up_type, down_type)
+    fn = functools.partial(_experts, types)
+    # dynamic: one kernel set for every expert count
+    fn = torch.compile(fn, dynamic=True) if compiled else fn
+    fn.types = types
+    return fn

@@ -188,15 +188,45 @@ def _grid(kind) -> np.ndarray:
     return kind.grid.reshape(kind.grid_shape).astype(np.float32)
 
 
-def _iq1_s(b: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def _iq1_s_fields(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block the scale of each 32 weights [N, 8] and the grid row of each 8 [N, 8, 4]
+    (rows 2048.. hold the negative delta)."""
     n = b.shape[0]
     qh = _u16(b, 34, 8)  # [N, 8]: 3 scale bits, delta sign, 4 x 3 high index bits
     dl = _f16(b, 0) * (2 * ((qh >> 12) & 7) + 1).float()  # [N, 8]
     high = (qh.view(n, 8, 1) >> _steps(4, 3, b.device, torch.int32)) & 7
     index = b[:, 2:34].int().view(n, 8, 4) | (high << 8)
     index += 2048 * ((qh >> 15) & 1).view(n, 8, 1)
+    return dl, index
+
+
+def _iq1_s(b: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    n = b.shape[0]
+    dl, index = _iq1_s_fields(b)
     rows = grid[index.long()]  # [N, 8, 4, 8]
     return (dl.view(n, 8, 1, 1) * rows).view(n, QK)
+
+
+def iq1_s_products(x: torch.Tensor) -> torch.Tensor:
+    """Every IQ1_S grid row (deltas folded in) against every 8 values of x [K]: float32
+    [K / 8, 4096]. With these, an IQ1_S row's dot product with x is one lookup per 8 weights
+    (iq1_s_row_dots) instead of 8 multiplies: 15 MB for R1's 7168, which a GPU's L2 holds."""
+    grid = _tables(x.device)["iq1"]  # [4096, 8]
+    return x.float().view(-1, 8) @ grid.T
+
+
+def iq1_s_row_dots(raw: torch.Tensor, products: torch.Tensor) -> torch.Tensor:
+    """Dot products of IQ1_S rows (raw bytes, rows of K / 256 blocks) with the x behind
+    `products` (iq1_s_products(x)): float32 [rows]."""
+    groups = products.shape[0]  # K / 8
+    b = raw.reshape(-1, block_bytes(T.IQ1_S))
+    n = b.shape[0]
+    dl, index = _iq1_s_fields(b)
+    # which 8 values of x group g of sub-block s of block i faces: (i mod K/256) * 32 + 4 s + g
+    first = (torch.arange(n, device=b.device) % (groups // 32)) * 32
+    at = (first.view(n, 1, 1) + _steps(32, 1, b.device, torch.int64).view(1, 8, 4)) * products.shape[1]
+    looked_up = products.reshape(-1)[at + index.long()]  # [N, 8, 4]
+    return (dl.view(n, 8, 1) * looked_up).sum(dim=(1, 2)).view(-1, groups // 32).sum(dim=1)
 
 
 def _iq1_m(b: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
