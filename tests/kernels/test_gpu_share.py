@@ -162,3 +162,11 @@ def test_pinning_more_than_ram_is_refused_with_the_reason(experts):
     share.pin([experts["ud-iq1_s"][0][0].data], ram=1 << 20)
     assert not share.wait(60)
     assert "would not fit in RAM" in share.skipped
+
+
+@pytest.mark.cuda
+def test_a_share_serves_its_gpu_by_any_name():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    share = GpuShare("cuda", max_experts=K)
+    assert share.serves("cuda") and share.serves(torch.device("cuda:0")) and not share.serves("cpu")

@@ -77,3 +77,25 @@ def test_llm_wires_a_streamer_plans_its_memory_and_prefills_in_long_passes(tiny_
         assert llm.memory.workspace["cpu"] > 0
         ours = llm.logits(tokens(40))
     assert relative_error(ours, reference) < 0.03
+
+
+@pytest.mark.cuda
+def test_decode_shares_iq1_s_experts_with_the_gpu_and_keeps_the_cpu_logits(tmp_path):
+    """An R1-shaped tiny model with IQ1_S/IQ2_XXS experts (tandem's own CPU kernels): every MoE
+    gets the LLM's GPU share, decode steps use it (the balance moves), and greedy tokens agree
+    with decode on the CPU experts alone."""
+    from tandem.bench import synth
+
+    path = tmp_path / "iq1.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
+    prompt = tokens(8)
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
+        assert llm.gpu_share is None
+        reference = llm.generate(prompt, 12)
+    with tandem.LLM(path, ctx_size=64) as llm:
+        assert llm.gpu_share is not None and llm.gpu_share.wait(60), llm.gpu_share.skipped
+        experts = cpu_experts(llm)
+        assert experts and all(e.share is llm.gpu_share for e in experts)
+        ours = llm.generate(prompt, 12)
+        assert any(e.balance.share != 0.5 for e in experts)  # shared steps ran and were balanced
+    assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 10

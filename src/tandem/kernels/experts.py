@@ -49,7 +49,7 @@ class CpuExperts:
                weights: torch.Tensor) -> Future | torch.Tensor | _SharedCall:
         if self.streamer is not None and self.streamer.wants(x.shape[0], self.gate, self.up, self.down):
             return self.streamer.moe(x, ids, weights, self.gate, self.up, self.down)  # queued there
-        if x.device == getattr(self.share, "device", None) and self.shares(x.shape[0]):
+        if self.shares(x.shape[0]) and self.share.serves(x.device):
             return self._submit_shared(x, ids.cpu(), weights.cpu())
         out = None
         if x.is_cuda:

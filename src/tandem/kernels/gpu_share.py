@@ -113,9 +113,7 @@ class GpuShare:
     One object serves all layers (one set of device slots, one copy stream)."""
 
     def __init__(self, device: torch.device | str, max_experts: int):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:  # compare equal to x.device
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = _indexed(torch.device(device))
         self.max_experts = max_experts
         self.cuda = self.device.type == "cuda"
         self.ready = threading.Event()  # set when the weights are pinned (at once off CUDA)
@@ -159,6 +157,10 @@ class GpuShare:
         self.skipped = reason
         self.ready.clear()
         log.warning("GPU expert share off: %s", reason)
+
+    def serves(self, device: torch.device | str) -> bool:
+        """Whether `device` is this share's GPU ("cuda" and "cuda:0" may name the same one)."""
+        return _indexed(torch.device(device)) == self.device
 
     def wants(self, n_tokens: int, *weights: QuantTensor) -> bool:
         return (self.ready.is_set() and 0 < n_tokens <= MAX_TOKENS
@@ -264,6 +266,13 @@ class GpuShare:
                 source = torch.from_numpy(w.data.reshape(w.shape[0], -1))
             self._sources[id(w)] = source
         return source
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def split(ids: torch.Tensor, n_gpu_experts: int) -> tuple[list[int], torch.Tensor]:

@@ -95,7 +95,7 @@ class WeightLoader:
             streamer, share = self.streamer, self.share
             if streamer is not None and (router is None or router.device != streamer.device):
                 streamer = None
-            if share is not None and (router is None or router.device != share.device):
+            if share is not None and (router is None or not share.serves(router.device)):
                 share = None
             fixed = self.share_fraction is not None
             balance = ShareBalance(self.share_fraction if fixed else 0.5, fixed=fixed)
