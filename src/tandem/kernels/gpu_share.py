@@ -190,7 +190,8 @@ class GpuShare:
             raise KernelError(f"the GPU share takes one token, got {x.shape[0]}")
         slot_of = {int(e): j for j, e in enumerate(ids[0].tolist())}
         weight = torch.tensor([float(weights[0, slot_of[e]]) for e in experts], dtype=torch.float32)
-        weight = weight.to(self.device, non_blocking=True)
+        if self.cuda:  # pinned: an upload from pageable memory would wait for the GPU
+            weight = weight.pin_memory().to(self.device, non_blocking=True)
         tensors = (gate, up, down)
         sizes = [w.expert_bytes() for w in tensors]
         slots = self._ensure_slots(self.max_experts * sum(sizes))
@@ -305,7 +306,9 @@ def _experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor,
     matmuls, so that torch.compile fuses the dequantization into reduction kernels that read
     only the quantized bytes."""
     gate_type, up_type, down_type = types
-    products = torch_dequant.iq1_s_products(x) if GGMLType.IQ1_S in (gate_type, up_type) else None
+    products = None
+    if GGMLType.IQ1_S in (gate_type, up_type):
+        products = torch_dequant.iq1_s_products(x, gate_grid if gate_type == GGMLType.IQ1_S else up_grid)
     h = F.silu(_rows_times(gate_raw, gate_type, gate_grid, x, products)) * _rows_times(
         up_raw, up_type, up_grid, x, products)  # [n, ff]
     n, d = down_raw.shape[0], x.shape[0]

@@ -207,11 +207,12 @@ def _iq1_s(b: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return (dl.view(n, 8, 1, 1) * rows).view(n, QK)
 
 
-def iq1_s_products(x: torch.Tensor) -> torch.Tensor:
-    """Every IQ1_S grid row (deltas folded in) against every 8 values of x [K]: float32
-    [K / 8, 4096]. With these, an IQ1_S row's dot product with x is one lookup per 8 weights
-    (iq1_s_row_dots) instead of 8 multiplies: 15 MB for R1's 7168, which a GPU's L2 holds."""
-    grid = _tables(x.device)["iq1"]  # [4096, 8]
+def iq1_s_products(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Every IQ1_S grid row (deltas folded in; grid_table(IQ1_S)) against every 8 values of x
+    [K]: float32 [K / 8, 4096]. With these, an IQ1_S row's dot product with x is one lookup per
+    8 weights (iq1_s_row_dots) instead of 8 multiplies: 15 MB for R1's 7168, which a GPU's L2
+    holds. (The grid comes in as an argument: torch.compile would break its graph on the
+    numpy that builds the table.)"""
     return x.float().view(-1, 8) @ grid.T
 
 
