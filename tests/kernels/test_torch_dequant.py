@@ -70,5 +70,6 @@ def test_iq1_s_row_dots_through_the_product_table_equal_the_dequantized_rows(rng
     expected = weights @ x.double()
     scale = float(expected.abs().max())
     torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-4 * scale)
-    shifted = torch_dequant.iq1_s_row_dots(torch.from_numpy(raw), torch_dequant.iq1_s_products(x.roll(8), grid))
+    shifted = torch_dequant.iq1_s_row_dots(torch.from_numpy(raw),
+                                           torch_dequant.iq1_s_products(x.roll(8), grid))
     assert (shifted.double() - expected).abs().max() > 0.1 * scale  # the positions matter
