@@ -23,11 +23,11 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-GpuExpertShare = Annotated[float | None, typer.Option(
+GpuExpertShare = Annotated[str, typer.Option(
     "--gpu-expert-share",
-    help="Fraction of each decode step's routed experts computed on the GPU while the CPU does "
-         "the rest, their weights copied from the pinned file; 0: none (default: balanced per "
-         "layer as it runs).")]
+    help="Experimental: fraction of each decoded token's routed experts computed on the GPU "
+         "while the CPU does the rest, their weights copied from the pinned file; 'auto': "
+         "balanced per layer as it runs; 0: none (default; it does not pay off yet).")]
 _state = {"debug": False}
 
 
@@ -201,7 +201,7 @@ def chat(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
-    gpu_expert_share: GpuExpertShare = None,
+    gpu_expert_share: GpuExpertShare = "0",
 ):
     """Talk to a model: interactively, or once with -p / stdin."""
     from tandem.chat import terminal
@@ -254,7 +254,7 @@ def serve(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
-    gpu_expert_share: GpuExpertShare = None,
+    gpu_expert_share: GpuExpertShare = "0",
 ):
     """OpenAI- and Ollama-compatible server with continuous batching."""
     import uvicorn
@@ -289,7 +289,7 @@ def bench(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
-    gpu_expert_share: GpuExpertShare = None,
+    gpu_expert_share: GpuExpertShare = "0",
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
     from datetime import UTC, datetime

@@ -46,6 +46,14 @@ def test_negative_threshold_is_refused(tiny_q8):
         tandem.LLM(tiny_q8, ctx_size=64, gpu_experts_from=-1)
 
 
+@pytest.mark.parametrize("bad", [1.5, -0.1, "half"])
+def test_bad_gpu_expert_share_is_refused(tiny_q8, bad):
+    want = rf"gpu_expert_share must be 'auto' or a fraction in \[0, 1\] \(0: off\), got {bad!r}"
+    with pytest.raises(TandemError, match=want):
+        tandem.LLM(tiny_q8, ctx_size=64, gpu_expert_share=bad)
+
+
+
 @pytest.mark.cuda
 def test_gpu_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
     prompt = tokens(100)
@@ -92,7 +100,7 @@ def test_decode_shares_iq1_s_experts_with_the_gpu_and_keeps_the_cpu_logits(tmp_p
     with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
         assert llm.gpu_share is None
         reference = llm.generate(prompt, 12)
-    with tandem.LLM(path, ctx_size=64) as llm:
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
         assert llm.gpu_share is not None and llm.gpu_share.wait(60), llm.gpu_share.skipped
         experts = cpu_experts(llm)
         assert experts and all(e.share is llm.gpu_share for e in experts)

@@ -29,7 +29,7 @@ class BenchConfig:
     n_threads: int | None = None
     rules: Path | None = None
     gpu_experts_from: int | None = None  # None: LLM's default
-    gpu_expert_share: float | None = None  # None: LLM's default (balanced)
+    gpu_expert_share: float | str = 0.0  # "auto": balanced; 0: off (LLM's default)
 
 
 def _memory_kb(key: str) -> int:

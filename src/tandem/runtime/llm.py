@@ -54,7 +54,7 @@ class LLM:
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
                  cuda_graphs: bool = True, gpu_experts_from: int | None = None,
-                 page_in: bool = True, gpu_expert_share: float | None = None):
+                 page_in: bool = True, gpu_expert_share: float | str = 0.0):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
         graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
@@ -64,11 +64,12 @@ class LLM:
         routed experts are read in place, on the CPU or streamed; else PREFILL_CHUNK).
         `page_in`: map the pages of the weights read in place (the CPU experts) into the
         process on a background thread (kernels.page_in), so first uses take no page faults;
-        `self.page_in.wait()` blocks until that is done. `gpu_expert_share`: the fraction of
-        the CPU-placed experts of short batches (decode) computed on the model's GPU at the
-        same time, their weights copied from the pinned file mapping (kernels.gpu_share); None:
-        balanced per layer, measured as it runs; 0: none. Needs the mapped experts to fit in
-        RAM (they are page-locked); `self.gpu_share.wait()` blocks until they are."""
+        `self.page_in.wait()` blocks until that is done. `gpu_expert_share` (experimental, off
+        by default: its host-side launches still cost more than it saves): the fraction of the
+        CPU-placed experts of each decoded token computed on the model's GPU at the same time,
+        their weights copied from the pinned file mapping (kernels.gpu_share); "auto": balanced
+        per layer as it runs; 0: none. Needs the mapped experts to fit in RAM (they are
+        page-locked); `self.gpu_share.wait()` blocks until they are."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -97,7 +98,8 @@ class LLM:
         cpu_experts = bool(expert_kernels & set(IN_PLACE_KERNELS))
         streamer = _streamer(devices, gpu_experts_from) if cpu_experts else None
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
-        self.gpu_share = _gpu_share(devices, c, gpu_expert_share) if "cpu" in expert_kernels else None
+        share_fraction = _share_fraction(gpu_expert_share)  # None: balanced
+        self.gpu_share = _gpu_share(devices, c, share_fraction) if "cpu" in expert_kernels else None
         if prefill_chunk is None:
             prefill_chunk = EXPERT_PREFILL_CHUNK if cpu_experts else PREFILL_CHUNK
         if prefill_chunk < 1:
@@ -118,7 +120,7 @@ class LLM:
         self.kernels = CpuKernels(n_threads) if cpu_experts else None
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer,
-                                  self.gpu_share, gpu_expert_share)
+                                  self.gpu_share, share_fraction)
             self.model = spec.build(self.file, c, loader, devices)
         self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [])
         if self.gpu_share is not None:
@@ -253,10 +255,22 @@ def _streamer(devices: list[torch.device], min_tokens: int | None) -> ExpertStre
     return ExpertStreamer(gpu, min_tokens) if gpu is not None and min_tokens > 0 else None
 
 
+def _share_fraction(value: float | str) -> float | None:
+    """gpu_expert_share as a fixed fraction, or None for "auto" (balanced)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0.0 <= fraction <= 1.0:
+        raise TandemError(f"gpu_expert_share must be 'auto' or a fraction in [0, 1] (0: off), "
+                          f"got {value!r}")
+    return fraction
+
+
 def _gpu_share(devices: list[torch.device], c, fraction: float | None) -> GpuShare | None:
     """A GPU share for the (first) GPU the layers run on, unless there is none or it is off."""
-    if fraction is not None and not 0.0 <= fraction <= 1.0:
-        raise TandemError(f"gpu_expert_share must lie in [0, 1] (0: off), got {fraction}")
     gpu = next((d for d in devices if d.type == "cuda"), None)
     k = getattr(c, "n_expert_used", 0)
     if gpu is None or fraction == 0.0 or not k:
