@@ -1,4 +1,4 @@
-"""A share of each small batch's routed experts on the GPU, computed while the CPU does the rest.
+"""A share of each decoded token's routed experts on the GPU, computed while the CPU does the rest.
 
 At batch 1 tandem's CPU kernels are bound by their arithmetic, not by RAM: on the GPU machine
 the IQ1_S experts are read at ~35 GB/s of the ~100 GB/s the RAM delivers. The GPU's copy
@@ -8,9 +8,11 @@ to the GPU by DMA: 53 GB/s on the GPU machine's PCIe 5 link, against 5 GB/s from
 memory. There one compiled kernel per matrix dequantizes and multiplies them. Meanwhile the CPU
 computes the batch's other experts; the skipped slots are marked SKIPPED_SLOT for it.
 
-    host:         ids -> split: experts [0, n) to the GPU, the rest to the CPU kernels
-    copy stream:  mapped file -> device slots, 3 copies per run of consecutive experts
-    GPU stream:   fused dequantize + multiply (gate, up, SiLU, down, routing weights)
+    host:         ids -> split: n experts to the GPU, the rest to the CPU kernels (started first)
+    copy stream:  mapped file -> device slots, 3 copies per run of consecutive experts, in two
+                  halves
+    GPU stream:   per half, once its bytes are in: fused dequantize + multiply (gate, up, SiLU,
+                  down, routing weights); IQ1_S rows through a table of grid-row products
     CPU threads:  the other experts (kernels.native), then the two results are added
 
 How many experts go to the GPU is balanced per layer (`ShareBalance`): after each call, the
@@ -22,7 +24,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -101,8 +102,8 @@ class PinnedMappings:
 
 @dataclass
 class Launched:
-    """The GPU part of one call: its result [T, d] float32 (valid once `done` has passed, in
-    stream order) and the event that marks it done."""
+    """The GPU part of one call: its result [1, d] float32 (valid in stream order) and the
+    event that marks it done (None off CUDA)."""
 
     out: torch.Tensor
     done: torch.cuda.Event | None
@@ -121,7 +122,6 @@ class GpuShare:
         self._pinning_ended = threading.Event()
         self._pins: PinnedMappings | None = None
         self._slots: torch.Tensor | None = None
-        self._sources: dict[int, torch.Tensor] = {}
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._consumed = torch.cuda.Event()  # the last call's kernels have read the slots
@@ -167,6 +167,7 @@ class GpuShare:
                 and all(torch_dequant.supports(w.ggml_type) for w in weights))
 
     def close(self) -> None:
+        self._pinning_ended.wait()  # a registration still under way would outlive the mapping
         if self._pins is not None:
             if self.cuda:
                 torch.cuda.synchronize(self.device)  # no copy may still read the pages
@@ -243,7 +244,7 @@ class GpuShare:
 
     def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
         for w, part in zip(tensors, parts, strict=True):
-            source, row = self._source(w), 0
+            source, row = w.per_expert, 0
             for first, count in consecutive_runs(experts):
                 part[row : row + count].copy_(source[first : first + count], non_blocking=True)
                 row += count
@@ -257,16 +258,6 @@ class GpuShare:
                 torch.cuda.current_stream(self.device).synchronize()
             self._slots = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         return self._slots
-
-    def _source(self, w: QuantTensor) -> torch.Tensor:
-        """The tensor's mapped bytes as uint8 [experts, bytes per expert], no copy."""
-        source = self._sources.get(id(w))
-        if source is None:
-            with warnings.catch_warnings():  # read-only mmap: torch warns, we only read
-                warnings.simplefilter("ignore", UserWarning)
-                source = torch.from_numpy(w.data.reshape(w.shape[0], -1))
-            self._sources[id(w)] = source
-        return source
 
 
 def _indexed(device: torch.device) -> torch.device:

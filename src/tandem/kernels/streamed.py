@@ -17,7 +17,6 @@ are copied. On a CPU device the same code runs without streams or pinned memory 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -52,7 +51,6 @@ class ExpertStreamer:
         self.cuda = self.device.type == "cuda"
         self._host: list[torch.Tensor] = []  # staging slots (pinned on CUDA)
         self._dev: list[torch.Tensor] = []  # the same slots on the device
-        self._sources: dict[int, torch.Tensor] = {}  # id(QuantTensor) -> uint8 [E, expert bytes]
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._copied = [torch.cuda.Event() for _ in range(SLOTS)]
@@ -94,7 +92,7 @@ class ExpertStreamer:
             self._copied[slot].synchronize()  # the slot's previous upload has left the host
         offset = 0
         for w in tensors:
-            source, size = self._source(w), w.expert_bytes()
+            source, size = w.per_expert, w.expert_bytes()
             for first, count in consecutive_runs(chunk):
                 host[offset : offset + count * size].copy_(source[first : first + count].reshape(-1))
                 offset += count * size
@@ -137,16 +135,6 @@ class ExpertStreamer:
         else:
             self._host = self._dev = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(SLOTS)]
         log.debug("expert streaming: %d slots of %.0f MB on %s", SLOTS, nbytes / 1e6, self.device)
-
-    def _source(self, w: QuantTensor) -> torch.Tensor:
-        """The tensor's mapped bytes as uint8 [experts, bytes per expert], no copy."""
-        source = self._sources.get(id(w))
-        if source is None:
-            with warnings.catch_warnings():  # read-only mmap: torch warns, we only read
-                warnings.simplefilter("ignore", UserWarning)
-                source = torch.from_numpy(w.data.reshape(w.shape[0], -1))
-            self._sources[id(w)] = source
-        return source
 
 
 class _Rows:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +50,13 @@ class QuantTensor:
     def expert_bytes(self) -> int:
         """Bytes of one expert's matrix (stacked tensors only)."""
         return self.nbytes // self.shape[0]
+
+    @functools.cached_property
+    def per_expert(self) -> torch.Tensor:
+        """The stored bytes as uint8 [experts, bytes per expert], no copy (stacked tensors)."""
+        with warnings.catch_warnings():  # a read-only mmap: torch warns; readers only read
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.data.reshape(self.shape[0], -1))
 
 
 def activation_rows(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
