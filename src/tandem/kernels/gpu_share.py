@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ MAX_TOKENS = 1  # decode at batch 1; batches of several tokens stay on the CPU (
 STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
+# torch.compile mode of the share's kernels, for A/B runs: "reduce-overhead" replays them as CUDA
+# graphs (host launches cost ~2.2 ms per layer without; not measured with it yet)
+COMPILE_MODE_ENV = "TANDEM_SHARE_COMPILE_MODE"
 
 
 class ShareBalance:
@@ -312,6 +316,6 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, com
     types = (gate_type, up_type, down_type)
     fn = functools.partial(_experts, types)
     # dynamic: one kernel set for every expert count
-    fn = torch.compile(fn, dynamic=True) if compiled else fn
+    fn = torch.compile(fn, dynamic=True, mode=os.environ.get(COMPILE_MODE_ENV)) if compiled else fn
     fn.types = types
     return fn
