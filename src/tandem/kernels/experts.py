@@ -76,10 +76,11 @@ class CpuExperts:
     # -- split between the GPU and the CPU ---------------------------------------------------
     def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        x_host: torch.Tensor | None = None) -> _SharedCall:
-        n_gpu = min(self.balance.take(int(ids.unique().numel())), self.share.max_experts)
+        distinct = len(set(ids.flatten().tolist()))
+        n_gpu = min(self.balance.take(distinct), self.share.max_experts)
         gpu_experts, cpu_ids = split(ids, n_gpu)
         cpu = gpu = None
-        if bool((cpu_ids >= 0).any()):  # the CPU first: its threads start while the GPU's work is queued
+        if len(gpu_experts) < distinct:  # the CPU first: its threads start while the GPU's work is queued
             if x_host is None:
                 x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             out = torch.empty(x_host.shape, dtype=torch.float32, pin_memory=self.share.cuda)

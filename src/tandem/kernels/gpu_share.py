@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
 from tandem.kernels import torch_dequant
+from tandem.kernels.cpu import SKIPPED_SLOT
 from tandem.kernels.page_in import PAGE, page_ranges, physical_ram
 from tandem.kernels.streamed import consecutive_runs
 from tandem.kernels.tensors import QuantTensor
@@ -273,16 +275,16 @@ def _indexed(device: torch.device) -> torch.device:
 
 def split(ids: torch.Tensor, n_gpu_experts: int) -> tuple[list[int], torch.Tensor]:
     """The experts for the GPU (those with the fewest tokens, the cheapest there) and the ids
-    for the CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the host."""
-    from tandem.kernels.cpu import SKIPPED_SLOT
-
-    used, counts = ids.unique(return_counts=True)
-    order = sorted(range(len(used)), key=lambda i: (int(counts[i]), int(used[i])))
-    gpu = [int(used[i]) for i in order[:n_gpu_experts]]
-    cpu_ids = ids.clone()
-    if gpu:
-        cpu_ids[torch.isin(ids, torch.tensor(gpu, dtype=ids.dtype))] = SKIPPED_SLOT
-    return gpu, cpu_ids
+    for the CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the host. (Python lists:
+    a decode step has 8 ids, and tensor ops cost ~10x more per call at that size.)"""
+    rows = ids.tolist()
+    counts = Counter(e for row in rows for e in row)
+    gpu = sorted(counts, key=lambda e: (counts[e], e))[:n_gpu_experts]
+    if not gpu:
+        return [], ids
+    chosen = set(gpu)
+    cpu_ids = [[SKIPPED_SLOT if e in chosen else e for e in row] for row in rows]
+    return gpu, torch.tensor(cpu_ids, dtype=ids.dtype)
 
 
 def _rows_times(raw: torch.Tensor, t: GGMLType, grid, x: torch.Tensor, products) -> torch.Tensor:
