@@ -195,8 +195,8 @@ class GpuShare:
             raise KernelError(f"the GPU share takes 1..{self.max_experts} experts, got {len(experts)}")
         if x.shape[0] != 1 or ids.shape[0] != 1:
             raise KernelError(f"the GPU share takes one token, got {x.shape[0]}")
-        slot_of = {int(e): j for j, e in enumerate(ids[0].tolist())}
-        weight = torch.tensor([float(weights[0, slot_of[e]]) for e in experts], dtype=torch.float32)
+        weight_of = dict(zip(ids[0].tolist(), weights[0].tolist(), strict=True))
+        weight = torch.tensor([weight_of[e] for e in experts], dtype=torch.float32)
         if self.cuda:  # pinned: an upload from pageable memory would wait for the GPU
             weight = weight.pin_memory().to(self.device, non_blocking=True)
         tensors = (gate, up, down)
@@ -204,7 +204,7 @@ class GpuShare:
         slots = self._ensure_slots(self.max_experts * sum(sizes))
         half = (len(experts) + 1) // 2
         groups = [experts[:half], experts[half:]] if len(experts) > 1 else [experts]
-        fn = _experts_fn(gate.ggml_type, up.ggml_type, down.ggml_type, self.cuda)
+        types = (gate.ggml_type, up.ggml_type, down.ggml_type)
         grids = self._grids(tensors)
         xv = x.reshape(-1).float()
         out, offset, first = None, 0, 0
@@ -214,7 +214,7 @@ class GpuShare:
                 parts.append(slots[offset : offset + len(group) * size].view(len(group), size))
                 offset += len(group) * size
             self._upload(group, tensors, parts, wait_for_previous_call=first == 0)
-            y = self._compute(fn, parts, xv, weight[first : first + len(group)], grids)
+            y = self._compute(types, parts, xv, weight[first : first + len(group)], grids)
             out = y if out is None else out + y
             first += len(group)
         done = None
@@ -238,15 +238,15 @@ class GpuShare:
             copied.record()
         torch.cuda.current_stream(self.device).wait_event(copied)
 
-    def _compute(self, fn, parts, x, weight, grids) -> torch.Tensor:
+    def _compute(self, types, parts, x, weight, grids) -> torch.Tensor:
         try:
-            return fn(*parts, x, weight, *grids)
+            return _experts_fn(*types, self.cuda)(*parts, x, weight, *grids)
         except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
             if not self.cuda:
                 raise
             first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self._turn_off(f"compiling its kernels failed ({first_line})")
-            return _experts_fn(*fn.types, False)(*parts, x, weight, *grids)  # eager, this once
+            return _experts_fn(*types, False)(*parts, x, weight, *grids)  # eager, this once
 
     def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
         for w, part in zip(tensors, parts, strict=True):
@@ -318,6 +318,4 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, com
     types = (gate_type, up_type, down_type)
     fn = functools.partial(_experts, types)
     # dynamic: one kernel set for every expert count
-    fn = torch.compile(fn, dynamic=True, mode=os.environ.get(COMPILE_MODE_ENV)) if compiled else fn
-    fn.types = types
-    return fn
+    return torch.compile(fn, dynamic=True, mode=os.environ.get(COMPILE_MODE_ENV)) if compiled else fn
