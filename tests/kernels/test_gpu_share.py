@@ -52,9 +52,9 @@ def test_split_tokens_match_the_float_reference(kernels, experts, recipe, share)
     assert moe.shares(1)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(1))
     ids, weights = routing(1, k=K, n_expert=N_EXPERT, seed=3)
-    ours = _run(moe, x, ids, weights)
     expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
-    assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+    for ours in (_run(moe, x, ids, weights), moe.compute_shared(x, x.clone(), ids, weights)):
+        assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
     wrong = moe_reference(x, (ids + 1) % N_EXPERT, weights, g_ref, u_ref, d_ref)
     assert relative_error(wrong, expected) > 0.5  # the oracle tells experts apart
 
@@ -140,13 +140,19 @@ def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path
     assert share.wait(60), share.skipped
     moe = CpuExperts(kernels, *mapped, share=share)
     try:
-        for seed in range(4):  # repeated: the slots and events are reused
+        # 1..4 experts on the GPU: both halves' graphs for each count, each replayed again
+        # with other experts, weights and x (the slots, buffers and events are reused)
+        for seed, fraction in enumerate([0.25, 0.5, 0.75, 1.0] * 2):
+            moe.balance = ShareBalance(fraction, fixed=True)
             x = torch.randn(1, D)
             ids, weights = routing(1, k=K, n_expert=N_EXPERT, seed=seed)
-            ours = _run(moe, x.cuda(), ids.cuda(), weights.cuda())
-            assert ours.is_cuda
             expected = moe_reference(x, ids, weights, *refs)
-            assert relative_error(ours.cpu(), expected) < Q8_ACTIVATION_TOL
+            submitted = _run(moe, x.cuda(), ids.cuda(), weights.cuda())
+            computed = moe.compute_shared(x.cuda(), x.pin_memory(), ids, weights)
+            for ours in (submitted, computed):
+                assert ours.is_cuda
+                assert relative_error(ours.cpu(), expected) < Q8_ACTIVATION_TOL
+        assert share.ready.is_set() and len(share._graphs) == 4, share.skipped  # (n, half) replayed
         host = torch.from_numpy(np.asarray(mapped[0].data))
         assert host.is_pinned()  # registered: copies from it are DMA
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine
-from tandem.kernels import gpu_share, native
+from tandem.kernels import native
 from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime.sampler import SamplingParams
 
@@ -62,7 +62,7 @@ def _share_record(llm) -> dict:
         return {"on": False, "why_off": "no GPU, or turned off"}
     found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
     shares = [e.balance.share for e in found if getattr(e, "share", None) is not None]
-    return {"on": share.ready.is_set(), "why_off": share.skipped,
+    return {"on": share.ready.is_set(), "why_off": share.skipped, "cuda_graphs": share.graphs,
             "layer_shares_at_end": [round(x, 3) for x in shares]}
 
 
@@ -146,8 +146,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "gpu_expert_share": _share_record(llm),
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
-        "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, gpu_share.COMPILE_MODE_ENV)
-                       if k in os.environ},
+        "kernel_env": {k: os.environ[k] for k in native.KERNEL_ENV if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,

@@ -70,39 +70,59 @@ class CpuExperts:
     def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
         """The same with a share on the GPU (when `shares`), waiting for both: x on the share's
-        device and its copy x_host (pinned), ids and weights on the host. Result on the device."""
-        return self._collect_shared(self._submit_shared(x, ids, weights, x_host))
+        device and its copy x_host (pinned), ids and weights on the host. Result on the device.
+        The GPU's part is queued first (graph replays, a fraction of a millisecond), then the
+        CPU's runs on this thread: no hand-over to the executor's thread."""
+        gpu_experts, cpu_ids, distinct = self._split(ids)
+        gpu = self._launch(x, ids, weights, gpu_experts)
+        cpu = None
+        if len(gpu_experts) < distinct:
+            cpu = self.kernels.moe(x_host, cpu_ids, weights, self.gate, self.up, self.down, own=True,
+                                   out=self._host_out(x_host))
+        return self._combine(cpu, gpu)
 
     # -- split between the GPU and the CPU ---------------------------------------------------
-    def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                       x_host: torch.Tensor | None = None) -> _SharedCall:
+    def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int]:
+        """The GPU's experts, the CPU's ids (the GPU's slots skipped) and the count of experts."""
         distinct = len(set(ids.flatten().tolist()))
-        n_gpu = min(self.balance.take(distinct), self.share.max_experts)
-        gpu_experts, cpu_ids = split(ids, n_gpu)
-        cpu = gpu = None
+        gpu_experts, cpu_ids = split(ids, min(self.balance.take(distinct), self.share.max_experts))
+        return gpu_experts, cpu_ids, distinct
+
+    def _launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                gpu_experts: list[int]) -> Launched | None:
+        if not gpu_experts:
+            return None
+        self.kernels.expert_bytes_read += len(gpu_experts) * sum(
+            w.expert_bytes() for w in (self.gate, self.up, self.down))
+        return self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down)
+
+    def _host_out(self, x_host: torch.Tensor) -> torch.Tensor:
+        """Where the CPU's part goes: pinned memory when it is uploaded to a GPU."""
+        return torch.empty(x_host.shape, dtype=torch.float32, pin_memory=self.share.cuda)
+
+    def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _SharedCall:
+        gpu_experts, cpu_ids, distinct = self._split(ids)
+        cpu = None
         if len(gpu_experts) < distinct:  # the CPU first: its threads start while the GPU's work is queued
-            if x_host is None:
-                x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
-            out = torch.empty(x_host.shape, dtype=torch.float32, pin_memory=self.share.cuda)
+            x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             cpu = self.kernels.submit_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
-                                          own=True, out=out)
-        if gpu_experts:
-            gpu = self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down)
-            self.kernels.expert_bytes_read += len(gpu_experts) * sum(
-                w.expert_bytes() for w in (self.gate, self.up, self.down))
-        return _SharedCall(cpu, gpu)
+                                          own=True, out=self._host_out(x_host))
+        return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts))
 
     def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
-        cpu = call.cpu.result() if call.cpu is not None else None
-        if call.cpu is None or call.gpu is None:
-            self.balance.update(gpu_first=call.gpu is None)  # an idle side asks for more
+        return self._combine(call.cpu.result() if call.cpu is not None else None, call.gpu)
+
+    def _combine(self, cpu: torch.Tensor | None, gpu: Launched | None) -> torch.Tensor:
+        """The two parts added on the share's device; the balance learns who finished first."""
+        if cpu is None or gpu is None:
+            self.balance.update(gpu_first=gpu is None)  # an idle side asks for more
         else:  # both worked: who was done first? (off CUDA the GPU part ran before the CPU's)
-            self.balance.update(gpu_first=call.gpu.done is None or call.gpu.done.query())
-        if call.gpu is None:
+            self.balance.update(gpu_first=gpu.done is None or gpu.done.query())
+        if gpu is None:
             return cpu.to(self.share.device, non_blocking=True)
         if cpu is None:
-            return call.gpu.out
-        return call.gpu.out + cpu.to(self.share.device, non_blocking=True)
+            return gpu.out
+        return gpu.out + cpu.to(self.share.device, non_blocking=True)
 
     def compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The same, on the calling thread (CPU tensors in, CPU tensor out)."""
