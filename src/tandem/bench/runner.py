@@ -60,8 +60,7 @@ def _share_record(llm) -> dict:
     share = llm.gpu_share
     if share is None:
         return {"on": False, "why_off": "no GPU, or turned off"}
-    found = [getattr(b.ffn, "experts", None) for b in llm.model.blocks]
-    shares = [e.balance.share for e in found if getattr(e, "share", None) is not None]
+    shares = [e.balance.share for e in llm.routed_experts() if getattr(e, "share", None) is not None]
     return {"on": share.ready.is_set(), "why_off": share.skipped, "cuda_graphs": share.graphs,
             "layer_shares_at_end": [round(x, 3) for x in shares]}
 

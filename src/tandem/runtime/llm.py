@@ -124,7 +124,8 @@ class LLM:
             self.model = spec.build(self.file, c, loader, devices)
         self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [])
         if self.gpu_share is not None:
-            self.gpu_share.pin([t.data for t in loader.in_place])
+            shared = [(e.gate, e.up, e.down) for e in self.routed_experts() if e.share is self.gpu_share]
+            self.gpu_share.pin([t.data for t in loader.in_place], shared)
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
         self._cache: list | None = None  # this object's own sequence; allocated on first use
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
@@ -228,6 +229,10 @@ class LLM:
     def _chunks(self, tokens: torch.Tensor, offset: int = 0):
         for start in range(0, tokens.numel(), self.prefill_chunk):
             yield offset + start, tokens[start : start + self.prefill_chunk]
+
+    def routed_experts(self) -> list:
+        """The routed-expert backends of the model's MoE blocks (kernels.experts)."""
+        return [b.ffn.experts for b in self.model.blocks if hasattr(getattr(b, "ffn", None), "experts")]
 
     def close(self) -> None:
         self.page_in.close()
