@@ -133,6 +133,7 @@ class GpuShare:
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._consumed = torch.cuda.Event()  # the last call's kernels have read the slots
+            self._copied = [torch.cuda.Event(), torch.cuda.Event()]  # each half's bytes are in
         else:
             self.ready.set()
             self._pinning_ended.set()
@@ -232,18 +233,21 @@ class GpuShare:
         weight.copy_(host_weight, non_blocking=True)  # pinned: no wait for the GPU
         xv = self._buffer("x", (x.shape[-1],))
         xv.copy_(x.reshape(-1))
+        parts = [self._parts(slots, region, len(group), sizes) for region, group in enumerate(groups)]
+        copied = self._upload(groups, tensors, parts)
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
         outs = []
         for region, group in enumerate(groups):
-            parts = self._parts(slots, region, len(group), sizes)
-            self._upload(group, tensors, parts, wait_for_previous_call=region == 0)
-            args = (*parts, xv, weight[region, : len(group)], *grids)
+            if stream is not None:
+                stream.wait_event(copied[region])  # this half's bytes are in
+            args = (*parts[region], xv, weight[region, : len(group)], *grids)
             outs.append(self._compute(types, (sizes, len(group), region), args))
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
         done = None
-        if self.cuda:
-            self._consumed.record()
+        if stream is not None:
+            self._consumed.record(stream)
             done = torch.cuda.Event()
-            done.record()
+            done.record(stream)
         return Launched(out.view(1, -1), done)
 
     @property
@@ -260,19 +264,20 @@ class GpuShare:
             offset += self._half_capacity * size
         return parts
 
-    def _upload(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor],
-                wait_for_previous_call: bool) -> None:
-        """Copy the experts' bytes into `parts` (on the copy stream; the compute stream waits)."""
+    def _upload(self, groups: list[list[int]], tensors: Sequence[QuantTensor],
+                parts: list[list[torch.Tensor]]) -> list[torch.cuda.Event]:
+        """Copy each group's bytes into its parts, on the copy stream: one event per group
+        marks its bytes in (none off CUDA, where the copies are done on return)."""
         if not self.cuda:
-            self._copy(experts, tensors, parts)
-            return
-        if wait_for_previous_call:
-            self._copy_stream.wait_event(self._consumed)  # its kernels are done with the slots
-        copied = torch.cuda.Event()
+            for group, group_parts in zip(groups, parts, strict=True):
+                self._copy(group, tensors, group_parts)
+            return []
+        self._copy_stream.wait_event(self._consumed)  # the last call's kernels are done with the slots
         with torch.cuda.stream(self._copy_stream):
-            self._copy(experts, tensors, parts)
-            copied.record()
-        torch.cuda.current_stream(self.device).wait_event(copied)
+            for group, group_parts, event in zip(groups, parts, self._copied, strict=False):
+                self._copy(group, tensors, group_parts)
+                event.record(self._copy_stream)
+        return self._copied[: len(groups)]
 
     def _compute(self, types: tuple[GGMLType, ...], key: tuple, args: tuple) -> torch.Tensor:
         """The experts of one half: [d] float32, by a CUDA graph replay on CUDA."""
