@@ -26,8 +26,10 @@ from tandem.kernels.tensors import QuantTensor
 
 @dataclass
 class _SharedCall:
-    cpu: Future | None  # the CPU's experts (their result in pinned memory)
-    gpu: Launched | None  # the GPU's
+    """A split call between submit and collect: the GPU's part queued, the CPU's to run."""
+
+    cpu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # x (host), ids, weights
+    gpu: Launched | None
 
 
 class CpuExperts:
@@ -70,16 +72,8 @@ class CpuExperts:
     def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor,
                        weights: torch.Tensor) -> torch.Tensor:
         """The same with a share on the GPU (when `shares`), waiting for both: x on the share's
-        device and its copy x_host (pinned), ids and weights on the host. Result on the device.
-        The GPU's part is queued first (graph replays, a fraction of a millisecond), then the
-        CPU's runs on this thread: no hand-over to the executor's thread."""
-        gpu_experts, cpu_ids, distinct = self._split(ids)
-        gpu = self._launch(x, ids, weights, gpu_experts)
-        cpu = None
-        if len(gpu_experts) < distinct:
-            cpu = self.kernels.moe(x_host, cpu_ids, weights, self.gate, self.up, self.down, own=True,
-                                   out=self._host_out(x_host))
-        return self._combine(cpu, gpu)
+        device and its copy x_host (pinned), ids and weights on the host. Result on the device."""
+        return self._collect_shared(self._submit_shared(x, ids, weights, x_host))
 
     # -- split between the GPU and the CPU ---------------------------------------------------
     def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int]:
@@ -100,17 +94,27 @@ class CpuExperts:
         """Where the CPU's part goes: pinned memory when it is uploaded to a GPU."""
         return torch.empty(x_host.shape, dtype=torch.float32, pin_memory=self.share.cuda)
 
-    def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _SharedCall:
+    def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       x_host: torch.Tensor | None = None) -> _SharedCall:
+        """Queue the GPU's part (graph replays: a fraction of a millisecond of host time); the
+        CPU's part runs in collect, on the caller's thread, while the GPU works. (Run on the
+X
+        machine: the launch and the hand-over compete for the host.)"""
         gpu_experts, cpu_ids, distinct = self._split(ids)
         cpu = None
-        if len(gpu_experts) < distinct:  # the CPU first: its threads start while the GPU's work is queued
-            x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
-            cpu = self.kernels.submit_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
-                                          own=True, out=self._host_out(x_host))
+        if len(gpu_experts) < distinct:
+            if x_host is None:  # copied down before the GPU's queue grows: the copy waits for it
+                x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
+            cpu = (x_host, cpu_ids, weights)
         return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts))
 
     def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
-        return self._combine(call.cpu.result() if call.cpu is not None else None, call.gpu)
+        cpu = None
+        if call.cpu is not None:
+            x_host, cpu_ids, weights = call.cpu
+            cpu = self.kernels.moe(x_host, cpu_ids, weights, self.gate, self.up, self.down, own=True,
+                                   out=self._host_out(x_host))
+        return self._combine(cpu, call.gpu)
 
     def _combine(self, cpu: torch.Tensor | None, gpu: Launched | None) -> torch.Tensor:
         """The two parts added on the share's device; the balance learns who finished first."""
