@@ -5,15 +5,18 @@ the IQ1_S experts are read at ~35 GB/s of the ~100 GB/s the RAM delivers. The GP
 engine can use the rest without taking a CPU core. The file mapping under the experts is
 registered with CUDA (page-locked, read-only), so a chosen expert's bytes go from it straight
 to the GPU by DMA: 53 GB/s on the GPU machine's PCIe 5 link, against 5 GB/s from unregistered
-memory. There one compiled kernel per matrix dequantizes and multiplies them. Meanwhile the CPU
-computes the batch's other experts; the skipped slots are marked SKIPPED_SLOT for it.
+memory. There compiled kernels dequantize and multiply them. Meanwhile the CPU computes the
+batch's other experts; the skipped slots are marked SKIPPED_SLOT for it.
 
-    host:         ids -> split: n experts to the GPU, the rest to the CPU kernels (started first)
+    host:         ids -> split: n experts to the GPU (queued first), the rest to the CPU kernels
     copy stream:  mapped file -> device slots, 3 copies per run of consecutive experts, in two
                   halves
     GPU stream:   per half, once its bytes are in: fused dequantize + multiply (gate, up, SiLU,
-                  down, routing weights); IQ1_S rows through a table of grid-row products
-    CPU threads:  the other experts (kernels.native), then the two results are added
+                  down, routing weights); IQ1_S rows through a table of grid-row products.
+                  Compiled with static shapes per expert count before the share starts, and
+                  replayed as CUDA graphs: a few microseconds of host time per half
+    CPU threads:  the other experts (kernels.native) on the caller's thread, meanwhile; then
+                  the two results are added
 
 How many experts go to the GPU is balanced per layer (`ShareBalance`): after each call, the
 side that finished last gets a smaller share next time.
