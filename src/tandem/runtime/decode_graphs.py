@@ -30,6 +30,9 @@ from tandem.models.decoder import Decoder
 from tandem.models.deepseek_v3 import MLAttention, MoE
 
 BUCKET = 512
+# Other threads may use CUDA during a capture (the GPU share pins and compiles on its own):
+# only this thread's unsafe calls break it
+CAPTURE_MODE = "thread_local"
 
 
 @dataclass
@@ -180,13 +183,13 @@ class DecodeGraphs:
         graphs = []
         for i, cut in enumerate(self.cuts):
             main = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(main, pool=self._pool):
+            with torch.cuda.graph(main, pool=self._pool, capture_error_mode=CAPTURE_MODE):
                 self._segment(i, length)
             self._pool = main.pool()
             shared = None
             if cut.moe is not None and cut.shared is not None:
                 shared = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(shared, pool=self._pool):
+                with torch.cuda.graph(shared, pool=self._pool, capture_error_mode=CAPTURE_MODE):
                     self._shared(cut)
             graphs.append((main, shared))
         self._graphs[length] = graphs

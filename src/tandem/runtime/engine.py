@@ -2,9 +2,11 @@
 
 Requests arrive from any thread (the HTTP server's); one engine thread runs the loop
     admit waiting requests into free cache slots -> schedule -> one forward -> sample
-and hands each request its tokens through a thread-safe queue. A slot keeps the token ids
-whose KV it holds, and a new request takes the free slot sharing the longest prefix with its
-prompt (a repeated system prompt or a growing chat history is not recomputed).
+and hands each request its tokens through a thread-safe queue. A step that is one sequence's
+next token replays that slot's decode graphs instead (runtime.decode_graphs, as `tandem chat`
+decodes). A slot keeps the token ids whose KV it holds, and a new request takes the free slot
+sharing the longest prefix with its prompt (a repeated system prompt or a growing chat history
+is not recomputed).
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class Engine:
         self.llm = llm
         self.scheduler = Scheduler(max_batch, token_budget, max_waiting)
         self.slot_caches: list = [None] * max_batch  # allocated on first use
+        # per slot: its one-token decode steps as CUDA graphs (False: this model decodes eagerly)
+        self.slot_graphs: list = [None] * max_batch
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]
         self.requests: dict[str, Request] = {}
         self.metrics = Metrics()
@@ -174,7 +178,11 @@ class Engine:
         began = time.perf_counter()
         try:
             with torch.inference_mode():
-                logits = self.llm.model(torch.tensor(tokens), segments, last_only=True)
+                graphs = self._graphs_for(step.work)
+                if graphs:  # one sequence decoding alone: replayed graphs, as `tandem chat` decodes
+                    logits = graphs.step(tokens[0], segments[0].start)
+                else:
+                    logits = self.llm.model(torch.tensor(tokens), segments, last_only=True)
         except Exception as exc:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             with self._cond:
@@ -197,6 +205,17 @@ class Engine:
                     self._finish(req, "cancelled")
                     continue
                 self._emit(req, logits[row])
+
+    def _graphs_for(self, work) -> object:
+        """The decode graphs of the step's slot when the step is one sequence's next token
+        (eager forward passes cost ~2.5 ms of host time per layer on the GPU machine, the
+        graphs a few replays); None otherwise. Made at a slot's first such step."""
+        if len(work) != 1 or work[0][0].prefilling:
+            return None
+        slot = work[0][0].slot
+        if self.slot_graphs[slot] is None:
+            self.slot_graphs[slot] = self.llm.decode_graphs_for(self.slot_caches[slot]) or False
+        return self.slot_graphs[slot]
 
     def _emit(self, req: Request, logits: torch.Tensor) -> None:
         token = req.sampler(logits, req.prompt + req.generated)

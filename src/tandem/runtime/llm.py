@@ -133,7 +133,7 @@ class LLM:
         self.last_timings: Timings | None = None
         self._cached_ids: list[int] = []  # token ids whose keys and values the cache holds
         self.cuda_graphs = cuda_graphs
-        self._graphs: decode_graphs.DecodeGraphs | None = None
+        self._graphs: decode_graphs.DecodeGraphs | bool | None = None  # None: not decided yet
 
     def new_cache(self) -> list:
         """An empty per-layer KV cache for one more sequence (continuous batching)."""
@@ -218,11 +218,18 @@ class LLM:
             self._cache = self.new_cache()
         return self.model(tokens, [Segment(self._cache, start, tokens.numel())], last_only)
 
+    def decode_graphs_for(self, caches) -> decode_graphs.DecodeGraphs | None:
+        """One-token decode steps over `caches` (one sequence's) as CUDA graphs, captured at
+        their first step; None where this model decodes eagerly (`cuda_graphs` off, or
+        decode_graphs.supported says no)."""
+        if not self.cuda_graphs or not decode_graphs.supported(self.model):
+            return None
+        return decode_graphs.DecodeGraphs(self.model, caches, next(self.model.parameters()).device)
+
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
-        if self._graphs is None and self.cuda_graphs and decode_graphs.supported(self.model):
-            device = next(self.model.parameters()).device
-            self._graphs = decode_graphs.DecodeGraphs(self.model, self._cache, device)
-        if self._graphs is not None:
+        if self._graphs is None:
+            self._graphs = self.decode_graphs_for(self._cache) or False  # False: decided, eager
+        if self._graphs:
             return self._graphs.step(token, position)
         return self._forward(torch.tensor([token]), position)
 
