@@ -88,11 +88,12 @@ def test_balance_turns_a_share_into_whole_experts_and_moves_toward_the_slower_si
         ShareBalance(1.5)
 
 
-def test_split_gives_the_gpu_the_experts_with_fewest_tokens():
+def test_split_gives_the_gpu_only_experts_one_token_chose():
     ids = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 3]])  # counts: 0:3, 1:2, 2:1, 3:2, 4:1
     gpu, cpu_ids = split(ids, 3)
-    assert gpu == [2, 4, 1]
-    assert cpu_ids.tolist() == [[0, SKIPPED_SLOT, SKIPPED_SLOT], [0, SKIPPED_SLOT, 3], [0, SKIPPED_SLOT, 3]]
+    assert gpu == [2, 4]
+    assert cpu_ids.tolist() == [[0, 1, SKIPPED_SLOT], [0, 1, 3], [0, SKIPPED_SLOT, 3]]
+    assert split(ids, 1)[0] == [2]
     none, unchanged = split(ids, 0)
     assert none == [] and torch.equal(unchanged, ids)
 
@@ -110,18 +111,72 @@ def test_balanced_calls_stay_correct_while_the_share_moves(kernels, experts):
     assert len(set(shares)) > 1  # it moved
 
 
-def test_batches_and_foreign_types_do_not_share(kernels, experts, rng):
+def test_long_batches_and_foreign_types_do_not_share(kernels, experts, rng):
     (gate, _), (up, _), (down, _) = experts["ud-iq1_s"]
     moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=K))
-    assert moe.shares(MAX_TOKENS) and not moe.shares(MAX_TOKENS + 1)
-    x = torch.randn(2, D)
-    ids, weights = routing(2, k=K, n_expert=N_EXPERT)
+    assert moe.shares(1) and moe.shares(MAX_TOKENS) and not moe.shares(MAX_TOKENS + 1)
+    x = torch.randn(MAX_TOKENS + 1, D)
+    ids, weights = routing(MAX_TOKENS + 1, k=K, n_expert=N_EXPERT)
     assert not isinstance(moe.submit(x, ids, weights), type(moe.submit(x[:1], ids[:1], weights[:1])))
     odd, _ = make_weight(T.IQ4_XS, (N_EXPERT, D, N_FF), rng)  # tandem has no CPU kernel for it
     assert CpuExperts(kernels, gate, up, odd, share=GpuShare("cpu", max_experts=K)).share is None
     with pytest.raises(KernelError, match="the GPU share takes 1..4 experts, got 5"):
         GpuShare("cpu", max_experts=K).launch(torch.randn(1, D), torch.zeros(1, 5, dtype=torch.long),
                                               torch.ones(1, 5), [0, 1, 2, 3, 4], gate, up, down)
+
+
+# -- batches of several tokens (the server's decode steps) -------------------------------------
+MANY = 32  # experts: enough that tokens of a batch often choose one alone
+
+
+@pytest.fixture(scope="module")
+def many_experts():
+    rng = np.random.default_rng(12)
+    types = RECIPES["ud-iq1_s"]
+    shapes = [(MANY, N_FF, D), (MANY, N_FF, D), (MANY, D, N_FF)]
+    return [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
+
+
+@pytest.mark.parametrize("n_tokens", [2, 5, MAX_TOKENS])
+def test_a_batchs_share_alone_is_float_exact_even_over_nan_padding(many_experts, n_tokens):
+    """The experts that one token chose, on the share: each on its own token's x, summed per
+    token; float-exact against the oracle over just those pairs. The halves are padded up to
+    compiled counts; padded slots hold NaN bytes here and must add exactly nothing."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = many_experts
+    x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(n_tokens))
+    ids, weights = routing(n_tokens, k=K, n_expert=MANY, seed=n_tokens)
+    singles, _ = split(ids, MANY)
+    assert len(singles) >= 3  # a padded half at least once (3 -> 2 + 1, 5 -> 3 + 2 ...)
+    share = GpuShare("cpu", max_experts=MANY)
+    share._ensure_slots(MANY * sum(w.expert_bytes() for w in (gate, up, down))).fill_(255)
+    launched = share.launch(x, ids, weights, singles, gate, up, down)
+    only_singles = weights * torch.isin(ids, torch.tensor(singles))
+    expected = moe_reference(x, ids, only_singles, g_ref, u_ref, d_ref)
+    assert launched.out.shape == (n_tokens, D) and torch.isfinite(launched.out).all()
+    assert relative_error(launched.out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_batches_split_between_share_and_cpu_match_the_float_reference(kernels, many_experts, share):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = many_experts
+    moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=MANY, experts_per_token=K),
+                     balance=ShareBalance(share, fixed=True))
+    for n_tokens in (2, MAX_TOKENS, 1, 3):  # batches and single tokens, alternating balances
+        x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(10 + n_tokens))
+        ids, weights = routing(n_tokens, k=K, n_expert=MANY, seed=10 + n_tokens)
+        expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+        read_before = kernels.expert_bytes_read
+        assert relative_error(_run(moe, x, ids, weights), expected) < Q8_ACTIVATION_TOL
+        assert kernels.expert_bytes_read > read_before
+    assert moe.batch_balance.share == share and moe.balance.share == share  # fixed
+
+
+def test_the_share_refuses_an_expert_that_several_tokens_chose(many_experts):
+    (gate, _), (up, _), (down, _) = many_experts
+    ids = torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6]])
+    with pytest.raises(KernelError, match=r"experts \[0\] were chosen \[2\] times"):
+        GpuShare("cpu", max_experts=MANY).launch(torch.randn(2, D), ids, torch.ones(2, 4), [0, 1],
+                                                 gate, up, down)
 
 
 @pytest.mark.cuda
@@ -152,7 +207,17 @@ def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path
             for ours in (submitted, computed):
                 assert ours.is_cuda
                 assert relative_error(ours.cpu(), expected) < Q8_ACTIVATION_TOL
-        assert share.ready.is_set() and len(share._graphs) == 4, share.skipped  # (n, half) replayed
+        one_token = [key for key in share._graphs if not key[1]]
+        assert share.ready.is_set() and len(one_token) == 4, share.skipped  # (n, half) replayed
+        # batches: each GPU expert on its own token's x; the halves padded to compiled counts
+        moe.batch_balance = ShareBalance(1.0, fixed=True)
+        for seed in range(3):
+            x = torch.randn(3, D)
+            ids, weights = routing(3, k=K, n_expert=N_EXPERT, seed=20 + seed)
+            ours = _run(moe, x.cuda(), ids.cuda(), weights.cuda())
+            assert ours.shape == (3, D) and ours.is_cuda
+            assert relative_error(ours.cpu(), moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
+        assert share.batches_ready.is_set() and len(share._graphs) > 4, share.skipped
         host = torch.from_numpy(np.asarray(mapped[0].data))
         assert host.is_pinned()  # registered: copies from it are DMA
     finally:

@@ -60,9 +60,11 @@ def _share_record(llm) -> dict:
     share = llm.gpu_share
     if share is None:
         return {"on": False, "why_off": "no GPU, or turned off"}
-    shares = [e.balance.share for e in llm.routed_experts() if getattr(e, "share", None) is not None]
-    return {"on": share.ready.is_set(), "why_off": share.skipped, "cuda_graphs": share.graphs,
-            "layer_shares_at_end": [round(x, 3) for x in shares]}
+    sharing = [e for e in llm.routed_experts() if getattr(e, "share", None) is not None]
+    return {"on": share.ready.is_set(), "batches_on": share.batches_ready.is_set(),
+            "why_off": share.skipped, "cuda_graphs": share.graphs,
+            "layer_shares_at_end": [round(e.balance.share, 3) for e in sharing],
+            "batch_layer_shares_at_end": [round(e.batch_balance.share, 3) for e in sharing]}
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:

@@ -30,6 +30,7 @@ class _SharedCall:
 
     cpu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # x (host), ids, weights
     gpu: Launched | None
+    balance: ShareBalance  # the one that chose the split, told who finished first
 
 
 class CpuExperts:
@@ -42,6 +43,8 @@ class CpuExperts:
         # the GPU share needs tandem's kernels: ggml's cannot skip the GPU's slots
         self.share = share if own_kernels and native.fits(gate, up, down) else None
         self.balance = balance or ShareBalance()  # this layer's share of experts on the GPU
+        # the same for batches of several tokens (other costs on both sides: its own balance)
+        self.batch_balance = ShareBalance(self.balance.share, self.balance.fixed)
 
     def shares(self, n_tokens: int) -> bool:
         """Whether a batch of `n_tokens` splits its experts between the GPU and the CPU."""
@@ -76,11 +79,13 @@ class CpuExperts:
         return self._collect_shared(self._submit_shared(x, ids, weights, x_host))
 
     # -- split between the GPU and the CPU ---------------------------------------------------
-    def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int]:
-        """The GPU's experts, the CPU's ids (the GPU's slots skipped) and the count of experts."""
+    def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int, ShareBalance]:
+        """The GPU's experts, the CPU's ids (the GPU's slots skipped), the count of experts
+        and the balance that chose."""
+        balance = self.balance if ids.shape[0] == 1 else self.batch_balance
         distinct = len(set(ids.flatten().tolist()))
-        gpu_experts, cpu_ids = split(ids, min(self.balance.take(distinct), self.share.max_experts))
-        return gpu_experts, cpu_ids, distinct
+        gpu_experts, cpu_ids = split(ids, min(balance.take(distinct), self.share.max_experts))
+        return gpu_experts, cpu_ids, distinct, balance
 
     def _launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 gpu_experts: list[int]) -> Launched | None:
@@ -100,13 +105,13 @@ class CpuExperts:
         CPU's part runs in collect, on the caller's thread, while the GPU works. (Run on the
 X
         machine: the launch and the hand-over compete for the host.)"""
-        gpu_experts, cpu_ids, distinct = self._split(ids)
+        gpu_experts, cpu_ids, distinct, balance = self._split(ids)
         cpu = None
         if len(gpu_experts) < distinct:
             if x_host is None:  # copied down before the GPU's queue grows: the copy waits for it
                 x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             cpu = (x_host, cpu_ids, weights)
-        return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts))
+        return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts), balance)
 
     def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
         cpu = None
@@ -114,14 +119,14 @@ X
             x_host, cpu_ids, weights = call.cpu
             cpu = self.kernels.moe(x_host, cpu_ids, weights, self.gate, self.up, self.down, own=True,
                                    out=self._host_out(x_host))
-        return self._combine(cpu, call.gpu)
+        return self._combine(cpu, call.gpu, call.balance)
 
-    def _combine(self, cpu: torch.Tensor | None, gpu: Launched | None) -> torch.Tensor:
+    def _combine(self, cpu: torch.Tensor | None, gpu: Launched | None, balance: ShareBalance) -> torch.Tensor:
         """The two parts added on the share's device; the balance learns who finished first."""
         if cpu is None or gpu is None:
-            self.balance.update(gpu_first=gpu is None)  # an idle side asks for more
+            balance.update(gpu_first=gpu is None)  # an idle side asks for more
         else:  # both worked: who was done first? (off CUDA the GPU part ran before the CPU's)
-            self.balance.update(gpu_first=gpu.done is None or gpu.done.query())
+            balance.update(gpu_first=gpu.done is None or gpu.done.query())
         if gpu is None:
             return cpu.to(self.share.device, non_blocking=True)
         if cpu is None:

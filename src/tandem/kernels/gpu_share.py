@@ -18,8 +18,13 @@ batch's other experts; the skipped slots are marked SKIPPED_SLOT for it.
     CPU threads:  the other experts (kernels.native) on the caller's thread, meanwhile; then
                   the two results are added
 
-How many experts go to the GPU is balanced per layer (`ShareBalance`): after each call, the
-side that finished last gets a smaller share next time.
+Batches of up to MAX_TOKENS tokens (the server's decode steps) share too: there the GPU takes
+only experts that one token chose, each on its own token's x, and the halves are padded up to
+the counts in ROW_COUNTS (one compiled kernel set each); an expert several tokens chose stays on
+the CPU, whose kernels serve all its tokens from one read of its weights.
+
+How many experts go to the GPU is balanced per layer (`ShareBalance`, one for single tokens,
+one for batches): after each call, the side that finished last gets a smaller share next time.
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ from tandem.kernels.tensors import QuantTensor
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 1  # decode at batch 1; batches of several tokens stay on the CPU (measured slower)
+# Decode steps of up to this many sequences (the server's batches); longer batches stay on the
+# CPU or stream to the GPU whole (kernels.streamed). In a batch the GPU takes only experts that
+# one token chose (the rest share their decoded weights across tokens on the CPU).
+MAX_TOKENS = 8
+ROW_COUNTS = (1, 2, 4, 8, 16)  # experts per half the batch kernels are compiled for (padded up)
 STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
@@ -109,7 +118,7 @@ class PinnedMappings:
 
 @dataclass
 class Launched:
-    """The GPU part of one call: its result [1, d] float32 (valid in stream order) and the
+    """The GPU part of one call: its result [T, d] float32 (valid in stream order) and the
     event that marks it done (None off CUDA)."""
 
     out: torch.Tensor
@@ -118,13 +127,17 @@ class Launched:
 
 class GpuShare:
     """Computes the experts it is given on `device`, their weights copied from the mapped file.
-    One object serves all layers (one set of device slots, one copy stream)."""
+    One object serves all layers (one set of device slots, one copy stream). `max_experts`:
+    how many one call may take (slots); `experts_per_token`: the model's k (one token's calls
+    take at most that many)."""
 
-    def __init__(self, device: torch.device | str, max_experts: int):
+    def __init__(self, device: torch.device | str, max_experts: int, experts_per_token: int | None = None):
         self.device = _indexed(torch.device(device))
         self.max_experts = max_experts
+        self.experts_per_token = min(experts_per_token or max_experts, max_experts)
         self.cuda = self.device.type == "cuda"
         self.ready = threading.Event()  # set when the weights are pinned (at once off CUDA)
+        self.batches_ready = threading.Event()  # and the kernels for batches compiled
         self.skipped: str | None = None  # why the share is off, if it is
         self._pinning_ended = threading.Event()
         self._pins: PinnedMappings | None = None
@@ -139,14 +152,16 @@ class GpuShare:
             self._copied = [torch.cuda.Event(), torch.cuda.Event()]  # each half's bytes are in
         else:
             self.ready.set()
+            self.batches_ready.set()
             self._pinning_ended.set()
 
     # -- setup -----------------------------------------------------------------------------
     def pin(self, arrays: Sequence[np.ndarray], experts: Sequence[Sequence[QuantTensor]] = (),
             ram: int | None = None) -> None:
         """Register the mapped weights with CUDA and compile the kernels for the layers'
-        `experts` (gate, up, down per layer) on a background thread; the share starts once that
-        is done (`ready`). On failure the share stays off, the reason in `skipped`."""
+        `experts` (gate, up, down per layer) on a background thread: single tokens share once
+        their kernels are compiled (`ready`), batches once theirs are too (`batches_ready`).
+        On failure the share stays off, the reason in `skipped`."""
         if not self.cuda:
             return
 
@@ -154,8 +169,10 @@ class GpuShare:
             try:
                 self._pins = PinnedMappings(arrays, ram)
                 log.info("GPU expert share: %.1f GiB of mapped experts pinned", self._pins.bytes / 2**30)
-                self._compile(experts)
-                self.ready.set()
+                self._compile(experts, batched=False)
+                self.ready.set()  # one token's steps share from here on; batches once compiled too
+                self._compile(experts, batched=True)
+                self.batches_ready.set()
             except KernelError as exc:
                 self._turn_off(str(exc))
             except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
@@ -165,8 +182,8 @@ class GpuShare:
 
         threading.Thread(target=run, name="tandem-pin", daemon=True).start()
 
-    def _compile(self, experts: Sequence[Sequence[QuantTensor]]) -> None:
-        """Compile the kernels of every expert count a half can hold for every mix of types the
+    def _compile(self, experts: Sequence[Sequence[QuantTensor]], batched: bool) -> None:
+        """Compile the kernels of every expert count a half may get for every mix of types the
         layers have, on zeros, before the share starts (a few seconds each on the GPU machine;
         compiled during decode they would stall tokens)."""
         kinds = {(tuple(w.ggml_type for w in mats), tuple(w.expert_bytes() for w in mats), mats[0].shape[-1])
@@ -174,11 +191,22 @@ class GpuShare:
         with torch.cuda.stream(torch.cuda.Stream(self.device)), torch.inference_mode():
             for types, sizes, d in sorted(kinds):
                 grids = [torch_dequant.grid_table(t, self.device) for t in types]
-                for n in range(1, self._half_capacity + 1):
+                for n in self._counts(batched):
                     parts = [torch.zeros(n, size, dtype=torch.uint8, device=self.device) for size in sizes]
-                    zeros = torch.zeros(d, device=self.device), torch.zeros(n, device=self.device)
-                    _experts_fn(*types, True)(*parts, *zeros, *grids)
+                    _experts_fn(*types, batched, True)(*parts, *self._zero_inputs(batched, n, d), *grids)
             torch.cuda.current_stream(self.device).synchronize()
+
+    def _counts(self, batched: bool) -> list[int]:
+        """The expert counts a half may get: exact for one token, padded up for batches."""
+        if batched:
+            return [n for n in ROW_COUNTS if n < self._half_capacity] + [self._half_capacity]
+        return list(range(1, (self.experts_per_token + 1) // 2 + 1))
+
+    def _zero_inputs(self, batched: bool, n: int, d: int) -> tuple[torch.Tensor, ...]:
+        zeros = functools.partial(torch.zeros, device=self.device)
+        if batched:  # x rows, each expert's token, its weight
+            return zeros(MAX_TOKENS, d), zeros(n, dtype=torch.long), zeros(n)
+        return zeros(d), zeros(n)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pinning has ended (either way); True if the share is on."""
@@ -195,7 +223,8 @@ class GpuShare:
         return _indexed(torch.device(device)) == self.device
 
     def wants(self, n_tokens: int, *weights: QuantTensor) -> bool:
-        return (self.ready.is_set() and 0 < n_tokens <= MAX_TOKENS
+        ready = self.ready.is_set() and (n_tokens == 1 or self.batches_ready.is_set())
+        return (ready and 0 < n_tokens <= MAX_TOKENS
                 and all(torch_dequant.supports(w.ggml_type) for w in weights))
 
     def close(self) -> None:
@@ -206,22 +235,27 @@ class GpuShare:
             self._pins.close()
             self._pins = None
         self.ready.clear()
+        self.batches_ready.clear()
 
     # -- one call --------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
                gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> Launched:
-        """Queue sum over the slots j with ids[0, j] in `experts` of
-        weights[0, j] * down_e(silu(gate_e x) * up_e x) on the device, for one token: x [1, d]
-        there, ids and weights [1, k] on the host. Returns without waiting.
+        """Queue, for each token t, the sum over its slots j with ids[t, j] in `experts` of
+        weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) on the device: x [T, d] there, ids
+        and weights [T, k] on the host; each of `experts` chosen by one token only. Returns
+        without waiting.
 
         Two halves: the second half's bytes cross PCIe while the first half is computed."""
         experts = sorted(experts)
+        n_tokens = x.shape[0]
         if not experts or len(experts) > self.max_experts:
             raise KernelError(f"the GPU share takes 1..{self.max_experts} experts, got {len(experts)}")
-        if x.shape[0] != 1 or ids.shape[0] != 1:
-            raise KernelError(f"the GPU share takes one token, got {x.shape[0]}")
-        weight_of = dict(zip(ids[0].tolist(), weights[0].tolist(), strict=True))
+        if not 0 < n_tokens <= MAX_TOKENS or ids.shape[0] != n_tokens:
+            raise KernelError(f"the GPU share takes 1..{MAX_TOKENS} tokens, got {n_tokens} "
+                              f"(ids for {ids.shape[0]})")
+        token_of, weight_of = _single_pairs(ids, weights, experts)
+        batched = n_tokens > 1
         half = (len(experts) + 1) // 2
         groups = [experts[:half], experts[half:]] if len(experts) > 1 else [experts]
         tensors = (gate, up, down)
@@ -229,29 +263,50 @@ class GpuShare:
         sizes = tuple(w.expert_bytes() for w in tensors)
         grids = [torch_dequant.grid_table(t, self.device) for t in types]
         slots = self._ensure_slots(2 * self._half_capacity * sum(sizes))
-        host_weight = torch.zeros(2, self._half_capacity, dtype=torch.float32, pin_memory=self.cuda)
-        for region, group in enumerate(groups):
-            host_weight.numpy()[region, : len(group)] = [weight_of[e] for e in group]
-        weight = self._buffer("weight", (2, self._half_capacity))
-        weight.copy_(host_weight, non_blocking=True)  # pinned: no wait for the GPU
-        xv = self._buffer("x", (x.shape[-1],))
-        xv.copy_(x.reshape(-1))
-        parts = [self._parts(slots, region, len(group), sizes) for region, group in enumerate(groups)]
+        counts = [self._padded(len(group), batched) for group in groups]
+        x_in, per_half = self._inputs(x, groups, token_of, weight_of, batched)
+        parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(counts)]
         copied = self._upload(groups, tensors, parts)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         outs = []
-        for region, group in enumerate(groups):
+        for region, n in enumerate(counts):
             if stream is not None:
                 stream.wait_event(copied[region])  # this half's bytes are in
-            args = (*parts[region], xv, weight[region, : len(group)], *grids)
-            outs.append(self._compute(types, (sizes, len(group), region), args))
+            args = (*parts[region], x_in, *(t[region, :n] for t in per_half), *grids)
+            outs.append(self._compute(types, batched, (sizes, n, region), args))
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
         done = None
         if stream is not None:
             self._consumed.record(stream)
             done = torch.cuda.Event()
             done.record(stream)
-        return Launched(out.view(1, -1), done)
+        return Launched(out.view(1, -1) if not batched else out[:n_tokens], done)
+
+    def _padded(self, n: int, batched: bool) -> int:
+        return next(c for c in self._counts(batched) if c >= n) if batched else n
+
+    def _inputs(self, x: torch.Tensor, groups: list[list[int]], token_of: dict[int, int],
+                weight_of: dict[int, float], batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The kernels' inputs in fixed buffers (captured graphs read them there): x (one
+        token's [d], or a batch's rows [MAX_TOKENS, d]) and the per-half ones [2, capacity]:
+        each expert's token (batches only), then its routing weight (0 where a half is padded)."""
+        capacity = self._half_capacity
+        # one upload for both: the weights, and the tokens as floats (small integers, exact)
+        host = torch.zeros(2, 2, capacity, dtype=torch.float32, pin_memory=self.cuda)
+        for region, group in enumerate(groups):
+            host.numpy()[0, region, : len(group)] = [weight_of[e] for e in group]
+            host.numpy()[1, region, : len(group)] = [token_of[e] for e in group]
+        staged = self._buffer("staged", (2, 2, capacity))
+        staged.copy_(host, non_blocking=True)  # pinned: no wait for the GPU
+        if not batched:
+            xv = self._buffer("x", (x.shape[-1],))
+            xv.copy_(x.reshape(-1))
+            return xv, [staged[0]]
+        rows = self._buffer("x_rows", (MAX_TOKENS, x.shape[-1]))
+        rows[: x.shape[0]].copy_(x)
+        tokens = self._buffer("tokens", (2, capacity), torch.long)
+        tokens.copy_(staged[1])
+        return rows, [tokens, staged[0]]
 
     @property
     def _half_capacity(self) -> int:
@@ -282,28 +337,32 @@ class GpuShare:
                 event.record(self._copy_stream)
         return self._copied[: len(groups)]
 
-    def _compute(self, types: tuple[GGMLType, ...], key: tuple, args: tuple) -> torch.Tensor:
-        """The experts of one half: [d] float32, by a CUDA graph replay on CUDA."""
+    def _compute(self, types: tuple[GGMLType, ...], batched: bool, key: tuple, args: tuple) -> torch.Tensor:
+        """The experts of one half: [d] (one token) or [MAX_TOKENS, d] float32, by a CUDA
+        graph replay on CUDA."""
         if not self.cuda:
-            return _experts_fn(*types, False)(*args)
+            return _experts_fn(*types, batched, False)(*args)
         try:
             if not self.graphs:
-                return _experts_fn(*types, True)(*args)
-            graph = self._graphs.get((types, *key)) or self._capture(types, key, args)
+                return _experts_fn(*types, batched, True)(*args)
+            graph = self._graphs.get((types, batched, *key)) or self._capture(types, batched, key, args)
             graph.replay()
-            return self._buffer("out", (2, args[3].shape[0]))[key[-1]]
+            return self._out(batched, args[3].shape[-1])[key[-1]]
         except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
             self._turn_off(f"compiling its kernels failed ({_first_line(exc)})")
-            return _experts_fn(*types, False)(*args)  # eager, this once
+            return _experts_fn(*types, batched, False)(*args)  # eager, this once
 
-    def _capture(self, types: tuple[GGMLType, ...], key: tuple, args: tuple):
+    def _out(self, batched: bool, d: int) -> torch.Tensor:
+        return self._buffer("out_rows", (2, MAX_TOKENS, d)) if batched else self._buffer("out", (2, d))
+
+    def _capture(self, types: tuple[GGMLType, ...], batched: bool, key: tuple, args: tuple):
         """A CUDA graph of the compiled kernels for one half's expert count and region: one
         replay instead of ~9 launches through torch.compile's wrapper (~0.9 ms of host time
         per call on the GPU machine). It reads the fixed slots and buffers and writes its
-        result to row `region` of the "out" buffer: outside the graphs' shared pool, where a
+        result to row `region` of an "out" buffer: outside the graphs' shared pool, where a
         later capture could put its scratch."""
-        fn = _experts_fn(*types, True)
-        out = self._buffer("out", (2, args[3].shape[0]))[key[-1]]
+        fn = _experts_fn(*types, batched, True)
+        out = self._out(batched, args[3].shape[-1])[key[-1]]
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
@@ -314,14 +373,14 @@ class GpuShare:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out.copy_(fn(*args))
         self._pool = graph.pool()
-        self._graphs[(types, *key)] = graph
+        self._graphs[(types, batched, *key)] = graph
         return graph
 
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A float32 buffer on the device, kept across calls (graphs captured on it)."""
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer on the device, kept across calls (graphs captured on it)."""
         buffer = self._buffers.get(name)
         if buffer is None or tuple(buffer.shape) != shape:
-            buffer = self._buffers[name] = torch.zeros(shape, device=self.device)
+            buffer = self._buffers[name] = torch.zeros(shape, dtype=dtype, device=self.device)
             self._graphs.clear()
         return buffer
 
@@ -353,17 +412,36 @@ def _indexed(device: torch.device) -> torch.device:
 
 
 def split(ids: torch.Tensor, n_gpu_experts: int) -> tuple[list[int], torch.Tensor]:
-    """The experts for the GPU (those with the fewest tokens, the cheapest there) and the ids
-    for the CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the host. (Python lists:
-    a decode step has 8 ids, and tensor ops cost ~10x more per call at that size.)"""
+    """Up to n experts for the GPU, each chosen by one token only (the GPU's kernels take one
+    token per expert; an expert several tokens chose serves them all from one read on the
+    CPU), and the ids for the CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the
+    host. (Python lists: a decode step has 8 ids, and tensor ops cost ~10x more per call at
+    that size.)"""
     rows = ids.tolist()
     counts = Counter(e for row in rows for e in row)
-    gpu = sorted(counts, key=lambda e: (counts[e], e))[:n_gpu_experts]
+    gpu = sorted(e for e in counts if counts[e] == 1)[:n_gpu_experts]
     if not gpu:
         return [], ids
     chosen = set(gpu)
     cpu_ids = [[SKIPPED_SLOT if e in chosen else e for e in row] for row in rows]
     return gpu, torch.tensor(cpu_ids, dtype=ids.dtype)
+
+
+def _single_pairs(ids: torch.Tensor, weights: torch.Tensor, experts: list[int]) -> tuple[dict, dict]:
+    """Each expert's token and routing weight; KernelError if one is chosen by several tokens
+    (or none)."""
+    token_of, weight_of, seen = {}, {}, Counter()
+    chosen = set(experts)
+    for t, (row, row_weights) in enumerate(zip(ids.tolist(), weights.tolist(), strict=True)):
+        for e, w in zip(row, row_weights, strict=True):
+            if e in chosen:
+                token_of[e], weight_of[e] = t, w
+                seen[e] += 1
+    wrong = [e for e in experts if seen[e] != 1]
+    if wrong:
+        raise KernelError(f"the GPU share takes experts that one token chose; experts {wrong} "
+                          f"were chosen {[seen[e] for e in wrong]} times")
+    return token_of, weight_of
 
 
 def _rows_times(raw: torch.Tensor, t: GGMLType, grid, x: torch.Tensor, products) -> torch.Tensor:
@@ -392,9 +470,28 @@ def _experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor,
     return ((down * h[:, None, :]).sum(-1) * weight[:, None]).sum(0)
 
 
+def _expert_rows(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
+                 down_raw: torch.Tensor, x_rows: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
+                 gate_grid, up_grid, down_grid) -> torch.Tensor:
+    """n experts (raw bytes [n, bytes] each), expert i on row tokens[i] of x_rows [T, d] with
+    routing weight weight[i]: their sum per row, [T, d] float32. Each expert has its own x,
+    so IQ1_S rows dequantize like the other types (one table of products per token would not
+    stay in L2). A padded slot (weight 0) adds exactly 0, whatever stale bytes it holds."""
+    gate_type, up_type, down_type = types
+    n = down_raw.shape[0]
+    xs = x_rows[tokens]  # [n, d]
+
+    def times(raw, t, grid, v):  # [n, rows, len(v)] weights times each expert's vector v [n, len]
+        return (torch_dequant.values(raw, t, grid).view(n, -1, v.shape[1]) * v[:, None, :]).sum(-1)
+
+    h = F.silu(times(gate_raw, gate_type, gate_grid, xs)) * times(up_raw, up_type, up_grid, xs)
+    y = torch.where(weight[:, None] != 0, times(down_raw, down_type, down_grid, h) * weight[:, None], 0.0)
+    return torch.zeros_like(x_rows).index_add_(0, tokens, y)
+
+
 @functools.cache
-def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, compiled: bool):
-    fn = functools.partial(_experts, (gate_type, up_type, down_type))
+def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, batched: bool, compiled: bool):
+    fn = functools.partial(_expert_rows if batched else _experts, (gate_type, up_type, down_type))
     if not compiled:
         return fn
     # Static shapes: a kernel set per expert count, each up to 2.4x faster than one set for all

@@ -19,6 +19,7 @@ from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.gpu_share import MAX_TOKENS as SHARE_MAX_TOKENS
 from tandem.kernels.gpu_share import GpuShare
 from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
@@ -106,8 +107,9 @@ class LLM:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         workspace = _stream_workspace(streamer, needed, c, prefill_chunk) if streamer else {}
-        if self.gpu_share is not None:  # its slots: k experts' quantized bytes
-            slots = c.n_expert_used * max(planner.expert_bytes_per_layer(needed).values(), default=0)
+        if self.gpu_share is not None:  # its slots: max_experts experts' quantized bytes
+            expert = max(planner.expert_bytes_per_layer(needed).values(), default=0)
+            slots = self.gpu_share.max_experts * expert
             workspace[str(self.gpu_share.device)] = workspace.get(str(self.gpu_share.device), 0) + slots
         if "cpu" in expert_kernels:
             # tandem's MoE op keeps its buffers for the longest batch it sees: shorter than the
@@ -287,7 +289,9 @@ def _gpu_share(devices: list[torch.device], c, fraction: float | None) -> GpuSha
     k = getattr(c, "n_expert_used", 0)
     if gpu is None or fraction == 0.0 or not k:
         return None
-    return GpuShare(gpu, max_experts=k)
+    # slots for a batch's GPU part: up to half of MAX_TOKENS tokens' experts (8 streams of R1
+    # choose ~57 distinct experts per step, ~50 of them by one token only)
+    return GpuShare(gpu, max_experts=k * SHARE_MAX_TOKENS // 2, experts_per_token=k)
 
 
 def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -> dict[str, int]:
