@@ -40,10 +40,10 @@ def stepwise(llm, sequence: list[int], capture: bool, bucket: int) -> torch.Tens
     """Logits after each token past the prompt, one decode step at a time."""
     llm.logits(sequence[:PROMPT])  # fills the cache for the prompt
     device = next(llm.model.parameters()).device
-    steps = DecodeGraphs(llm.model, llm._cache, device, capture=capture, bucket=bucket)
+    steps = DecodeGraphs(llm.model, [llm._cache], device, capture=capture, bucket=bucket)
     out = []
     for position in range(PROMPT, len(sequence)):
-        out.append(steps.step(sequence[position], position).float().cpu().clone())
+        out.append(steps.step([sequence[position]], [position]).float().cpu().clone())
     return torch.cat(out)
 
 
@@ -57,6 +57,35 @@ def test_uncaptured_steps_equal_the_eager_forward(tiny_q8):
     assert ours.shape == eager.shape
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
     assert relative_error(ours, whole) < 0.01
+
+
+def test_steps_of_several_sequences_equal_each_one_stepped_alone(tiny_q8):
+    """Three sequences in one object (the server's slots), the third idle for the first steps
+    (its row runs at the last cache row, its experts skipped): every active row's logits equal
+    the eager forward of that sequence alone, and the idle one's cache is intact when it joins."""
+    from tandem.models.decoder import Segment
+
+    seqs = [tokens(PROMPT + STEPS), tokens(PROMPT + STEPS + 3)[3:], tokens(PROMPT + STEPS + 7)[7:]]
+    last_row, joins_at_step = 47, 5
+    with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=last_row + 1) as llm, torch.inference_mode():
+        model = llm.model
+        ours_caches, ref_caches = [llm.new_cache() for _ in seqs], [llm.new_cache() for _ in seqs]
+        for seq, ours, ref in zip(seqs, ours_caches, ref_caches, strict=True):
+            for cache in (ours, ref):
+                model(torch.tensor(seq[:PROMPT]), [Segment(cache, 0, PROMPT)], last_only=True)
+        steps = DecodeGraphs(model, ours_caches, torch.device("cpu"), capture=False, bucket=16)
+        at = [PROMPT] * len(seqs)  # each sequence's next position
+        for step in range(STEPS):
+            active = [0, 1] if step < joins_at_step else [0, 1, 2]
+            step_tokens = [seq[at[b]] if b in active else 0 for b, seq in enumerate(seqs)]
+            positions = [at[b] if b in active else last_row for b in range(len(seqs))]
+            ours = steps.step(step_tokens, positions, active=active)
+            for b in active:
+                alone = model(torch.tensor([seqs[b][at[b]]]), [Segment(ref_caches[b], at[b], 1)],
+                              last_only=True)
+                torch.testing.assert_close(ours[b], alone[0], rtol=1e-5, atol=1e-5)
+                at[b] += 1
+        assert relative_error(ours[0], ours[1]) > 0.01  # the rows are different sequences
 
 
 def test_buckets_double_up_to_the_context():
@@ -106,8 +135,8 @@ def test_generate_with_and_without_graphs_agree(tiny_q8):
 
 @pytest.mark.cuda
 def test_the_engine_decodes_a_lone_sequence_through_its_slots_graphs(tiny_q8):
-    """The server's engine replays a slot's graphs while one sequence decodes alone and runs
-    batched eager passes while several do; the tokens agree with LLM.generate either way."""
+    """The server's engine replays a slot's graphs while one sequence decodes alone and the
+    graphs over all slots while several do; the tokens agree with LLM.generate either way."""
     from tandem.runtime.engine import Engine
     from tandem.runtime.sampler import SamplingParams
 
@@ -119,9 +148,10 @@ def test_the_engine_decodes_a_lone_sequence_through_its_slots_graphs(tiny_q8):
             greedy = {n: SamplingParams(temperature=0, max_new_tokens=n) for n in (10, 40)}
             lone = list(engine.submit(long, greedy[40]).tokens(120))
             assert any(engine.slot_graphs), "no step went through graphs"
-            # together: batched steps until the short one ends, then the long one alone again
+            # together: steps of two until the short one ends, then the long one alone again
             a, b = engine.submit(short, greedy[10]), engine.submit(long, greedy[40])
             together = {"short": list(a.tokens(120)), "long": list(b.tokens(120))}
+            assert engine.batch_graphs is not None, "no step of two went through graphs"
         finally:
             engine.close()
     for ours, reference in ((lone, expected["long"]), (together["short"], expected["short"]),

@@ -12,6 +12,7 @@ n = qk_nope_head_dim, v = v_head_dim, E experts, k experts per token.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -100,12 +101,19 @@ class MLAttention(nn.Module):
         ])  # [T, H, r]
         return self._output(out_latent)
 
-    def decode(self, x: torch.Tensor, position: torch.Tensor, kv: LayerKV, length: int) -> torch.Tensor:
-        """One token at `position` (a [1] tensor) against the first `length` cache entries,
-        those past the position masked: fixed shapes, no host sync (CUDA graphs)."""
-        q_latent, q_pe, latent, k_pe = self._project(x, position)
-        kv.write_at(position, latent, k_pe)
-        return self._output(self._scores(q_latent, q_pe, *kv.read(length), position))
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, kvs: Sequence[LayerKV],
+               length: int) -> torch.Tensor:
+        """One token for each of B sequences, x [B, d]: sequence b's at positions[b] (a [B]
+        tensor) in its cache kvs[b], against that cache's first `length` entries, those past
+        its position masked: fixed shapes, no host sync (CUDA graphs). The projections run
+        once for all B; the attention per sequence."""
+        q_latent, q_pe, latent, k_pe = self._project(x, positions)
+        out = []
+        for b, kv in enumerate(kvs):
+            at = positions[b : b + 1]
+            kv.write_at(at, latent[b : b + 1], k_pe[b : b + 1])
+            out.append(self._scores(q_latent[b : b + 1], q_pe[b : b + 1], *kv.read(length), at))
+        return self._output(out[0] if len(out) == 1 else torch.cat(out))
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor):
         """Queries in latent space [T, H, r] and rotated [T, H, p]; new cache rows [T, r], [T, p]."""

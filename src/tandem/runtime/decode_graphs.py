@@ -15,6 +15,11 @@ Attention reads the cache up to a bucket length, masked past the current positio
 of graphs serves a whole bucket. Buckets double from `bucket` up to the cache length (at most
 twice the attention work, a handful of buckets even at 128K) and are all captured at the first
 step, so no later step pays for a capture.
+
+One object steps B sequences at once (the server's slots, each with its own cache): one token
+each, the projections batched, attention per sequence inside the graphs. A step may leave
+sequences out (`active`): their rows still run on the GPU (cheap, and the graphs fixed) at a
+harmless position, but the routed experts are computed for the active rows only.
 With `capture=False` the same segments run eagerly (CPU tests of the step logic).
 """
 
@@ -72,49 +77,56 @@ def supported(model: Decoder) -> bool:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Decoder, caches: Sequence, device: torch.device, capture: bool = True,
-                 bucket: int = BUCKET):
-        self.model, self.caches = model, caches
+    def __init__(self, model: Decoder, sequences: Sequence[Sequence], device: torch.device,
+                 capture: bool = True, bucket: int = BUCKET):
+        """`sequences`: each sequence's caches (one per layer), B >= 1 of them."""
+        self.model = model
+        self.caches = [list(layer) for layer in zip(*sequences, strict=True)]  # per layer: B caches
         self.capture = capture
-        d = model.norm.weight.shape[0]
+        d, b = model.norm.weight.shape[0], len(sequences)
         pinned = capture and device.type == "cuda"
-        self.x_in = torch.zeros(1, d, device=device)  # the embedded token
-        self.x = torch.zeros(1, d, device=device)  # the residual stream at a cut
-        self.h = torch.zeros(1, d, device=device)  # the MoE input at a cut (for a GPU share)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.logits = torch.zeros(1, model.lm_head.weight.shape[0], device=device)
-        self.cuts = self._cuts(model, d, pinned)
-        ctx = caches[0].latent.shape[0]
-        self.buckets = bucket_lengths(bucket, ctx)
+        self.device = device
+        self.x_in = torch.zeros(b, d, device=device)  # the embedded tokens
+        self.x = torch.zeros(b, d, device=device)  # the residual stream at a cut
+        self.h = torch.zeros(b, d, device=device)  # the MoE input at a cut (for a GPU share)
+        self.position = torch.zeros(b, dtype=torch.long, device=device)
+        self.logits = torch.zeros(b, model.lm_head.weight.shape[0], device=device)
+        self.cuts = self._cuts(model, b, d, pinned)
+        self.ctx = self.caches[0][0].latent.shape[0]
+        self.buckets = bucket_lengths(bucket, self.ctx)
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}
         self._pool = None
         self._ready = torch.cuda.Event() if pinned else None
 
     @staticmethod
-    def _cuts(model: Decoder, d: int, pinned: bool) -> list[Cut]:
+    def _cuts(model: Decoder, b: int, d: int, pinned: bool) -> list[Cut]:
         cuts, first = [], 0
         for i, block in enumerate(model.blocks):
             if isinstance(block.ffn, MoE):
                 moe, k = block.ffn, block.ffn.c.n_expert_used
                 device = moe.router.device
-                host = {"h": torch.zeros(1, d, pin_memory=pinned),
-                        "ids": torch.zeros(1, k, dtype=torch.long, pin_memory=pinned),
-                        "weights": torch.zeros(1, k, pin_memory=pinned)}
-                shared = torch.zeros(1, d, device=device) if moe.shared is not None else None
-                cuts.append(Cut(first, i, moe, host, shared, torch.zeros(1, d, device=device)))
+                host = {"h": torch.zeros(b, d, pin_memory=pinned),
+                        "ids": torch.zeros(b, k, dtype=torch.long, pin_memory=pinned),
+                        "weights": torch.zeros(b, k, pin_memory=pinned)}
+                shared = torch.zeros(b, d, device=device) if moe.shared is not None else None
+                cuts.append(Cut(first, i, moe, host, shared, torch.zeros(b, d, device=device)))
                 first = i + 1
         cuts.append(Cut(first, len(model.blocks) - 1))
         return cuts
 
     # -- one step --------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, token: int, position: int) -> torch.Tensor:
-        """Logits [1, vocab] (a static buffer: read it before the next step) for `token` at
-        `position`; the caller keeps position < the caches' length."""
+    def step(self, tokens: Sequence[int], positions: Sequence[int],
+             active: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits [B, vocab] (a static buffer: read it before the next step) for tokens[b] at
+        positions[b] of sequence b; the caller keeps positions < the caches' length. `active`:
+        the rows that count (default all); the others' positions should be where a stray cache
+        write harms nothing (the last row: a prefix that is reused never reaches it)."""
         model = self.model
-        self.x_in.copy_(model.embed(torch.tensor([token])) * model.embed_scale)
-        self.position.fill_(position)
-        length = next(b for b in self.buckets if b > position)
+        rows = list(range(len(tokens))) if active is None else sorted(active)
+        self.x_in.copy_(model.embed(torch.tensor(list(tokens))) * model.embed_scale)
+        self.position.copy_(torch.tensor(list(positions)))
+        length = next(b for b in self.buckets if b > max(positions[r] for r in rows))
         if self.capture and not self._graphs:
             for b in self.buckets:
                 self._capture(b)
@@ -133,12 +145,23 @@ class DecodeGraphs:
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
                 self._ready.synchronize()
-            experts, host = cut.moe.experts, cut.host
-            if experts.shares(1):  # some experts on the GPU, the others on the CPU meanwhile
-                cut.routed.copy_(experts.compute_shared(self.h, host["h"], host["ids"], host["weights"]))
-            else:
-                cut.routed.copy_(experts.compute(host["h"], host["ids"], host["weights"]), non_blocking=True)
+            self._routed(cut, rows)
         return self.logits
+
+    def _routed(self, cut: Cut, rows: list[int]) -> None:
+        """The routed experts of the active rows into cut.routed (the others keep stale rows)."""
+        experts, host = cut.moe.experts, cut.host
+        every = len(rows) == host["h"].shape[0]
+        h, ids, weights = (host[k] if every else host[k][rows] for k in ("h", "ids", "weights"))
+        if experts.shares(len(rows)):  # some experts on the GPU, the others on the CPU meanwhile
+            on_device = self.h if every else self.h[rows]
+            out = experts.compute_shared(on_device, h, ids, weights)
+        else:
+            out = experts.compute(h, ids, weights)
+        if every:
+            cut.routed.copy_(out, non_blocking=True)
+        else:
+            cut.routed[rows] = out.to(self.device, non_blocking=True)
 
     def _segment(self, i: int, length: int) -> None:
         cut, model = self.cuts[i], self.model

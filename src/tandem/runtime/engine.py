@@ -2,11 +2,12 @@
 
 Requests arrive from any thread (the HTTP server's); one engine thread runs the loop
     admit waiting requests into free cache slots -> schedule -> one forward -> sample
-and hands each request its tokens through a thread-safe queue. A step that is one sequence's
-next token replays that slot's decode graphs instead (runtime.decode_graphs, as `tandem chat`
-decodes). A slot keeps the token ids whose KV it holds, and a new request takes the free slot
-sharing the longest prefix with its prompt (a repeated system prompt or a growing chat history
-is not recomputed).
+and hands each request its tokens through a thread-safe queue. Steps that only decode replay
+CUDA graphs instead of an eager pass (runtime.decode_graphs; eager passes cost ~2.5 ms of host
+time per layer on the GPU machine): one sequence alone its slot's own graphs (as `tandem chat`
+decodes), several one set over all slots. A slot keeps the token ids whose KV it holds, and a
+new request takes the free slot sharing the longest prefix with its prompt (a repeated system
+prompt or a growing chat history is not recomputed).
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ class Engine:
         self.llm = llm
         self.scheduler = Scheduler(max_batch, token_budget, max_waiting)
         self.slot_caches: list = [None] * max_batch  # allocated on first use
-        # per slot: its one-token decode steps as CUDA graphs (False: this model decodes eagerly)
+        # decode steps as CUDA graphs, where the model allows: per slot for one sequence
+        # alone, and one set over all slots for several
         self.slot_graphs: list = [None] * max_batch
+        self.batch_graphs = None
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]
         self.requests: dict[str, Request] = {}
         self.metrics = Metrics()
@@ -178,10 +181,8 @@ class Engine:
         began = time.perf_counter()
         try:
             with torch.inference_mode():
-                graphs = self._graphs_for(step.work)
-                if graphs:  # one sequence decoding alone: replayed graphs, as `tandem chat` decodes
-                    logits = graphs.step(tokens[0], segments[0].start)
-                else:
+                logits = self._decode_with_graphs(step.work, tokens, segments)
+                if logits is None:
                     logits = self.llm.model(torch.tensor(tokens), segments, last_only=True)
         except Exception as exc:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
@@ -206,16 +207,25 @@ class Engine:
                     continue
                 self._emit(req, logits[row])
 
-    def _graphs_for(self, work) -> object:
-        """The decode graphs of the step's slot when the step is one sequence's next token
-        (eager forward passes cost ~2.5 ms of host time per layer on the GPU machine, the
-        graphs a few replays); None otherwise. Made at a slot's first such step."""
-        if len(work) != 1 or work[0][0].prefilling:
+    def _decode_with_graphs(self, work, tokens: list[int], segments: list[Segment]) -> torch.Tensor | None:
+        """Logits [len(work), vocab] of a step that only decodes, through graph replays;
+        None for steps with prompt chunks, or where the model decodes eagerly."""
+        if not self.llm.decodes_in_graphs or any(seq.prefilling for seq, _ in work):
             return None
-        slot = work[0][0].slot
-        if self.slot_graphs[slot] is None:
-            self.slot_graphs[slot] = self.llm.decode_graphs_for(self.slot_caches[slot]) or False
-        return self.slot_graphs[slot]
+        slots = [seq.slot for seq, _ in work]
+        if len(slots) == 1:
+            if self.slot_graphs[slots[0]] is None:
+                self.slot_graphs[slots[0]] = self.llm.decode_graphs_for(self.slot_caches[slots[0]])
+            return self.slot_graphs[slots[0]].step(tokens, [segments[0].start])
+        if self.batch_graphs is None:  # over every slot, so that its graphs never change
+            self.slot_caches = [c if c is not None else self.llm.new_cache() for c in self.slot_caches]
+            self.batch_graphs = self.llm.decode_graphs_for(*self.slot_caches)
+        # idle slots decode token 0 at the last cache row: no prefix that is reused reaches it
+        # (a prompt is shorter than the context), and their rows are not read
+        all_tokens, positions = [0] * len(self.slot_caches), [self.llm.ctx_size - 1] * len(self.slot_caches)
+        for slot, token, segment in zip(slots, tokens, segments, strict=True):
+            all_tokens[slot], positions[slot] = token, segment.start
+        return self.batch_graphs.step(all_tokens, positions, active=slots)[slots]
 
     def _emit(self, req: Request, logits: torch.Tensor) -> None:
         token = req.sampler(logits, req.prompt + req.generated)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -220,19 +221,24 @@ class LLM:
             self._cache = self.new_cache()
         return self.model(tokens, [Segment(self._cache, start, tokens.numel())], last_only)
 
-    def decode_graphs_for(self, caches) -> decode_graphs.DecodeGraphs | None:
-        """One-token decode steps over `caches` (one sequence's) as CUDA graphs, captured at
-        their first step; None where this model decodes eagerly (`cuda_graphs` off, or
-        decode_graphs.supported says no)."""
-        if not self.cuda_graphs or not decode_graphs.supported(self.model):
+    def decode_graphs_for(self, *sequences) -> decode_graphs.DecodeGraphs | None:
+        """Decode steps of one token for each of `sequences` (each its caches) as CUDA graphs,
+        captured at their first step; None where this model decodes eagerly (`cuda_graphs`
+        off, or decode_graphs.supported says no)."""
+        if not self.decodes_in_graphs:
             return None
-        return decode_graphs.DecodeGraphs(self.model, caches, next(self.model.parameters()).device)
+        return decode_graphs.DecodeGraphs(self.model, sequences, next(self.model.parameters()).device)
+
+    @functools.cached_property
+    def decodes_in_graphs(self) -> bool:
+        """Whether decode steps run as CUDA graphs here (decode_graphs_for gives some)."""
+        return self.cuda_graphs and decode_graphs.supported(self.model)
 
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
         if self._graphs is None:
             self._graphs = self.decode_graphs_for(self._cache) or False  # False: decided, eager
         if self._graphs:
-            return self._graphs.step(token, position)
+            return self._graphs.step([token], [position])
         return self._forward(torch.tensor([token]), position)
 
     def _chunks(self, tokens: torch.Tensor, offset: int = 0):
