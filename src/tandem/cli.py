@@ -28,6 +28,11 @@ GpuExpertShare = Annotated[str, typer.Option(
     help="Experimental: fraction of each decoded token's routed experts computed on the GPU "
          "while the CPU does the rest, their weights copied from the pinned file; 'auto': "
          "balanced per layer as it runs; 0: none (default; it does not pay off yet).")]
+GpuExpertCache = Annotated[float, typer.Option(
+    "--gpu-expert-cache",
+    help="GiB of VRAM for each layer's most used routed experts (counted as it runs), which "
+         "the GPU expert share then reads from VRAM instead of over PCIe; 0: none (default). "
+         "Needs --gpu-expert-share.")]
 _state = {"debug": False}
 
 
@@ -202,6 +207,7 @@ def chat(
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
     gpu_expert_share: GpuExpertShare = "0",
+    gpu_expert_cache: GpuExpertCache = 0.0,
 ):
     """Talk to a model: interactively, or once with -p / stdin."""
     from tandem.chat import terminal
@@ -214,7 +220,7 @@ def chat(
     path = model if model is not None else default_model_path()
     llm = LLM(path, model_path=model_path, rules=rules, ctx_size=ctx_size, n_threads=cpu_infer,
               progress=err_console.is_terminal, gpu_experts_from=gpu_experts_from,
-              gpu_expert_share=gpu_expert_share)
+              gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache)
     params = SamplingParams.defaults_for(llm.file.metadata).updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
@@ -255,6 +261,7 @@ def serve(
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
     gpu_expert_share: GpuExpertShare = "0",
+    gpu_expert_cache: GpuExpertCache = 0.0,
 ):
     """OpenAI- and Ollama-compatible server with continuous batching."""
     import uvicorn
@@ -268,7 +275,7 @@ def serve(
                           api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                           ctx_size=ctx_size, n_threads=cpu_infer, rules=rules,
                           force_think=_bool(force_think), gpu_experts_from=gpu_experts_from,
-                          gpu_expert_share=gpu_expert_share)
+                          gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache)
     err_console.print(f"tandem: serving {config.model} on http://{host}:{port}/v1 "
                       f"(OpenAI) and http://{host}:{port}/api (Ollama); loading...",
                       highlight=False, soft_wrap=True)
@@ -290,6 +297,7 @@ def bench(
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
     gpu_expert_share: GpuExpertShare = "0",
+    gpu_expert_cache: GpuExpertCache = 0.0,
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
     from datetime import UTC, datetime
@@ -304,7 +312,8 @@ def bench(
             raise TandemError(f"expected comma-separated numbers, got {text!r}") from None
 
     config = BenchConfig(model, ints(prompt_lengths), ints(streams), new_tokens, repetitions,
-                         ctx_size, threads, rules, gpu_experts_from, gpu_expert_share)
+                         ctx_size, threads, rules, gpu_experts_from, gpu_expert_share,
+                         gpu_expert_cache)
     results = run(config, progress=lambda line: err_console.print(line, highlight=False))
     now = datetime.now(UTC)
     record = {**machine.record_header("tandem bench", now, " ".join(["tandem", *sys.argv[1:]])),

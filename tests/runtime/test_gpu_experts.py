@@ -46,6 +46,17 @@ def test_negative_threshold_is_refused(tiny_q8):
         tandem.LLM(tiny_q8, ctx_size=64, gpu_experts_from=-1)
 
 
+@pytest.mark.parametrize("bad", [-1, float("inf"), "big"])
+def test_bad_gpu_expert_cache_is_refused(tiny_q8, bad):
+    with pytest.raises(TandemError, match=rf"gpu_expert_cache must be a size in GiB >= 0, got {bad!r}"):
+        tandem.LLM(tiny_q8, ctx_size=64, gpu_expert_share="auto", gpu_expert_cache=bad)
+
+
+def test_an_expert_cache_without_the_share_is_refused(tiny_q8):
+    with pytest.raises(TandemError, match="keeps experts in VRAM for the GPU expert share"):
+        tandem.LLM(tiny_q8, ctx_size=64, gpu_expert_share=0, gpu_expert_cache=1)
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.1, "half"])
 def test_bad_gpu_expert_share_is_refused(tiny_q8, bad):
     want = rf"gpu_expert_share must be 'auto' or a fraction in \[0, 1\] \(0: off\), got {bad!r}"
@@ -107,3 +118,9 @@ def test_decode_shares_iq1_s_experts_with_the_gpu_and_keeps_the_cpu_logits(tmp_p
         ours = llm.generate(prompt, 12)
         assert any(e.balance.share != 0.5 for e in experts)  # shared steps ran and were balanced
     assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 10
+    with tandem.LLM(path, ctx_size=256, gpu_expert_share="auto", gpu_expert_cache=0.05) as llm:
+        assert llm.gpu_share.wait(120) and llm.gpu_share.cached_bytes > 0, llm.gpu_share.skipped
+        for _ in range(8):  # ~88 decode steps: past two refreshes, experts now come from VRAM
+            cached = llm.generate(prompt, 12)
+        assert any(llm.gpu_share.resident(e.gate) for e in cpu_experts(llm))
+    assert sum(a == b for a, b in zip(cached, reference, strict=True)) >= 10

@@ -30,6 +30,7 @@ class BenchConfig:
     rules: Path | None = None
     gpu_experts_from: int | None = None  # None: LLM's default
     gpu_expert_share: float | str = 0.0  # "auto": balanced; 0: off (LLM's default)
+    gpu_expert_cache: float = 0.0  # GiB of VRAM for the most used experts
 
 
 def _memory_kb(key: str) -> int:
@@ -64,7 +65,9 @@ def _share_record(llm) -> dict:
     return {"on": share.ready.is_set(), "batches_on": share.batches_ready.is_set(),
             "why_off": share.skipped, "cuda_graphs": share.graphs,
             "layer_shares_at_end": [round(e.balance.share, 3) for e in sharing],
-            "batch_layer_shares_at_end": [round(e.batch_balance.share, 3) for e in sharing]}
+            "batch_layer_shares_at_end": [round(e.batch_balance.share, 3) for e in sharing],
+            "cache_gib": round(share.cached_bytes / 2**30, 3),
+            "experts_in_vram_at_end": [len(share.resident(e.gate)) for e in sharing]}
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:
@@ -74,7 +77,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     anon_before = _memory_kb("RssAnon")
     began = time.perf_counter()
     llm = LLM(cfg.model, rules=cfg.rules, ctx_size=cfg.ctx_size, n_threads=cfg.n_threads,
-              gpu_experts_from=cfg.gpu_experts_from, gpu_expert_share=cfg.gpu_expert_share)
+              gpu_experts_from=cfg.gpu_experts_from, gpu_expert_share=cfg.gpu_expert_share,
+              gpu_expert_cache=cfg.gpu_expert_cache)
     load_s = time.perf_counter() - began
     llm.page_in.wait()  # measure steps, not first touches of pages (see kernels.page_in)
     if llm.gpu_share is not None:

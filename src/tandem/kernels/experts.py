@@ -80,12 +80,14 @@ class CpuExperts:
 
     # -- split between the GPU and the CPU ---------------------------------------------------
     def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int, ShareBalance]:
-        """The GPU's experts, the CPU's ids (the GPU's slots skipped), the count of experts
-        and the balance that chose."""
+        """The GPU's experts (those held in VRAM first), the CPU's ids (the GPU's slots
+        skipped), the count of experts and the balance that chose."""
         balance = self.balance if ids.shape[0] == 1 else self.batch_balance
-        distinct = len(set(ids.flatten().tolist()))
-        gpu_experts, cpu_ids = split(ids, min(balance.take(distinct), self.share.max_experts))
-        return gpu_experts, cpu_ids, distinct, balance
+        self.share.note_usage(ids, self.gate)  # may bring the most used experts into VRAM
+        chosen, resident = set(ids.flatten().tolist()), self.share.resident(self.gate)
+        n_other = balance.take(len(chosen - resident))  # the balance shares the others
+        gpu_experts, cpu_ids = split(ids, n_other, resident, limit=self.share.max_experts)
+        return gpu_experts, cpu_ids, len(chosen), balance
 
     def _launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 gpu_experts: list[int]) -> Launched | None:

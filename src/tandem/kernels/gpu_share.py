@@ -29,6 +29,7 @@ one for batches): after each call, the side that finished last gets a smaller sh
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -45,6 +46,7 @@ from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
 from tandem.kernels import torch_dequant
 from tandem.kernels.cpu import SKIPPED_SLOT
+from tandem.kernels.expert_cache import LayerCache, layer_capacities
 from tandem.kernels.page_in import PAGE, page_ranges, physical_ram
 from tandem.kernels.streamed import consecutive_runs
 from tandem.kernels.tensors import QuantTensor
@@ -146,6 +148,8 @@ class GpuShare:
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' memory pool, shared (they replay one after another)
         self._buffers: dict[str, torch.Tensor] = {}  # fixed ones the graphs use: x, weight, out
+        self._caches: dict[int, LayerCache] = {}  # by id(gate): most used experts in VRAM
+        self.cached_bytes = 0
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._consumed = torch.cuda.Event()  # the last call's kernels have read the slots
@@ -207,6 +211,36 @@ class GpuShare:
         if batched:  # x rows, each expert's token, its weight
             return zeros(MAX_TOKENS, d), zeros(n, dtype=torch.long), zeros(n)
         return zeros(d), zeros(n)
+
+    def keep_in_vram(self, layers: Sequence[Sequence[QuantTensor]], budget_bytes: int) -> int:
+        """Keep each layer's most used experts (gate, up, down per layer) in `budget_bytes` of
+        the device's memory (kernels.expert_cache); the bytes taken."""
+        taken = 0
+        for three, capacity in zip(layers, layer_capacities(layers, budget_bytes), strict=True):
+            if capacity:
+                self._caches[id(three[0])] = LayerCache(three, capacity, self.device)
+                taken += capacity * sum(w.expert_bytes() for w in three)
+        self.cached_bytes += taken
+        return taken
+
+    def resident(self, gate: QuantTensor) -> set[int]:
+        """The experts of `gate`'s layer held in VRAM now."""
+        cache = self._caches.get(id(gate))
+        return set(cache.row_of) if cache is not None else set()
+
+    def note_usage(self, ids: torch.Tensor, gate: QuantTensor) -> None:
+        """Count the experts a call of `gate`'s layer chose; at a refresh, copy the newly most
+        used into VRAM (on the copy stream: in order with the slot copies that read them)."""
+        cache = self._caches.get(id(gate))
+        if cache is None:
+            return
+        swaps = cache.note(set(ids.flatten().tolist()))
+        if not swaps:
+            return
+        with torch.cuda.stream(self._copy_stream) if self.cuda else contextlib.nullcontext():
+            for expert, row in swaps:
+                for w, rows in zip(cache.tensors, cache.rows, strict=True):
+                    rows[row].copy_(w.per_expert[expert], non_blocking=True)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pinning has ended (either way); True if the share is on."""
@@ -385,11 +419,22 @@ class GpuShare:
         return buffer
 
     def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
-        for w, part in zip(tensors, parts, strict=True):
-            source, row = w.per_expert, 0
+        """Each expert's bytes into its slot row: from VRAM where the layer's cache holds it,
+        else from the mapped file (one copy per run of consecutive experts)."""
+        cache = self._caches.get(id(tensors[0]))
+        row_of = cache.row_of if cache is not None else {}
+        for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
+            row = 0
             for first, count in consecutive_runs(experts):
-                part[row : row + count].copy_(source[first : first + count], non_blocking=True)
-                row += count
+                run = range(first, first + count)
+                if not any(e in row_of for e in run):
+                    part[row : row + count].copy_(w.per_expert[first : first + count], non_blocking=True)
+                    row += count
+                    continue
+                for e in run:
+                    source = cache.rows[m][row_of[e]] if e in row_of else w.per_expert[e]
+                    part[row].copy_(source, non_blocking=True)
+                    row += 1
 
     def _ensure_slots(self, nbytes: int) -> torch.Tensor:
         if self._slots is None or self._slots.numel() < nbytes:
@@ -411,15 +456,18 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def split(ids: torch.Tensor, n_gpu_experts: int) -> tuple[list[int], torch.Tensor]:
-    """Up to n experts for the GPU, each chosen by one token only (the GPU's kernels take one
-    token per expert; an expert several tokens chose serves them all from one read on the
-    CPU), and the ids for the CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the
-    host. (Python lists: a decode step has 8 ids, and tensor ops cost ~10x more per call at
-    that size.)"""
+def split(ids: torch.Tensor, n_gpu_experts: int, resident: set[int] = frozenset(),
+          limit: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """Experts for the GPU, each chosen by one token only (the GPU's kernels take one token
+    per expert; an expert several tokens chose serves them all from one read on the CPU):
+    those `resident` in VRAM, then up to n others; at most `limit` in all. And the ids for the
+    CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the host. (Python lists: a decode
+    step has 8 ids, and tensor ops cost ~10x more per call at that size.)"""
     rows = ids.tolist()
     counts = Counter(e for row in rows for e in row)
-    gpu = sorted(e for e in counts if counts[e] == 1)[:n_gpu_experts]
+    single = sorted(e for e in counts if counts[e] == 1)
+    gpu = [e for e in single if e in resident] + [e for e in single if e not in resident][:n_gpu_experts]
+    gpu = gpu[:limit]
     if not gpu:
         return [], ids
     chosen = set(gpu)

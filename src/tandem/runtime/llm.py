@@ -56,7 +56,8 @@ class LLM:
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
                  cuda_graphs: bool = True, gpu_experts_from: int | None = None,
-                 page_in: bool = True, gpu_expert_share: float | str = 0.0):
+                 page_in: bool = True, gpu_expert_share: float | str = 0.0,
+                 gpu_expert_cache: float = 0.0):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
         graphs where the model allows (runtime.decode_graphs). `gpu_experts_from`: batches of
@@ -67,11 +68,12 @@ class LLM:
         `page_in`: map the pages of the weights read in place (the CPU experts) into the
         process on a background thread (kernels.page_in), so first uses take no page faults;
         `self.page_in.wait()` blocks until that is done. `gpu_expert_share` (experimental, off
-        by default: its host-side launches still cost more than it saves): the fraction of the
-        CPU-placed experts of each decoded token computed on the model's GPU at the same time,
-        their weights copied from the pinned file mapping (kernels.gpu_share); "auto": balanced
-        per layer as it runs; 0: none. Needs the mapped experts to fit in RAM (they are
-        page-locked); `self.gpu_share.wait()` blocks until they are."""
+        by default): the fraction of the CPU-placed experts of each decode step computed on the
+        model's GPU at the same time, their weights copied from the pinned file mapping
+        (kernels.gpu_share); "auto": balanced per layer as it runs; 0: none. Needs the mapped
+        experts to fit in RAM (they are page-locked); `self.gpu_share.wait()` blocks until
+        they are. `gpu_expert_cache`: GiB of VRAM for each layer's most used experts, which
+        the share reads there instead of over PCIe (kernels.expert_cache); needs the share."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:
@@ -102,6 +104,7 @@ class LLM:
         self.gpu_experts_from = streamer.min_tokens if streamer else 0  # 0: experts stay on the CPU
         share_fraction = _share_fraction(gpu_expert_share)  # None: balanced
         self.gpu_share = _gpu_share(devices, c, share_fraction) if "cpu" in expert_kernels else None
+        cache_bytes = _cache_bytes(gpu_expert_cache, self.gpu_share)
         if prefill_chunk is None:
             prefill_chunk = EXPERT_PREFILL_CHUNK if cpu_experts else PREFILL_CHUNK
         if prefill_chunk < 1:
@@ -111,7 +114,8 @@ class LLM:
         if self.gpu_share is not None:  # its slots: max_experts experts' quantized bytes
             expert = max(planner.expert_bytes_per_layer(needed).values(), default=0)
             slots = self.gpu_share.max_experts * expert
-            workspace[str(self.gpu_share.device)] = workspace.get(str(self.gpu_share.device), 0) + slots
+            device = str(self.gpu_share.device)
+            workspace[device] = workspace.get(device, 0) + slots + cache_bytes
         if "cpu" in expert_kernels:
             # tandem's MoE op keeps its buffers for the longest batch it sees: shorter than the
             # streaming threshold, or a whole prefill pass when nothing streams
@@ -128,6 +132,7 @@ class LLM:
         self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [])
         if self.gpu_share is not None:
             shared = [(e.gate, e.up, e.down) for e in self.routed_experts() if e.share is self.gpu_share]
+            self.gpu_share.keep_in_vram(shared, cache_bytes)
             self.gpu_share.pin([t.data for t in loader.in_place], shared)
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
         self._cache: list | None = None  # this object's own sequence; allocated on first use
@@ -287,6 +292,20 @@ def _share_fraction(value: float | str) -> float | None:
         raise TandemError(f"gpu_expert_share must be 'auto' or a fraction in [0, 1] (0: off), "
                           f"got {value!r}")
     return fraction
+
+
+def _cache_bytes(gib: float, share: GpuShare | None) -> int:
+    """gpu_expert_cache in bytes; TandemError for a bad value, or a cache without a share."""
+    try:
+        value = float(gib)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise TandemError(f"gpu_expert_cache must be a size in GiB >= 0, got {gib!r}")
+    if value and share is None:
+        raise TandemError("gpu_expert_cache keeps experts in VRAM for the GPU expert share: turn the "
+                          "share on (gpu_expert_share 'auto' or a fraction) on a machine with a GPU")
+    return int(value * 2**30)
 
 
 def _gpu_share(devices: list[torch.device], c, fraction: float | None) -> GpuShare | None:

@@ -30,6 +30,7 @@ class ServerConfig:
     force_think: bool = False
     gpu_experts_from: int | None = None  # None: LLM's default
     gpu_expert_share: float | str = 0.0  # "auto": balanced; 0: off (LLM's default)
+    gpu_expert_cache: float = 0.0  # GiB of VRAM for the most used experts
 
 
 @dataclass
@@ -70,7 +71,8 @@ class ServerState:
             c = self.config
             self.llm = LLM(c.model, model_path=c.model_path, rules=c.rules, ctx_size=c.ctx_size,
                            n_threads=c.n_threads, sequences=c.max_batch_size,
-                           gpu_experts_from=c.gpu_experts_from, gpu_expert_share=c.gpu_expert_share)
+                           gpu_experts_from=c.gpu_experts_from, gpu_expert_share=c.gpu_expert_share,
+                           gpu_expert_cache=c.gpu_expert_cache)
             meta = self.llm.file.metadata
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
             self.template = template_for(meta, self.tokenizer)
