@@ -1,4 +1,4 @@
-"""A share of each decoded token's routed experts on the GPU, computed while the CPU does the rest.
+"""A share of each decode step's routed experts on the GPU, computed while the CPU does the rest.
 
 At batch 1 tandem's CPU kernels are bound by their arithmetic, not by RAM: on the GPU machine
 the IQ1_S experts are read at ~35 GB/s of the ~100 GB/s the RAM delivers. The GPU's copy
@@ -25,6 +25,8 @@ the CPU, whose kernels serve all its tokens from one read of its weights.
 
 How many experts go to the GPU is balanced per layer (`ShareBalance`, one for single tokens,
 one for batches): after each call, the side that finished last gets a smaller share next time.
+With spare VRAM (`keep_in_vram`, kernels.expert_cache) each layer's most used experts stay on
+the device: the share takes those first, copying them within VRAM, and balances the others.
 """
 
 from __future__ import annotations
