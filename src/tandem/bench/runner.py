@@ -81,9 +81,13 @@ def run(cfg: BenchConfig, progress=print) -> dict:
               gpu_expert_cache=cfg.gpu_expert_cache)
     load_s = time.perf_counter() - began
     llm.page_in.wait()  # measure steps, not first touches of pages (see kernels.page_in)
-    if llm.gpu_share is not None:
-        llm.gpu_share.wait()  # the experts pinned for the GPU share (or the reason it is off)
     page_in_s = time.perf_counter() - began - load_s
+    share_wait_s = 0.0
+    if llm.gpu_share is not None:  # its experts pinned and kernels compiled (or why it is off)
+        llm.gpu_share.wait()
+        share_wait_s = time.perf_counter() - began - load_s - page_in_s
+        state = "on" if llm.gpu_share.ready.is_set() else f"off ({llm.gpu_share.skipped})"
+        progress(f"GPU expert share {state}, ready {share_wait_s:.1f} s after the page-in")
     vocab = llm.config.n_vocab
     gen = torch.Generator().manual_seed(0)
 
@@ -148,7 +152,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     single = next((d["tok_per_s"] for d in results["decode"] if d["streams"] == 1), 0.0)
     results |= {
         "gpu_experts_from": llm.gpu_experts_from,
-        "gpu_expert_share": _share_record(llm),
+        "gpu_expert_share": {**_share_record(llm), "ready_after_page_in_s": share_wait_s},
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
         "kernel_env": {k: os.environ[k] for k in native.KERNEL_ENV if k in os.environ},
