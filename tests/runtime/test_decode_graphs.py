@@ -88,6 +88,37 @@ def test_steps_of_several_sequences_equal_each_one_stepped_alone(tiny_q8):
         assert relative_error(ours[0], ours[1]) > 0.01  # the rows are different sequences
 
 
+def test_the_engine_routes_decode_only_steps_through_graphs(tiny_q8, monkeypatch):
+    """The server engine's graph path on the CPU, the graphs uncaptured: a sequence alone steps
+    through its slot's, several through the set over all slots (idle slots at the last row),
+    steps with prompt chunks stay eager; the tokens are those of LLM.generate."""
+    from tandem.runtime.engine import Engine
+    from tandem.runtime.sampler import SamplingParams
+
+    prompts = [tokens(PROMPT), tokens(PROMPT + 4)[::-1][:PROMPT + 2], tokens(PROMPT + 9)[5:]]
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=48, sequences=3) as llm:
+        expected = [llm.generate(p, 12) for p in prompts]
+        made = []
+
+        def uncaptured(*sequences):
+            made.append(len(sequences))
+            return DecodeGraphs(llm.model, sequences, torch.device("cpu"), capture=False, bucket=16)
+
+        monkeypatch.setattr(llm, "decodes_in_graphs", True)
+        monkeypatch.setattr(llm, "decode_graphs_for", uncaptured)
+        engine = Engine(llm, max_batch=3)
+        try:
+            alone = list(engine.submit(prompts[0], greedy).tokens(60))
+            two = [engine.submit(p, greedy) for p in prompts[1:]]  # two of the three slots
+            together = [list(r.tokens(60)) for r in two]
+        finally:
+            engine.close()
+    assert made[0] == 1 and 3 in made  # a slot's own graphs, then the set over all three
+    for ours, reference in zip([alone, *together], expected, strict=True):
+        assert ours == reference
+
+
 def test_buckets_double_up_to_the_context():
     assert decode_graphs.bucket_lengths(512, 4096) == [512, 1024, 2048, 4096]
     assert decode_graphs.bucket_lengths(512, 3000) == [512, 1024, 2048, 3000]
