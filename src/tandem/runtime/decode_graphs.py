@@ -92,8 +92,7 @@ class DecodeGraphs:
         self.position = torch.zeros(b, dtype=torch.long, device=device)
         self.logits = torch.zeros(b, model.lm_head.weight.shape[0], device=device)
         self.cuts = self._cuts(model, b, d, pinned)
-        self.ctx = self.caches[0][0].latent.shape[0]
-        self.buckets = bucket_lengths(bucket, self.ctx)
+        self.buckets = bucket_lengths(bucket, self.caches[0][0].latent.shape[0])
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}
         self._pool = None
         self._ready = torch.cuda.Event() if pinned else None

@@ -141,7 +141,7 @@ class LLM:
         self.last_timings: Timings | None = None
         self._cached_ids: list[int] = []  # token ids whose keys and values the cache holds
         self.cuda_graphs = cuda_graphs
-        self._graphs: decode_graphs.DecodeGraphs | bool | None = None  # None: not decided yet
+        self._graphs: decode_graphs.DecodeGraphs | None = None  # made at the first decode step
 
     def new_cache(self) -> list:
         """An empty per-layer KV cache for one more sequence (continuous batching)."""
@@ -240,9 +240,9 @@ class LLM:
         return self.cuda_graphs and decode_graphs.supported(self.model)
 
     def _decode_step(self, token: int, position: int) -> torch.Tensor:
-        if self._graphs is None:
-            self._graphs = self.decode_graphs_for(self._cache) or False  # False: decided, eager
-        if self._graphs:
+        if self.decodes_in_graphs:
+            if self._graphs is None:
+                self._graphs = self.decode_graphs_for(self._cache)
             return self._graphs.step([token], [position])
         return self._forward(torch.tensor([token]), position)
 
