@@ -27,8 +27,7 @@ GpuExpertShare = Annotated[str, typer.Option(
     "--gpu-expert-share",
     help="Experimental: fraction of each decode step's routed experts computed on the GPU "
          "while the CPU does the rest, their weights copied from the pinned file; 'auto': "
-         "balanced per layer as it runs (+18-34% decode on the GPU machine); 0: none (default "
-         "until the whole GPU suite has run with it).")]
+         "balanced per layer as it runs (default; +18-34% decode on the GPU machine); 0: none.")]
 GpuExpertCache = Annotated[float, typer.Option(
     "--gpu-expert-cache",
     help="GiB of VRAM for each layer's most used routed experts (counted as it runs), which "
@@ -207,7 +206,7 @@ def chat(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
-    gpu_expert_share: GpuExpertShare = "0",
+    gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
 ):
     """Talk to a model: interactively, or once with -p / stdin."""
@@ -261,7 +260,7 @@ def serve(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
-    gpu_expert_share: GpuExpertShare = "0",
+    gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
 ):
     """OpenAI- and Ollama-compatible server with continuous batching."""
@@ -297,7 +296,7 @@ def bench(
     gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
         help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
-    gpu_expert_share: GpuExpertShare = "0",
+    gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""

@@ -56,7 +56,7 @@ class LLM:
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
                  cuda_graphs: bool = True, gpu_experts_from: int | None = None,
-                 page_in: bool = True, gpu_expert_share: float | str = 0.0,
+                 page_in: bool = True, gpu_expert_share: float | str = "auto",
                  gpu_expert_cache: float = 0.0):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
@@ -67,13 +67,14 @@ class LLM:
         routed experts are read in place, on the CPU or streamed; else PREFILL_CHUNK).
         `page_in`: map the pages of the weights read in place (the CPU experts) into the
         process on a background thread (kernels.page_in), so first uses take no page faults;
-        `self.page_in.wait()` blocks until that is done. `gpu_expert_share` (experimental, off
-        by default): the fraction of the CPU-placed experts of each decode step computed on the
-        model's GPU at the same time, their weights copied from the pinned file mapping
-        (kernels.gpu_share); "auto": balanced per layer as it runs; 0: none. Needs the mapped
-        experts to fit in RAM (they are page-locked); `self.gpu_share.wait()` blocks until
-        they are. `gpu_expert_cache`: GiB of VRAM for each layer's most used experts, which
-        the share reads there instead of over PCIe (kernels.expert_cache); needs the share."""
+        `self.page_in.wait()` blocks until that is done. `gpu_expert_share`: the fraction of
+        the CPU-placed experts of each decode step computed on the model's GPU at the same
+        time, their weights copied from the pinned file mapping (kernels.gpu_share); "auto"
+        (default): balanced per layer as it runs; 0: none. It stays off without a GPU or
+        where the mapped experts would not fit in RAM (they are page-locked);
+        `self.gpu_share.wait()` blocks until they are pinned and its kernels compiled.
+        `gpu_expert_cache`: GiB of VRAM for each layer's most used experts, which the share
+        reads there instead of over PCIe (kernels.expert_cache); needs the share."""
         self.file = open_gguf(gguf_path)
         spec = ARCHITECTURES.get(self.file.architecture)
         if spec is None:

@@ -29,7 +29,7 @@ class ServerConfig:
     rules: Path | None = None
     force_think: bool = False
     gpu_experts_from: int | None = None  # None: LLM's default
-    gpu_expert_share: float | str = 0.0  # "auto": balanced; 0: off (LLM's default)
+    gpu_expert_share: float | str = "auto"  # balanced (LLM's default); 0: off
     gpu_expert_cache: float = 0.0  # GiB of VRAM for the most used experts
 
 
