@@ -211,13 +211,14 @@ def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path
         assert share.ready.is_set() and len(one_token) == 4, share.skipped  # (n, half) replayed
         # batches: each GPU expert on its own token's x; the halves padded to compiled counts
         moe.batch_balance = ShareBalance(1.0, fixed=True)
+        assert share.batches_ready.wait(120), share.skipped  # compiled after the one-token kernels
         for seed in range(3):
             x = torch.randn(3, D)
             ids, weights = routing(3, k=K, n_expert=N_EXPERT, seed=20 + seed)
             ours = _run(moe, x.cuda(), ids.cuda(), weights.cuda())
             assert ours.shape == (3, D) and ours.is_cuda
             assert relative_error(ours.cpu(), moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
-        assert share.batches_ready.is_set() and len(share._graphs) > 4, share.skipped
+        assert len(share._graphs) > 4, share.skipped  # the one-token graphs kept beside the batches'
         host = torch.from_numpy(np.asarray(mapped[0].data))
         assert host.is_pinned()  # registered: copies from it are DMA
     finally:
