@@ -25,7 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 GpuExpertShare = Annotated[str, typer.Option(
     "--gpu-expert-share",
-    help="Experimental: fraction of each decode step's routed experts computed on the GPU "
+    help="Fraction of each decode step's routed experts computed on the GPU "
          "while the CPU does the rest, their weights copied from the pinned file; 'auto': "
          "balanced per layer as it runs (default; +18-34% decode on the GPU machine); 0: none.")]
 GpuExpertCache = Annotated[float, typer.Option(
