@@ -1,0 +1,213 @@
+"""Where a one-token decode step's time goes (CUDA graphs, GPU share as configured).
+
+Per token, summed over the layers: the GPU time of the graph segments (attention, router,
+dense layers, head) and of the shared experts, by CUDA events around each replay; the host's
+wait for each segment before the routed experts can start; the share's launch, the CPU op and
+the whole routed-experts call on the host, and the share's span on the compute stream (from
+its launch to its last kernel); the rest of the token (sampling, Python). Also the bytes of
+GPU weights each segment reads and the GB/s that gives, and the top GPU kernels of a few
+steps by torch.profiler.
+
+    python benchmarks/decode_profile.py MODEL.gguf [--tokens 64] [--share auto] [--prompt 128]
+
+Prints a table and writes benchmarks/results/decode_profile-<host>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from tandem.bench import machine
+from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.experts import CpuExperts
+from tandem.kernels.gpu_share import GpuShare
+from tandem.runtime.llm import LLM
+from tandem.runtime.sampler import SamplingParams
+
+host_s: dict[str, list[float]] = defaultdict(list)  # host seconds per call, by part
+gpu_events: dict[str, list[tuple]] = defaultdict(list)  # (start, end) CUDA events, by part
+
+
+def _timed_host(part: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            host_s[part].append(time.perf_counter() - start)
+    return wrapper
+
+
+def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
+    return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+
+class TimedGraph:
+    """A captured graph whose replays are timed on the GPU."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, part: str):
+        self.graph, self.part = graph, part
+
+    def replay(self) -> None:
+        start, end = _events()
+        start.record()
+        self.graph.replay()
+        end.record()
+        gpu_events[self.part].append((start, end))
+
+
+class TimedWait:
+    """DecodeGraphs' segment-done event: the host's wait on it is timed."""
+
+    def __init__(self, event: torch.cuda.Event):
+        self.event = event
+
+    def record(self) -> None:
+        self.event.record()
+
+    def synchronize(self) -> None:
+        start = time.perf_counter()
+        self.event.synchronize()
+        host_s["wait for segment"].append(time.perf_counter() - start)
+
+
+def _timed_launch(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        start, end = _events()
+        start.record()
+        begun = time.perf_counter()
+        launched = fn(self, *args, **kwargs)
+        host_s["share launch"].append(time.perf_counter() - begun)
+        end.record()
+        gpu_events["share span"].append((start, end))
+        return launched
+    return wrapper
+
+
+def instrument(llm: LLM) -> None:
+    """Wrap the decode graphs of `llm` (captured by a first step) and the experts' calls."""
+    graphs = llm._graphs
+    for length, pairs in graphs._graphs.items():
+        graphs._graphs[length] = [
+            (TimedGraph(main, "segment" if i < len(pairs) - 1 else "last segment + head"),
+             TimedGraph(shared, "shared expert") if shared is not None else None)
+            for i, (main, shared) in enumerate(pairs)]
+    graphs._ready = TimedWait(graphs._ready)
+    CpuExperts.compute_shared = _timed_host("routed experts call (shared)", CpuExperts.compute_shared)
+    CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
+    CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
+    GpuShare.launch = _timed_launch(GpuShare.launch)
+
+
+def segment_bytes(llm: LLM) -> list[int]:
+    """Bytes of GPU weights each graph segment reads (the shared experts apart)."""
+    per_cut = []
+    for cut in llm._graphs.cuts:
+        total = 0
+        for j in range(cut.first, cut.last + 1):
+            block = llm.model.blocks[j]
+            skip = set()
+            if j == cut.last and cut.moe is not None and cut.moe.shared is not None:
+                skip = {id(p) for p in cut.moe.shared.parameters()}
+            total += sum(p.numel() * p.element_size() for p in block.parameters()
+                         if p.is_cuda and id(p) not in skip)
+        if cut.moe is None:
+            total += sum(p.numel() * p.element_size() for p in llm.model.lm_head.parameters())
+        per_cut.append(total)
+    return per_cut
+
+
+def top_kernels(llm: LLM, prompt: list[int], steps: int, top: int = 15) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+    params = SamplingParams(temperature=0, max_new_tokens=steps)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        list(llm.stream(prompt, params))
+    rows = []
+    for avg in prof.key_averages():  # the kernels themselves (GPU events), not the ops launching them
+        if getattr(avg, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        gpu_us = getattr(avg, "self_device_time_total", 0) or getattr(avg, "self_cuda_time_total", 0)
+        rows.append({"kernel": avg.key[:120], "calls": avg.count, "gpu_ms_per_token": gpu_us / 1e3 / steps})
+    return sorted(rows, key=lambda r: -r["gpu_ms_per_token"])[:top]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (the context)")
+    parser.add_argument("--share", default="auto", help="--gpu-expert-share: auto, a fraction, 0")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_profile needs a CUDA GPU (decode graphs, events)")
+
+    share = args.share if args.share == "auto" else float(args.share)
+    llm = LLM(args.model, ctx_size=args.prompt + args.tokens + 64, gpu_expert_share=share,
+              n_threads=args.threads)
+    llm.page_in.wait()
+    if llm.gpu_share is not None:
+        llm.gpu_share.wait()
+    prompt = torch.randint(10, llm.config.n_vocab, (args.prompt,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    warm = SamplingParams(temperature=0, max_new_tokens=32)
+    list(llm.stream(prompt, warm))  # captures the graphs; the share's balance settles
+    if llm._graphs is None:
+        raise SystemExit("this model does not decode in CUDA graphs here: nothing to profile")
+    kernels = top_kernels(llm, prompt, steps=8)
+    instrument(llm)
+    host_s.clear()
+    params = SamplingParams(temperature=0, max_new_tokens=args.tokens + 1)
+    tokens = list(llm.stream(prompt, params))
+    decode_s = llm.last_timings.decode_s
+    n = len(tokens) - 1
+    torch.cuda.synchronize()
+
+    per_token = {f"gpu: {part}": sum(s.elapsed_time(e) for s, e in pairs) / n
+                 for part, pairs in gpu_events.items()}
+    per_token.update({f"host: {part}": sum(values) * 1e3 / n for part, values in host_s.items()})
+    token_ms = decode_s * 1e3 / n
+    bytes_per_cut = segment_bytes(llm)
+    n_moe = len(bytes_per_cut) - 1  # a segment ends at each MoE layer; the last at the head
+    moe_segments = gpu_events["segment"]
+    segments = [statistics.median(s.elapsed_time(e) for s, e in moe_segments[i::n_moe]) for i in range(n_moe)]
+    segments.append(statistics.median(s.elapsed_time(e) for s, e in gpu_events["last segment + head"]))
+    seg_rows = [{"bytes": b, "median_ms": ms, "gb_per_s": b / ms / 1e6}
+                for b, ms in zip(bytes_per_cut, segments, strict=True)]
+
+    print(f"{n} tokens, {token_ms:.2f} ms per token ({1e3 / token_ms:.1f} tok/s), share {args.share}")
+    for part, ms in sorted(per_token.items()):
+        print(f"  {part:<40} {ms:7.3f} ms per token")
+    for i, row in enumerate(seg_rows):
+        print(f"  segment {i:2d}: {row['bytes'] / 1e6:8.1f} MB of weights, {row['median_ms']:.3f} ms, "
+              f"{row['gb_per_s']:.0f} GB/s")
+    for row in kernels:
+        print(f"  {row['gpu_ms_per_token']:7.3f} ms/token  {row['calls']:5d}x  {row['kernel']}")
+    now = datetime.now(UTC)
+    record = {**machine.record_header("decode_profile", now), "model": str(args.model),
+              "share": args.share, "prompt_tokens": args.prompt, "tokens": n,
+              "ms_per_token": token_ms, "parts_ms_per_token": per_token, "segments": seg_rows,
+              "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
+                                      if getattr(e, "share", None) is not None],
+              "top_gpu_kernels": kernels}
+    args.out.mkdir(parents=True, exist_ok=True)
+    host = (record["device"]["host"] or "host").split(".")[0]
+    path = args.out / f"decode_profile-{host}-{now:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
