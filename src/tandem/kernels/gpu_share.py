@@ -152,6 +152,10 @@ class GpuShare:
         self._buffers: dict[str, torch.Tensor] = {}  # fixed ones the graphs use: x, weight, out
         self._caches: dict[int, LayerCache] = {}  # by id(gate): most used experts in VRAM
         self.cached_bytes = 0
+        # pinned buffers for each call's small inputs, used in turn, each with the event that
+        # marks its upload done (a fresh pinned tensor per call cost ~50 us of host time)
+        self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._parts_cache: dict[tuple, list[torch.Tensor]] = {}
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
             self._consumed = torch.cuda.Event()  # the last call's kernels have read the slots
@@ -328,12 +332,16 @@ class GpuShare:
         each expert's token (batches only), then its routing weight (0 where a half is padded)."""
         capacity = self._half_capacity
         # one upload for both: the weights, and the tokens as floats (small integers, exact)
-        host = torch.zeros(2, 2, capacity, dtype=torch.float32, pin_memory=self.cuda)
+        host, uploaded = self._next_staging(capacity)
+        values = host.numpy()
+        values.fill(0.0)  # padded slots: weight 0, token 0
         for region, group in enumerate(groups):
-            host.numpy()[0, region, : len(group)] = [weight_of[e] for e in group]
-            host.numpy()[1, region, : len(group)] = [token_of[e] for e in group]
+            values[0, region, : len(group)] = [weight_of[e] for e in group]
+            values[1, region, : len(group)] = [token_of[e] for e in group]
         staged = self._buffer("staged", (2, 2, capacity))
         staged.copy_(host, non_blocking=True)  # pinned: no wait for the GPU
+        if uploaded is not None:
+            uploaded.record()
         if not batched:
             xv = self._buffer("x", (x.shape[-1],))
             xv.copy_(x.reshape(-1))
@@ -344,18 +352,34 @@ class GpuShare:
         tokens.copy_(staged[1])
         return rows, [tokens, staged[0]]
 
+    def _next_staging(self, capacity: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A pinned [2, 2, capacity] host buffer whose last upload is done, and its event."""
+        if not self._staging:
+            self._staging = [(torch.zeros(2, 2, capacity, pin_memory=self.cuda),
+                              torch.cuda.Event() if self.cuda else None) for _ in range(2)]
+        self._staging.append(self._staging.pop(0))
+        host, uploaded = self._staging[-1]
+        if uploaded is not None:
+            uploaded.synchronize()  # queued two calls ago: long done in practice
+        return host, uploaded
+
     @property
     def _half_capacity(self) -> int:
         return (self.max_experts + 1) // 2
 
     def _parts(self, slots: torch.Tensor, region: int, n: int, sizes: Sequence[int]) -> list[torch.Tensor]:
         """The slots of n experts of one half (region 0 or 1): one [n, bytes] view per matrix,
-        each at a fixed address (a captured graph reads them there)."""
-        offset = region * self._half_capacity * sum(sizes)
-        parts = []
-        for size in sizes:
-            parts.append(slots[offset : offset + n * size].view(n, size))
-            offset += self._half_capacity * size
+        each at a fixed address (a captured graph reads them there). Kept per shape until the
+        slots are reallocated (making the views cost ~15 us a call)."""
+        key = (region, n, tuple(sizes))
+        parts = self._parts_cache.get(key)
+        if parts is None:
+            offset = region * self._half_capacity * sum(sizes)
+            parts = []
+            for size in sizes:
+                parts.append(slots[offset : offset + n * size].view(n, size))
+                offset += self._half_capacity * size
+            self._parts_cache[key] = parts
         return parts
 
     def _upload(self, groups: list[list[int]], tensors: Sequence[QuantTensor],
@@ -367,7 +391,9 @@ class GpuShare:
                 self._copy(group, tensors, group_parts)
             return []
         self._copy_stream.wait_event(self._consumed)  # the last call's kernels are done with the slots
-        with torch.cuda.stream(self._copy_stream):
+        # the runtime's copies name the copy stream themselves; torch's need it current
+        direct = self._runtime() is not None and id(tensors[0]) not in self._caches
+        with contextlib.nullcontext() if direct else torch.cuda.stream(self._copy_stream):
             for group, group_parts, event in zip(groups, parts, self._copied, strict=False):
                 self._copy(group, tensors, group_parts)
                 event.record(self._copy_stream)
@@ -426,23 +452,31 @@ class GpuShare:
         else from the mapped file (one copy per run of consecutive experts)."""
         cache = self._caches.get(id(tensors[0]))
         row_of = cache.row_of if cache is not None else {}
-        raw = cudart.runtime() if self.cuda else None  # the runtime directly: ~3 us a copy, not ~25
+        runs = consecutive_runs(experts)
+        raw = self._runtime()
         for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
             row, size = 0, w.expert_bytes()
-            for first, count in consecutive_runs(experts):
-                run = range(first, first + count)
-                if not any(e in row_of for e in run):
-                    if raw is not None:
+            for first, count in runs:
+                if not any(e in row_of for e in range(first, first + count)):
+                    if raw is not None:  # the runtime directly: ~4 us a copy, not ~25
                         raw.copy_to_device(part.data_ptr() + row * size, w.address + first * size,
-                                           count * size, self._copy_stream.cuda_stream)
+                                           count * size, self._copy_stream_handle)
                     else:
                         part[row : row + count].copy_(w.per_expert[first : first + count], non_blocking=True)
                     row += count
                     continue
-                for e in run:
+                for e in range(first, first + count):
                     source = cache.rows[m][row_of[e]] if e in row_of else w.per_expert[e]
                     part[row].copy_(source, non_blocking=True)
                     row += 1
+
+    def _runtime(self) -> cudart.Runtime | None:
+        """The CUDA runtime for direct copies (None off CUDA, or where it is not found)."""
+        return cudart.runtime() if self.cuda else None
+
+    @functools.cached_property
+    def _copy_stream_handle(self) -> int:
+        return self._copy_stream.cuda_stream
 
     def _ensure_slots(self, nbytes: int) -> torch.Tensor:
         if self._slots is None or self._slots.numel() < nbytes:
@@ -450,6 +484,7 @@ class GpuShare:
                 torch.cuda.current_stream(self.device).synchronize()
             self._slots = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._graphs.clear()  # they read the old slots
+            self._parts_cache.clear()
         return self._slots
 
 

@@ -39,8 +39,9 @@ class QuantTensor:
         info = model.info(name)
         return cls(info.ggml_type, info.shape, model.raw(name))
 
-    @property
+    @functools.cached_property
     def address(self) -> int:
+        """Where the bytes start (numpy's ctypes lookup costs ~3 us; the bytes never move)."""
         return self.data.ctypes.data
 
     @property
