@@ -6,7 +6,9 @@
 Targets (issue 7): decode >= 3x llama.cpp and >= 60% of the expert roofline (UD-IQ1_S-like),
 >= 1.4x (Q4_K_M-like); 2K prefill >= 1.5x llama.cpp (both stream experts to the GPU) and >= 3x
 llama.cpp computing experts on the CPU only (-nopo 1; tandem --gpu-experts-from 0); 8 streams
->= 85% of the bandwidth bound of the distinct experts read.
+>= 85% of the bandwidth bound of the distinct experts read. Missed targets get the factor still
+missing (`shortfalls`) and, where side_by_side.sh ran them, the profiles that say what limits
+them (`limits`: benchmarks/decode_profile.py per file, benchmarks/engine_streams.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,43 @@ def tandem(directory: Path) -> dict:
 
 def ratio(a, b):
     return a / b if a and b else None
+
+
+def shortfalls(ratios: dict) -> dict:
+    """For each missed target: what was reached, the target, and the factor still missing."""
+    return {k: {"achieved": v, "target": TARGETS[k], "missing_factor": TARGETS[k] / v}
+            for k, v in ratios.items() if v is not None and v < TARGETS[k]}
+
+
+def decode_limits(profile: dict) -> dict:
+    """What a decode step's time went to (benchmarks/decode_profile.py), per token."""
+    segments = profile.get("segments", [])
+    moe_segments = segments[1:-1]  # between two MoE layers: attention, norms, router
+    return {
+        "source": f"decode_profile at {profile.get('commit', '?')[:7]}, {profile.get('date')}",
+        "ms_per_token": profile.get("ms_per_token"),
+        "parts_ms_per_token": profile.get("parts_ms_per_token"),
+        "moe_layer_segment_ms": (sum(s["median_ms"] for s in moe_segments) / len(moe_segments)
+                                 if moe_segments else None),
+        "moe_layer_segment_gb_per_s": (sum(s["gb_per_s"] for s in moe_segments) / len(moe_segments)
+                                       if moe_segments else None),
+        "share_layers_at_end": profile.get("share_layers_at_end"),
+        "top_gpu_kernels": profile.get("top_gpu_kernels", [])[:6],
+    }
+
+
+def limits(out: Path) -> dict:
+    """The profiles side_by_side.sh ran after the pairs, where present."""
+    found = {}
+    for name in ("iq1s", "q4km"):
+        runs = sorted((out / f"decode-profile-{name}").glob("decode_profile-*.json"))
+        if runs:
+            found[f"decode_{name}"] = decode_limits(json.loads(runs[-1].read_text()))
+    runs = sorted((out / "engine-streams").glob("engine_streams-*.json"))
+    if runs:
+        streams = json.loads(runs[-1].read_text())
+        found["engine_streams_iq1s"] = {k: v["median_tok_per_s"] for k, v in streams["results"].items()}
+    return found
 
 
 def main() -> None:
@@ -79,6 +118,8 @@ def main() -> None:
         "ratios": ratios,
         "targets": TARGETS,
         "met": met,
+        "shortfalls": shortfalls(ratios),
+        "limits": limits(out),
         "raw": {
             "llamacpp_iq1s": cpp_iq1, "llamacpp_iq1s_cpu_only_prefill": cpp_iq1_cpu,
             "llamacpp_q4km": cpp_q4,
@@ -96,7 +137,9 @@ def main() -> None:
             "decode_tok_per_s": decode(ours_iq1) * scale if decode(ours_iq1) else None,
             "prefill_2048_tok_per_s": prefill_2k * scale if prefill_2k else None,
             "note": f"measured with {args.moe_layers} MoE layers + 3 dense, times scaled by "
-                    f"{args.moe_layers}/{FULL_MOE_LAYERS}",
+                    f"{args.moe_layers}/{FULL_MOE_LAYERS}; the synthetic file routes a prompt's "
+                    "tokens to few experts, so the prefill figure is an upper bound (trained "
+                    "models spread 2048 tokens over all 256: see the README's projection)",
         },
     }
     (out / "side_by_side.json").write_text(json.dumps(summary, indent=2) + "\n")

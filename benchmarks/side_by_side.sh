@@ -4,7 +4,7 @@
 # llama.cpp: all layers on the GPU except the routed experts (-ngl 99 -ot exps=CPU); for its
 # CPU-only prefill figure also -nopo 1 (no expert offload to the GPU for large batches).
 # The pairs run one after the other (llama.cpp, then tandem), so a run cut short still leaves
-# whole pairs; side_by_side.py reads whatever OUT_DIR holds.
+# whole pairs; the profiles come last; side_by_side.py reads whatever OUT_DIR holds.
 set -euo pipefail
 iq1s=$1 moe_layers=$2 q4km=$3 out=$4 threads=${5:-$(nproc)}
 bench=/tmp/llamacpp/build/bin/llama-bench
@@ -22,4 +22,9 @@ python3 -m tandem.cli bench "$q4km" --prompt-lengths 128 --streams 1 --new-token
 $bench -m "$iq1s" -ngl 99 -ot exps=CPU -t "$threads" -p 2048 -n 32 -r 2 -o json > "$out/llamacpp-iq1s.json"
 python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1,8 --new-tokens 32 \
     --repetitions 3 --ctx-size 4096 --threads "$threads" --out "$out/tandem-iq1s"
+# what limits decode (where the ratios fall short): a profile of each file's decode steps,
+# then 8 streams through the server's engine (eager, graphs, graphs + GPU share)
+python3 benchmarks/decode_profile.py "$iq1s" --threads "$threads" --out "$out/decode-profile-iq1s" || true
+python3 benchmarks/decode_profile.py "$q4km" --threads "$threads" --out "$out/decode-profile-q4km" || true
+python3 benchmarks/engine_streams.py "$iq1s" --out "$out/engine-streams" || true
 python3 benchmarks/side_by_side.py "$out" "$moe_layers" --command "bash benchmarks/side_by_side.sh $*"
