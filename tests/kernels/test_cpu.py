@@ -183,6 +183,19 @@ def test_skipped_slots_need_own_kernels_and_other_negatives_are_refused(kernels,
         kernels.moe(x, torch.tensor([[0, -2], [1, 2]]), torch.ones(2, 2), gate, up, down)
 
 
+@pytest.mark.parametrize("n_tokens", [3, 40])  # 24 ids (decode) and 320 (past SMALL_IDS)
+def test_expert_bytes_read_counts_each_distinct_expert_once(kernels, experts, n_tokens):
+    """The bench's GB/s: one read of each expert a call used, skipped slots not counted."""
+    (gate, _), (up, _), (down, _) = experts["iq1_s-gate-up_q4_k-down"]
+    ids, weights = routing(n_tokens, seed=5)
+    ids[0, 0] = SKIPPED_SLOT
+    before = kernels.expert_bytes_read
+    kernels.moe(torch.randn(n_tokens, 256), ids, weights, gate, up, down)
+    used = np.setdiff1d(np.unique(ids.numpy()), [SKIPPED_SLOT]).size
+    per_expert = gate.expert_bytes() + up.expert_bytes() + down.expert_bytes()
+    assert kernels.expert_bytes_read - before == used * per_expert
+
+
 @pytest.mark.cuda
 def test_cpu_experts_take_gpu_input_through_pinned_memory(kernels, experts):
     """What a GPU-side MoE hands over (CUDA tensors) comes back as the CPU input would, from a

@@ -111,9 +111,10 @@ class CpuKernels:
         if tuple(expert_weights.shape) != (t, k):
             raise KernelError(f"expert_weights must be [{t}, {k}], got {list(expert_weights.shape)}")
         ids = expert_ids.detach().to("cpu", torch.int32).contiguous()
-        if t and (int(ids.min()) < SKIPPED_SLOT or int(ids.max()) >= n_expert):
+        lowest, highest, distinct = _id_stats(ids)
+        if t and (lowest < SKIPPED_SLOT or highest >= n_expert):
             raise KernelError(f"expert ids must lie in [0, {n_expert}) (or be {SKIPPED_SLOT}: "
-                              f"skipped), got {int(ids.min())}..{int(ids.max())}")
+                              f"skipped), got {lowest}..{highest}")
         own = own and native.fits(gate, up, down)
         if not own and t and bool((ids == SKIPPED_SLOT).any()):
             raise KernelError(f"skipped slots (id {SKIPPED_SLOT}) need tandem's own kernels; "
@@ -128,7 +129,6 @@ class CpuKernels:
                               f"{out.dtype} {list(out.shape)} on {out.device}")
         if t == 0:
             return out
-        distinct = int((ids.unique() >= 0).sum())
         self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
         if own:
             return native.moe(x, ids, weights, gate, up, down, self._n_threads, out=out)
@@ -177,6 +177,20 @@ class CpuKernels:
     def __exit__(self, *exc) -> None:
         self.close()
 
+
+
+SMALL_IDS = 256  # up to this many ids (decode steps): Python's min/max/set beat torch's ops
+
+
+def _id_stats(ids: torch.Tensor) -> tuple[int, int, int]:
+    """Smallest and largest id, and how many distinct experts (SKIPPED_SLOT not counted). A
+    decode step's 8 ids take ~3 us this way against ~50 us through torch's reductions."""
+    if ids.numel() == 0:
+        return 0, 0, 0
+    if ids.numel() <= SMALL_IDS:
+        values = ids.view(-1).tolist()
+        return min(values), max(values), len(set(values) - {SKIPPED_SLOT})
+    return int(ids.min()), int(ids.max()), int((ids.unique() >= 0).sum())
 
 def _check_matmul_type(t: GGMLType, what: str) -> None:
     if not supports_matmul(t):
