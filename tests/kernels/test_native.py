@@ -114,6 +114,44 @@ def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx, token_bl
     assert relative_error(fast, slow) < 1e-3
 
 
+@pytest.mark.parametrize("gemm_min_pairs", [1, 4])
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_a_few_tokens_per_expert_on_the_gemm_path_equal_the_portable_kernels(recipe, amx, gemm_min_pairs):
+    """Decode steps of a few streams (1..8 pairs per expert) on the GEMM path when its
+    threshold is lowered (TANDEM_GEMM_MIN_PAIRS): row tasks rounded to whole tiles, panels
+    mostly empty lanes; the same sums as the portable kernels up to float order."""
+    if not native.vectorized(RECIPES[recipe][0]):
+        pytest.skip("no vectorized kernels on this CPU")
+    if amx and not native.amx_available():
+        pytest.skip("no AMX on this CPU")
+    (gate, _), (up, _), (down, _) = _experts(recipe)
+    for n_tokens in (1, 3, 8):
+        x = torch.randn(n_tokens, 256, generator=torch.Generator().manual_seed(n_tokens))
+        ids, weights = routing(n_tokens, k=4, seed=n_tokens)
+        amx_before, pairs_before = native.use_amx(amx), native.set_gemm_min_pairs(gemm_min_pairs)
+        try:
+            fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+        finally:
+            native.use_amx(amx_before)
+            native.set_gemm_min_pairs(pairs_before)
+        before = native.use_vectorized(False)
+        try:
+            slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+        finally:
+            native.use_vectorized(before)
+        assert relative_error(fast, slow) < 1e-3, f"{n_tokens} tokens"
+
+
+def test_gemm_min_pairs_is_clamped_and_restored():
+    before = native.set_gemm_min_pairs(0)
+    try:
+        assert native.set_gemm_min_pairs(99) == 1  # 0 was raised to 1
+        assert native.set_gemm_min_pairs(before) == 16  # 99 was cut to 16
+    finally:
+        native.set_gemm_min_pairs(before)
+
+
 @pytest.fixture(scope="module")
 def ud_experts():
     """IQ1_S gate/up, IQ2_XXS down: Unsloth's UD-IQ1_S experts."""

@@ -22,8 +22,9 @@ from tandem.kernels.tensors import QuantTensor, activation_rows
 
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
 # Environment variables that pick kernel variants at load, for A/B benchmarks: TANDEM_AMX=0 keeps
-# the AVX-512 GEMMs on an AMX CPU; TANDEM_TOKEN_BLOCK sets (token, slot) pairs per prefill task.
-KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK")
+# the AVX-512 GEMMs on an AMX CPU; TANDEM_TOKEN_BLOCK sets (token, slot) pairs per prefill task;
+# TANDEM_GEMM_MIN_PAIRS the fewest pairs of an expert that take the GEMM path (default 16).
+KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK", "TANDEM_GEMM_MIN_PAIRS")
 
 
 @functools.cache
@@ -39,6 +40,7 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_use_fast.argtypes = [i32]
     lib.tandem_use_amx.argtypes = [i32]
     lib.tandem_set_token_block.argtypes = [i32]
+    lib.tandem_set_gemm_min_pairs.argtypes = [i32]
     lib.tandem_moe_work_bytes.argtypes = [i32, i32, i32, i32]
     lib.tandem_moe_work_bytes.restype = ctypes.c_size_t
     lib.tandem_silu_mul.argtypes = [ptr, ptr, i32, i32]
@@ -47,11 +49,13 @@ def _lib() -> ctypes.CDLL:
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
-    amx, token_block = (os.environ.get(name) for name in KERNEL_ENV)
+    amx, token_block, gemm_min_pairs = (os.environ.get(name) for name in KERNEL_ENV)
     if amx == "0":
         lib.tandem_use_amx(0)
     if token_block:
         lib.tandem_set_token_block(int(token_block))
+    if gemm_min_pairs:
+        lib.tandem_set_gemm_min_pairs(int(gemm_min_pairs))
     return lib
 
 
@@ -88,6 +92,13 @@ def set_token_block(pairs: int) -> int:
     """(token, slot) pairs per prefill task, 16..128 (default 128; TANDEM_TOKEN_BLOCK sets it at
     load, for A/B benchmarks); returns the previous value."""
     return int(_lib().tandem_set_token_block(int(pairs)))
+
+
+def set_gemm_min_pairs(pairs: int) -> int:
+    """The fewest (token, slot) pairs of one expert in a task that take the GEMM path (AMX tiles
+    where on) instead of the per-token tile kernels, 1..16 (default 16; TANDEM_GEMM_MIN_PAIRS
+    sets it at load, for A/B runs of a few decode streams); returns the previous value."""
+    return int(_lib().tandem_set_gemm_min_pairs(int(pairs)))
 
 
 def amx_available() -> bool:

@@ -538,7 +538,7 @@ AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, cons
  * and multiply by its scale. Same integer sums as the tile kernels. */
 #define PANEL_V 8 /* token vectors per panel: TOKEN_BLOCK / 16 */
 #define REG_V 4 /* token vectors whose sums one register block holds */
-#define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels */
+#define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels (tandem_set_gemm_min_pairs) */
 #define GEMM_ROWS 4 /* weight rows per register block */
 
 typedef struct {
@@ -1216,6 +1216,17 @@ static int token_block = TOKEN_BLOCK; /* tandem_set_token_block: 16..TOKEN_BLOCK
 /* ... and at least this many rows (one AMX tile of weight rows; the panel is built per task). */
 #define PREFILL_TASK_ROWS 16
 
+/* Fewest pairs of one expert in a task that take the GEMM path (AMX tiles where on) rather than
+ * the tile kernels: GEMM_MIN_PAIRS by default. Lower, a few decode streams sharing an expert
+ * decode each weight row once into bytes and multiply it on tiles (A/B runs). */
+static int gemm_min_pairs = GEMM_MIN_PAIRS;
+
+int tandem_set_gemm_min_pairs(int n) {
+    const int old = gemm_min_pairs;
+    gemm_min_pairs = n < 1 ? 1 : n > GEMM_MIN_PAIRS ? GEMM_MIN_PAIRS : n;
+    return old;
+}
+
 /* Pairs per prefill task (16..TOKEN_BLOCK, default TOKEN_BLOCK); returns the old value. */
 int tandem_set_token_block(int n) {
     const int old = token_block;
@@ -1246,6 +1257,8 @@ static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, siz
             const size_t target = (size_t)pair_block * act_bytes;
             if (target > TASK_BYTES) rows = rows_per_task(row_bytes * TASK_BYTES / target);
             if (rows < PREFILL_TASK_ROWS) rows = PREFILL_TASK_ROWS;
+        } else if (count[e] >= gemm_min_pairs) { /* the GEMM path: whole tiles of rows */
+            rows = (rows + PREFILL_TASK_ROWS - 1) / PREFILL_TASK_ROWS * PREFILL_TASK_ROWS;
         }
         for (int r = 0; r < n_rows; r += rows)
             for (int p = 0; p < count[e]; p += pair_block, n++)
@@ -1423,7 +1436,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
             const uint8_t *gate_e = (const uint8_t *)gate + (size_t)tk.expert * n_ff * gate_row;
             const uint8_t *up_e = (const uint8_t *)up + (size_t)tk.expert * n_ff * up_row;
 #if X86
-            if (gemm && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
+            if (gemm && have_scratch && tk.n_pairs >= gemm_min_pairs) {
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
                 used_amx |= amx_up;
                 task_gemm(amx_up, tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
@@ -1445,7 +1458,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         for (int i = 0; i < n_down_tasks; i++) {
             const task tk = down_tasks[i];
 #if X86
-            if (gemm_down && have_scratch && tk.n_pairs >= GEMM_MIN_PAIRS) {
+            if (gemm_down && have_scratch && tk.n_pairs >= gemm_min_pairs) {
                 const int *pairs = order + start[tk.expert] + tk.pair0;
                 const uint8_t *down_e = (const uint8_t *)down + (size_t)tk.expert * d * down_row;
                 /* AVX-512 takes the activations as q + 128; AMX the weights as the unsigned side */
