@@ -183,6 +183,15 @@ def test_skipped_slots_need_own_kernels_and_other_negatives_are_refused(kernels,
         kernels.moe(x, torch.tensor([[0, -2], [1, 2]]), torch.ones(2, 2), gate, up, down)
 
 
+def test_fewer_threads_for_one_call_change_nothing_but_speed(experts):
+    (gate, _), (up, _), (down, _) = experts["iq1_s-gate-up_q4_k-down"]
+    x = torch.randn(4, 256)
+    ids, weights = routing(4, seed=6)
+    with CpuKernels(n_threads=2) as two:
+        assert torch.equal(two.moe(x, ids, weights, gate, up, down, n_threads=1),
+                           two.moe(x, ids, weights, gate, up, down))
+
+
 @pytest.mark.parametrize("n_tokens", [3, 40])  # 24 ids (decode) and 320 (past SMALL_IDS)
 def test_expert_bytes_read_counts_each_distinct_expert_once(kernels, experts, n_tokens):
     """The bench's GB/s: one read of each expert a call used, skipped slots not counted."""

@@ -43,11 +43,15 @@ def _run(experts_obj: CpuExperts, x, ids, weights):
     return experts_obj.collect(experts_obj.submit(x, ids, weights))
 
 
+@pytest.mark.parametrize("cpu_first", [False, True], ids=["gpu-first", "cpu-first"])
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])  # 0, 1 (one half), 2 and 4 experts
-def test_split_tokens_match_the_float_reference(kernels, experts, recipe, share):
+def test_split_tokens_match_the_float_reference(kernels, experts, recipe, share, cpu_first):
+    """Either order (TANDEM_SHARE_CPU_FIRST: the CPU's part on the kernels' thread, with one
+    thread fewer, while the GPU's is launched) gives the oracle's sum."""
     (gate, g_ref), (up, u_ref), (down, d_ref) = experts[recipe]
     gpu_share = GpuShare("cpu", max_experts=N_EXPERT)
+    gpu_share.cpu_first = cpu_first
     moe = CpuExperts(kernels, gate, up, down, share=gpu_share, balance=ShareBalance(share, fixed=True))
     assert moe.shares(1)
     x = torch.randn(1, D, generator=torch.Generator().manual_seed(1))

@@ -92,7 +92,7 @@ class CpuKernels:
 
     def moe(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
             gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool = True,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, n_threads: int | None = None) -> torch.Tensor:
         """Routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
 
         x [T, d] float32; expert_ids [T, k] integer; expert_weights [T, k] float; gate and up
@@ -100,7 +100,8 @@ class CpuKernels:
         `out` if given (contiguous float32 on the CPU, e.g. pinned for a fast upload).
         `own`: tandem's kernels where they cover all three types (tandem.kernels.native), else
         (or when False) ggml's. A slot whose id is SKIPPED_SLOT adds nothing (own kernels only):
-        its expert is computed elsewhere (kernels.gpu_share).
+        its expert is computed elsewhere (kernels.gpu_share). `n_threads`: fewer threads than
+        the pool's for this call (own kernels only), leaving cores to other work.
         """
         n_expert, n_ff, d = _check_experts(gate, up, down)
         x = activation_rows(x, d, "x")
@@ -131,7 +132,8 @@ class CpuKernels:
             return out
         self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
         if own:
-            return native.moe(x, ids, weights, gate, up, down, self._n_threads, out=out)
+            threads = self._n_threads if n_threads is None else max(1, min(n_threads, self._n_threads))
+            return native.moe(x, ids, weights, gate, up, down, threads, out=out)
         key = ("moe", t, k, gate.address, up.address, down.address)
         graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))
         with self._lock:

@@ -28,7 +28,8 @@ from tandem.kernels.tensors import QuantTensor
 class _SharedCall:
     """A split call between submit and collect: the GPU's part queued, the CPU's to run."""
 
-    cpu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # x (host), ids, weights
+    cpu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Future | None  # x (host), ids,
+    # weights; or the CPU's part already running on the kernels' thread (share.cpu_first)
     gpu: Launched | None
     balance: ShareBalance  # the one that chose the split, told who finished first
 
@@ -113,11 +114,17 @@ class CpuExperts:
             if x_host is None:  # copied down before the GPU's queue grows: the copy waits for it
                 x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             cpu = (x_host, cpu_ids, weights)
+            if self.share.cpu_first and gpu_experts:  # one core left for the launch below
+                cpu = self.kernels.submit_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
+                                              own=True, out=self._host_out(x_host),
+                                              n_threads=self.kernels.n_threads - 1)
         return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts), balance)
 
     def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
         cpu = None
-        if call.cpu is not None:
+        if isinstance(call.cpu, Future):
+            cpu = call.cpu.result()
+        elif call.cpu is not None:
             x_host, cpu_ids, weights = call.cpu
             cpu = self.kernels.moe(x_host, cpu_ids, weights, self.gate, self.up, self.down, own=True,
                                    out=self._host_out(x_host))
