@@ -151,14 +151,15 @@ class MLAttention(nn.Module):
         weights' dtype. The products run in that dtype (bf16 on a GPU: tensor cores, float32
         sums); scale, mask and softmax in float32."""
         dtype = self.w_k.dtype
-        scores = torch.einsum("thr,sr->hts", q_latent.to(dtype), cached_latent.to(dtype)).float()
+        cached_latent = cached_latent.to(dtype)  # once for the scores and the values
+        scores = torch.einsum("thr,sr->hts", q_latent.to(dtype), cached_latent).float()
         scores += torch.einsum("thp,sp->hts", q_pe.to(dtype), cached_key.to(dtype)).float()  # [H, T, S]
         scores *= self.scale
         key_pos = torch.arange(cached_latent.shape[0], device=scores.device)
         future = key_pos[None, :] > positions.to(scores.device)[:, None]  # [T, S]
         scores.masked_fill_(future, float("-inf"))
         probs = scores.softmax(dim=-1).to(dtype)
-        return torch.einsum("hts,sr->thr", probs, cached_latent.to(dtype))
+        return torch.einsum("hts,sr->thr", probs, cached_latent)
 
 
 class LoraQuery(nn.Module):

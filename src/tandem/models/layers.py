@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.weight.device, torch.float32)
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        # one fused kernel on CUDA where torch has it (six elementwise ones written out: ~15 us
+        # of a ~410 us decode segment per norm on the GPU machine)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 ACTIVATIONS = {
@@ -68,12 +70,24 @@ def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent pairs (x0, x1), (x2, x3), ...: ggml's NORM mode. llama.cpp permutes
     Llama's q/k rows at conversion so that this equals transformers' rotate_half, and DeepSeek
     stores its rope dims interleaved."""
+    if _pairs_as_complex(x):  # (x0 + i x1)(cos + i sin): two kernels on a GPU instead of ~8
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        cos, sin = _broadcast(cos.to(x.dtype), sin.to(x.dtype), pairs.dim())
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)
     even, odd = x[..., 0::2], x[..., 1::2]
     cos, sin = _broadcast(cos, sin, even.dim())
     out = torch.empty_like(x)
     out[..., 0::2] = even * cos - odd * sin
     out[..., 1::2] = even * sin + odd * cos
     return out
+
+
+def _pairs_as_complex(x: torch.Tensor) -> bool:
+    """Whether x's adjacent pairs can be viewed as complex numbers in place (float32/64, pairs
+    contiguous and aligned)."""
+    return (x.dtype in (torch.float32, torch.float64) and x.dim() >= 1 and x.shape[-1] % 2 == 0
+            and x.stride(-1) == 1 and x.storage_offset() % 2 == 0
+            and all(stride % 2 == 0 for stride in x.stride()[:-1]))
 
 
 def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
