@@ -18,7 +18,7 @@ from logit_checks import relative_error, top1_agreement
 from tandem.models.deepseek_v3 import MoE
 from tandem.placement.rules import Rule
 from tandem.runtime import decode_graphs
-from tandem.runtime.decode_graphs import DecodeGraphs
+from tandem.runtime.decode_graphs import DecodeGraphs, StepPieces
 
 CPU_RULES = [Rule(r"ffn_(gate|up|down)_exps\.", "cpu", "cpu"), Rule(r"^token_embd\.", "cpu", "ggml"),
              Rule(".", "cpu", "torch")]
@@ -36,11 +36,13 @@ def eager_steps(llm, sequence: list[int]) -> torch.Tensor:
                       for p in range(PROMPT, len(sequence))])
 
 
-def stepwise(llm, sequence: list[int], capture: bool, bucket: int) -> torch.Tensor:
+def stepwise(llm, sequence: list[int], capture: bool, bucket: int,
+             pieces: StepPieces | None = None) -> torch.Tensor:
     """Logits after each token past the prompt, one decode step at a time."""
     llm.logits(sequence[:PROMPT])  # fills the cache for the prompt
     device = next(llm.model.parameters()).device
-    steps = DecodeGraphs(llm.model, [llm._cache], device, capture=capture, bucket=bucket)
+    steps = DecodeGraphs(llm.model, [llm._cache], device, capture=capture, bucket=bucket,
+                         pieces=pieces or StepPieces())
     out = []
     for position in range(PROMPT, len(sequence)):
         out.append(steps.step([sequence[position]], [position]).float().cpu().clone())
@@ -57,6 +59,24 @@ def test_uncaptured_steps_equal_the_eager_forward(tiny_q8):
     assert ours.shape == eager.shape
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
     assert relative_error(ours, whole) < 0.01
+
+
+def test_compiled_pieces_equal_the_eager_steps_and_compile_once_for_all_layers(tiny_q8):
+    """TANDEM_COMPILE_DECODE's pieces through torch.compile (inductor on the CPU here): the
+    same logits as the eager pieces, and one compiled graph per piece and bucket serves every
+    layer (the layers' modules differ only in their tensors)."""
+    from torch._dynamo.utils import counters
+
+    sequence = tokens(PROMPT + 6)
+    with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=48) as llm:
+        n_layers = len(llm.model.blocks)
+        eager = stepwise(llm, sequence, capture=False, bucket=48)
+        torch._dynamo.reset()
+        counters.clear()
+        ours = stepwise(llm, sequence, capture=False, bucket=48, pieces=StepPieces.compiled())
+    torch.testing.assert_close(ours, eager, rtol=1e-4, atol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert n_layers >= 3 and 0 < graphs <= 4, f"{graphs} graphs for {n_layers} layers"  # a piece each
 
 
 def test_steps_of_several_sequences_equal_each_one_stepped_alone(tiny_q8):
@@ -141,12 +161,14 @@ GPU_F32_RULES = [Rule(r"ffn_(gate|up|down)_exps\.", "cpu", "cpu"), Rule(r"^token
 
 
 @pytest.mark.cuda
-def test_cuda_graph_steps_equal_the_eager_forward(tiny_q8):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-pieces", "compiled-pieces"])
+def test_cuda_graph_steps_equal_the_eager_forward(tiny_q8, compiled):
     sequence = tokens(PROMPT + STEPS)
+    pieces = StepPieces.compiled() if compiled else StepPieces()
     with tandem.LLM(tiny_q8, rules=GPU_F32_RULES, ctx_size=48) as llm:
         assert decode_graphs.supported(llm.model)
         eager = eager_steps(llm, sequence)
-        ours = stepwise(llm, sequence, capture=True, bucket=16)
+        ours = stepwise(llm, sequence, capture=True, bucket=16, pieces=pieces)
     assert relative_error(ours, eager) < 1e-3  # float32 sums in other orders (measured 2.6e-4)
     assert top1_agreement(ours, eager) > 0.95
 

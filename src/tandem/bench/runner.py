@@ -15,6 +15,7 @@ import torch
 from tandem.bench import machine
 from tandem.kernels import gpu_share, native
 from tandem.placement.planner import expert_bytes_per_layer
+from tandem.runtime import decode_graphs
 from tandem.runtime.sampler import SamplingParams
 
 
@@ -155,8 +156,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "gpu_expert_share": {**_share_record(llm), "ready_after_page_in_s": share_wait_s},
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
-        "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV)
-                       if k in os.environ},
+        "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,
+                                                  decode_graphs.COMPILE_ENV) if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,

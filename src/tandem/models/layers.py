@@ -70,7 +70,9 @@ def rope_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent pairs (x0, x1), (x2, x3), ...: ggml's NORM mode. llama.cpp permutes
     Llama's q/k rows at conversion so that this equals transformers' rotate_half, and DeepSeek
     stores its rope dims interleaved."""
-    if _pairs_as_complex(x):  # (x0 + i x1)(cos + i sin): two kernels on a GPU instead of ~8
+    # (x0 + i x1)(cos + i sin): two kernels on a GPU instead of ~8; torch.compile has no code
+    # for complex numbers but fuses the strided form into one kernel
+    if not torch.compiler.is_compiling() and _pairs_as_complex(x):
         pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
         cos, sin = _broadcast(cos.to(x.dtype), sin.to(x.dtype), pairs.dim())
         return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2)

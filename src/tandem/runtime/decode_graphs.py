@@ -25,7 +25,8 @@ With `capture=False` the same segments run eagerly (CPU tests of the step logic)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,13 @@ from tandem.models.decoder import Decoder
 from tandem.models.deepseek_v3 import MLAttention, MoE
 
 BUCKET = 512
+# TANDEM_COMPILE_DECODE=1 (A/B knob, off by default): each block's pieces of a step through
+# torch.compile, fusing the small elementwise kernels (norms, rope, masks, dtype conversions:
+# about half of a ~0.41 ms MoE-layer segment on the GPU machine) before the graphs capture them.
+# One compile per piece, bucket and batch size serves every layer (their modules differ only in
+# their tensors).
+COMPILE_ENV = "TANDEM_COMPILE_DECODE"
+RECOMPILE_LIMIT = 64  # buckets x batch sizes x piece kinds
 # Other threads may use CUDA during a capture (the GPU share pins and compiles on its own):
 # only this thread's unsafe calls break it
 CAPTURE_MODE = "thread_local"
@@ -50,6 +58,47 @@ class Cut:
     host: dict[str, torch.Tensor] = field(default_factory=dict)  # h, ids, weights (pinned)
     shared: torch.Tensor | None = None  # the shared expert's output
     routed: torch.Tensor | None = None  # the routed experts' output, back on the GPU
+
+
+def _attention_step(block, x: torch.Tensor, position: torch.Tensor, kvs: list, length: int) -> torch.Tensor:
+    return x + block.attn.decode(block.attn_norm(x), position, kvs, length)
+
+
+def _dense_ffn_step(block, x: torch.Tensor) -> torch.Tensor:
+    return x + block.ffn(block.ffn_norm(x))
+
+
+def _moe_entry(block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE input and its routing."""
+    h = block.ffn_norm(x)
+    return (h, *block.ffn.choose(h))
+
+
+def _head(model: Decoder, x: torch.Tensor) -> torch.Tensor:
+    return model.lm_head(model.norm(x))
+
+
+@dataclass(frozen=True)
+class StepPieces:
+    """The pieces a segment is made of: eager, or each through torch.compile."""
+
+    attention: Callable = _attention_step
+    dense_ffn: Callable = _dense_ffn_step
+    moe_entry: Callable = _moe_entry
+    head: Callable = _head
+
+    @classmethod
+    def compiled(cls) -> StepPieces:
+        import torch._dynamo  # noqa: F401  (its config)
+
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        return cls(*(torch.compile(fn, dynamic=False)
+                     for fn in (_attention_step, _dense_ffn_step, _moe_entry, _head)))
+
+
+def pieces_from_env() -> StepPieces:
+    return StepPieces.compiled() if os.environ.get(COMPILE_ENV) == "1" else StepPieces()
 
 
 def bucket_lengths(first: int, ctx: int) -> list[int]:
@@ -78,20 +127,25 @@ def supported(model: Decoder) -> bool:
 
 class DecodeGraphs:
     def __init__(self, model: Decoder, sequences: Sequence[Sequence], device: torch.device,
-                 capture: bool = True, bucket: int = BUCKET):
-        """`sequences`: each sequence's caches (one per layer), B >= 1 of them."""
+                 capture: bool = True, bucket: int = BUCKET, pieces: StepPieces | None = None):
+        """`sequences`: each sequence's caches (one per layer), B >= 1 of them. `pieces`: the
+        segments' building blocks (default: compiled where COMPILE_ENV says so)."""
         self.model = model
+        self.pieces = pieces or pieces_from_env()
         self.caches = [list(layer) for layer in zip(*sequences, strict=True)]  # per layer: B caches
         self.capture = capture
         d, b = model.norm.weight.shape[0], len(sequences)
         pinned = capture and device.type == "cuda"
         self.device = device
-        self.x_in = torch.zeros(b, d, device=device)  # the embedded tokens
-        self.x = torch.zeros(b, d, device=device)  # the residual stream at a cut
-        self.h = torch.zeros(b, d, device=device)  # the MoE input at a cut (for a GPU share)
-        self.position = torch.zeros(b, dtype=torch.long, device=device)
-        self.logits = torch.zeros(b, model.lm_head.weight.shape[0], device=device)
-        self.cuts = self._cuts(model, b, d, pinned)
+        # inference tensors like every step's own (steps run in inference mode): compiled pieces
+        # see one kind of input in every layer, so they compile once
+        with torch.inference_mode():
+            self.x_in = torch.zeros(b, d, device=device)  # the embedded tokens
+            self.x = torch.zeros(b, d, device=device)  # the residual stream at a cut
+            self.h = torch.zeros(b, d, device=device)  # the MoE input at a cut (for a GPU share)
+            self.position = torch.zeros(b, dtype=torch.long, device=device)
+            self.logits = torch.zeros(b, model.lm_head.weight.shape[0], device=device)
+            self.cuts = self._cuts(model, b, d, pinned)
         self.buckets = bucket_lengths(bucket, self.caches[0][0].latent.shape[0])
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}
         self._pool = None
@@ -169,20 +223,20 @@ class DecodeGraphs:
         else:
             before = self.cuts[i - 1]
             x = self.x + before.routed + (before.shared if before.shared is not None else 0)
+        pieces = self.pieces
         for j in range(cut.first, cut.last + 1):
             block = model.blocks[j]
-            x = x + block.attn.decode(block.attn_norm(x), self.position, self.caches[j], length)
-            h = block.ffn_norm(x)
+            x = pieces.attention(block, x, self.position, self.caches[j], length)
             if j == cut.last and cut.moe is not None:
-                ids, weights = cut.moe.choose(h)
+                h, ids, weights = pieces.moe_entry(block, x)
                 self.x.copy_(x)
                 self.h.copy_(h)
                 cut.host["h"].copy_(h, non_blocking=True)
                 cut.host["ids"].copy_(ids, non_blocking=True)
                 cut.host["weights"].copy_(weights, non_blocking=True)
                 return
-            x = x + block.ffn(h)
-        self.logits.copy_(model.lm_head(model.norm(x)))
+            x = pieces.dense_ffn(block, x)
+        self.logits.copy_(pieces.head(model, x))
 
     def _shared(self, cut: Cut) -> None:
         if cut.shared is not None:
