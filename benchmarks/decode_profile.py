@@ -30,6 +30,7 @@ from tandem.bench import machine
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare
+from tandem.kernels.quant_linear import QuantLinear
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampler import SamplingParams
 
@@ -119,11 +120,14 @@ def segment_bytes(llm: LLM) -> list[int]:
             block = llm.model.blocks[j]
             skip = set()
             if j == cut.last and cut.moe is not None and cut.moe.shared is not None:
-                skip = {id(p) for p in cut.moe.shared.parameters()}
+                skip = {id(p) for p in (*cut.moe.shared.parameters(), *cut.moe.shared.buffers())}
             total += sum(p.numel() * p.element_size() for p in block.parameters()
                          if p.is_cuda and id(p) not in skip)
+            total += sum(m.raw.numel() for m in block.modules()  # weights kept quantized
+                         if isinstance(m, QuantLinear) and m.raw.is_cuda and id(m.raw) not in skip)
         if cut.moe is None:
-            total += sum(p.numel() * p.element_size() for p in llm.model.lm_head.parameters())
+            head = llm.model.lm_head
+            total += sum(p.numel() * p.element_size() for p in (*head.parameters(), *head.buffers()))
         per_cut.append(total)
     return per_cut
 

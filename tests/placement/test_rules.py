@@ -8,7 +8,7 @@ import torch
 import tandem
 from tandem.gguf.types import GGMLType
 from tandem.placement.planner import check_fits, plan_memory
-from tandem.placement.rules import PlacementError, Rule, assign, default_rules
+from tandem.placement.rules import PlacementError, Rule, assign, default_rules, kept_quantized
 
 
 def test_default_rules_without_gpu(tiny_q8):
@@ -112,3 +112,21 @@ def test_cpu_experts_buffers_are_planned_and_named_when_short(tiny_q8):
         assert "cpu" not in llm.memory.workspace
     with pytest.raises(PlacementError, match=r"cpu: needs .*routed experts' workspace"):
         tandem.LLM(tiny_q8, ctx_size=64, memory_caps={"cpu": resident - workspace // 2})
+
+
+def test_kernel_quant_keeps_the_linear_weights_in_their_stored_bytes(tiny_q8):
+    """Kernel quant: projections, FFN and head stay quantized (their file bytes counted); what
+    it matches beyond them (norms, router, kv_b) is placed as torch would place it."""
+    model = tandem.open_gguf(tiny_q8)
+    types = {n: t.ggml_type for n, t in model.tensors.items()}
+    rules = [Rule(r"_exps\.", "cpu", "cpu"), Rule(r"^token_embd\.", "cpu", "ggml"), Rule(".", "cpu", "quant")]
+    placed = assign(types, rules, devices={"cpu"})
+    kept = {n for n, t in model.tensors.items() if kept_quantized(n, t.ggml_type, placed[n])}
+    assert "blk.0.attn_q_a.weight" in kept and "output.weight" in kept
+    assert not kept & {"blk.0.attn_norm.weight", "blk.0.attn_kv_b.weight", "token_embd.weight"}
+    assert all(types[n] == GGMLType.Q8_0 for n in kept)
+    assert placed["blk.0.attn_norm.weight"].dtype == torch.float32  # dense, as torch places it
+    plan = plan_memory(model.tensors, placed, {})
+    in_place = {n for n in model.tensors if "_exps" in n or n == "token_embd.weight"}
+    dense = sum(t.n_elements * 4 for n, t in model.tensors.items() if n not in in_place | kept)
+    assert plan.resident["cpu"] == dense + sum(model.tensors[n].n_bytes for n in kept)

@@ -18,6 +18,10 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
 
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         return F.linear(x.to(w.device, w.dtype), w).float()

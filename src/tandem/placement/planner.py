@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.gguf.reader import TensorInfo
-from tandem.placement.rules import IN_PLACE_KERNELS, Placement, PlacementError, Rule
+from tandem.placement.rules import IN_PLACE_KERNELS, Placement, PlacementError, Rule, kept_quantized
 
 GPU_HEADROOM = 1 << 30  # activations, CUDA context and allocator slack
 CPU_HEADROOM = 2 << 30
@@ -35,7 +35,7 @@ class MemoryPlan:
 
 
 def placed_bytes(info: TensorInfo, p: Placement) -> int:
-    if p.kernel in IN_PLACE_KERNELS:
+    if p.kernel in IN_PLACE_KERNELS or kept_quantized(info.name, info.ggml_type, p):
         return info.n_bytes
     return info.n_elements * torch.tensor([], dtype=p.dtype).element_size()
 

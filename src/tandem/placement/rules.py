@@ -4,7 +4,7 @@ A rule list is YAML, first match wins, like KTransformers' optimize rules but sh
 
     - match: 'ffn_(gate|up|down)_exps'   # regex, searched in the GGUF tensor name
       device: cpu                       # cpu, cuda or cuda:N
-      kernel: cpu                       # cpu or ggml (read in place from the file) or torch
+      kernel: cpu                       # cpu or ggml (read in place from the file), torch or quant
     - match: '.'
       device: cuda
       kernel: torch
@@ -15,6 +15,9 @@ MoE op; cpu takes tandem's own kernels where they cover the types, IQ1_S, IQ2_XX
 Q6_K, and ggml's for the rest; ggml takes ggml's only) and the token embedding (rows dequantized as they are
 looked up); everything else takes torch. `auto` keeps F32/F16/BF16 tensors in
 their own precision and turns quantized ones into bfloat16 on a GPU, float32 on the CPU.
+Kernel quant keeps the plain linear weights (LINEAR_WEIGHTS: projections, dense and shared FFN,
+head) in their stored ggml type on the device, dequantized on the fly (kernels.quant_linear);
+the rest of what it matches is placed as torch would place it.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ import yaml
 from tandem.errors import TandemError
 from tandem.gguf.types import GGMLType
 
-KERNELS = ("cpu", "ggml", "torch")
+KERNELS = ("cpu", "ggml", "torch", "quant")
 IN_PLACE_KERNELS = ("cpu", "ggml")  # read from the mapped file on the CPU
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 EXPERTS = r"ffn_(gate|up|down)_exps\."
 IN_PLACE = re.compile(EXPERTS + r"|^token_embd\.")  # what kernel ggml can serve
 DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+# weights tandem multiplies as plain linear layers: what kernel quant keeps quantized
+LINEAR_WEIGHTS = re.compile(r"(^|\.)(attn_(q|q_a|q_b|k|v|kv_a_mqa|output)|ffn_(gate|up|down)(_shexp)?"
+                            r"|output)\.weight$")
 
 
 class PlacementError(TandemError):
@@ -150,8 +156,16 @@ def assign(tensors: dict[str, GGMLType], rules: list[Rule],
     return placed
 
 
+def kept_quantized(name: str, stored: GGMLType, p: Placement) -> bool:
+    """Whether tensor `name` stays in its stored type on its device (kernel quant)."""
+    from tandem.kernels import torch_dequant  # placement stays importable without the kernels
+
+    return p.kernel == "quant" and bool(LINEAR_WEIGHTS.search(name)) and torch_dequant.supports(stored)
+
+
 def _dtype(rule: Rule, stored: GGMLType, device: str) -> torch.dtype | None:
-    if rule.kernel != "torch":
+    """The dtype of a dense copy: torch's, and quant's for what it does not keep quantized."""
+    if rule.kernel not in ("torch", "quant"):
         return None
     if DTYPES[rule.dtype] is not None:
         return DTYPES[rule.dtype]

@@ -144,7 +144,7 @@ class DecodeGraphs:
             self.x = torch.zeros(b, d, device=device)  # the residual stream at a cut
             self.h = torch.zeros(b, d, device=device)  # the MoE input at a cut (for a GPU share)
             self.position = torch.zeros(b, dtype=torch.long, device=device)
-            self.logits = torch.zeros(b, model.lm_head.weight.shape[0], device=device)
+            self.logits = torch.zeros(b, model.lm_head.out_features, device=device)
             self.cuts = self._cuts(model, b, d, pinned)
         self.buckets = bucket_lengths(bucket, self.caches[0][0].latent.shape[0])
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}

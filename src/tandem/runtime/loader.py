@@ -4,6 +4,7 @@ tensors into module weights (dequantized on their device, or left in the mmap fo
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -14,10 +15,11 @@ from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.embedding import DenseEmbedding, QuantEmbedding
 from tandem.kernels.experts import CpuExperts, TorchExperts
 from tandem.kernels.gpu_share import GpuShare, ShareBalance
+from tandem.kernels.quant_linear import QuantLinear
 from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 from tandem.models.layers import GatedMLP, Linear, RMSNorm
-from tandem.placement.rules import IN_PLACE_KERNELS, Placement
+from tandem.placement.rules import IN_PLACE_KERNELS, Placement, kept_quantized
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,15 @@ class WeightLoader:
         self.advance(self.model.tensors[stored].n_bytes)
         return weight
 
-    def linear(self, name: str) -> Linear:
+    def linear(self, name: str) -> Linear | QuantLinear:
+        p, stored = self.placements[name], self.aliases.get(name, name)
+        info = self.model.tensors[stored]
+        if kept_quantized(name, info.ggml_type, p):  # the file's bytes on the device
+            with warnings.catch_warnings():  # a read-only mapping: torch warns; only read
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.from_numpy(self.model.raw(stored).reshape(-1)).to(p.device)
+            self.advance(info.n_bytes)
+            return QuantLinear(raw, info.ggml_type, tuple(info.shape))
         return Linear(self.dense(name))
 
     def norm(self, name: str, eps: float) -> RMSNorm:

@@ -1,0 +1,87 @@
+"""A linear layer whose weight stays in its ggml type on its device, dequantized on the fly.
+
+For the GPU part of a hybrid model (attention, dense layers, shared experts, head) this keeps
+the file's bytes: a UD-IQ1_S R1 stores these in Q4_K-Q8_0 (0.5-1 byte per weight) where
+bfloat16 copies take 2, and decode reads every byte of them for every token. Inputs of up to
+MATVEC_ROWS rows (decode steps, a few sequences) take one fused dequantize-multiply on CUDA: the
+dequantizer (kernels.torch_dequant) and the products in one function that torch.compile turns
+into a reduction over the quantized bytes. Longer inputs (prompts) dequantize the weight to
+bfloat16 for the call and take a normal matmul; off CUDA every call does so in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.errors import KernelError
+from tandem.gguf.types import GGMLType, tensor_bytes
+from tandem.kernels import torch_dequant
+
+MATVEC_ROWS = 16  # input rows up to which the fused dequantize-multiply runs (CUDA)
+RECOMPILE_LIMIT = 64
+
+log = logging.getLogger(__name__)
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T for W [out, in] stored as `raw` (uint8, on its device) of `ggml_type`; float32
+    out. Same call as models.layers.Linear."""
+
+    def __init__(self, raw: torch.Tensor, ggml_type: GGMLType, shape: tuple[int, int]):
+        super().__init__()
+        if not torch_dequant.supports(ggml_type):
+            raise KernelError(f"no torch dequantizer for {ggml_type.name}: keep this weight dense")
+        if raw.dtype != torch.uint8 or raw.numel() != tensor_bytes(ggml_type, shape):
+            raise KernelError(f"{ggml_type.name} weight of shape {list(shape)} needs "
+                              f"{tensor_bytes(ggml_type, shape)} bytes, got {raw.numel()} of {raw.dtype}")
+        self.register_buffer("raw", raw.reshape(-1), persistent=False)
+        grid = torch_dequant.grid_table(ggml_type, raw.device)
+        self.register_buffer("grid", grid, persistent=False)
+        self.ggml_type = ggml_type
+        self.out_features, self.in_features = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.raw.device, torch.float32)
+        rows = x.reshape(-1, self.in_features)
+        cuda = self.raw.is_cuda
+        if cuda and rows.shape[0] <= MATVEC_ROWS and self.ggml_type not in _eager_only:
+            try:
+                out = _compiled_matvec()(self.ggml_type, self.raw, self.grid, rows, self.out_features)
+                return out.reshape(*x.shape[:-1], self.out_features)
+            except Exception as exc:  # no triton, no compiler ...
+                log.warning("compiling the %s matvec failed (%s); dequantized weights from now on",
+                            self.ggml_type.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                _eager_only.add(self.ggml_type)
+        weight = torch_dequant.dequantize(self.raw, self.ggml_type, (self.out_features, self.in_features),
+                                          dtype=torch.bfloat16 if cuda else torch.float32, compiled=cuda)
+        out = F.linear(rows.to(weight.dtype), weight).float()
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.ggml_type.name}"
+
+
+def _matvec(ggml_type: GGMLType, raw: torch.Tensor, grid: torch.Tensor | None, x: torch.Tensor,
+            out_features: int) -> torch.Tensor:
+    """x [M, in] times the dequantized weight, summed in float32: [M, out]. Products and sums,
+    not a matmul, so that the compiled form reads only the quantized bytes."""
+    weight = torch_dequant.values(raw, ggml_type, grid).view(out_features, -1)
+    return (weight[None] * x[:, None, :]).sum(-1)
+
+
+@functools.cache
+def _compiled_matvec():
+    import torch._dynamo  # noqa: F401  (its config)
+
+    # one variant per type, weight shape and row count: more than dynamo's default 8
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(_matvec)
+
+
+_eager_only: set[GGMLType] = set()

@@ -1,0 +1,48 @@
+"""Kernel quant end to end: a model whose linear weights stay in the file's types gives the
+logits of the same model with dequantized float32 weights (the torch kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tandem
+from logit_checks import relative_error, top1_agreement
+from tandem.kernels.quant_linear import QuantLinear
+from tandem.placement.rules import Rule
+
+
+def rules(device: str, kernel: str) -> list[Rule]:
+    return [Rule(r"ffn_(gate|up|down)_exps\.", "cpu", "cpu"), Rule(r"^token_embd\.", "cpu", "ggml"),
+            Rule(".", device, kernel)]
+
+
+PROMPT = list(range(5, 60))
+
+
+def test_quantized_linears_give_the_dequantized_models_logits(tiny_q8):
+    with tandem.LLM(tiny_q8, rules=rules("cpu", "torch"), ctx_size=64) as llm:
+        dense = llm.logits(PROMPT)
+    with tandem.LLM(tiny_q8, rules=rules("cpu", "quant"), ctx_size=64) as llm:
+        kept = [m for m in llm.model.modules() if isinstance(m, QuantLinear)]
+        assert len(kept) >= 10 and llm.model.lm_head in kept
+        ours = llm.logits(PROMPT)
+    # the same float32 weights (exact dequantization), the same float32 matmuls
+    torch.testing.assert_close(ours, dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_quantized_weights_decode_like_bfloat16_ones_in_less_memory(tiny_q8):
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    with tandem.LLM(tiny_q8, rules=rules("cuda", "torch"), ctx_size=128) as llm:
+        bf16 = llm.logits(PROMPT)
+        bf16_tokens = llm.generate(PROMPT[:9], 24)
+        bf16_bytes = llm.memory.resident["cuda"]
+    with tandem.LLM(tiny_q8, rules=rules("cuda", "quant"), ctx_size=128) as llm:
+        ours = llm.logits(PROMPT)  # the prompt path: bf16 weights dequantized per call
+        tokens = llm.generate(PROMPT[:9], 24)  # decode steps: the compiled matvec, in graphs
+        quant_bytes = llm.memory.resident["cuda"]
+    assert relative_error(ours, bf16) < 0.02 and top1_agreement(ours, bf16) > 0.95
+    assert sum(a == b for a, b in zip(tokens, bf16_tokens, strict=True)) >= 20
+    assert quant_bytes < bf16_bytes
