@@ -34,6 +34,15 @@ def test_the_product_equals_gguf_py_weights_times_x(t, shape):
     torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_long_inputs_dequantize_the_weight_a_bounded_slice_at_a_time(monkeypatch):
+    """Prompts copy PROMPT_ROWS weight rows at a time (the head has 129K): slices of 20, 20
+    and 8 rows give the whole product."""
+    monkeypatch.setattr(quant_linear, "PROMPT_ROWS", 20)
+    layer, reference = _layer(T.Q6_K)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(layer(x).double(), x.double() @ reference.T, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_the_fused_matvec_sums_the_same_products(t):
     """The form the CUDA path compiles (dequantize and multiply in one reduction), run eagerly."""

@@ -6,7 +6,7 @@ bfloat16 copies take 2, and decode reads every byte of them for every token. Inp
 MATVEC_ROWS rows (decode steps, a few sequences) take one fused dequantize-multiply on CUDA: the
 dequantizer (kernels.torch_dequant) and the products in one function that torch.compile turns
 into a reduction over the quantized bytes. Longer inputs (prompts) dequantize the weight to
-bfloat16 for the call and take a normal matmul; off CUDA every call does so in float32.
+bfloat16, PROMPT_ROWS rows at a time, for normal matmuls; off CUDA every call does so in float32.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tandem.gguf.types import GGMLType, tensor_bytes
 from tandem.kernels import torch_dequant
 
 MATVEC_ROWS = 16  # input rows up to which the fused dequantize-multiply runs (CUDA)
+PROMPT_ROWS = 4096  # weight rows dequantized at a time for longer inputs (the head: 129K rows)
 RECOMPILE_LIMIT = 64
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,16 @@ class QuantLinear(nn.Module):
                 log.warning("compiling the %s matvec failed (%s); dequantized weights from now on",
                             self.ggml_type.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 _eager_only.add(self.ggml_type)
-        weight = torch_dequant.dequantize(self.raw, self.ggml_type, (self.out_features, self.in_features),
-                                          dtype=torch.bfloat16 if cuda else torch.float32, compiled=cuda)
-        out = F.linear(rows.to(weight.dtype), weight).float()
+        dtype = torch.bfloat16 if cuda else torch.float32
+        row_bytes = tensor_bytes(self.ggml_type, (1, self.in_features))
+        parts = []
+        for first in range(0, self.out_features, PROMPT_ROWS):  # a bounded copy at a time
+            n = min(PROMPT_ROWS, self.out_features - first)
+            weight = torch_dequant.dequantize(self.raw[first * row_bytes : (first + n) * row_bytes],
+                                              self.ggml_type, (n, self.in_features), dtype=dtype,
+                                              compiled=cuda)
+            parts.append(F.linear(rows.to(dtype), weight))
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).float()
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

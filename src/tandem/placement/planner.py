@@ -40,6 +40,20 @@ def placed_bytes(info: TensorInfo, p: Placement) -> int:
     return info.n_elements * torch.tensor([], dtype=p.dtype).element_size()
 
 
+def quant_copy_bytes(tensors: dict[str, TensorInfo], placements: dict[str, Placement]) -> dict[str, int]:
+    """Per device, the largest bfloat16 copy prompts make of a weight kept quantized there
+    (kernel quant dequantizes PROMPT_ROWS rows at a time for a matmul)."""
+    from tandem.kernels.quant_linear import PROMPT_ROWS
+
+    largest: dict[str, int] = {}
+    for name, info in tensors.items():
+        if kept_quantized(name, info.ggml_type, placements[name]):
+            device = str(placements[name].device)
+            rows, width = info.shape
+            largest[device] = max(largest.get(device, 0), min(rows, PROMPT_ROWS) * width * 2)
+    return largest
+
+
 def expert_bytes_per_layer(tensors: dict[str, TensorInfo]) -> dict[int, int]:
     """Bytes of one routed expert (gate + up + down, as stored) in each MoE layer."""
     per_layer: dict[int, int] = defaultdict(int)

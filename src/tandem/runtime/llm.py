@@ -26,7 +26,7 @@ from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
 from tandem.models.decoder import Segment
 from tandem.placement import planner
-from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, kept_quantized, load_rules
+from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
 from tandem.runtime import decode_graphs
 from tandem.runtime.architectures import ARCHITECTURES
 from tandem.runtime.kv_cache import ContextFull
@@ -122,7 +122,7 @@ class LLM:
             # streaming threshold, or a whole prefill pass when nothing streams
             batch = streamer.min_tokens - 1 if streamer else min(prefill_chunk, ctx_size)
             workspace["cpu"] = workspace.get("cpu", 0) + _cpu_expert_workspace(needed, c, batch)
-        for device, n in _dequantized_workspace(needed, self.placements).items():
+        for device, n in planner.quant_copy_bytes(needed, self.placements).items():
             workspace[device] = workspace.get(device, 0) + n
         self.memory = planner.plan_memory(needed, self.placements, kv_bytes, workspace)
         planner.check_fits(self.memory, self.rules, memory_caps)
@@ -389,14 +389,3 @@ class _progress:
     def __exit__(self, *exc):
         if self.enabled:
             self.bar.stop()
-
-
-def _dequantized_workspace(tensors: dict, placements: dict) -> dict[str, int]:
-    """Per device, the largest weight kept quantized there (kernel quant) as bfloat16: prompts
-    dequantize one at a time for their matmul."""
-    largest: dict[str, int] = {}
-    for name, info in tensors.items():
-        if kept_quantized(name, info.ggml_type, placements[name]):
-            device = str(placements[name].device)
-            largest[device] = max(largest.get(device, 0), info.n_elements * 2)
-    return largest
