@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -206,11 +205,7 @@ def main() -> None:
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
                                       if getattr(e, "share", None) is not None],
               "top_gpu_kernels": kernels}
-    args.out.mkdir(parents=True, exist_ok=True)
-    host = (record["device"]["host"] or "host").split(".")[0]
-    path = args.out / f"decode_profile-{host}-{now:%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {machine.write_record(record, args.out, now)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Prints one line per set-up and writes benchmarks/results/engine_streams-<host>-<
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from datetime import UTC, datetime
@@ -77,11 +76,7 @@ def main() -> None:
     record = {**machine.record_header("engine_streams", now), "model": str(args.model),
               "streams": args.streams, "new_tokens": args.new_tokens,
               "prompt_tokens": PROMPT_TOKENS, "results": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    host = (record["device"]["host"] or "host").split(".")[0]
-    path = args.out / f"engine_streams-{host}-{now:%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {machine.write_record(record, args.out, now)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Needs a CUDA GPU. Writes streamed_prefill-<host>-<date>.json (device, commit, co
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -123,11 +122,7 @@ def main() -> None:
         }
     finally:
         llm.close()
-    args.out.mkdir(parents=True, exist_ok=True)
-    host = (record["device"]["host"] or "host").split(".")[0]
-    path = args.out / f"streamed_prefill-{host}-{datetime.now(UTC):%Y%m%d-%H%M%S}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {machine.write_record(record, args.out, datetime.now(UTC))}")
 
 
 if __name__ == "__main__":

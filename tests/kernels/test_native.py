@@ -82,6 +82,24 @@ def _experts(recipe: str, seed: int = 11):
             make_weight(down, (n_expert, d, n_ff), rng))
 
 
+def _fast_and_portable(experts, x, ids, weights, amx: bool, setting, value):
+    """The MoE op with the vectorized kernels (AMX on or off, `setting(value)` for the call),
+    then with the portable ones: the two results."""
+    (gate, _), (up, _), (down, _) = experts
+    amx_before, setting_before = native.use_amx(amx), setting(value)
+    try:
+        fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+    finally:
+        native.use_amx(amx_before)
+        setting(setting_before)
+    before = native.use_vectorized(False)
+    try:
+        slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+    finally:
+        native.use_vectorized(before)
+    return fast, slow
+
+
 @pytest.mark.parametrize("token_block", [64, 128])
 @pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -95,20 +113,10 @@ def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx, token_bl
         pytest.skip("no vectorized kernels on this CPU")
     if amx and not native.amx_available():
         pytest.skip("no AMX on this CPU")
-    (gate, _), (up, _), (down, _) = _experts(recipe)
     x = torch.randn(300, 256, generator=torch.Generator().manual_seed(5))
     ids, weights = routing(300, k=4, seed=5)  # ~150 pairs per expert: blocks of 128 and the rest
-    amx_before, block_before = native.use_amx(amx), native.set_token_block(token_block)
-    try:
-        fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
-    finally:
-        native.use_amx(amx_before)
-        native.set_token_block(block_before)
-    before = native.use_vectorized(False)
-    try:
-        slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)
-    finally:
-        native.use_vectorized(before)
+    fast, slow = _fast_and_portable(_experts(recipe), x, ids, weights, amx,
+                                    native.set_token_block, token_block)
     close = torch.isclose(fast, slow, rtol=1e-5, atol=1e-5 * slow.abs().max().item()).all(dim=1)
     assert close.sum() >= 296, f"{300 - int(close.sum())} of 300 tokens differ"
     assert relative_error(fast, slow) < 1e-3
@@ -125,21 +133,12 @@ def test_a_few_tokens_per_expert_on_the_gemm_path_equal_the_portable_kernels(rec
         pytest.skip("no vectorized kernels on this CPU")
     if amx and not native.amx_available():
         pytest.skip("no AMX on this CPU")
-    (gate, _), (up, _), (down, _) = _experts(recipe)
+    experts = _experts(recipe)
     for n_tokens in (1, 3, 8):
         x = torch.randn(n_tokens, 256, generator=torch.Generator().manual_seed(n_tokens))
         ids, weights = routing(n_tokens, k=4, seed=n_tokens)
-        amx_before, pairs_before = native.use_amx(amx), native.set_gemm_min_pairs(gemm_min_pairs)
-        try:
-            fast = native.moe(x, ids, weights, gate, up, down, n_threads=2)
-        finally:
-            native.use_amx(amx_before)
-            native.set_gemm_min_pairs(pairs_before)
-        before = native.use_vectorized(False)
-        try:
-            slow = native.moe(x, ids, weights, gate, up, down, n_threads=2)
-        finally:
-            native.use_vectorized(before)
+        fast, slow = _fast_and_portable(experts, x, ids, weights, amx,
+                                        native.set_gemm_min_pairs, gemm_min_pairs)
         assert relative_error(fast, slow) < 1e-3, f"{n_tokens} tokens"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -57,6 +58,15 @@ def record_header(benchmark: str, now: datetime, command: str | None = None,
         "commit": git_commit(),
         "command": command or " ".join([Path(sys.executable).name, *sys.argv]),
     }
+
+
+def write_record(record: dict, out: Path, now: datetime) -> Path:
+    """A results JSON into `out` as <benchmark>-<host>-<time>.json; its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    host = (record["device"]["host"] or "host").split(".")[0]
+    path = out / f"{record['benchmark']}-{host}-{now:%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
 
 
 def describe() -> dict:
