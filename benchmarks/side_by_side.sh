@@ -15,9 +15,9 @@ $bench -m "$iq1s" -ngl 99 -ot exps=CPU -t "$threads" -p 2048 -n 0 -r 1 -nopo 1 -
 python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1 --new-tokens 2 \
     --repetitions 1 --ctx-size 4096 --threads "$threads" --gpu-experts-from 0 --out "$out/tandem-iq1s-cpu"
 # Q4_K_M-like decode
-$bench -m "$q4km" -ngl 99 -ot exps=CPU -t "$threads" -p 0 -n 32 -r 2 -o json > "$out/llamacpp-q4km.json"
+$bench -m "$q4km" -ngl 99 -ot exps=CPU -t "$threads" -p 0 -n 32 -r 3 -o json > "$out/llamacpp-q4km.json"
 python3 -m tandem.cli bench "$q4km" --prompt-lengths 128 --streams 1 --new-tokens 32 \
-    --repetitions 2 --ctx-size 4096 --threads "$threads" --out "$out/tandem-q4km"
+    --repetitions 3 --ctx-size 4096 --threads "$threads" --out "$out/tandem-q4km"
 # UD-IQ1_S-like decode (1 and 8 streams) and 2K prefill with the experts streamed to the GPU
 $bench -m "$iq1s" -ngl 99 -ot exps=CPU -t "$threads" -p 2048 -n 32 -r 2 -o json > "$out/llamacpp-iq1s.json"
 python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1,8 --new-tokens 32 \
