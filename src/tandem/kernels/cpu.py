@@ -180,7 +180,6 @@ class CpuKernels:
         self.close()
 
 
-
 SMALL_IDS = 256  # up to this many ids (decode steps): Python's min/max/set beat torch's ops
 
 
@@ -193,6 +192,7 @@ def _id_stats(ids: torch.Tensor) -> tuple[int, int, int]:
         values = ids.view(-1).tolist()
         return min(values), max(values), len(set(values) - {SKIPPED_SLOT})
     return int(ids.min()), int(ids.max()), int((ids.unique() >= 0).sum())
+
 
 def _check_matmul_type(t: GGMLType, what: str) -> None:
     if not supports_matmul(t):
