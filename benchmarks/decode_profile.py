@@ -34,6 +34,7 @@ from tandem.runtime.llm import LLM
 from tandem.runtime.sampler import SamplingParams
 
 host_s: dict[str, list[float]] = defaultdict(list)  # host seconds per call, by part
+splits: list[tuple[int, int]] = []  # per shared call: experts on the GPU, distinct experts
 gpu_events: dict[str, list[tuple]] = defaultdict(list)  # (start, end) CUDA events, by part
 
 
@@ -108,6 +109,14 @@ def instrument(llm: LLM) -> None:
     CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
     CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
     GpuShare.launch = _timed_launch(GpuShare.launch)
+    split = CpuExperts._split
+
+    @functools.wraps(split)
+    def counted_split(self, ids):
+        chosen = split(self, ids)
+        splits.append((len(chosen[0]), chosen[2]))
+        return chosen
+    CpuExperts._split = counted_split
 
 
 def segment_bytes(llm: LLM) -> list[int]:
@@ -172,6 +181,7 @@ def main() -> None:
     kernels = top_kernels(llm, prompt, steps=8)
     instrument(llm)
     host_s.clear()
+    splits.clear()
     params = SamplingParams(temperature=0, max_new_tokens=args.tokens + 1)
     tokens = list(llm.stream(prompt, params))
     decode_s = llm.last_timings.decode_s
@@ -182,6 +192,13 @@ def main() -> None:
                  for part, pairs in gpu_events.items()}
     per_token.update({f"host: {part}": sum(values) * 1e3 / n for part, values in host_s.items()})
     token_ms = decode_s * 1e3 / n
+    # the CPU op's cost per expert it computed (the experts a shared call left it)
+    cpu_experts = sum(distinct - gpu for gpu, distinct in splits)
+    calls = max(1, len(splits))
+    experts_split = {"calls": len(splits), "gpu_experts_per_call": sum(g for g, _ in splits) / calls,
+                     "cpu_experts_per_call": cpu_experts / calls,
+                     "cpu_op_ms_per_expert": (sum(host_s["CPU op"]) * 1e3 / cpu_experts
+                                              if cpu_experts and splits else None)}
     bytes_per_cut = segment_bytes(llm)
     n_moe = len(bytes_per_cut) - 1  # a segment ends at each MoE layer; the last at the head
     moe_segments = gpu_events["segment"]
@@ -193,6 +210,9 @@ def main() -> None:
     print(f"{n} tokens, {token_ms:.2f} ms per token ({1e3 / token_ms:.1f} tok/s), share {args.share}")
     for part, ms in sorted(per_token.items()):
         print(f"  {part:<40} {ms:7.3f} ms per token")
+    print(f"  experts per shared call: {experts_split['gpu_experts_per_call']:.2f} on the GPU, "
+          f"{experts_split['cpu_experts_per_call']:.2f} on the CPU; CPU op per expert: "
+          f"{experts_split['cpu_op_ms_per_expert'] or 0:.3f} ms")
     for i, row in enumerate(seg_rows):
         print(f"  segment {i:2d}: {row['bytes'] / 1e6:8.1f} MB of weights, {row['median_ms']:.3f} ms, "
               f"{row['gb_per_s']:.0f} GB/s")
@@ -201,7 +221,8 @@ def main() -> None:
     now = datetime.now(UTC)
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n,
-              "ms_per_token": token_ms, "parts_ms_per_token": per_token, "segments": seg_rows,
+              "ms_per_token": token_ms, "parts_ms_per_token": per_token, "experts_split": experts_split,
+              "segments": seg_rows,
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
                                       if getattr(e, "share", None) is not None],
               "top_gpu_kernels": kernels}
