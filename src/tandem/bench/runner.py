@@ -18,6 +18,9 @@ from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime import decode_graphs
 from tandem.runtime.sampler import SamplingParams
 
+# how the CPU kernels' OpenMP threads wait between calls and where they run (libgomp reads these)
+OPENMP_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES")
+
 
 @dataclass
 class BenchConfig:
@@ -157,7 +160,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
         "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,
-                                                  decode_graphs.COMPILE_ENV) if k in os.environ},
+                                                  decode_graphs.COMPILE_ENV, *OPENMP_ENV)
+                       if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,
