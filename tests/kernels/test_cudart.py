@@ -26,12 +26,3 @@ def test_copy_to_device_lands_the_host_bytes_at_an_offset():
     assert torch.equal(landed[(1 << 20):(2 << 20) - 4096], host[4096:])
     assert not landed[: 1 << 20].any() and not landed[(2 << 20) - 4096:].any()  # nothing else
 
-
-def test_a_failed_copy_raises_with_the_cuda_error():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
-    torch.zeros(1, device="cuda")
-    runtime = cudart.runtime()
-    with pytest.raises(RuntimeError, match="cudaMemcpyAsync of 16 bytes failed"):
-        runtime.copy_to_device(0, 0, 16, torch.cuda.current_stream().cuda_stream)  # null pointers
-    assert torch.ones(4, device="cuda").sum().item() == 4  # torch does not inherit the error
