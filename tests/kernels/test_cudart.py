@@ -19,6 +19,7 @@ def test_copy_to_device_lands_the_host_bytes_at_an_offset():
     host = torch.from_numpy(np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)).pin_memory()
     device = torch.zeros(3 << 20, dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the zeros are written before the copy lands
     runtime.copy_to_device(device.data_ptr() + (1 << 20), host.data_ptr() + 4096, (1 << 20) - 4096,
                            stream.cuda_stream)
     stream.synchronize()
