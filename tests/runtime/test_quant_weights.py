@@ -33,16 +33,22 @@ def test_quantized_linears_give_the_dequantized_models_logits(tiny_q8):
 
 @pytest.mark.cuda
 def test_on_the_gpu_quantized_weights_decode_like_bfloat16_ones_in_less_memory(tiny_q8):
+    """The prompt path (bf16 copies per matmul) against the bf16 model; the decode steps (the
+    compiled matvec inside the decode graphs) against the same model's prompt path over the
+    text they generated (teacher forcing: a free-running comparison would diverge at the first
+    near tie)."""
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU")
     with tandem.LLM(tiny_q8, rules=rules("cuda", "torch"), ctx_size=128) as llm:
         bf16 = llm.logits(PROMPT)
-        bf16_tokens = llm.generate(PROMPT[:9], 24)
         bf16_bytes = llm.memory.resident["cuda"]
     with tandem.LLM(tiny_q8, rules=rules("cuda", "quant"), ctx_size=128) as llm:
-        ours = llm.logits(PROMPT)  # the prompt path: bf16 weights dequantized per call
-        tokens = llm.generate(PROMPT[:9], 24)  # decode steps: the compiled matvec, in graphs
+        ours = llm.logits(PROMPT)
+        new = llm.generate(PROMPT[:9], 24)
+        assert llm._graphs is not None  # the steps ran as graphs
+        teacher = llm.logits(PROMPT[:9] + new)
         quant_bytes = llm.memory.resident["cuda"]
     assert relative_error(ours, bf16) < 0.02 and top1_agreement(ours, bf16) > 0.95
-    assert sum(a == b for a, b in zip(tokens, bf16_tokens, strict=True)) >= 20
+    agree = sum(int(teacher[8 + i].argmax()) == token for i, token in enumerate(new))
+    assert agree >= 0.9 * len(new), f"{agree} of {len(new)} decoded tokens match"
     assert quant_bytes < bf16_bytes
