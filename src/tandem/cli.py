@@ -28,6 +28,11 @@ GpuExpertShare = Annotated[str, typer.Option(
     help="Fraction of each decode step's routed experts computed on the GPU "
          "while the CPU does the rest, their weights copied from the pinned file; 'auto': "
          "balanced per layer as it runs (default; +18-34% decode on the GPU machine); 0: none.")]
+Numa = Annotated[str | None, typer.Option(
+    "--numa",
+    help="'interleave': spread the expert pages read into RAM over the memory nodes (machines "
+         "with more than one socket; pages already cached keep their node). Default: leave "
+         "them where Linux puts them.")]
 GpuExpertCache = Annotated[float, typer.Option(
     "--gpu-expert-cache",
     help="GiB of VRAM for each layer's most used routed experts (counted as it runs), which "
@@ -208,6 +213,7 @@ def chat(
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
     gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
+    numa: Numa = None,
 ):
     """Talk to a model: interactively, or once with -p / stdin."""
     from tandem.chat import terminal
@@ -220,7 +226,7 @@ def chat(
     path = model if model is not None else default_model_path()
     llm = LLM(path, model_path=model_path, rules=rules, ctx_size=ctx_size, n_threads=cpu_infer,
               progress=err_console.is_terminal, gpu_experts_from=gpu_experts_from,
-              gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache)
+              gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache, numa=numa)
     params = SamplingParams.defaults_for(llm.file.metadata).updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
@@ -262,6 +268,7 @@ def serve(
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
     gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
+    numa: Numa = None,
 ):
     """OpenAI- and Ollama-compatible server with continuous batching."""
     import uvicorn
@@ -275,7 +282,8 @@ def serve(
                           api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                           ctx_size=ctx_size, n_threads=cpu_infer, rules=rules,
                           force_think=_bool(force_think), gpu_experts_from=gpu_experts_from,
-                          gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache)
+                          gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache,
+                          numa=numa)
     err_console.print(f"tandem: serving {config.model} on http://{host}:{port}/v1 "
                       f"(OpenAI) and http://{host}:{port}/api (Ollama); loading...",
                       highlight=False, soft_wrap=True)
@@ -298,6 +306,7 @@ def bench(
              "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
     gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
+    numa: Numa = None,
 ):
     """Prefill/decode tok/s, first-token time, memory, and expert GB/s against the RAM roofline."""
     from datetime import UTC, datetime
@@ -313,7 +322,7 @@ def bench(
 
     config = BenchConfig(model, ints(prompt_lengths), ints(streams), new_tokens, repetitions,
                          ctx_size, threads, rules, gpu_experts_from, gpu_expert_share,
-                         gpu_expert_cache)
+                         gpu_expert_cache, numa)
     results = run(config, progress=lambda line: err_console.print(line, highlight=False))
     now = datetime.now(UTC)
     record = {**machine.record_header("tandem bench", now, " ".join(["tandem", *sys.argv[1:]])),

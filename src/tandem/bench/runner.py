@@ -35,6 +35,7 @@ class BenchConfig:
     gpu_experts_from: int | None = None  # None: LLM's default
     gpu_expert_share: float | str = "auto"  # balanced (LLM's default); 0: off
     gpu_expert_cache: float = 0.0  # GiB of VRAM for the most used experts
+    numa: str | None = None  # "interleave": expert pages spread over the memory nodes
 
 
 def _memory_kb(key: str) -> int:
@@ -82,7 +83,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     began = time.perf_counter()
     llm = LLM(cfg.model, rules=cfg.rules, ctx_size=cfg.ctx_size, n_threads=cfg.n_threads,
               gpu_experts_from=cfg.gpu_experts_from, gpu_expert_share=cfg.gpu_expert_share,
-              gpu_expert_cache=cfg.gpu_expert_cache)
+              gpu_expert_cache=cfg.gpu_expert_cache, numa=cfg.numa)
     load_s = time.perf_counter() - began
     llm.page_in.wait()  # measure steps, not first touches of pages (see kernels.page_in)
     page_in_s = time.perf_counter() - began - load_s
@@ -99,7 +100,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         return torch.randint(10, vocab, (n,), generator=gen).tolist()
 
     results: dict = {"load_s": load_s, "page_in_s": page_in_s, "page_in_method": llm.page_in.method,
-                     "page_in_skipped": llm.page_in.skipped, "prefill": [], "decode": []}
+                     "page_in_skipped": llm.page_in.skipped, "page_in_numa": llm.page_in.numa_note,
+                     "prefill": [], "decode": []}
     params = SamplingParams(temperature=0, max_new_tokens=cfg.new_tokens)
     # Warm-up: first allocations, kernels, CUDA graphs (page faults are gone: paged in above).
     fitting = [n for n in cfg.prompt_lengths if n + cfg.new_tokens <= llm.ctx_size]

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from tandem.kernels import numa as numa_policy
+
 log = logging.getLogger(__name__)
 
 MADV_POPULATE_READ = 22
@@ -72,11 +74,18 @@ class PageIn:
     """Populates the page tables of `arrays` (views of a file mapping) on a thread. The arrays
     must stay alive (their mapping mapped) until `close()` returns or `done` is set."""
 
-    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None, method: str = "populate"):
-        """`method`: "populate" (madvise; "touch" where the kernel lacks it) or "touch"."""
+    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None, method: str = "populate",
+                 numa: str | None = None):
+        """`method`: "populate" (madvise; "touch" where the kernel lacks it) or "touch".
+        `numa`: "interleave" spreads the pages it brings into the page cache over the memory
+        nodes (kernels.numa); None leaves them where the kernel puts them."""
         if method not in ("populate", "touch"):
             raise ValueError(f"page-in method must be 'populate' or 'touch', got {method!r}")
+        if numa not in (None, *numa_policy.MODES):
+            raise ValueError(f"numa must be one of {', '.join(numa_policy.MODES)} or None, got {numa!r}")
         self.method = method
+        self.numa = numa
+        self.numa_note: str | None = None  # what the numa request came to
         self.arrays = list(arrays)  # keeps the mappings alive while the thread runs
         self.ranges = page_ranges(self.arrays)
         self.total = sum(n for _, n in self.ranges)
@@ -107,6 +116,8 @@ class PageIn:
     def _run(self) -> None:
         began = time.perf_counter()
         try:
+            if self.numa == "interleave":
+                self._interleave()
             for start, length in self.ranges:
                 for offset in range(0, length, CHUNK):
                     if self._stop.is_set():
@@ -119,6 +130,20 @@ class PageIn:
             self._done.set()
             log.info("paged in %.1f GB of in-place weights in %.1f s", self.done_bytes / 1e9,
                      self.seconds)
+
+    def _interleave(self) -> None:
+        """This thread's new pages round-robin over the memory nodes (a no-op on one node)."""
+        nodes = numa_policy.online_nodes()
+        if len(nodes) < 2:
+            self.numa_note = "one memory node: nothing to interleave"
+        else:
+            try:
+                numa_policy.interleave_this_thread(nodes)
+                self.numa_note = f"pages read in now interleave over nodes {nodes}"
+            except numa_policy.NumaError as exc:
+                self.numa_note = f"not interleaved ({exc})"
+                log.warning("--numa interleave: %s", self.numa_note)
+        log.info("numa: %s", self.numa_note)
 
     def _advise(self, address: int, length: int) -> None:
         if self.method == "touch":

@@ -22,6 +22,7 @@ from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.gpu_share import MAX_TOKENS as SHARE_MAX_TOKENS
 from tandem.kernels.gpu_share import GpuShare
+from tandem.kernels.numa import MODES as NUMA_MODES
 from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
 from tandem.models.decoder import Segment
@@ -56,7 +57,7 @@ class LLM:
                  kv_dtype: torch.dtype = torch.float32, progress: bool = False,
                  memory_caps: dict[str, int] | None = None, sequences: int = 1,
                  cuda_graphs: bool = True, gpu_experts_from: int | None = None,
-                 page_in: bool = True, gpu_expert_share: float | str = "auto",
+                 page_in: bool = True, numa: str | None = None, gpu_expert_share: float | str = "auto",
                  gpu_expert_cache: float = 0.0):
         """`sequences`: how many KV caches of `ctx_size` the memory plan must leave room for
         (the server's --max-batch-size). `cuda_graphs`: replay one-token decode steps as CUDA
@@ -67,7 +68,9 @@ class LLM:
         routed experts are read in place, on the CPU or streamed; else PREFILL_CHUNK).
         `page_in`: map the pages of the weights read in place (the CPU experts) into the
         process on a background thread (kernels.page_in), so first uses take no page faults;
-        `self.page_in.wait()` blocks until that is done. `gpu_expert_share`: the fraction of
+        `self.page_in.wait()` blocks until that is done; `numa`: "interleave" spreads the pages
+        it reads into the page cache over the memory nodes (kernels.numa; two-socket machines).
+        `gpu_expert_share`: the fraction of
         the CPU-placed experts of each decode step computed on the model's GPU at the same
         time, their weights copied from the pinned file mapping (kernels.gpu_share); "auto"
         (default): balanced per layer as it runs; 0: none. It stays off without a GPU or
@@ -87,6 +90,8 @@ class LLM:
             raise TandemError(f"ctx_size {ctx_size} must lie in 1..{c.context_length} "
                               "(the model's context length)")
         self.ctx_size = ctx_size
+        if numa not in (None, *NUMA_MODES):
+            raise TandemError(f"numa {numa!r} is not one of {', '.join(NUMA_MODES)} (or none)")
         expected = spec.tensors(c, self.file)
         aliases = spec.aliases(self.file)
         check_tensors(self.file, expected, aliases)
@@ -132,7 +137,7 @@ class LLM:
             loader = WeightLoader(self.file, self.placements, self.kernels, advance, aliases, streamer,
                                   self.gpu_share, share_fraction)
             self.model = spec.build(self.file, c, loader, devices)
-        self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [])
+        self.page_in = PageIn([t.data for t in loader.in_place] if page_in else [], numa=numa)
         if self.gpu_share is not None:
             shared = [(e.gate, e.up, e.down) for e in self.routed_experts() if e.share is self.gpu_share]
             self.gpu_share.keep_in_vram(shared, cache_bytes)

@@ -31,6 +31,7 @@ class ServerConfig:
     gpu_experts_from: int | None = None  # None: LLM's default
     gpu_expert_share: float | str = "auto"  # balanced (LLM's default); 0: off
     gpu_expert_cache: float = 0.0  # GiB of VRAM for the most used experts
+    numa: str | None = None  # "interleave": expert pages spread over the memory nodes
 
 
 @dataclass
@@ -72,7 +73,7 @@ class ServerState:
             self.llm = LLM(c.model, model_path=c.model_path, rules=c.rules, ctx_size=c.ctx_size,
                            n_threads=c.n_threads, sequences=c.max_batch_size,
                            gpu_experts_from=c.gpu_experts_from, gpu_expert_share=c.gpu_expert_share,
-                           gpu_expert_cache=c.gpu_expert_cache)
+                           gpu_expert_cache=c.gpu_expert_cache, numa=c.numa)
             meta = self.llm.file.metadata
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
             self.template = template_for(meta, self.tokenizer)
