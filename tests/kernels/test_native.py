@@ -9,6 +9,10 @@ float product.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -224,3 +228,34 @@ def test_vectorized_and_portable_hidden_values_are_identical():
     g = torch.randn(1 << 16, generator=torch.Generator().manual_seed(4)) * 6
     u = torch.randn(1 << 16, generator=torch.Generator().manual_seed(5))
     assert torch.equal(native.silu_mul(g, u, vectorized=True), native.silu_mul(g, u, vectorized=False))
+
+
+def _allowed_cpus_of_threads() -> list[str]:
+    """Cpus_allowed_list of each thread of this process, as the kernel reports it."""
+    lists = []
+    for status in Path("/proc/self/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                lists.append(line.split(":", 1)[1].strip())
+    return lists
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="Linux thread affinity, 2+ CPUs")
+def test_pinned_workers_stay_on_one_cpu_each_and_move_freely_again_when_unpinned():
+    """TANDEM_PIN_THREADS: the kernels' worker threads each get one CPU of the process's set
+    (the caller's thread keeps all of them); turned off, they get the whole set back."""
+    (gate, _), (up, _), (down, _) = _experts("ud-iq1_s")
+    x = torch.randn(4, 256)
+    ids, weights = routing(4, k=4, seed=2)
+    cpus = sorted(os.sched_getaffinity(0))
+    before = native.pin_threads(True)
+    try:
+        pinned = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+        assert str(cpus[1]) in _allowed_cpus_of_threads()  # worker 1 on the second CPU alone
+        assert sorted(os.sched_getaffinity(0)) == cpus  # the caller's thread untouched
+    finally:
+        native.pin_threads(before)
+    free = native.moe(x, ids, weights, gate, up, down, n_threads=2)
+    assert str(cpus[1]) not in _allowed_cpus_of_threads()
+    assert torch.equal(pinned, free)  # where a thread runs changes nothing else

@@ -23,8 +23,9 @@ from tandem.kernels.tensors import QuantTensor, activation_rows
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
 # Environment variables that pick kernel variants at load, for A/B benchmarks: TANDEM_AMX=0 keeps
 # the AVX-512 GEMMs on an AMX CPU; TANDEM_TOKEN_BLOCK sets (token, slot) pairs per prefill task;
-# TANDEM_GEMM_MIN_PAIRS the fewest pairs of an expert that take the GEMM path (default 16).
-KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK", "TANDEM_GEMM_MIN_PAIRS")
+# TANDEM_GEMM_MIN_PAIRS the fewest pairs of an expert that take the GEMM path (default 16);
+# TANDEM_PIN_THREADS=1 keeps each worker thread of the kernels on one CPU.
+KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK", "TANDEM_GEMM_MIN_PAIRS", "TANDEM_PIN_THREADS")
 
 
 @functools.cache
@@ -41,6 +42,7 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_use_amx.argtypes = [i32]
     lib.tandem_set_token_block.argtypes = [i32]
     lib.tandem_set_gemm_min_pairs.argtypes = [i32]
+    lib.tandem_pin_threads.argtypes = [i32]
     lib.tandem_moe_work_bytes.argtypes = [i32, i32, i32, i32]
     lib.tandem_moe_work_bytes.restype = ctypes.c_size_t
     lib.tandem_silu_mul.argtypes = [ptr, ptr, i32, i32]
@@ -49,13 +51,15 @@ def _lib() -> ctypes.CDLL:
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
-    amx, token_block, gemm_min_pairs = (os.environ.get(name) for name in KERNEL_ENV)
+    amx, token_block, gemm_min_pairs, pin = (os.environ.get(name) for name in KERNEL_ENV)
     if amx == "0":
         lib.tandem_use_amx(0)
     if token_block:
         lib.tandem_set_token_block(int(token_block))
     if gemm_min_pairs:
         lib.tandem_set_gemm_min_pairs(int(gemm_min_pairs))
+    if pin == "1":
+        lib.tandem_pin_threads(1)
     return lib
 
 
@@ -99,6 +103,16 @@ def set_gemm_min_pairs(pairs: int) -> int:
     where on) instead of the per-token tile kernels, 1..16 (default 16; TANDEM_GEMM_MIN_PAIRS
     sets it at load, for A/B runs of a few decode streams); returns the previous value."""
     return int(_lib().tandem_set_gemm_min_pairs(int(pairs)))
+
+
+def pin_threads(on: bool) -> bool:
+    """Keep each worker thread of the kernels' parallel regions on one CPU of the process's
+    affinity set (the caller's thread stays free; TANDEM_PIN_THREADS=1 turns it on at load, for
+    A/B runs), or let them move again; returns the previous setting."""
+    old = int(_lib().tandem_pin_threads(int(on)))
+    if old < 0:
+        raise KernelError("could not read this process's CPU affinity")
+    return bool(old)
 
 
 def amx_available() -> bool:

@@ -30,6 +30,7 @@
 #include <string.h>
 #include <omp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1216,6 +1217,45 @@ static int token_block = TOKEN_BLOCK; /* tandem_set_token_block: 16..TOKEN_BLOCK
 /* ... and at least this many rows (one AMX tile of weight rows; the panel is built per task). */
 #define PREFILL_TASK_ROWS 16
 
+/* Thread pinning (tandem_pin_threads, TANDEM_PIN_THREADS for A/B runs): worker t of a
+ * parallel region stays on CPU pin_cpus[t] of the affinity set the process had when pinning was
+ * turned on, so the OS cannot move it or stack two workers on one CPU; the caller's thread
+ * (worker 0) stays free: it runs Python between calls and launches the GPU's work. A worker
+ * pins itself at its first region after each change (pin_generation). */
+#define MAX_PIN_CPUS 1024
+static int pin_cpus[MAX_PIN_CPUS], n_pin_cpus = 0, pin_generation = 0;
+static cpu_set_t pin_all; /* the process's affinity when pinning was turned on: restored when off */
+static __thread int pinned_generation = 0, worker_pinned = 0;
+
+int tandem_pin_threads(int on) {
+    const int old = n_pin_cpus > 0;
+    if (on && !old) {
+        if (sched_getaffinity(0, sizeof(pin_all), &pin_all) != 0) return -1;
+        for (int cpu = 0; cpu < CPU_SETSIZE && n_pin_cpus < MAX_PIN_CPUS; cpu++)
+            if (CPU_ISSET(cpu, &pin_all)) pin_cpus[n_pin_cpus++] = cpu;
+    } else if (!on) {
+        n_pin_cpus = 0;
+    }
+    pin_generation++;
+    return old;
+}
+
+/* The calling worker onto its CPU (or back to the whole set), once per pinning change. */
+static void pin_this_worker(void) {
+    const int t = omp_get_thread_num();
+    if (t == 0 || pinned_generation == pin_generation) return;
+    pinned_generation = pin_generation;
+    if (n_pin_cpus > 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(pin_cpus[t % n_pin_cpus], &set);
+        worker_pinned = pthread_setaffinity_np(pthread_self(), sizeof(set), &set) == 0;
+    } else if (worker_pinned) {
+        pthread_setaffinity_np(pthread_self(), sizeof(pin_all), &pin_all);
+        worker_pinned = 0;
+    }
+}
+
 /* Fewest pairs of one expert in a task that take the GEMM path (AMX tiles where on) rather than
  * the tile kernels: GEMM_MIN_PAIRS by default. Lower, a few decode streams sharing an expert
  * decode each weight row once into bytes and multiply it on tiles (A/B runs). */
@@ -1289,6 +1329,7 @@ int tandem_matmul(const void *weight, int type, int n_rows, int k, const float *
     const int rows = rows_per_task(row_bytes);
 #pragma omp parallel num_threads(n_threads)
     {
+        pin_this_worker();
         FLUSH_DENORMALS_BEGIN
 #pragma omp for schedule(static)
         for (int t = 0; t < n_tok; t++) quantize_row(x + (size_t)t * k, xq + (size_t)t * nb, k);
@@ -1421,6 +1462,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 
 #pragma omp parallel num_threads(n_threads)
     {
+        pin_this_worker();
         FLUSH_DENORMALS_BEGIN
 #if X86
         gemm_scratch scratch = {0};
