@@ -186,9 +186,10 @@ class GpuShare:
             try:
                 self._pins = PinnedMappings(arrays, ram)
                 log.info("GPU expert share: %.1f GiB of mapped experts pinned", self._pins.bytes / 2**30)
-                self._compile(experts, batched=False)
+                kinds = _kinds(experts)
+                self._compile(kinds, batched=False)
                 self.ready.set()  # one token's steps share from here on; batches once compiled too
-                self._compile(experts, batched=True)
+                self._compile(kinds, batched=True)
                 self.batches_ready.set()
             except KernelError as exc:
                 self._turn_off(str(exc))
@@ -199,12 +200,10 @@ class GpuShare:
 
         threading.Thread(target=run, name="tandem-pin", daemon=True).start()
 
-    def _compile(self, experts: Sequence[Sequence[QuantTensor]], batched: bool) -> None:
+    def _compile(self, kinds: set[tuple], batched: bool) -> None:
         """Compile the kernels of every expert count a half may get for every mix of types the
-        layers have, on zeros, before the share starts (a few seconds each on the GPU machine;
-        compiled during decode they would stall tokens)."""
-        kinds = {(tuple(w.ggml_type for w in mats), tuple(w.expert_bytes() for w in mats), mats[0].shape[-1])
-                 for mats in experts if all(torch_dequant.supports(w.ggml_type) for w in mats)}
+        layers have (`_kinds`), on zeros, before the share starts (a few seconds each on the GPU
+        machine; compiled during decode they would stall tokens)."""
         with torch.cuda.stream(torch.cuda.Stream(self.device)), torch.inference_mode():
             for types, sizes, d in sorted(kinds):
                 grids = [torch_dequant.grid_table(t, self.device) for t in types]
@@ -493,6 +492,12 @@ class GpuShare:
             self._graphs.clear()  # they read the old slots
             self._parts_cache.clear()
         return self._slots
+
+
+def _kinds(experts: Sequence[Sequence[QuantTensor]]) -> set[tuple]:
+    """The layers' mixes of (types, bytes per expert, rows' length) the share's kernels take."""
+    return {(tuple(w.ggml_type for w in mats), tuple(w.expert_bytes() for w in mats), mats[0].shape[-1])
+            for mats in experts if all(torch_dequant.supports(w.ggml_type) for w in mats)}
 
 
 def _first_line(exc: Exception) -> str:
