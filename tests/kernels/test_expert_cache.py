@@ -91,3 +91,44 @@ def test_decode_with_a_cache_stays_correct_while_it_refreshes(experts):
             expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
             assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
     assert len(share.resident(gate)) == 3
+
+
+def test_prefetched_experts_are_read_from_vram_for_their_layer_only(experts):
+    """TANDEM_SHARE_PREFETCH: experts copied ahead of a layer's call are resident for that
+    layer (the share reads them from their rows: spoiling the rows shows), not for another,
+    and the next prefetch replaces them."""
+    (gate, _), (up, _), (down, _) = experts
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(3))
+    ids, weights = torch.tensor([[1, 4, 6, 9]]), torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    plain = GpuShare("cpu", max_experts=K).launch(x, ids, weights, [1, 4, 6, 9], gate, up, down).out
+    share = GpuShare("cpu", max_experts=K)
+    share.prefetch((gate, up, down), [9, 4, 12])  # off: prefetch_rows is 0
+    assert share.resident(gate) == set()
+    share.prefetch_rows = 2
+    share.prefetch((gate, up, down), [9, 4, 12])  # the two most likely
+    assert share.resident(gate) == {9, 4}
+    other_layer = (up, gate, down)  # another layer's tensors (its gate is `up` here)
+    assert share.resident(up) == set()
+    assert torch.equal(share.launch(x, ids, weights, [1, 4, 6, 9], gate, up, down).out, plain)
+    for rows in share._ahead.rows:
+        rows.zero_()  # the prefetched copies now differ from the file: the share must show it
+    assert relative_error(share.launch(x, ids, weights, [1, 4, 6, 9], gate, up, down).out, plain) > 0.05
+    share.prefetch(other_layer, [3])
+    assert share.resident(gate) == set() and share.resident(up) == {3}
+    assert torch.equal(share.launch(x, ids, weights, [1, 4, 6, 9], gate, up, down).out, plain)
+
+
+def test_decode_with_prefetches_stays_correct_whether_they_hit_or_miss(experts):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    share = GpuShare("cpu", max_experts=2 * K, experts_per_token=K)
+    share.prefetch_rows = 3
+    with CpuKernels() as kernels:
+        moe = CpuExperts(kernels, gate, up, down, share=share, balance=ShareBalance(0.25, fixed=True))
+        for step in range(12):
+            ids, weights = routing(1, k=K, n_expert=N_EXPERT, seed=step)
+            guess = ids[0].tolist() if step % 2 else [(e + 1) % N_EXPERT for e in ids[0].tolist()]
+            share.prefetch((gate, up, down), guess)  # right on odd steps, wrong on even ones
+            x = torch.randn(1, D, generator=torch.Generator().manual_seed(step))
+            ours = moe.collect(moe.submit(x, ids, weights))
+            expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+            assert relative_error(ours, expected) < Q8_ACTIVATION_TOL

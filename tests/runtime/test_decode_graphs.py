@@ -79,6 +79,34 @@ def test_compiled_pieces_equal_the_eager_steps_and_compile_once_for_all_layers(t
     assert n_layers >= 3 and 0 < graphs <= 4, f"{graphs} graphs for {n_layers} layers"  # a piece each
 
 
+def test_steps_prefetch_the_next_layers_predicted_experts_and_keep_the_logits(tmp_path):
+    """TANDEM_SHARE_PREFETCH in the steps (uncaptured, the share's "GPU" on the CPU): each MoE
+    segment predicts the next MoE's experts, the step copies them ahead, and the logits stay
+    those of the CPU experts alone (the share's float sums against int8 activations)."""
+    from tandem.bench import synth
+    from tandem.kernels.experts import CpuExperts
+    from tandem.kernels.gpu_share import GpuShare, ShareBalance
+
+    path = tmp_path / "iq1.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
+    sequence = tokens(PROMPT + 8)
+    with tandem.LLM(path, rules=CPU_RULES, ctx_size=48) as llm:
+        alone = stepwise(llm, sequence, capture=False, bucket=48)
+        experts = [b.ffn.experts for b in llm.model.blocks if isinstance(b.ffn, MoE)]
+        assert len(experts) >= 2 and all(isinstance(e, CpuExperts) for e in experts)
+        share = GpuShare("cpu", max_experts=8)
+        share.prefetch_rows = 3
+        for e in experts:
+            e.share, e.balance = share, ShareBalance(0.25, fixed=True)
+        prefetched = []
+        original = share.prefetch
+        share.prefetch = lambda tensors, ids: (prefetched.append(list(ids)), original(tensors, ids))
+        ours = stepwise(llm, sequence, capture=False, bucket=48)
+    assert len(prefetched) == 8 * (len(experts) - 1)  # every step, every MoE after the first
+    assert share._ahead is not None and share._ahead.row_of
+    assert relative_error(ours, alone) < 0.02
+
+
 def test_steps_of_several_sequences_equal_each_one_stepped_alone(tiny_q8):
     """Three sequences in one object (the server's slots), the third idle for the first steps
     (its row runs at the last cache row, its experts skipped): every active row's logits equal

@@ -38,7 +38,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,7 +69,10 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # runs after it on the caller's thread; TANDEM_SHARE_CPU_FIRST=1 starts the CPU's on the
 # kernels' thread with one thread fewer, and launches the GPU's meanwhile on the core left free
 # (the launch is ~0.4-0.6 ms of Python that the CPU's part otherwise waits for).
-SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST",)
+# TANDEM_SHARE_PREFETCH=N: after each layer, copy up to N experts the next layer's router
+# predicts (on this layer's MoE input) into VRAM while the copy engine idles (kernels.decode
+# graphs issue it); the next layer takes them first, copied within VRAM.
+SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_PREFETCH")
 
 
 class ShareBalance:
@@ -154,6 +157,8 @@ class GpuShare:
         self._slots: torch.Tensor | None = None
         self.graphs = True  # replay the kernels as CUDA graphs (False: launch them each call)
         self.cpu_first = os.environ.get("TANDEM_SHARE_CPU_FIRST") == "1"  # see SHARE_ENV
+        self.prefetch_rows = int(os.environ.get("TANDEM_SHARE_PREFETCH") or 0)  # see SHARE_ENV
+        self._ahead: _Ahead | None = None  # the experts prefetched for one layer
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' memory pool, shared (they replay one after another)
         self._buffers: dict[str, torch.Tensor] = {}  # fixed ones the graphs use: x, weight, out
@@ -236,9 +241,43 @@ class GpuShare:
         return taken
 
     def resident(self, gate: QuantTensor) -> set[int]:
-        """The experts of `gate`'s layer held in VRAM now."""
+        """The experts of `gate`'s layer held in VRAM now (its cache, and what was prefetched
+        for it)."""
         cache = self._caches.get(id(gate))
-        return set(cache.row_of) if cache is not None else set()
+        held = set(cache.row_of) if cache is not None else set()
+        if self._ahead is not None and self._ahead.layer == id(gate):
+            held |= set(self._ahead.row_of)
+        return held
+
+    def prefetch(self, tensors: Sequence[QuantTensor], experts: Iterable[int]) -> None:
+        """Copy up to `prefetch_rows` of `experts` (gate, up, down of one layer; most likely
+        first) into VRAM on the copy stream, ahead of that layer's next call, which takes them
+        first. Replaces what an earlier call prefetched (for any layer): queued after the copies
+        that read it."""
+        if self.prefetch_rows <= 0 or not self.ready.is_set():
+            return
+        gate = tensors[0]
+        cache = self._caches.get(id(gate))
+        cached = set(cache.row_of) if cache is not None else set()  # copied within VRAM anyway
+        chosen = [e for e in dict.fromkeys(experts) if e not in cached][: self.prefetch_rows]
+        sizes = [w.expert_bytes() for w in tensors]
+        ahead = self._ahead
+        if ahead is None or any(r.shape[1] < n for r, n in zip(ahead.rows, sizes, strict=True)):
+            if ahead is not None and self.cuda:
+                self._copy_stream.synchronize()  # no queued copy reads the rows given back
+            ahead = self._ahead = _Ahead([torch.empty(self.prefetch_rows, n, dtype=torch.uint8,
+                                                      device=self.device) for n in sizes])
+        ahead.layer, ahead.row_of = id(gate), {e: row for row, e in enumerate(chosen)}
+        raw = self._runtime()
+        torch_copies = self.cuda and raw is None  # torch's copies need the copy stream current
+        with torch.cuda.stream(self._copy_stream) if torch_copies else contextlib.nullcontext():
+            for w, rows, size in zip(tensors, ahead.rows, sizes, strict=True):
+                for row, e in enumerate(chosen):
+                    if raw is not None:  # on the copy stream: after the copies that read the rows
+                        raw.copy_to_device(rows[row].data_ptr(), w.address + e * size, size,
+                                           self._copy_stream_handle)
+                    else:
+                        rows[row, :size].copy_(w.per_expert[e], non_blocking=True)
 
     def note_usage(self, ids: torch.Tensor, gate: QuantTensor) -> None:
         """Count the experts a call of `gate`'s layer chose; at a refresh, copy the newly most
@@ -398,7 +437,8 @@ class GpuShare:
             return []
         self._copy_stream.wait_event(self._consumed)  # the last call's kernels are done with the slots
         # the runtime's copies name the copy stream themselves; torch's need it current
-        direct = self._runtime() is not None and id(tensors[0]) not in self._caches
+        ahead = self._ahead is not None and self._ahead.layer == id(tensors[0])
+        direct = self._runtime() is not None and id(tensors[0]) not in self._caches and not ahead
         with contextlib.nullcontext() if direct else torch.cuda.stream(self._copy_stream):
             for group, group_parts, event in zip(groups, parts, self._copied, strict=False):
                 self._copy(group, tensors, group_parts)
@@ -458,12 +498,14 @@ class GpuShare:
         else from the mapped file (one copy per run of consecutive experts)."""
         cache = self._caches.get(id(tensors[0]))
         row_of = cache.row_of if cache is not None else {}
+        ahead = self._ahead if self._ahead is not None and self._ahead.layer == id(tensors[0]) else None
+        in_vram = row_of.keys() | (ahead.row_of.keys() if ahead is not None else set())
         runs = consecutive_runs(experts)
         raw = self._runtime()
         for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
             row, size = 0, w.expert_bytes()
             for first, count in runs:
-                if not any(e in row_of for e in range(first, first + count)):
+                if not any(e in in_vram for e in range(first, first + count)):
                     if raw is not None:  # the runtime directly: ~4 us a copy, not ~25
                         raw.copy_to_device(part.data_ptr() + row * size, w.address + first * size,
                                            count * size, self._copy_stream_handle)
@@ -472,7 +514,12 @@ class GpuShare:
                     row += count
                     continue
                 for e in range(first, first + count):
-                    source = cache.rows[m][row_of[e]] if e in row_of else w.per_expert[e]
+                    if e in row_of:
+                        source = cache.rows[m][row_of[e]]
+                    elif ahead is not None and e in ahead.row_of:
+                        source = ahead.rows[m][ahead.row_of[e], :size]
+                    else:
+                        source = w.per_expert[e]
                     part[row].copy_(source, non_blocking=True)
                     row += 1
 
@@ -492,6 +539,15 @@ class GpuShare:
             self._graphs.clear()  # they read the old slots
             self._parts_cache.clear()
         return self._slots
+
+
+@dataclass
+class _Ahead:
+    """Experts copied into VRAM ahead of one layer's call: one row per expert and matrix."""
+
+    rows: list[torch.Tensor]
+    layer: int | None = None  # id of that layer's gate tensor
+    row_of: dict[int, int] = field(default_factory=dict)
 
 
 def _kinds(experts: Sequence[Sequence[QuantTensor]]) -> set[tuple]:

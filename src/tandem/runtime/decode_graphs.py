@@ -101,6 +101,12 @@ def pieces_from_env() -> StepPieces:
     return StepPieces.compiled() if os.environ.get(COMPILE_ENV) == "1" else StepPieces()
 
 
+def _prefetches(moe: MoE) -> bool:
+    """Whether `moe`'s routed experts have a GPU share that prefetches."""
+    share = getattr(moe.experts, "share", None)
+    return share is not None and share.prefetch_rows > 0
+
+
 def bucket_lengths(first: int, ctx: int) -> list[int]:
     """first, 2 first, 4 first, ... while below ctx, then ctx."""
     lengths, length = [], first
@@ -165,6 +171,11 @@ class DecodeGraphs:
                 cuts.append(Cut(first, i, moe, host, shared, torch.zeros(b, d, device=device)))
                 first = i + 1
         cuts.append(Cut(first, len(model.blocks) - 1))
+        if b == 1:  # one sequence: each MoE cut predicts the next one's experts for a prefetch
+            for cut, after in zip(cuts, cuts[1:], strict=False):
+                if after.moe is not None and _prefetches(after.moe):
+                    cut.host["ahead"] = torch.zeros(1, after.moe.c.n_expert_used, dtype=torch.long,
+                                                    pin_memory=pinned)
         return cuts
 
     # -- one step --------------------------------------------------------------------------
@@ -197,9 +208,19 @@ class DecodeGraphs:
                 self._ready.record()  # the host buffers are filled once the segment is done
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
+            self._prefetch(i)  # the copy engine is idle while the segment runs
+            if graphs is not None:
                 self._ready.synchronize()
             self._routed(cut, rows)
         return self.logits
+
+    def _prefetch(self, i: int) -> None:
+        """Copy the experts the cut before predicted for MoE i into VRAM (GPU share's prefetch;
+        TANDEM_SHARE_PREFETCH), while this segment computes what MoE i really picks."""
+        ahead = self.cuts[i - 1].host.get("ahead") if i > 0 else None
+        if ahead is not None:
+            experts = self.cuts[i].moe.experts
+            experts.share.prefetch((experts.gate, experts.up, experts.down), ahead[0].tolist())
 
     def _routed(self, cut: Cut, rows: list[int]) -> None:
         """The routed experts of the active rows into cut.routed (the others keep stale rows)."""
@@ -229,6 +250,8 @@ class DecodeGraphs:
             x = pieces.attention(block, x, self.position, self.caches[j], length)
             if j == cut.last and cut.moe is not None:
                 h, ids, weights = pieces.moe_entry(block, x)
+                if "ahead" in cut.host:  # the next MoE's router on this input: its likely picks
+                    cut.host["ahead"].copy_(self.cuts[i + 1].moe.choose(h)[0], non_blocking=True)
                 self.x.copy_(x)
                 self.h.copy_(h)
                 cut.host["h"].copy_(h, non_blocking=True)

@@ -117,9 +117,9 @@ class LLM:
             raise TandemError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         workspace = _stream_workspace(streamer, needed, c, prefill_chunk) if streamer else {}
-        if self.gpu_share is not None:  # its slots: max_experts experts' quantized bytes
+        if self.gpu_share is not None:  # its slots (and prefetch rows): experts' quantized bytes
             expert = max(planner.expert_bytes_per_layer(needed).values(), default=0)
-            slots = self.gpu_share.max_experts * expert
+            slots = (self.gpu_share.max_experts + self.gpu_share.prefetch_rows) * expert
             device = str(self.gpu_share.device)
             workspace[device] = workspace.get(device, 0) + slots + cache_bytes
         if "cpu" in expert_kernels:
