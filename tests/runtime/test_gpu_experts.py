@@ -124,3 +124,23 @@ def test_decode_shares_iq1_s_experts_with_the_gpu_and_keeps_the_cpu_logits(tmp_p
             cached = llm.generate(prompt, 12)
         assert any(llm.gpu_share.resident(e.gate) for e in cpu_experts(llm))
     assert sum(a == b for a, b in zip(cached, reference, strict=True)) >= 10
+
+
+@pytest.mark.cuda
+def test_decode_with_next_layer_prefetch_keeps_the_cpu_tokens(tmp_path, monkeypatch):
+    """TANDEM_SHARE_PREFETCH under the captured decode graphs: the segments' predictions reach
+    the host, the share copies them ahead, and greedy tokens agree with the CPU experts alone."""
+    from tandem.bench import synth
+
+    path = tmp_path / "iq1.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
+    prompt = tokens(8)
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
+        reference = llm.generate(prompt, 12)
+    monkeypatch.setenv("TANDEM_SHARE_PREFETCH", "2")
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
+        assert llm.gpu_share.wait(60) and llm.gpu_share.prefetch_rows == 2, llm.gpu_share.skipped
+        ours = llm.generate(prompt, 12)
+        assert llm._graphs is not None and any("ahead" in cut.host for cut in llm._graphs.cuts)
+        assert llm.gpu_share._ahead is not None and llm.gpu_share._ahead.row_of
+    assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 10
