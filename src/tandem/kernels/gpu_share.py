@@ -69,9 +69,9 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # runs after it on the caller's thread; TANDEM_SHARE_CPU_FIRST=1 starts the CPU's on the
 # kernels' thread with one thread fewer, and launches the GPU's meanwhile on the core left free
 # (the launch is ~0.4-0.6 ms of Python that the CPU's part otherwise waits for).
-# TANDEM_SHARE_PREFETCH=N: after each layer, copy up to N experts the next layer's router
-# predicts (on this layer's MoE input) into VRAM while the copy engine idles (kernels.decode
-# graphs issue it); the next layer takes them first, copied within VRAM.
+# TANDEM_SHARE_PREFETCH=N: while a decode segment runs, copy up to N experts that its MoE's
+# router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
+# copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_PREFETCH")
 
 
