@@ -23,6 +23,10 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+GpuExpertsFrom = Annotated[int | None, typer.Option(
+    "--gpu-experts-from",
+    help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
+         "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")]
 GpuExpertShare = Annotated[str, typer.Option(
     "--gpu-expert-share",
     help="Fraction of each decode step's routed experts computed on the GPU "
@@ -208,9 +212,7 @@ def chat(
         help="CPU threads for the expert kernels.")] = None,
     ctx_size: Annotated[int | None, typer.Option("--ctx-size", "--ctx_size", help="Context length.")] = None,
     rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
-    gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
-        help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
-             "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
+    gpu_experts_from: GpuExpertsFrom = None,
     gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
     numa: Numa = None,
@@ -263,9 +265,7 @@ def serve(
     rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
     force_think: Annotated[str, typer.Option("--force_think", "--force-think",
         help="true: every chat answer starts inside <think>.")] = "false",
-    gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
-        help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
-             "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
+    gpu_experts_from: GpuExpertsFrom = None,
     gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
     numa: Numa = None,
@@ -301,9 +301,7 @@ def bench(
     threads: Annotated[int | None, typer.Option("--threads", "--cpu_infer")] = None,
     rules: Annotated[Path | None, typer.Option(help="Placement rules (YAML).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for the JSON result.")] = Path("bench-results"),
-    gpu_experts_from: Annotated[int | None, typer.Option("--gpu-experts-from",
-        help="Batches of at least N tokens (long prompts) compute the routed experts on the GPU, "
-             "weights streamed over PCIe; 0: always on the CPU (default: a measured threshold).")] = None,
+    gpu_experts_from: GpuExpertsFrom = None,
     gpu_expert_share: GpuExpertShare = "auto",
     gpu_expert_cache: GpuExpertCache = 0.0,
     numa: Numa = None,
