@@ -243,11 +243,13 @@ class GpuShare:
     def resident(self, gate: QuantTensor) -> set[int]:
         """The experts of `gate`'s layer held in VRAM now (its cache, and what was prefetched
         for it)."""
-        cache = self._caches.get(id(gate))
-        held = set(cache.row_of) if cache is not None else set()
-        if self._ahead is not None and self._ahead.layer == id(gate):
-            held |= set(self._ahead.row_of)
-        return held
+        cache, ahead = self._held(gate)
+        return (cache.row_of.keys() if cache else set()) | (ahead.row_of.keys() if ahead else set())
+
+    def _held(self, gate: QuantTensor) -> tuple[LayerCache | None, _Ahead | None]:
+        """Where `gate`'s layer has experts in VRAM: its cache, and a prefetch made for it."""
+        ahead = self._ahead if self._ahead is not None and self._ahead.layer == id(gate) else None
+        return self._caches.get(id(gate)), ahead
 
     def prefetch(self, tensors: Sequence[QuantTensor], experts: Iterable[int]) -> None:
         """Copy up to `prefetch_rows` of `experts` (gate, up, down of one layer; most likely
@@ -268,16 +270,10 @@ class GpuShare:
             ahead = self._ahead = _Ahead([torch.empty(self.prefetch_rows, n, dtype=torch.uint8,
                                                       device=self.device) for n in sizes])
         ahead.layer, ahead.row_of = id(gate), {e: row for row, e in enumerate(chosen)}
-        raw = self._runtime()
-        torch_copies = self.cuda and raw is None  # torch's copies need the copy stream current
-        with torch.cuda.stream(self._copy_stream) if torch_copies else contextlib.nullcontext():
+        with self._on_copy_stream():  # queued after the copies that read the rows
             for w, rows, size in zip(tensors, ahead.rows, sizes, strict=True):
                 for row, e in enumerate(chosen):
-                    if raw is not None:  # on the copy stream: after the copies that read the rows
-                        raw.copy_to_device(rows[row].data_ptr(), w.address + e * size, size,
-                                           self._copy_stream_handle)
-                    else:
-                        rows[row, :size].copy_(w.per_expert[e], non_blocking=True)
+                    self._from_file(rows[row, :size], w, e, 1)
 
     def note_usage(self, ids: torch.Tensor, gate: QuantTensor) -> None:
         """Count the experts a call of `gate`'s layer chose; at a refresh, copy the newly most
@@ -288,10 +284,10 @@ class GpuShare:
         swaps = cache.note(set(ids.flatten().tolist()))
         if not swaps:
             return
-        with torch.cuda.stream(self._copy_stream) if self.cuda else contextlib.nullcontext():
+        with self._on_copy_stream():
             for expert, row in swaps:
                 for w, rows in zip(cache.tensors, cache.rows, strict=True):
-                    rows[row].copy_(w.per_expert[expert], non_blocking=True)
+                    self._from_file(rows[row], w, expert, 1)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pinning has ended (either way); True if the share is on."""
@@ -436,10 +432,9 @@ class GpuShare:
                 self._copy(group, tensors, group_parts)
             return []
         self._copy_stream.wait_event(self._consumed)  # the last call's kernels are done with the slots
-        # the runtime's copies name the copy stream themselves; torch's need it current
-        ahead = self._ahead is not None and self._ahead.layer == id(tensors[0])
-        direct = self._runtime() is not None and id(tensors[0]) not in self._caches and not ahead
-        with contextlib.nullcontext() if direct else torch.cuda.stream(self._copy_stream):
+        # copies within VRAM (from a cache or a prefetch) go through torch: on the copy stream
+        within_vram = any(self._held(tensors[0]))
+        with self._on_copy_stream(within_vram):
             for group, group_parts, event in zip(groups, parts, self._copied, strict=False):
                 self._copy(group, tensors, group_parts)
                 event.record(self._copy_stream)
@@ -494,38 +489,46 @@ class GpuShare:
         return buffer
 
     def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
-        """Each expert's bytes into its slot row: from VRAM where the layer's cache holds it,
-        else from the mapped file (one copy per run of consecutive experts)."""
-        cache = self._caches.get(id(tensors[0]))
+        """Each expert's bytes into its slot row: from VRAM where the layer's cache or a
+        prefetch holds it, else from the mapped file (one copy per run of consecutive experts)."""
+        cache, ahead = self._held(tensors[0])
         row_of = cache.row_of if cache is not None else {}
-        ahead = self._ahead if self._ahead is not None and self._ahead.layer == id(tensors[0]) else None
-        in_vram = row_of.keys() | (ahead.row_of.keys() if ahead is not None else set())
+        in_vram = self.resident(tensors[0])
         runs = consecutive_runs(experts)
-        raw = self._runtime()
         for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
             row, size = 0, w.expert_bytes()
             for first, count in runs:
                 if not any(e in in_vram for e in range(first, first + count)):
-                    if raw is not None:  # the runtime directly: ~4 us a copy, not ~25
-                        raw.copy_to_device(part.data_ptr() + row * size, w.address + first * size,
-                                           count * size, self._copy_stream_handle)
-                    else:
-                        part[row : row + count].copy_(w.per_expert[first : first + count], non_blocking=True)
+                    self._from_file(part[row : row + count], w, first, count)
                     row += count
                     continue
                 for e in range(first, first + count):
                     if e in row_of:
-                        source = cache.rows[m][row_of[e]]
+                        part[row].copy_(cache.rows[m][row_of[e]], non_blocking=True)
                     elif ahead is not None and e in ahead.row_of:
-                        source = ahead.rows[m][ahead.row_of[e], :size]
+                        part[row].copy_(ahead.rows[m][ahead.row_of[e], :size], non_blocking=True)
                     else:
-                        source = w.per_expert[e]
-                    part[row].copy_(source, non_blocking=True)
+                        self._from_file(part[row], w, e, 1)
                     row += 1
 
-    def _runtime(self) -> cudart.Runtime | None:
-        """The CUDA runtime for direct copies (None off CUDA, or where it is not found)."""
-        return cudart.runtime() if self.cuda else None
+    def _from_file(self, dst: torch.Tensor, w: QuantTensor, first: int, count: int) -> None:
+        """Experts first..first+count-1 of `w` from the mapped file into `dst` (contiguous
+        bytes on the device), queued on the copy stream: through the CUDA runtime directly
+        (~4 us of host time a copy, not ~25) where it is found, else torch's copy, which needs
+        the copy stream current (`_on_copy_stream`)."""
+        raw = cudart.runtime() if self.cuda else None
+        if raw is None:
+            dst.copy_(w.per_expert[first : first + count].reshape(dst.shape), non_blocking=True)
+            return
+        size = w.expert_bytes()
+        raw.copy_to_device(dst.data_ptr(), w.address + first * size, count * size, self._copy_stream_handle)
+
+    def _on_copy_stream(self, within_vram: bool = False):
+        """The copy stream as torch's current one where torch copies will run: copies within
+        VRAM, or all of them without the runtime for direct ones; a no-op off CUDA."""
+        if self.cuda and (within_vram or cudart.runtime() is None):
+            return torch.cuda.stream(self._copy_stream)
+        return contextlib.nullcontext()
 
     @functools.cached_property
     def _copy_stream_handle(self) -> int:
