@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch._dynamo
 import torch.nn.functional as F
 
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
 from tandem.kernels import cudart, torch_dequant
+from tandem.kernels.compiling import allow_compiled_variants
 from tandem.kernels.cpu import SKIPPED_SLOT
 from tandem.kernels.expert_cache import LayerCache, layer_capacities
 from tandem.kernels.page_in import PAGE, page_ranges, physical_ram
@@ -660,6 +660,5 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
     # counts (4 IQ1_S experts: 0.34 against 0.81 ms on the GPU machine; dynamic shapes leave
     # the reductions' block sizes unknown). That is more than the 8 variants dynamo keeps of
     # one function by default; past them it would silently run the slow eager ops.
-    dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    allow_compiled_variants(RECOMPILE_LIMIT)
     return torch.compile(fn, dynamic=False)

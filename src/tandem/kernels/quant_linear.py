@@ -21,6 +21,7 @@ from torch import nn
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType, tensor_bytes
 from tandem.kernels import torch_dequant
+from tandem.kernels.compiling import allow_compiled_variants
 
 MATVEC_ROWS = 16  # input rows up to which the fused dequantize-multiply runs (CUDA)
 PROMPT_ROWS = 4096  # weight rows dequantized at a time for longer inputs (the head: 129K rows)
@@ -84,11 +85,7 @@ def _matvec(ggml_type: GGMLType, raw: torch.Tensor, grid: torch.Tensor | None, x
 
 @functools.cache
 def _compiled_matvec():
-    import torch._dynamo  # noqa: F401  (its config)
-
-    # one variant per type, weight shape and row count: more than dynamo's default 8
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    allow_compiled_variants(RECOMPILE_LIMIT)  # one per type, weight shape and row count
     return torch.compile(_matvec)
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tandem.kernels.compiling import allow_compiled_variants
 from tandem.kernels.experts import CpuExperts
 from tandem.models.decoder import Decoder
 from tandem.models.deepseek_v3 import MLAttention, MoE
@@ -89,10 +90,7 @@ class StepPieces:
 
     @classmethod
     def compiled(cls) -> StepPieces:
-        import torch._dynamo  # noqa: F401  (its config)
-
-        dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        allow_compiled_variants(RECOMPILE_LIMIT)
         return cls(*(torch.compile(fn, dynamic=False)
                      for fn in (_attention_step, _dense_ffn_step, _moe_entry, _head)))
 
