@@ -70,12 +70,12 @@ class LLM:
         process on a background thread (kernels.page_in), so first uses take no page faults;
         `self.page_in.wait()` blocks until that is done; `numa`: "interleave" spreads the pages
         it reads into the page cache over the memory nodes (kernels.numa; two-socket machines).
-        `gpu_expert_share`: the fraction of
-        the CPU-placed experts of each decode step computed on the model's GPU at the same
-        time, their weights copied from the pinned file mapping (kernels.gpu_share); "auto"
-        (default): balanced per layer as it runs; 0: none. It stays off without a GPU or
-        where the mapped experts would not fit in RAM (they are page-locked);
-        `self.gpu_share.wait()` blocks until they are pinned and its kernels compiled.
+        `gpu_expert_share`: the fraction of the CPU-placed experts of each decode step computed
+        on the model's GPU at the same time, their weights copied from the pinned file mapping
+        (kernels.gpu_share); "auto" (default): balanced per layer as it runs; 0: none. It
+        stays off without a GPU or where the mapped experts would not fit in RAM (they are
+        page-locked); `self.gpu_share.wait()` blocks until they are pinned and its kernels
+        compiled.
         `gpu_expert_cache`: GiB of VRAM for each layer's most used experts, which the share
         reads there instead of over PCIe (kernels.expert_cache); needs the share."""
         self.file = open_gguf(gguf_path)
