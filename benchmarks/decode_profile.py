@@ -2,9 +2,11 @@
 
 Per token, summed over the layers: the GPU time of the graph segments (attention, router,
 dense layers, head) and of the shared experts, by CUDA events around each replay; the host's
-wait for each segment before the routed experts can start; the share's launch, the CPU op and
-the whole routed-experts call on the host, and the share's span on the compute stream (from
-its launch to its last kernel); the rest of the token (sampling, Python). Also the bytes of
+wait for each segment before the routed experts can start; the share's launch (and its parts:
+pairing experts with tokens, staging inputs, queuing copies, queuing kernels), the CPU op, the
+split and the combining, and the whole routed-experts call on the host, and the share's span on
+the compute stream (from its launch to its last kernel); the rest of the token (sampling,
+Python). The model's MoE layers, k and bytes per expert, for bounds. Also the bytes of
 GPU weights each segment reads and the GB/s that gives, and the top GPU kernels of a few
 steps by torch.profiler.
 
@@ -26,6 +28,8 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine
+from tandem.kernels import experts as experts_module
+from tandem.kernels import gpu_share as share_module
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare
@@ -109,6 +113,13 @@ def instrument(llm: LLM) -> None:
     CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
     CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
     GpuShare.launch = _timed_launch(GpuShare.launch)
+    # the call's other host parts, and the launch's own (what is left of it is bookkeeping)
+    CpuExperts._combine = _timed_host("split/combine: combine", CpuExperts._combine)
+    experts_module._pinned_copy = _timed_host("split/combine: x to host", experts_module._pinned_copy)
+    share_module._single_pairs = _timed_host("launch: pairs", share_module._single_pairs)
+    GpuShare._inputs = _timed_host("launch: inputs", GpuShare._inputs)
+    GpuShare._upload = _timed_host("launch: copies queued", GpuShare._upload)
+    GpuShare._compute = _timed_host("launch: kernels queued", GpuShare._compute)
     split = CpuExperts._split
 
     @functools.wraps(split)
@@ -116,7 +127,7 @@ def instrument(llm: LLM) -> None:
         chosen = split(self, ids)
         splits.append((len(chosen[0]), chosen[2]))
         return chosen
-    CpuExperts._split = counted_split
+    CpuExperts._split = _timed_host("split/combine: split", counted_split)
 
 
 def segment_bytes(llm: LLM) -> list[int]:
@@ -138,6 +149,12 @@ def segment_bytes(llm: LLM) -> list[int]:
             total += sum(p.numel() * p.element_size() for p in (*head.parameters(), *head.buffers()))
         per_cut.append(total)
     return per_cut
+
+
+def expert_bytes(llm: LLM) -> int:
+    """Bytes of one routed expert (gate, up and down) of the first MoE layer."""
+    first = llm.routed_experts()[0]
+    return sum(w.expert_bytes() for w in (first.gate, first.up, first.down))
 
 
 def top_kernels(llm: LLM, prompt: list[int], steps: int, top: int = 15) -> list[dict]:
@@ -222,7 +239,8 @@ def main() -> None:
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n,
               "ms_per_token": token_ms, "parts_ms_per_token": per_token, "experts_split": experts_split,
-              "segments": seg_rows,
+              "segments": seg_rows, "moe_layers": n_moe, "experts_per_token": llm.config.n_expert_used,
+              "expert_bytes": expert_bytes(llm),
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
                                       if getattr(e, "share", None) is not None],
               "top_gpu_kernels": kernels}

@@ -68,13 +68,54 @@ def decode_limits(profile: dict) -> dict:
     }
 
 
-def limits(out: Path) -> dict:
-    """The profiles side_by_side.sh ran after the pairs, where present."""
+def decode_bounds(bench: dict, profile: dict, llamacpp_tok_s: float | None, target: float) -> dict:
+    """The fastest one-token decode this run's measured parts allow, each bound as tok/s and as
+    a ratio to llama.cpp. A step is its GPU segments (attention, dense layers, router, head:
+    measured) and, between them, the routed experts, which wait for their segment and which
+    the next segment waits for. `ram`: the experts' bytes at the measured RAM read rate (the
+    copies to the GPU read RAM too). `split`: the experts shared between the CPU op (measured
+    ms per expert, with the DMA running) and the copies to the GPU (measured ms per expert;
+    the GPU's kernels assumed hidden), both sides busy all the time, and never above `ram`.
+    Speculative copies during segments (TANDEM_SHARE_PREFETCH) could beat both if they hit."""
+    parts = profile.get("parts_ms_per_token") or {}
+    gpu_ms = parts.get("gpu: segment", 0.0) + parts.get("gpu: last segment + head", 0.0)
+    ram, per_token = bench.get("ram_read_gb_per_s"), bench.get("expert_bytes_per_token")
+    bounds = {"gpu_segments_ms_per_token": gpu_ms}
+    if not (ram and per_token and gpu_ms):
+        return bounds
+    ram_ms = per_token / ram / 1e6
+    bounds["ram"] = _bound(ram_ms + gpu_ms, llamacpp_tok_s, target)
+    split = profile.get("experts_split") or {}
+    layers, k = profile.get("moe_layers"), profile.get("experts_per_token")
+    copy_ms = next((r["gpu_ms_per_token"] for r in profile.get("top_gpu_kernels", [])
+                    if r["kernel"].startswith("Memcpy HtoD")), None)
+    gpu_experts = (split.get("gpu_experts_per_call") or 0) * (layers or 0)
+    cpu_ms_per_expert = split.get("cpu_op_ms_per_expert")
+    if layers and k and copy_ms and gpu_experts and cpu_ms_per_expert:
+        experts_per_ms = 1 / cpu_ms_per_expert + gpu_experts / copy_ms
+        bounds["split"] = _bound(max(layers * k / experts_per_ms, ram_ms) + gpu_ms, llamacpp_tok_s, target)
+    return bounds
+
+
+def _bound(ms_per_token: float, llamacpp_tok_s: float | None, target: float) -> dict:
+    """A bound as tok/s, its ratio to llama.cpp, and the share of it the target asks for."""
+    tok_s = 1e3 / ms_per_token
+    wanted = target * llamacpp_tok_s if llamacpp_tok_s else None
+    return {"tok_per_s": tok_s, "ratio_vs_llamacpp": ratio(tok_s, llamacpp_tok_s),
+            "target_needs_fraction": wanted / tok_s if wanted else None}
+
+
+def limits(out: Path, benches: dict, llamacpp_decode: dict) -> dict:
+    """The profiles side_by_side.sh ran after the pairs, where present, with the decode bounds
+    they give (for each file: its bench results and llama.cpp's decode tok/s)."""
     found = {}
-    for name in ("iq1s", "q4km"):
+    for name, target in (("iq1s", TARGETS["decode_speedup_vs_llamacpp"]),
+                         ("q4km", TARGETS["decode_speedup_vs_llamacpp_q4km"])):
         runs = sorted((out / f"decode-profile-{name}").glob("decode_profile-*.json"))
         if runs:
-            found[f"decode_{name}"] = decode_limits(json.loads(runs[-1].read_text()))
+            profile = json.loads(runs[-1].read_text())
+            found[f"decode_{name}"] = {**decode_limits(profile), "bounds": decode_bounds(
+                benches[name], profile, llamacpp_decode.get(name), target)}
     runs = sorted((out / "engine-streams").glob("engine_streams-*.json"))
     if runs:
         streams = json.loads(runs[-1].read_text())
@@ -120,7 +161,8 @@ def main() -> None:
         "targets": TARGETS,
         "met": met,
         "shortfalls": shortfalls(ratios),
-        "limits": limits(out),
+        "limits": limits(out, {"iq1s": ours_iq1, "q4km": ours_q4},
+                         {"iq1s": cpp_iq1.get("decode"), "q4km": cpp_q4.get("decode")}),
         "raw": {
             "llamacpp_iq1s": cpp_iq1, "llamacpp_iq1s_cpu_only_prefill": cpp_iq1_cpu,
             "llamacpp_q4km": cpp_q4,

@@ -8,6 +8,8 @@
 set -euo pipefail
 iq1s=$1 moe_layers=$2 q4km=$3 out=$4 threads=${5:-$(nproc)}
 bench=/tmp/llamacpp/build/bin/llama-bench
+# side_by_side.py takes the newest files it finds: an old run's would mix into this one's
+if [ -n "$(ls -A "$out" 2>/dev/null)" ]; then echo "$out is not empty: give a new directory" >&2; exit 2; fi
 mkdir -p "$out"
 # 2K prefill with the experts computed on the CPU only
 $bench -m "$iq1s" -ngl 99 -ot exps=CPU -t "$threads" -p 2048 -n 0 -r 1 -nopo 1 -o json \

@@ -126,12 +126,12 @@ def test_many_tokens_per_expert_equal_the_portable_kernels(recipe, amx, token_bl
     assert relative_error(fast, slow) < 1e-3
 
 
-@pytest.mark.parametrize("gemm_min_pairs", [1, 4])
+@pytest.mark.parametrize("gemm_min_pairs", [0, 1, 4])  # 0: the defaults (4 on AMX tiles)
 @pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_a_few_tokens_per_expert_on_the_gemm_path_equal_the_portable_kernels(recipe, amx, gemm_min_pairs):
     """Decode steps of a few streams (1..8 pairs per expert) on the GEMM path when its
-    threshold is lowered (TANDEM_GEMM_MIN_PAIRS): row tasks rounded to whole tiles, panels
+    threshold is lowered (by default on AMX; TANDEM_GEMM_MIN_PAIRS): row tasks rounded to whole tiles, panels
     mostly empty lanes; the same sums as the portable kernels up to float order."""
     if not native.vectorized(RECIPES[recipe][0]):
         pytest.skip("no vectorized kernels on this CPU")
@@ -147,9 +147,10 @@ def test_a_few_tokens_per_expert_on_the_gemm_path_equal_the_portable_kernels(rec
 
 
 def test_gemm_min_pairs_is_clamped_and_restored():
-    before = native.set_gemm_min_pairs(0)
+    before = native.set_gemm_min_pairs(-3)
     try:
-        assert native.set_gemm_min_pairs(99) == 1  # 0 was raised to 1
+        assert before == 0  # the per-pass defaults unless TANDEM_GEMM_MIN_PAIRS says otherwise
+        assert native.set_gemm_min_pairs(99) == 0  # -3 was raised to 0, the defaults
         assert native.set_gemm_min_pairs(before) == 16  # 99 was cut to 16
     finally:
         native.set_gemm_min_pairs(before)

@@ -32,6 +32,20 @@ def cpu_features() -> list[str]:
     return [n for n in names if getattr(ggml, f"ggml_cpu_has_{n}", lambda: 0)()]
 
 
+def threads_per_core() -> int | None:
+    """Hardware threads that share a core with CPU 0 (2 with SMT: worker threads on siblings
+    compete for one core's units); None where Linux does not say."""
+    try:
+        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
+    except OSError:
+        return None
+    count = 0
+    for part in siblings.strip().split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
 def ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
@@ -74,6 +88,7 @@ def describe() -> dict:
     return {
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "threads_per_core": threads_per_core(),
         "cpu_features": cpu_features(),
         "ram_gib": round(ram_bytes() / 2**30, 1),
         "gpu": gpu,

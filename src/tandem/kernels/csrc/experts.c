@@ -540,6 +540,7 @@ AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, cons
 #define PANEL_V 8 /* token vectors per panel: TOKEN_BLOCK / 16 */
 #define REG_V 4 /* token vectors whose sums one register block holds */
 #define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels (tandem_set_gemm_min_pairs) */
+#define AMX_GEMM_MIN_PAIRS 4 /* ... on AMX tiles, which pay off sooner (8 decode streams: +24%) */
 #define GEMM_ROWS 4 /* weight rows per register block */
 
 typedef struct {
@@ -1256,14 +1257,20 @@ static void pin_this_worker(void) {
     }
 }
 
-/* Fewest pairs of one expert in a task that take the GEMM path (AMX tiles where on) rather than
- * the tile kernels: GEMM_MIN_PAIRS by default. Lower, a few decode streams sharing an expert
- * decode each weight row once into bytes and multiply it on tiles (A/B runs). */
-static int gemm_min_pairs = GEMM_MIN_PAIRS;
+/* Fewest pairs of one expert in a task that take the GEMM path rather than the tile kernels.
+ * By default it depends on the pass: a pass on AMX tiles takes AMX_GEMM_MIN_PAIRS, since a few
+ * decode streams sharing an expert then decode each weight row once and multiply it on tiles
+ * (measured on a Sapphire Rapids-class Xeon); AVX-512 GEMMs lose below GEMM_MIN_PAIRS (measured
+ * on Zen 4). Set (1..16), one value for both (A/B runs); 0 goes back to the defaults. */
+static int gemm_min_pairs = 0;
+
+static int min_pairs(int amx) {
+    return gemm_min_pairs ? gemm_min_pairs : amx ? AMX_GEMM_MIN_PAIRS : GEMM_MIN_PAIRS;
+}
 
 int tandem_set_gemm_min_pairs(int n) {
     const int old = gemm_min_pairs;
-    gemm_min_pairs = n < 1 ? 1 : n > GEMM_MIN_PAIRS ? GEMM_MIN_PAIRS : n;
+    gemm_min_pairs = n < 0 ? 0 : n > GEMM_MIN_PAIRS ? GEMM_MIN_PAIRS : n;
     return old;
 }
 
@@ -1287,7 +1294,8 @@ static int rows_per_task(size_t row_bytes) {
  * gets row blocks of TASK_BYTES; one with more gets blocks of TOKEN_BLOCK pairs times rows worth
  * about those pairs' activation bytes, so weights and activations each cross from RAM or L3
  * about once per task instead of the activations once per row. */
-static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, size_t row_bytes, size_t act_bytes) {
+static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, size_t row_bytes, size_t act_bytes,
+                      int gemm_from) {
     int n = 0;
     for (int e = 0; e < n_expert; e++) {
         if (!count[e]) continue;
@@ -1297,7 +1305,7 @@ static int plan_tasks(task *out, const int *count, int n_expert, int n_rows, siz
             const size_t target = (size_t)pair_block * act_bytes;
             if (target > TASK_BYTES) rows = rows_per_task(row_bytes * TASK_BYTES / target);
             if (rows < PREFILL_TASK_ROWS) rows = PREFILL_TASK_ROWS;
-        } else if (count[e] >= gemm_min_pairs) { /* the GEMM path: whole tiles of rows */
+        } else if (count[e] >= gemm_from) { /* the GEMM path: whole tiles of rows */
             rows = (rows + PREFILL_TASK_ROWS - 1) / PREFILL_TASK_ROWS * PREFILL_TASK_ROWS;
         }
         for (int r = 0; r < n_rows; r += rows)
@@ -1440,18 +1448,6 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
     for (int p = 0; p < n_pairs; p++)
         if (ids[p] != SKIPPED_SLOT) order[start[ids[p]] + count[ids[p]]++] = p;
 
-    /* tasks of the gate/up pass (one task does both matrices) and of the down pass */
-    const size_t x_bytes = sizeof(block_q8) * (size_t)nb_d, h_bytes = sizeof(block_q8) * (size_t)nb_ff;
-    const int n_up_tasks = plan_tasks(NULL, count, n_expert, n_ff, gate_row + up_row, x_bytes);
-    const int n_down_tasks = plan_tasks(NULL, count, n_expert, d, down_row, h_bytes);
-    up_tasks = malloc(sizeof(task) * (size_t)(n_up_tasks + 1));
-    down_tasks = malloc(sizeof(task) * (size_t)(n_down_tasks + 1));
-    if (!up_tasks || !down_tasks) {
-        rc = -2;
-        goto done;
-    }
-    plan_tasks(up_tasks, count, n_expert, n_ff, gate_row + up_row, x_bytes);
-    plan_tasks(down_tasks, count, n_expert, d, down_row, h_bytes);
     const dot_fn dot_gate = dot_for(tg), dot_up = dot_for(tu), dot_down = dot_for(td);
     /* gate and up (IQ1_S or Q4_K), down (IQ2_XXS) with many tokens per expert: the GEMM paths
      * (AVX-512 only) */
@@ -1459,6 +1455,20 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
                      (tg->type == TYPE_IQ1_S || tg->type == TYPE_Q4_K);
     const int gemm_down = X86 && td->fast && dot_down == td->fast && td->type == TYPE_IQ2_XXS;
     const int amx_up = gemm && use_amx && tg->type == TYPE_IQ1_S, amx_down = gemm_down && use_amx;
+    const int up_gemm_from = min_pairs(amx_up), down_gemm_from = min_pairs(amx_down);
+
+    /* tasks of the gate/up pass (one task does both matrices) and of the down pass */
+    const size_t x_bytes = sizeof(block_q8) * (size_t)nb_d, h_bytes = sizeof(block_q8) * (size_t)nb_ff;
+    const int n_up_tasks = plan_tasks(NULL, count, n_expert, n_ff, gate_row + up_row, x_bytes, up_gemm_from);
+    const int n_down_tasks = plan_tasks(NULL, count, n_expert, d, down_row, h_bytes, down_gemm_from);
+    up_tasks = malloc(sizeof(task) * (size_t)(n_up_tasks + 1));
+    down_tasks = malloc(sizeof(task) * (size_t)(n_down_tasks + 1));
+    if (!up_tasks || !down_tasks) {
+        rc = -2;
+        goto done;
+    }
+    plan_tasks(up_tasks, count, n_expert, n_ff, gate_row + up_row, x_bytes, up_gemm_from);
+    plan_tasks(down_tasks, count, n_expert, d, down_row, h_bytes, down_gemm_from);
 
 #pragma omp parallel num_threads(n_threads)
     {
@@ -1478,7 +1488,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
             const uint8_t *gate_e = (const uint8_t *)gate + (size_t)tk.expert * n_ff * gate_row;
             const uint8_t *up_e = (const uint8_t *)up + (size_t)tk.expert * n_ff * up_row;
 #if X86
-            if (gemm && have_scratch && tk.n_pairs >= gemm_min_pairs) {
+            if (gemm && have_scratch && tk.n_pairs >= up_gemm_from) {
                 build_panel(xq, nb_d, pairs, tk.n_pairs, k, 0, scratch.panel);
                 used_amx |= amx_up;
                 task_gemm(amx_up, tg->type, gate_e, nb_d, tk.row0, tk.row1, &scratch, pairs, tk.n_pairs, g, n_ff);
@@ -1500,7 +1510,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
         for (int i = 0; i < n_down_tasks; i++) {
             const task tk = down_tasks[i];
 #if X86
-            if (gemm_down && have_scratch && tk.n_pairs >= gemm_min_pairs) {
+            if (gemm_down && have_scratch && tk.n_pairs >= down_gemm_from) {
                 const int *pairs = order + start[tk.expert] + tk.pair0;
                 const uint8_t *down_e = (const uint8_t *)down + (size_t)tk.expert * d * down_row;
                 /* AVX-512 takes the activations as q + 128; AMX the weights as the unsigned side */
