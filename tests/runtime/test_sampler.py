@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,38 @@ def test_defaults_from_file_else_r1():
 def test_bad_parameters(bad):
     with pytest.raises(TandemError, match="bad sampling parameters"):
         SamplingParams(**bad)
+
+
+def nucleus_by_definition(logits: torch.Tensor, temperature: float, top_p: float) -> set[int]:
+    """Top-p's definition in numpy, over a full sort: the fewest most likely tokens whose
+    probability reaches top_p."""
+    z = logits.double().numpy() / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    before = np.cumsum(probs[order]) - probs[order]
+    return set(order[before < top_p].tolist())
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 40.0])  # nucleus of thousands, hundreds, a few
+def test_top_p_draws_only_from_the_nucleus_of_a_large_vocabulary(spread):
+    """A 20k vocabulary whose nucleus lies past the first tries (256, 4096 tokens) or inside:
+    every draw falls in the nucleus, and a wide nucleus is drawn from well beyond its top 256."""
+    logits = torch.randn(20_000, generator=torch.Generator().manual_seed(11)) * spread
+    nucleus = nucleus_by_definition(logits, 0.8, 0.9)
+    sampler = Sampler(SamplingParams(temperature=0.8, top_p=0.9, seed=5))
+    drawn = [sampler(logits, []) for _ in range(600)]
+    assert set(drawn) <= nucleus
+    ranks = {int(t): r for r, t in enumerate(torch.argsort(logits, descending=True))}
+    if len(nucleus) > 256:
+        assert max(ranks[t] for t in drawn) > 256
+
+
+def test_draws_follow_the_probabilities():
+    """Without cuts, token frequencies match softmax(logits / T) (8000 draws: each
+    frequency within 4 standard errors)."""
+    probs = (LOGITS / 0.7).softmax(0)
+    freq = torch.bincount(draws(SamplingParams(temperature=0.7, top_p=1.0, seed=2), 8000),
+                          minlength=len(LOGITS)).double() / 8000
+    err = (probs.double() * (1 - probs.double()) / 8000).sqrt()
+    assert ((freq - probs.double()).abs() <= 4 * err + 1e-9).all(), (freq, probs)
