@@ -345,9 +345,10 @@ class GpuShare:
         grids = [torch_dequant.grid_table(t, self.device) for t in types]
         slots = self._ensure_slots(2 * self._half_capacity * sum(sizes))
         counts = [self._padded(len(group), batched) for group in groups]
-        x_in, per_half = self._inputs(x, groups, token_of, weight_of, batched)
         parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(counts)]
+        # the copies first: the GPU's part ends after them, the inputs are staged meanwhile
         copied = self._upload(groups, tensors, parts)
+        x_in, per_half = self._inputs(x, groups, token_of, weight_of, batched)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         outs = []
         for region, n in enumerate(counts):
