@@ -271,9 +271,9 @@ class GpuShare:
                                                       device=self.device) for n in sizes])
         ahead.layer, ahead.row_of = id(gate), {e: row for row, e in enumerate(chosen)}
         with self._on_copy_stream():  # queued after the copies that read the rows
-            for w, rows, size in zip(tensors, ahead.rows, sizes, strict=True):
+            for w, rows in zip(tensors, ahead.rows, strict=True):
                 for row, e in enumerate(chosen):
-                    self._from_file(rows[row, :size], w, e, 1)
+                    self._from_file(rows, row, w, e, 1)
 
     def note_usage(self, ids: torch.Tensor, gate: QuantTensor) -> None:
         """Count the experts a call of `gate`'s layer chose; at a refresh, copy the newly most
@@ -287,7 +287,7 @@ class GpuShare:
         with self._on_copy_stream():
             for expert, row in swaps:
                 for w, rows in zip(cache.tensors, cache.rows, strict=True):
-                    self._from_file(rows[row], w, expert, 1)
+                    self._from_file(rows, row, w, expert, 1)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pinning has ended (either way); True if the share is on."""
@@ -499,8 +499,8 @@ class GpuShare:
         for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
             row, size = 0, w.expert_bytes()
             for first, count in runs:
-                if not any(e in in_vram for e in range(first, first + count)):
-                    self._from_file(part[row : row + count], w, first, count)
+                if not in_vram or not any(e in in_vram for e in range(first, first + count)):
+                    self._from_file(part, row, w, first, count)
                     row += count
                     continue
                 for e in range(first, first + count):
@@ -509,20 +509,26 @@ class GpuShare:
                     elif ahead is not None and e in ahead.row_of:
                         part[row].copy_(ahead.rows[m][ahead.row_of[e], :size], non_blocking=True)
                     else:
-                        self._from_file(part[row], w, e, 1)
+                        self._from_file(part, row, w, e, 1)
                     row += 1
 
-    def _from_file(self, dst: torch.Tensor, w: QuantTensor, first: int, count: int) -> None:
-        """Experts first..first+count-1 of `w` from the mapped file into `dst` (contiguous
-        bytes on the device), queued on the copy stream: through the CUDA runtime directly
-        (~4 us of host time a copy, not ~25) where it is found, else torch's copy, which needs
-        the copy stream current (`_on_copy_stream`)."""
+    def _from_file(self, rows: torch.Tensor, row: int, w: QuantTensor, first: int, count: int) -> None:
+        """Experts first..first+count-1 of `w` from the mapped file into rows row.. of `rows`
+        (uint8 [n, >= bytes per expert] on the device, one expert per row), queued on the copy
+        stream: through the CUDA runtime directly (~4 us of host time a copy, not ~25; the
+        address computed, not sliced) where it is found, else torch's copy, which needs the
+        copy stream current (`_on_copy_stream`)."""
+        size = w.expert_bytes()
+        if count > 1 and rows.stride(0) != size:
+            raise KernelError(f"{count} experts of {size} bytes do not lie back to back in rows "
+                              f"of {rows.stride(0)} bytes")
         raw = cudart.runtime() if self.cuda else None
         if raw is None:
-            dst.copy_(w.per_expert[first : first + count].reshape(dst.shape), non_blocking=True)
+            rows[row : row + count, :size].copy_(w.per_expert[first : first + count].reshape(count, size),
+                                                 non_blocking=True)
             return
-        size = w.expert_bytes()
-        raw.copy_to_device(dst.data_ptr(), w.address + first * size, count * size, self._copy_stream_handle)
+        raw.copy_to_device(rows.data_ptr() + row * rows.stride(0), w.address + first * size, count * size,
+                           self._copy_stream_handle)
 
     def _on_copy_stream(self, within_vram: bool = False):
         """The copy stream as torch's current one where torch copies will run: copies within
