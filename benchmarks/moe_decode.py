@@ -8,7 +8,8 @@ valid (tandem.bench.random_blocks); the kernels read them at the same speed as r
                                     [--threads 1 2 16] [--tokens 1 8] [--steps 30] [--pool 16]
 
 --pool N: every token picks its experts among the first N only (a prompt whose tokens share
-experts, as the synthetic files' routing does), so each expert serves many tokens.
+experts, as the synthetic files' routing did before their norms were kept near 1), so each
+expert serves many tokens.
 
 Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
 """

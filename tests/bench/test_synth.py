@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
@@ -13,6 +16,7 @@ from tandem.bench.random_blocks import FP16_SCALES, random_blocks
 from tandem.errors import TandemError
 from tandem.gguf.types import block_size
 from tandem.kernels.dequant import dequantize
+from tandem.models import deepseek_v3
 
 RANDOM_TYPES = [*FP16_SCALES, T.IQ1_M, T.F32, T.F16, T.BF16]
 
@@ -73,6 +77,43 @@ def test_quantized_fill_round_trips_through_ggml(tmp_path):
     assert 0.01 < w.std().item() < 0.04  # random normal * 0.02, through Q4_K
     norm = model.dequantize("blk.0.attn_norm.weight")
     assert abs(norm.mean().item() - 1.0) < 0.05
+
+
+def test_random_fill_keeps_norms_near_one(tmp_path):
+    path = tmp_path / "r.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path, fill="random", seed=3)
+    model = tandem.open_gguf(path)
+    for name in ("blk.0.attn_norm.weight", "blk.1.ffn_norm.weight", "output_norm.weight"):
+        assert abs(model.dequantize(name).mean().item() - 1.0) < 0.05, name
+
+
+def test_random_fill_routes_tokens_over_many_experts(tmp_path, monkeypatch):
+    """A randomly filled file routes each token to its own experts, nearer a trained model than
+    to the few experts whose router bias is largest: what expert caches, prefetching and
+    batched decode are measured on. 64 experts, 8 per token, 64 random tokens."""
+    shape = replace(presets.TINY, n_embd=512, n_expert=64, n_expert_used=8, n_group=8, topk_group=4)
+    monkeypatch.setitem(presets.PRESETS, "routing", shape)
+    path = tmp_path / "routing.gguf"
+    synth.write(synth.plan("routing", "ud-iq1_s", n_layers=3, n_dense_layers=1), path, fill="random")
+    picks = []
+    choose = deepseek_v3.MoE.choose
+
+    def recorded(self, x):
+        ids, weights = choose(self, x)
+        picks.append(ids.flatten())
+        return ids, weights
+
+    monkeypatch.setattr(deepseek_v3.MoE, "choose", recorded)
+    with tandem.LLM(path, ctx_size=128) as llm:
+        tokens = torch.randint(10, shape.n_vocab - 10, (64,), generator=torch.Generator().manual_seed(0))
+        llm._forward(tokens, 0)
+    assert len(picks) == 2  # one per MoE layer
+    for ids in picks:
+        counts = torch.bincount(ids, minlength=64).sort(descending=True).values
+        # with random norms (std 0.02) the router's bias decided: 20 of 64 experts, the same
+        # few for every token; here 40-43 (a uniform choice would reach ~64)
+        assert int((counts > 0).sum()) >= 36, counts.tolist()
+        assert int(counts[:8].sum()) < 0.7 * ids.numel(), counts.tolist()
 
 
 def test_r1_plan_has_full_dimensions():
