@@ -180,10 +180,11 @@ def main() -> None:
             "decode_tok_per_s": decode(ours_iq1) * scale if decode(ours_iq1) else None,
             "prefill_2048_tok_per_s": prefill_2k * scale if prefill_2k else None,
             "note": f"measured with {args.moe_layers} MoE layers + 3 dense, times scaled by "
-                    f"{args.moe_layers}/{FULL_MOE_LAYERS}; files from tandem synth before 46db42d sent a "
-                    "prompt's tokens to few experts (random norm weights let the router's bias "
-                    "decide), which made the prefill figure an upper bound; later ones spread "
-                    "them (~2/3 of the 256 per 128 tokens), nearer a trained model's routing",
+                    f"{args.moe_layers}/{FULL_MOE_LAYERS}; files from tandem synth with random norm "
+                    "weights (runs up to p) sent a prompt's tokens to few experts, the router's "
+                    "bias deciding, which made the prefill figure an upper bound; with norms near "
+                    "1 (8b3d0b8) they spread (~2/3 of the 256 per 128 tokens), nearer a trained "
+                    "model's routing",
         },
     }
     (out / "side_by_side.json").write_text(json.dumps(summary, indent=2) + "\n")
