@@ -4,6 +4,8 @@ the float oracle. Off CUDA the "VRAM" is CPU memory; the logic is the same."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,7 @@ def test_the_share_reads_resident_experts_from_the_cache(experts):
     for rows in share._caches[id(gate)].rows:
         rows.zero_()  # now the cached copies differ from the file: the share must show it
     assert relative_error(share.launch(x, ids, weights, [1, 4, 6, 9], gate, up, down).out, plain) > 0.05
+    assert share.counts == Counter(from_cache=4, from_file=4)  # two calls: 4 and 9 cached, 1 and 6 not
 
 
 def test_decode_with_a_cache_stays_correct_while_it_refreshes(experts):
@@ -116,6 +119,8 @@ def test_prefetched_experts_are_read_from_vram_for_their_layer_only(experts):
     share.prefetch(other_layer, [3])
     assert share.resident(gate) == set() and share.resident(up) == {3}
     assert torch.equal(share.launch(x, ids, weights, [1, 4, 6, 9], gate, up, down).out, plain)
+    # 9 and 4 taken from their prefetch twice; 3 prefetched for the other layer, not taken
+    assert share.counts == Counter(prefetched=3, from_prefetch=4, from_file=8)
 
 
 def test_decode_with_prefetches_stays_correct_whether_they_hit_or_miss(experts):
@@ -132,3 +137,5 @@ def test_decode_with_prefetches_stays_correct_whether_they_hit_or_miss(experts):
             ours = moe.collect(moe.submit(x, ids, weights))
             expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
             assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+    assert share.counts["prefetched"] == 36
+    assert share.counts["from_prefetch"] >= 18  # all three on each odd step (resident go first)

@@ -72,7 +72,10 @@ def _share_record(llm) -> dict:
             "layer_shares_at_end": [round(e.balance.share, 3) for e in sharing],
             "batch_layer_shares_at_end": [round(e.batch_balance.share, 3) for e in sharing],
             "cache_gib": round(share.cached_bytes / 2**30, 3),
-            "experts_in_vram_at_end": [len(share.resident(e.gate)) for e in sharing]}
+            "experts_in_vram_at_end": [len(share.resident(e.gate)) for e in sharing],
+            "experts_taken": dict(share.counts),  # from the file, the cache, a prefetch
+            "prefetch_hit_rate": (share.counts["from_prefetch"] / share.counts["prefetched"]
+                                  if share.counts["prefetched"] else None)}
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:

@@ -164,6 +164,9 @@ class GpuShare:
         self._buffers: dict[str, torch.Tensor] = {}  # fixed ones the graphs use: x, weight, out
         self._caches: dict[int, LayerCache] = {}  # by id(gate): most used experts in VRAM
         self.cached_bytes = 0
+        # experts the calls took from the file, the cache or a prefetch, and experts prefetched:
+        # the cache's and the prefetch's hit rates
+        self.counts: Counter[str] = Counter()
         # pinned buffers for each call's small inputs, used in turn, each with the event that
         # marks its upload done (a fresh pinned tensor per call cost ~50 us of host time)
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
@@ -270,6 +273,7 @@ class GpuShare:
             ahead = self._ahead = _Ahead([torch.empty(self.prefetch_rows, n, dtype=torch.uint8,
                                                       device=self.device) for n in sizes])
         ahead.layer, ahead.row_of = id(gate), {e: row for row, e in enumerate(chosen)}
+        self.counts["prefetched"] += len(chosen)
         with self._on_copy_stream():  # queued after the copies that read the rows
             for w, rows in zip(tensors, ahead.rows, strict=True):
                 for row, e in enumerate(chosen):
@@ -496,6 +500,13 @@ class GpuShare:
         row_of = cache.row_of if cache is not None else {}
         in_vram = self.resident(tensors[0])
         runs = consecutive_runs(experts)
+        if in_vram:
+            from_cache = sum(e in row_of for e in experts)
+            from_ahead = sum(e in ahead.row_of and e not in row_of for e in experts) if ahead else 0
+            self.counts.update(from_cache=from_cache, from_prefetch=from_ahead,
+                               from_file=len(experts) - from_cache - from_ahead)
+        else:
+            self.counts["from_file"] += len(experts)
         for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
             row, size = 0, w.expert_bytes()
             for first, count in runs:
