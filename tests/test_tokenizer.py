@@ -56,6 +56,20 @@ def test_stream_decoder_never_splits_a_character(smollm2_gguf):
     assert all("\ufffd" not in p for p in pieces)
 
 
+@pytest.mark.parametrize("which", ["smollm2", "gemma"])  # byte-level BPE, SentencePiece
+def test_stream_decoder_pieces_add_up_to_the_whole_decode(which, smollm2_gguf, gemma_gguf):
+    """Decoding a window per token gives the same text as decoding everything at once (the
+    tokenizer's own decode), spaces, multi-byte characters and skipped special tokens included."""
+    path = smollm2_gguf if which == "smollm2" else gemma_gguf
+    tok = Tokenizer.from_gguf(tandem.open_gguf(path).metadata)
+    ids = tok.encode(TEXT * 3, add_bos=False)
+    stream = StreamDecoder(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert "".join(pieces) == tok.decode(ids, skip_special=True)
+    assert all("\ufffd" not in p for p in pieces)
+    assert sum(bool(p) for p in pieces) > len(ids) // 2  # piece by piece, not all at the end
+
+
 def test_unsupported_tokenizers_are_named():
     with pytest.raises(TokenizerError, match="pre-tokenizer 'klingon' is not supported"):
         Tokenizer.from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "klingon",

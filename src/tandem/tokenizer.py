@@ -127,21 +127,27 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Text of a growing token sequence, piece by piece, never splitting a UTF-8 character."""
+    """Text of a growing token sequence, piece by piece, never splitting a UTF-8 character.
+    Each push decodes a window (the tokens of the last piece and those since), not the whole
+    sequence: a long answer's cost per token stays flat. The window's first tokens give the
+    context that decoding needs (SentencePiece drops the space of a decode's first token, the
+    same in both texts compared)."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
         self.tokenizer, self.skip_special = tokenizer, skip_special
         self.ids: list[int] = []
-        self.emitted = ""
+        self._start = 0  # the window's first token
+        self._read = 0  # tokens whose text has been returned
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, self.skip_special)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for more
-            return ""
-        new = text[len(self.emitted):] if text.startswith(self.emitted) else text
-        self.emitted = text
-        return new
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._start : self._read], self.skip_special)
+        text = decode(self.ids[self._start :], self.skip_special)
+        if len(text) <= len(before) or text.endswith("\ufffd"):  # nothing yet, or an incomplete
+            return ""  # multi-byte character: wait for more
+        self._start, self._read = self._read, len(self.ids)
+        return text[len(before) :]
 
 
 def _token_text(value) -> str | None:
