@@ -98,3 +98,12 @@ def test_draws_follow_the_probabilities():
                           minlength=len(LOGITS)).double() / 8000
     err = (probs.double() * (1 - probs.double()) / 8000).sqrt()
     assert ((freq - probs.double()).abs() <= 4 * err + 1e-9).all(), (freq, probs)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf")])
+def test_logits_that_are_not_numbers_are_refused(top_p, bad_value):
+    bad = LOGITS.clone()
+    bad[2] = bad_value
+    with pytest.raises(TandemError, match="cannot sample: the probabilities sum to nan"):
+        Sampler(SamplingParams(temperature=1.0, top_p=top_p, seed=1))(bad, [])

@@ -205,7 +205,12 @@ class Engine:
                 if req.cancelled.is_set():
                     self._finish(req, "cancelled")
                     continue
-                self._emit(req, logits[row])
+                try:
+                    self._emit(req, logits[row])
+                except Exception as exc:  # e.g. logits a sampler refuses: this request fails
+                    log.exception("choosing the next token failed")
+                    _send(req, "error", exc)
+                    self._finish(req, None)
 
     def _decode_with_graphs(self, work, tokens: list[int], segments: list[Segment]) -> torch.Tensor | None:
         """Logits [len(work), vocab] of a step that only decodes, through graph replays;

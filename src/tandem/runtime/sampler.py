@@ -79,6 +79,9 @@ class Sampler:
         if 0 < p.top_k < logits.numel():
             logits, ids = logits.topk(p.top_k)
         probs = logits.softmax(dim=-1)
+        if not torch.isfinite(total := probs.sum()):
+            raise TandemError(f"cannot sample: the probabilities sum to {float(total)} (the "
+                              "model's logits hold NaN or infinity)")
         if p.min_p > 0:
             probs[probs < p.min_p * probs.max()] = 0
         if p.top_p < 1.0:
