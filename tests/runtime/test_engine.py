@@ -31,3 +31,26 @@ def test_a_request_whose_token_cannot_be_sampled_fails_alone(tiny_q8):
             assert len(list(after.tokens(timeout=60))) == 6
         finally:
             engine.close()
+
+
+def test_a_request_whose_slot_cannot_be_set_up_fails_alone(tiny_q8, monkeypatch):
+    """The KV cache of a new slot fails to allocate (out of memory; the allocation is made to
+    fail once here): that request gets the error, the engine serves the next one."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=4)
+    with tandem.LLM(tiny_q8, ctx_size=64, sequences=2) as llm:
+        real, failures = llm.new_cache, [MemoryError("no room for the KV cache")]
+
+        def new_cache():
+            if failures:
+                raise failures.pop()
+            return real()
+
+        monkeypatch.setattr(llm, "new_cache", new_cache)
+        engine = Engine(llm, max_batch=2)
+        try:
+            with pytest.raises(MemoryError, match="no room for the KV cache"):
+                list(engine.submit(list(range(5, 15)), greedy).tokens(timeout=60))
+            assert len(list(engine.submit(list(range(5, 15)), greedy).tokens(timeout=60))) == 4
+            assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+        finally:
+            engine.close()

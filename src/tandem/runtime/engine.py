@@ -142,7 +142,7 @@ class Engine:
                 if self._stop:
                     return
                 self._drop_cancelled()
-                self.scheduler.admit(self._choose_slot)
+                self._admit()
                 step = self.scheduler.schedule()
             if step.work:
                 self._run(step)
@@ -153,6 +153,19 @@ class Engine:
             if req.cancelled.is_set():
                 self._finish(req, "cancelled")
 
+    def _admit(self) -> None:
+        """Waiting sequences into free slots; one whose slot cannot be set up (its KV cache
+        not allocated: out of memory, say) fails alone, the others go on."""
+        while True:
+            try:
+                self.scheduler.admit(self._choose_slot)
+                return
+            except _AdmitError as exc:  # the scheduler had taken it off the waiting list
+                log.error("admitting %s failed: %s", exc.seq.id, exc.__cause__)
+                exc.seq.finished = True
+                req = self.requests.pop(exc.seq.id)
+                _send(req, "error", exc.__cause__)
+
     def _choose_slot(self, seq: SeqState, free: list[int]) -> tuple[int, int]:
         prompt = self.requests[seq.id].prompt
         best, reuse = free[0], -1
@@ -161,7 +174,10 @@ class Engine:
             if n > reuse:
                 best, reuse = slot, n
         if self.slot_caches[best] is None:
-            self.slot_caches[best] = self.llm.new_cache()
+            try:
+                self.slot_caches[best] = self.llm.new_cache()
+            except Exception as exc:
+                raise _AdmitError(seq) from exc
         self.slot_tokens[best] = self.slot_tokens[best][:reuse]
         return best, reuse
 
@@ -257,6 +273,14 @@ class Engine:
         self.requests.pop(req.id, None)
         if reason is not None:
             _send(req, "done", reason)
+
+
+class _AdmitError(Exception):
+    """A sequence's slot could not be set up (the cause chained)."""
+
+    def __init__(self, seq: SeqState):
+        super().__init__(seq.id)
+        self.seq = seq
 
 
 def _send(req: Request, kind: str, value) -> None:
