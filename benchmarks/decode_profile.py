@@ -34,8 +34,9 @@ from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare
 from tandem.kernels.quant_linear import QuantLinear
+from tandem.runtime.decode_graphs import DecodeGraphs
 from tandem.runtime.llm import LLM
-from tandem.runtime.sampler import SamplingParams
+from tandem.runtime.sampler import Sampler, SamplingParams
 
 host_s: dict[str, list[float]] = defaultdict(list)  # host seconds per call, by part
 splits: list[tuple[int, int]] = []  # per shared call: experts on the GPU, distinct experts
@@ -113,6 +114,9 @@ def instrument(llm: LLM) -> None:
     CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
     CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
     GpuShare.launch = _timed_launch(GpuShare.launch)
+    # the whole step and the choice of its token (which waits for the head), around the rest
+    DecodeGraphs.step = _timed_host("step (all of it)", DecodeGraphs.step)
+    Sampler.__call__ = _timed_host("sampling (waits for the head)", Sampler.__call__)
     # the call's other host parts, and the launch's own (what is left of it is bookkeeping)
     CpuExperts._combine = _timed_host("split/combine: combine", CpuExperts._combine)
     experts_module._pinned_copy = _timed_host("split/combine: x to host", experts_module._pinned_copy)
