@@ -174,6 +174,9 @@ def main() -> None:
             "tandem_iq1s_roofline_tok_per_s": ours_iq1.get("roofline_tok_per_s"),
             "ram_read_gb_per_s": ours_iq1.get("ram_read_gb_per_s"),
             "tandem_iq1s_peak_vram_bytes": ours_iq1.get("peak_vram_bytes"),
+            # how the file's routing spreads a prompt over the experts (what caches, prefetching
+            # and batching meet); absent before the bench recorded it
+            "tandem_iq1s_routing": ours_iq1.get("routing"),
         },
         # Conservative: all of a step's time counted as MoE time, scaled to 58 MoE layers.
         "projected_full_r1_ud_iq1_s": {

@@ -110,6 +110,11 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     assert {d["streams"] for d in r["decode"]} == {1, 2}
     # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
     assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32
+    # the warm-up prompt's routing: 32 tokens over the tiny preset's 8 experts in 2 MoE layers
+    assert r["routing"]["tokens"] == 32 and r["routing"]["experts"] == 8
+    assert len(r["routing"]["distinct_per_layer"]) == 2
+    assert all(2 <= n <= 8 for n in r["routing"]["distinct_per_layer"])
+    assert all(0 < share <= 1 for share in r["routing"]["top8_share_per_layer"])
     assert 0 < r["roofline_fraction"] < 1
     # paged in up front: decoding faults on no page of the experts (a few from allocations)
     assert r["page_in_method"] in ("populate", "touch") and r["page_in_skipped"] is None

@@ -55,6 +55,35 @@ def expert_bytes_per_token(llm) -> int:
     return k * sum(expert_bytes_per_layer(llm.file.tensors).values())
 
 
+def routing_spread(llm, tokens: list[int]) -> dict | None:
+    """How a prompt's tokens spread over each MoE layer's experts (one prefill of `tokens`):
+    distinct experts chosen, and the share of all picks that the 8 most chosen took. A trained
+    model spreads them (load-balanced); caches, prefetching and batching gain where it does
+    not. None for a model without routed experts."""
+    from tandem.models.deepseek_v3 import MoE
+
+    moes = [b.ffn for b in llm.model.blocks if isinstance(getattr(b, "ffn", None), MoE)]
+    if not moes:
+        return None
+    picks: list[list[torch.Tensor]] = [[] for _ in moes]
+    for moe, chosen in zip(moes, picks, strict=True):
+        def recorded(x, choose=moe.choose, chosen=chosen):
+            ids, weights = choose(x)
+            chosen.append(ids.flatten().cpu())
+            return ids, weights
+        moe.choose = recorded  # this instance only, for one prefill
+    try:
+        llm.generate(tokens, 1)
+    finally:
+        for moe in moes:
+            del moe.choose
+    counts = [torch.bincount(torch.cat(chosen), minlength=moe.c.n_expert).sort(descending=True).values
+              for moe, chosen in zip(moes, picks, strict=True)]
+    return {"tokens": len(tokens), "experts": moes[0].c.n_expert,
+            "distinct_per_layer": [int((c > 0).sum()) for c in counts],
+            "top8_share_per_layer": [round(float(c[:8].sum() / c.sum()), 3) for c in counts]}
+
+
 def _page_faults() -> int:
     """Minor and major page faults of this process so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -108,7 +137,9 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     params = SamplingParams(temperature=0, max_new_tokens=cfg.new_tokens)
     # Warm-up: first allocations, kernels, CUDA graphs (page faults are gone: paged in above).
     fitting = [n for n in cfg.prompt_lengths if n + cfg.new_tokens <= llm.ctx_size]
-    llm.generate(prompt(max([8, *fitting])), 4)
+    warm = prompt(max([8, *fitting]))
+    results["routing"] = routing_spread(llm, warm)  # what the figures below were measured on
+    llm.generate(warm, 4)
     for n in cfg.prompt_lengths:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
