@@ -809,10 +809,17 @@ static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
 }
 
 
-/* res (row i, pair p at [i][p / 16][p % 16]) into y[pairs[p], r + i]. */
-static void scatter_results(const float *res, int rows, int r, const int *pairs, int n_pairs, float *y, int y_width) {
-    for (int i = 0; i < rows; i++)
-        for (int p = 0; p < n_pairs; p++) y[(size_t)pairs[p] * y_width + r + i] = res[(i * PANEL_V + p / 16) * 16 + p % 16];
+/* res (row i, pair p at [i][p / 16][p % 16]) into y[pairs[p], r + i], rows <= 16: per pair one
+ * gather of its rows and one store (element by element, the stores cost about what the down
+ * pass's tile products did). */
+AVX512 static void scatter_results(const float *res, int rows, int r, const int *pairs, int n_pairs, float *y, int y_width) {
+    const __m512i row_offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                   _mm512_set1_epi32(PANEL_V * 16));
+    const __mmask16 live = (__mmask16)((1u << rows) - 1);
+    for (int p = 0; p < n_pairs; p++) {
+        const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, row_offsets, res + (p / 16) * 16 + p % 16, 4);
+        _mm512_mask_storeu_ps(y + (size_t)pairs[p] * y_width + r, live, v);
+    }
 }
 
 /* Rows [r0, r1) of a matrix of `type` (IQ1_S, IQ2_XXS or Q4_K) times the up to TOKEN_BLOCK pairs whose
