@@ -809,6 +809,8 @@ static int gemm_scratch_alloc(gemm_scratch *g, int nb) {
 }
 
 
+#define SCATTER_ROWS 16 /* rows of results gathered before they go to the pairs' rows of y */
+
 /* res (row i, pair p at [i][p / 16][p % 16]) into y[pairs[p], r + i], rows <= 16: per pair one
  * gather of its rows and one store (element by element, the stores cost about what the down
  * pass's tile products did). */
@@ -831,9 +833,10 @@ AVX512 static void rows_gemm(int type, const void *wm, int nb, int r0, int r1, c
                              const int *pairs, int n_pairs, float *y, int y_width) {
     const int V = (n_pairs + 15) / 16, step = type == TYPE_IQ1_S ? GEMM_ROWS : 2;
     const size_t row_stride = (size_t)nb * QK;
-    float res[GEMM_ROWS * PANEL_V * 16];
+    float res[SCATTER_ROWS * PANEL_V * 16];
     for (int r = r0; r < r1; r += step) {
         const int rows = r1 - r < step ? r1 - r : step;
+        const int at = (r - r0) % SCATTER_ROWS; /* this group's first row in res */
         for (int i = 0; i < rows; i++) {
             const size_t row = (size_t)(r + i) * nb;
             uint8_t *w = g->w + i * row_stride;
@@ -847,16 +850,18 @@ AVX512 static void rows_gemm(int type, const void *wm, int nb, int r0, int r1, c
                 q4_k_decode_row((const block_q4_k *)wm + row, nb, w, g->ls + (size_t)i * 8 * nb,
                                 g->corr + (size_t)i * 4 * nb, dw, g->dmin + (size_t)i * nb);
         }
+        float *out = res + (size_t)at * PANEL_V * 16;
         for (int v0 = 0; v0 < V; v0 += REG_V) { /* REG_V token vectors per register block */
             const int nv = V - v0 < REG_V ? V - v0 : REG_V;
             if (type == TYPE_IQ1_S)
-                iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, v0, rows, nv, res);
+                iq1_s_gemm_dispatch(g->w, g->corr, g->dw, row_stride, g->panel, nb, v0, rows, nv, out);
             else if (type == TYPE_IQ2_XXS)
-                iq2_xxs_gemm_dispatch(g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, v0, rows, nv, res);
+                iq2_xxs_gemm_dispatch(g->w, g->ls, g->wsum, g->dw, row_stride, g->panel, nb, v0, rows, nv, out);
             else
-                q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, v0, rows, nv, res);
+                q4_k_gemm_dispatch(g->w, g->ls, g->corr, g->dw, g->dmin, row_stride, g->panel, nb, v0, rows, nv, out);
         }
-        scatter_results(res, rows, r, pairs, n_pairs, y, y_width);
+        if (at + rows == SCATTER_ROWS || r + rows == r1) /* res full, or the task's last rows */
+            scatter_results(res, at + rows, r - at, pairs, n_pairs, y, y_width);
     }
 }
 
