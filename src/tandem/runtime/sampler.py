@@ -108,7 +108,6 @@ class Sampler:
         return logits
 
 
-
 # Sorting a 129k vocabulary takes ~9 ms on a CPU core; the nucleus of a trained model's
 # distribution lies almost always among its few hundred most likely tokens.
 NUCLEUS_TRIES = (256, 4096)
