@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, after llamacpp_build.sh: llama.cpp and tandem on the same files, same run.
 #   bash benchmarks/side_by_side.sh IQ1S.gguf MOE_LAYERS Q4KM.gguf OUT_DIR [THREADS]
+# OUT_DIR: a new or empty directory.
 # llama.cpp: all layers on the GPU except the routed experts (-ngl 99 -ot exps=CPU); for its
 # CPU-only prefill figure also -nopo 1 (no expert offload to the GPU for large batches).
 # The pairs run one after the other (llama.cpp, then tandem), so a run cut short still leaves
