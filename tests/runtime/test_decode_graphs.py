@@ -104,6 +104,7 @@ def test_steps_prefetch_the_next_layers_predicted_experts_and_keep_the_logits(tm
         ours = stepwise(llm, sequence, capture=False, bucket=48)
     assert len(prefetched) == 8 * (len(experts) - 1)  # every step, every MoE after the first
     assert share._ahead is not None and share._ahead.row_of
+    assert share.counts["prefetched"] == sum(min(3, len(set(p))) for p in prefetched)
     assert relative_error(ours, alone) < 0.02
 
 

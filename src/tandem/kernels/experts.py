@@ -74,10 +74,14 @@ class CpuExperts:
         return handle.result() if isinstance(handle, Future) else handle
 
     def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor,
-                       weights: torch.Tensor) -> torch.Tensor:
+                       weights: torch.Tensor, after_launch=None) -> torch.Tensor:
         """The same with a share on the GPU (when `shares`), waiting for both: x on the share's
-        device and its copy x_host (pinned), ids and weights on the host. Result on the device."""
-        return self._collect_shared(self._submit_shared(x, ids, weights, x_host))
+        device and its copy x_host (pinned), ids and weights on the host. Result on the device.
+        `after_launch`: called once the GPU's part is queued, before the CPU's runs."""
+        call = self._submit_shared(x, ids, weights, x_host)
+        if after_launch is not None:
+            after_launch()
+        return self._collect_shared(call)
 
     # -- split between the GPU and the CPU ---------------------------------------------------
     def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int, ShareBalance]:

@@ -206,29 +206,33 @@ class DecodeGraphs:
                 self._ready.record()  # the host buffers are filled once the segment is done
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
-            self._prefetch(i)  # the copy engine is idle while the segment runs
             if graphs is not None:
                 self._ready.synchronize()
-            self._routed(cut, rows)
+            self._routed(cut, rows, then=lambda i=i: self._prefetch(i + 1))
         return self.logits
 
     def _prefetch(self, i: int) -> None:
         """Copy the experts the cut before predicted for MoE i into VRAM (GPU share's prefetch;
-        TANDEM_SHARE_PREFETCH), while this segment computes what MoE i really picks."""
-        ahead = self.cuts[i - 1].host.get("ahead") if i > 0 else None
+        TANDEM_SHARE_PREFETCH). Queued once the MoE before has queued its own copies: the copy
+        engine, idle after them, brings these in while that MoE's kernels, the CPU's experts
+        and segment i run."""
+        ahead = self.cuts[i - 1].host.get("ahead") if 0 < i < len(self.cuts) else None
         if ahead is not None:
             experts = self.cuts[i].moe.experts
             experts.share.prefetch((experts.gate, experts.up, experts.down), ahead[0].tolist())
 
-    def _routed(self, cut: Cut, rows: list[int]) -> None:
-        """The routed experts of the active rows into cut.routed (the others keep stale rows)."""
+    def _routed(self, cut: Cut, rows: list[int], then=None) -> None:
+        """The routed experts of the active rows into cut.routed (the others keep stale rows).
+        `then`: run once the GPU's part is queued (or at once without one)."""
         experts, host = cut.moe.experts, cut.host
         every = len(rows) == host["h"].shape[0]
         h, ids, weights = (host[k] if every else host[k][rows] for k in ("h", "ids", "weights"))
         if experts.shares(len(rows)):  # some experts on the GPU, the others on the CPU meanwhile
             on_device = self.h if every else self.h[rows]
-            out = experts.compute_shared(on_device, h, ids, weights)
+            out = experts.compute_shared(on_device, h, ids, weights, after_launch=then)
         else:
+            if then is not None:
+                then()
             out = experts.compute(h, ids, weights)
         if every:
             cut.routed.copy_(out, non_blocking=True)
