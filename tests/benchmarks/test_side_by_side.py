@@ -1,0 +1,51 @@
+"""The side-by-side summary's decode bounds (benchmarks/side_by_side.py), from a run's figures."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "side_by_side.py"
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    spec = importlib.util.spec_from_file_location("side_by_side", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def profile(**split) -> dict:
+    """10 MoE layers, k 8: segments 5 ms and head 1 ms a token; copies 10 ms a token for 4 GPU
+    experts per call (0.25 ms each); the CPU op 0.5 ms per expert."""
+    return {"parts_ms_per_token": {"gpu: segment": 5.0, "gpu: last segment + head": 1.0},
+            "moe_layers": 10, "experts_per_token": 8,
+            "experts_split": {"gpu_experts_per_call": 4.0, "cpu_op_ms_per_expert": 0.5, **split},
+            "top_gpu_kernels": [{"kernel": "Memcpy HtoD (Pinned -> Device)", "gpu_ms_per_token": 10.0}]}
+
+
+def test_ram_and_split_bounds(side_by_side):
+    bench = {"ram_read_gb_per_s": 100.0, "expert_bytes_per_token": 1e9}  # 10 ms of experts a token
+    bounds = side_by_side.decode_bounds(bench, profile(), llamacpp_tok_s=20.0, target=3.0)
+    assert bounds["gpu_segments_ms_per_token"] == 6.0
+    assert bounds["ram"]["tok_per_s"] == pytest.approx(1000 / 16)
+    assert bounds["ram"]["ratio_vs_llamacpp"] == pytest.approx(1000 / 16 / 20)
+    assert bounds["ram"]["target_needs_fraction"] == pytest.approx(60 / (1000 / 16))
+    # 80 experts a token at 1/0.5 + 1/0.25 = 6 a millisecond: 13.3 ms, more than RAM's 10
+    assert bounds["split"]["tok_per_s"] == pytest.approx(1000 / (80 / 6 + 6))
+
+
+def test_the_split_bound_never_beats_the_ram_bound(side_by_side):
+    bench = {"ram_read_gb_per_s": 10.0, "expert_bytes_per_token": 1e9}  # RAM: 100 ms a token
+    bounds = side_by_side.decode_bounds(bench, profile(cpu_op_ms_per_expert=0.01), 20.0, 3.0)
+    assert bounds["split"]["tok_per_s"] == pytest.approx(bounds["ram"]["tok_per_s"])
+
+
+def test_no_bounds_without_the_figures(side_by_side):
+    assert set(side_by_side.decode_bounds({}, profile(), 20.0, 3.0)) == {"gpu_segments_ms_per_token"}
+    no_split = side_by_side.decode_bounds({"ram_read_gb_per_s": 100.0, "expert_bytes_per_token": 1e9},
+                                          {**profile(), "moe_layers": None}, None, 3.0)
+    assert "split" not in no_split and no_split["ram"]["ratio_vs_llamacpp"] is None
