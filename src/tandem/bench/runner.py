@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine
-from tandem.kernels import gpu_share, native
+from tandem.kernels import gpu_share, native, quant_linear
 from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime import decode_graphs
 from tandem.runtime.sampler import SamplingParams
@@ -196,7 +196,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
         "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,
-                                                  decode_graphs.COMPILE_ENV, *OPENMP_ENV)
+                                                  decode_graphs.COMPILE_ENV, *quant_linear.QUANT_ENV,
+                                                  *OPENMP_ENV)
                        if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,

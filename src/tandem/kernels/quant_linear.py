@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,11 @@ from tandem.kernels.compiling import allow_compiled_variants
 MATVEC_ROWS = 16  # input rows up to which the fused dequantize-multiply runs (CUDA)
 PROMPT_ROWS = 4096  # weight rows dequantized at a time for longer inputs (the head: 129K rows)
 RECOMPILE_LIMIT = 64
+# For A/B runs: TANDEM_QUANT_STATIC=1 compiles the matvec with static shapes, one kernel set per
+# weight type, shape and row count (the GPU share's kernels ran up to 2.4x faster so); by
+# default dynamo makes the shapes dynamic once it has seen a second one, one set for all.
+QUANT_ENV = ("TANDEM_QUANT_STATIC",)
+STATIC = os.environ.get("TANDEM_QUANT_STATIC") == "1"
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ class QuantLinear(nn.Module):
         cuda = self.raw.is_cuda
         if cuda and rows.shape[0] <= MATVEC_ROWS and self.ggml_type not in _eager_only:
             try:
-                out = _compiled_matvec()(self.ggml_type, self.raw, self.grid, rows, self.out_features)
+                out = _compiled_matvec(STATIC)(self.ggml_type, self.raw, self.grid, rows, self.out_features)
                 return out.reshape(*x.shape[:-1], self.out_features)
             except Exception as exc:  # no triton, no compiler ...
                 log.warning("compiling the %s matvec failed (%s); dequantized weights from now on",
@@ -84,9 +90,9 @@ def _matvec(ggml_type: GGMLType, raw: torch.Tensor, grid: torch.Tensor | None, x
 
 
 @functools.cache
-def _compiled_matvec():
+def _compiled_matvec(static: bool):
     allow_compiled_variants(RECOMPILE_LIMIT)  # one per type, weight shape and row count
-    return torch.compile(_matvec)
+    return torch.compile(_matvec, dynamic=False if static else None)
 
 
 _eager_only: set[GGMLType] = set()
