@@ -206,7 +206,6 @@ class DecodeGraphs:
                 self._ready.record()  # the host buffers are filled once the segment is done
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
-            if graphs is not None:
                 self._ready.synchronize()
             self._routed(cut, rows, then=lambda i=i: self._prefetch(i + 1))
         return self.logits
@@ -216,7 +215,7 @@ class DecodeGraphs:
         TANDEM_SHARE_PREFETCH). Queued once the MoE before has queued its own copies: the copy
         engine, idle after them, brings these in while that MoE's kernels, the CPU's experts
         and segment i run."""
-        ahead = self.cuts[i - 1].host.get("ahead") if 0 < i < len(self.cuts) else None
+        ahead = self.cuts[i - 1].host.get("ahead")  # None where no prefetch was predicted
         if ahead is not None:
             experts = self.cuts[i].moe.experts
             experts.share.prefetch((experts.gate, experts.up, experts.down), ahead[0].tolist())
