@@ -15,3 +15,9 @@ class GGUFError(TandemError):
 
 class KernelError(TandemError):
     """A kernel asked to do something it cannot (type, shape, thread count)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name where it has none): for
+    warnings about a failure that tandem works around, e.g. a compiler that is missing."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tandem.errors import KernelError
+from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType
 from tandem.kernels import cudart, torch_dequant
 from tandem.kernels.compiling import allow_compiled_variants
@@ -202,7 +202,7 @@ class GpuShare:
             except KernelError as exc:
                 self._turn_off(str(exc))
             except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
-                self._turn_off(f"compiling its kernels failed ({_first_line(exc)})")
+                self._turn_off(f"compiling its kernels failed ({first_line(exc)})")
             finally:
                 self._pinning_ended.set()
 
@@ -457,7 +457,7 @@ class GpuShare:
             graph.replay()
             return self._out(batched, args[3].shape[-1])[key[-1]]
         except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
-            self._turn_off(f"compiling its kernels failed ({_first_line(exc)})")
+            self._turn_off(f"compiling its kernels failed ({first_line(exc)})")
             return _experts_fn(*types, batched, False)(*args)  # eager, this once
 
     def _out(self, batched: bool, d: int) -> torch.Tensor:
@@ -575,10 +575,6 @@ def _kinds(experts: Sequence[Sequence[QuantTensor]]) -> set[tuple]:
     """The layers' mixes of (types, bytes per expert, rows' length) the share's kernels take."""
     return {(tuple(w.ggml_type for w in mats), tuple(w.expert_bytes() for w in mats), mats[0].shape[-1])
             for mats in experts if all(torch_dequant.supports(w.ggml_type) for w in mats)}
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def _indexed(device: torch.device) -> torch.device:

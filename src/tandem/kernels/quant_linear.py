@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.errors import KernelError
+from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType, tensor_bytes
 from tandem.kernels import torch_dequant
 from tandem.kernels.compiling import allow_compiled_variants
@@ -63,7 +63,7 @@ class QuantLinear(nn.Module):
                 return out.reshape(*x.shape[:-1], self.out_features)
             except Exception as exc:  # no triton, no compiler ...
                 log.warning("compiling the %s matvec failed (%s); dequantized weights from now on",
-                            self.ggml_type.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                            self.ggml_type.name, first_line(exc))
                 _eager_only.add(self.ggml_type)
         dtype = torch.bfloat16 if cuda else torch.float32
         row_bytes = tensor_bytes(self.ggml_type, (1, self.in_features))

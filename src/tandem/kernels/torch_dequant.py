@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from gguf import quants
 
-from tandem.errors import KernelError
+from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType, block_bytes, tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def dequantize(raw: torch.Tensor, t: GGMLType, shape: tuple[int, ...],
             return _compiled(t, dtype)(blocks, grid).reshape(shape)
         except Exception as exc:  # no triton, no C compiler, an unsupported device ...
             log.warning("torch.compile of the %s dequantizer failed (%s); eager ops from now on",
-                        t.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                        t.name, first_line(exc))
             _eager_only.add((t, dtype))
     return _decode(t, dtype, blocks, grid).reshape(shape)
 
