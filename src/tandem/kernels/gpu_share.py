@@ -246,8 +246,7 @@ class GpuShare:
     def resident(self, gate: QuantTensor) -> set[int]:
         """The experts of `gate`'s layer held in VRAM now (its cache, and what was prefetched
         for it)."""
-        cache, ahead = self._held(gate)
-        return (cache.row_of.keys() if cache else set()) | (ahead.row_of.keys() if ahead else set())
+        return _in_vram(*self._held(gate))
 
     def _held(self, gate: QuantTensor) -> tuple[LayerCache | None, _Ahead | None]:
         """Where `gate`'s layer has experts in VRAM: its cache, and a prefetch made for it."""
@@ -498,7 +497,7 @@ class GpuShare:
         prefetch holds it, else from the mapped file (one copy per run of consecutive experts)."""
         cache, ahead = self._held(tensors[0])
         row_of = cache.row_of if cache is not None else {}
-        in_vram = self.resident(tensors[0])
+        in_vram = _in_vram(cache, ahead)
         runs = consecutive_runs(experts)
         if in_vram:
             from_cache = sum(e in row_of for e in experts)
@@ -569,6 +568,11 @@ class _Ahead:
     rows: list[torch.Tensor]
     layer: int | None = None  # id of that layer's gate tensor
     row_of: dict[int, int] = field(default_factory=dict)
+
+
+def _in_vram(cache: LayerCache | None, ahead: _Ahead | None) -> set[int]:
+    """The experts a layer's cache and a prefetch made for it hold in VRAM."""
+    return (cache.row_of.keys() if cache else set()) | (ahead.row_of.keys() if ahead else set())
 
 
 def _kinds(experts: Sequence[Sequence[QuantTensor]]) -> set[tuple]:
