@@ -189,6 +189,40 @@ def test_cpu_kernels_use_them_and_agree_with_ggml(recipe):
     assert not torch.equal(ours, ggml)  # two different implementations really ran
 
 
+def test_the_runner_thread_computes_calls_while_the_caller_goes_on(ud_experts):
+    """csrc/runner.c: calls started on the runner meet the float reference, one after another;
+    a start before the last call was waited for is declined (the caller runs it itself), and a
+    failing call raises at its result."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
+    runner = native.MoeRunner()
+    try:
+        for seed in (1, 2, 3):
+            x = torch.randn(3, 256, generator=torch.Generator().manual_seed(seed))
+            ids, weights = routing(3, k=4, seed=seed)
+            running = runner.start(x, ids, weights, gate, up, down, n_threads=2)
+            assert runner.start(x, ids, weights, gate, up, down, n_threads=2) is None  # busy
+            ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+            assert relative_error(running.result(), ref) < Q8_ACTIVATION_TOL
+            assert running.result() is running.result()  # waited once
+        bad = runner.start(torch.randn(1, 256), torch.tensor([[0, 8]]), torch.ones(1, 2), gate, up, down, 1)
+        with pytest.raises(KernelError, match="expert id out of range"):
+            bad.result()
+    finally:
+        runner.close()
+
+
+def test_cpu_kernels_start_the_op_on_their_runner(ud_experts):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(4))
+    ids, weights = routing(2, k=4, seed=4)
+    with CpuKernels(n_threads=2) as kernels:
+        running = kernels.start_moe(x, ids, weights, gate, up, down, n_threads=1)
+        assert relative_error(running.result(), moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) \
+            < Q8_ACTIVATION_TOL
+        with pytest.raises(KernelError, match="expert ids must lie in"):  # checked before it starts
+            kernels.start_moe(x, ids + 8, weights, gate, up, down)
+
+
 def test_unsupported_input_is_refused(rng):
     q5, _ = make_weight(T.Q5_K, (16, 256), rng)
     assert not native.supports(T.Q5_K) and not native.fits(q5)

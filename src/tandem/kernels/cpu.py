@@ -49,6 +49,7 @@ class CpuKernels:
         self._threadpool = None
         self._n_threads = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-moe")
+        self._runner: native.MoeRunner | None = None  # started with the first start_moe
         self.set_threads(n_threads or default_threads())
 
     # -- threads ---------------------------------------------------------------------------
@@ -103,6 +104,51 @@ class CpuKernels:
         its expert is computed elsewhere (kernels.gpu_share). `n_threads`: fewer threads than
         the pool's for this call (own kernels only), leaving cores to other work.
         """
+        x, ids, weights, out, own, distinct = self._checked(x, expert_ids, expert_weights, gate, up, down,
+                                                            own, out)
+        if x.shape[0] == 0:
+            return out
+        self._count_read(distinct, gate, up, down)
+        if own:
+            return native.moe(x, ids, weights, gate, up, down, self._threads(n_threads), out=out)
+        key = ("moe", x.shape[0], ids.shape[1], gate.address, up.address, down.address)
+        graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, x.shape[0], ids.shape[1]))
+        with self._lock:
+            point(ext["x"], x.data_ptr())
+            point(ext["ids"], ids.data_ptr())
+            point(ext["w"], weights.data_ptr())
+            point(ext["out"], out.data_ptr())
+            graph.compute()
+        return out
+
+    def start_moe(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                  gate: QuantTensor, up: QuantTensor, down: QuantTensor, out: torch.Tensor | None = None,
+                  n_threads: int | None = None) -> native.RunningMoe | None:
+        """`moe` with tandem's own kernels, started on the kernels' runner thread (a C thread:
+        it needs no GIL to start, see native.MoeRunner) and returning at once; `result()` of
+        what it returns waits. None when the weights need ggml's kernels or the runner is still
+        busy with an earlier call: the caller then calls `moe` itself."""
+        x, ids, weights, out, own, distinct = self._checked(x, expert_ids, expert_weights, gate, up, down,
+                                                            True, out)
+        if not own:
+            return None
+        if self._runner is None:
+            self._runner = native.MoeRunner()
+        running = self._runner.start(x, ids, weights, gate, up, down, self._threads(n_threads), out)
+        if running is not None:
+            self._count_read(distinct, gate, up, down)
+        return running
+
+    def _count_read(self, distinct: int, *experts: QuantTensor) -> None:
+        self.expert_bytes_read += distinct * sum(w.expert_bytes() for w in experts)
+
+    def _threads(self, n_threads: int | None) -> int:
+        return self._n_threads if n_threads is None else max(1, min(n_threads, self._n_threads))
+
+    def _checked(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                 gate: QuantTensor, up: QuantTensor, down: QuantTensor, own: bool, out: torch.Tensor | None):
+        """moe's arguments checked and converted: x, ids (int32), weights (float32), out, whether
+        tandem's own kernels run it, and the count of distinct experts."""
         n_expert, n_ff, d = _check_experts(gate, up, down)
         x = activation_rows(x, d, "x")
         t = x.shape[0]
@@ -128,21 +174,7 @@ class CpuKernels:
               or not out.is_contiguous()):
             raise KernelError(f"out must be a contiguous float32 [{t}, {d}] CPU tensor, got "
                               f"{out.dtype} {list(out.shape)} on {out.device}")
-        if t == 0:
-            return out
-        self.expert_bytes_read += distinct * (gate.expert_bytes() + up.expert_bytes() + down.expert_bytes())
-        if own:
-            threads = self._n_threads if n_threads is None else max(1, min(n_threads, self._n_threads))
-            return native.moe(x, ids, weights, gate, up, down, threads, out=out)
-        key = ("moe", t, k, gate.address, up.address, down.address)
-        graph, ext = self._graph(key, lambda: _build_moe(gate, up, down, t, k))
-        with self._lock:
-            point(ext["x"], x.data_ptr())
-            point(ext["ids"], ids.data_ptr())
-            point(ext["w"], weights.data_ptr())
-            point(ext["out"], out.data_ptr())
-            graph.compute()
-        return out
+        return x, ids, weights, out, own, distinct
 
     def submit_moe(self, *args, **kwargs) -> Future:
         """`moe` on the kernels' own thread; the Future holds the [T, d] result."""
@@ -165,6 +197,8 @@ class CpuKernels:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        if self._runner is not None:
+            self._runner.close()  # after the call under way, if any
         with self._lock:
             for graph, _ in self._graphs.values():
                 graph.free()

@@ -28,8 +28,8 @@ from tandem.kernels.tensors import QuantTensor
 class _SharedCall:
     """A split call between submit and collect: the GPU's part queued, the CPU's to run."""
 
-    cpu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | Future | None  # x (host), ids,
-    # weights; or the CPU's part already running on the kernels' thread (share.cpu_first)
+    cpu: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | native.RunningMoe | None  # x (host),
+    # ids, weights; or the CPU's part already running on the kernels' runner (share.cpu_first)
     gpu: Launched | None
     balance: ShareBalance  # the one that chose the split, told who finished first
 
@@ -109,24 +109,26 @@ class CpuExperts:
     def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        x_host: torch.Tensor | None = None) -> _SharedCall:
         """Queue the GPU's part (graph replays: a fraction of a millisecond of host time); the
-        CPU's part runs in collect, on the caller's thread, while the GPU works. (Run on the
-        executor's thread instead, started before the GPU launch, decode was 7-13% slower on
-        the GPU machine: the launch and the hand-over compete for the host.)"""
+        CPU's part runs in collect, on the caller's thread, while the GPU works; or, with
+        share.cpu_first, it is started before the launch on the kernels' runner thread. (Started
+        on a Python executor thread instead, decode was 7-13% slower on the GPU machine: the
+        hand-over needed the GIL that the launch holds.)"""
         gpu_experts, cpu_ids, distinct, balance = self._split(ids)
         cpu = None
         if len(gpu_experts) < distinct:
             if x_host is None:  # copied down before the GPU's queue grows: the copy waits for it
                 x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             cpu = (x_host, cpu_ids, weights)
-            if self.share.cpu_first and gpu_experts:  # one core left for the launch below
-                cpu = self.kernels.submit_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
-                                              own=True, out=self._host_out(x_host),
-                                              n_threads=self.kernels.n_threads - 1)
+            if self.share.cpu_first and gpu_experts:
+                threads = self.share.cpu_threads or self.kernels.n_threads - 1  # a core for the launch
+                started = self.kernels.start_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
+                                                 out=self._host_out(x_host), n_threads=threads)
+                cpu = started or cpu  # the runner busy (another thread's call): run in collect
         return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts), balance)
 
     def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
         cpu = None
-        if isinstance(call.cpu, Future):
+        if isinstance(call.cpu, native.RunningMoe):
             cpu = call.cpu.result()
         elif call.cpu is not None:
             x_host, cpu_ids, weights = call.cpu

@@ -66,13 +66,15 @@ RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system 
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x expert counts
 # Order of a shared call, for A/B runs: by default the GPU's part is launched first and the CPU's
-# runs after it on the caller's thread; TANDEM_SHARE_CPU_FIRST=1 starts the CPU's on the
-# kernels' thread with one thread fewer, and launches the GPU's meanwhile on the core left free
-# (the launch is ~0.4-0.6 ms of Python that the CPU's part otherwise waits for).
+# runs after it on the caller's thread; TANDEM_SHARE_CPU_FIRST=1 starts the CPU's first, on the
+# kernels' runner thread (native.MoeRunner), and launches the GPU's meanwhile (the launch is
+# ~0.4-0.6 ms of Python per layer that the CPU's part otherwise waits for).
+# TANDEM_SHARE_CPU_THREADS=N: threads of the CPU's part when started first (default: one fewer
+# than the kernels', leaving a core to the launch).
 # TANDEM_SHARE_PREFETCH=N: while a decode segment runs, copy up to N experts that its MoE's
 # router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
 # copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
-SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_PREFETCH")
+SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH")
 
 
 class ShareBalance:
@@ -157,6 +159,7 @@ class GpuShare:
         self._slots: torch.Tensor | None = None
         self.graphs = True  # replay the kernels as CUDA graphs (False: launch them each call)
         self.cpu_first = os.environ.get("TANDEM_SHARE_CPU_FIRST") == "1"  # see SHARE_ENV
+        self.cpu_threads = int(os.environ.get("TANDEM_SHARE_CPU_THREADS") or 0)  # 0: default
         self.prefetch_rows = int(os.environ.get("TANDEM_SHARE_PREFETCH") or 0)  # see SHARE_ENV
         self._ahead: _Ahead | None = None  # the experts prefetched for one layer
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}

@@ -11,6 +11,8 @@ import ctypes
 import functools
 import importlib.util
 import os
+import threading
+import weakref
 
 import numpy as np
 import torch
@@ -48,6 +50,10 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_silu_mul.argtypes = [ptr, ptr, i32, i32]
     lib.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
     lib.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
+    lib.tandem_runner_new.restype = ptr
+    lib.tandem_runner_start.argtypes = [ptr, *lib.tandem_moe.argtypes]
+    lib.tandem_runner_wait.argtypes = [ptr]
+    lib.tandem_runner_free.argtypes = [ptr]
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
@@ -142,19 +148,77 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTe
         down: QuantTensor, n_threads: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts: sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t,k].
     Shapes (and `out`) as CpuKernels.moe, which checks them before it calls here."""
-    n_expert, n_ff, d = gate.shape
-    x = activation_rows(x, d, "x")
-    t, k = ids.shape
-    ids = ids.to(torch.int32).contiguous()
-    weights = weights.to(torch.float32).contiguous()
-    if out is None:
-        out = torch.empty(t, d, dtype=torch.float32)
-    if t:
-        rc = _lib().tandem_moe(x.data_ptr(), t, d, ids.data_ptr(), weights.data_ptr(), k,
-                               gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
-                               down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
-        _check(rc, "moe", gate)
-    return out
+    call = _MoeCall(x, ids, weights, gate, up, down, n_threads, out)
+    if call.tokens:
+        _check(_lib().tandem_moe(*call.args), "moe", gate)
+    return call.out
+
+
+class _MoeCall:
+    """One call's arguments to the C op, and the tensors they point into (kept alive here)."""
+
+    def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor,
+                 up: QuantTensor, down: QuantTensor, n_threads: int, out: torch.Tensor | None):
+        n_expert, n_ff, d = gate.shape
+        self.x = activation_rows(x, d, "x")
+        self.tokens, k = ids.shape
+        self.ids = ids.to(torch.int32).contiguous()
+        self.weights = weights.to(torch.float32).contiguous()
+        self.out = torch.empty(self.tokens, d, dtype=torch.float32) if out is None else out
+        self.gate = gate
+        self.args = (self.x.data_ptr(), self.tokens, d, self.ids.data_ptr(), self.weights.data_ptr(), k,
+                     gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
+                     down.address, int(down.ggml_type), n_expert, n_ff, self.out.data_ptr(), n_threads)
+
+
+RUNNER_BUSY = -4  # csrc/runner.c: a call started before the last one was waited for
+
+
+class MoeRunner:
+    """A thread of the C library that runs one `moe` call at a time while the caller goes on
+    (csrc/runner.c): the GPU share's launch runs in Python meanwhile, which a Python thread
+    could not, needing the GIL the launch holds."""
+
+    def __init__(self):
+        handle = _lib().tandem_runner_new()
+        if not handle:
+            raise KernelError("could not start the CPU kernels' runner thread")
+        self._handle = handle
+        self._running: RunningMoe | None = None
+        self._lock = threading.Lock()  # one start at a time
+        # the thread ends with this object (after any call under way)
+        self._finalizer = weakref.finalize(self, _lib().tandem_runner_free, handle)
+
+    def start(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor,
+              up: QuantTensor, down: QuantTensor, n_threads: int,
+              out: torch.Tensor | None = None) -> RunningMoe | None:
+        """`moe` with these arguments started on the runner's thread; None when the runner is
+        still busy with a call not yet waited for (the caller then runs it itself)."""
+        with self._lock:
+            if self._running is not None and not self._running.waited:
+                return None
+            call = _MoeCall(x, ids, weights, gate, up, down, n_threads, out)
+            if call.tokens and _lib().tandem_runner_start(self._handle, *call.args) == RUNNER_BUSY:
+                return None
+            self._running = RunningMoe(self._handle if call.tokens else None, call)
+            return self._running
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class RunningMoe:
+    """A `moe` call under way on a MoeRunner: `result()` waits for it (as a Future's)."""
+
+    def __init__(self, handle, call: _MoeCall):
+        self._handle, self._call = handle, call
+        self.waited = handle is None  # nothing to wait for: no tokens
+
+    def result(self) -> torch.Tensor:
+        if not self.waited:
+            self.waited = True
+            _check(_lib().tandem_runner_wait(self._handle), "moe", self._call.gate)
+        return self._call.out
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor, vectorized: bool = True) -> torch.Tensor:
