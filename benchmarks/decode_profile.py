@@ -30,6 +30,7 @@ import torch
 from tandem.bench import machine
 from tandem.kernels import experts as experts_module
 from tandem.kernels import gpu_share as share_module
+from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare
@@ -113,6 +114,19 @@ def instrument(llm: LLM) -> None:
     CpuExperts.compute_shared = _timed_host("routed experts call (shared)", CpuExperts.compute_shared)
     CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
     CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
+    # TANDEM_SHARE_CPU_FIRST=1: the op runs on the kernels' runner thread; its own time counts
+    # as the CPU op, the caller's wait for it apart
+    CpuKernels.start_moe = _timed_host("CPU op: start on the runner", CpuKernels.start_moe)
+    result = native.RunningMoe.result
+
+    @functools.wraps(result)
+    def timed_result(self):
+        waited = self.waited
+        out = _timed_host("CPU op: wait for the runner", result)(self)
+        if not waited:
+            host_s["CPU op"].append(self.seconds)
+        return out
+    native.RunningMoe.result = timed_result
     GpuShare.launch = _timed_launch(GpuShare.launch)
     # the whole step and the choice of its token (which waits for the head), around the rest
     DecodeGraphs.step = _timed_host("step (all of it)", DecodeGraphs.step)

@@ -204,6 +204,7 @@ def test_the_runner_thread_computes_calls_while_the_caller_goes_on(ud_experts):
             ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
             assert relative_error(running.result(), ref) < Q8_ACTIVATION_TOL
             assert running.result() is running.result()  # waited once
+            assert running.seconds > 0
         bad = runner.start(torch.randn(1, 256), torch.tensor([[0, 8]]), torch.ones(1, 2), gate, up, down, 1)
         with pytest.raises(KernelError, match="expert id out of range"):
             bad.result()

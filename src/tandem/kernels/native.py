@@ -54,6 +54,8 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_runner_start.argtypes = [ptr, *lib.tandem_moe.argtypes]
     lib.tandem_runner_wait.argtypes = [ptr]
     lib.tandem_runner_free.argtypes = [ptr]
+    lib.tandem_runner_seconds.argtypes = [ptr]
+    lib.tandem_runner_seconds.restype = ctypes.c_double
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
@@ -208,16 +210,20 @@ class MoeRunner:
 
 
 class RunningMoe:
-    """A `moe` call under way on a MoeRunner: `result()` waits for it (as a Future's)."""
+    """A `moe` call under way on a MoeRunner: `result()` waits for it (as a Future's); then
+    `seconds` is how long it ran on the runner's thread."""
 
     def __init__(self, handle, call: _MoeCall):
         self._handle, self._call = handle, call
         self.waited = handle is None  # nothing to wait for: no tokens
+        self.seconds = 0.0
 
     def result(self) -> torch.Tensor:
         if not self.waited:
             self.waited = True
-            _check(_lib().tandem_runner_wait(self._handle), "moe", self._call.gate)
+            rc = _lib().tandem_runner_wait(self._handle)
+            self.seconds = _lib().tandem_runner_seconds(self._handle)
+            _check(rc, "moe", self._call.gate)
         return self._call.out
 
 

@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <time.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -48,6 +49,7 @@ typedef struct {
     _Atomic int state;
     moe_args args;
     int rc;
+    double seconds; /* how long the last call ran on the thread */
 } runner;
 
 /* Wait until `r`'s state leaves `from`: spin, then sleep. Returns the new state. */
@@ -78,8 +80,12 @@ static void *serve(void *arg) {
         while (s != POSTED && s != QUIT) s = wait_while(r, s);
         if (s == QUIT) return NULL;
         const moe_args *a = &r->args;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
         r->rc = tandem_moe(a->x, a->n_tok, a->d, a->ids, a->w, a->k, a->gate, a->gate_type, a->up, a->up_type,
                            a->down, a->down_type, a->n_expert, a->n_ff, a->out, a->n_threads);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        r->seconds = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
         set_state(r, DONE);
     }
 }
@@ -123,6 +129,9 @@ int tandem_runner_wait(void *handle) {
     set_state(r, IDLE);
     return rc;
 }
+
+/* Seconds the last call waited for ran on `r`'s thread (profiles). */
+double tandem_runner_seconds(void *handle) { return ((runner *)handle)->seconds; }
 
 /* Wait for any call under way, end the thread, free the runner. */
 void tandem_runner_free(void *handle) {
