@@ -76,6 +76,8 @@ def decode_bounds(bench: dict, profile: dict, llamacpp_tok_s: float | None, targ
     copies to the GPU read RAM too). `split`: the experts shared between the CPU op (measured
     ms per expert, with the DMA running) and the copies to the GPU (measured ms per expert;
     the GPU's kernels assumed hidden), both sides busy all the time, and never above `ram`.
+    `roofline_fraction_at_most`: the share of the expert roofline (all expert bytes at the RAM
+    rate, nothing else) that `ram` is: what the segments in series leave of it.
     Speculative copies during segments (TANDEM_SHARE_PREFETCH) could beat both if they hit."""
     parts = profile.get("parts_ms_per_token") or {}
     gpu_ms = parts.get("gpu: segment", 0.0) + parts.get("gpu: last segment + head", 0.0)
@@ -85,6 +87,7 @@ def decode_bounds(bench: dict, profile: dict, llamacpp_tok_s: float | None, targ
         return bounds
     ram_ms = per_token / ram / 1e6
     bounds["ram"] = _bound(ram_ms + gpu_ms, llamacpp_tok_s, target)
+    bounds["roofline_fraction_at_most"] = ram_ms / (ram_ms + gpu_ms)
     split = profile.get("experts_split") or {}
     layers, k = profile.get("moe_layers"), profile.get("experts_per_token")
     copy_ms = next((r["gpu_ms_per_token"] for r in profile.get("top_gpu_kernels", [])

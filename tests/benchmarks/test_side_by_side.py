@@ -34,6 +34,7 @@ def test_ram_and_split_bounds(side_by_side):
     assert bounds["ram"]["tok_per_s"] == pytest.approx(1000 / 16)
     assert bounds["ram"]["ratio_vs_llamacpp"] == pytest.approx(1000 / 16 / 20)
     assert bounds["ram"]["target_needs_fraction"] == pytest.approx(60 / (1000 / 16))
+    assert bounds["roofline_fraction_at_most"] == pytest.approx(10 / 16)  # 6 ms of segments too
     # 80 experts a token at 1/0.5 + 1/0.25 = 6 a millisecond: 13.3 ms, more than RAM's 10
     assert bounds["split"]["tok_per_s"] == pytest.approx(1000 / (80 / 6 + 6))
 
