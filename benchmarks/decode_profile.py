@@ -189,6 +189,31 @@ def top_kernels(llm: LLM, prompt: list[int], steps: int, top: int = 15) -> list[
     return sorted(rows, key=lambda r: -r["gpu_ms_per_token"])[:top]
 
 
+def segment_kernels(llm: LLM, replays: int = 20) -> list[dict]:
+    """Every kernel of one MoE layer's segment graph (the second segment: attention, norms,
+    router) per replay: where a segment's time goes when its weights alone would take a
+    fraction of it. Replayed on its own after decoding (it rewrites a cache row already written)."""
+    from torch.profiler import ProfilerActivity, profile
+    captured = next(iter(llm._graphs._graphs.values()), None)
+    if not captured or len(captured) < 3:
+        return []
+    graph = captured[1][0]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for avg in prof.key_averages():
+        if getattr(avg, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        gpu_us = getattr(avg, "self_device_time_total", 0) or getattr(avg, "self_cuda_time_total", 0)
+        rows.append({"kernel": avg.key[:120], "per_replay": avg.count / replays,
+                     "us_per_replay": gpu_us / replays})
+    return sorted(rows, key=lambda r: -r["us_per_replay"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -214,6 +239,11 @@ def main() -> None:
     if llm._graphs is None:
         raise SystemExit("this model does not decode in CUDA graphs here: nothing to profile")
     kernels = top_kernels(llm, prompt, steps=8)
+    try:
+        one_segment = segment_kernels(llm)
+    except Exception as exc:  # a profiler that cannot see graph kernels: the rest still runs
+        print(f"segment kernels not profiled: {exc}")
+        one_segment = []
     instrument(llm)
     host_s.clear()
     splits.clear()
@@ -253,6 +283,9 @@ def main() -> None:
               f"{row['gb_per_s']:.0f} GB/s")
     for row in kernels:
         print(f"  {row['gpu_ms_per_token']:7.3f} ms/token  {row['calls']:5d}x  {row['kernel']}")
+    print(f"one MoE layer's segment: {len(one_segment)} kernel kinds, "
+          f"{sum(r['per_replay'] for r in one_segment):.0f} launches, "
+          f"{sum(r['us_per_replay'] for r in one_segment):.0f} us of kernels per replay")
     now = datetime.now(UTC)
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n,
@@ -261,7 +294,7 @@ def main() -> None:
               "expert_bytes": expert_bytes(llm),
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
                                       if getattr(e, "share", None) is not None],
-              "top_gpu_kernels": kernels}
+              "top_gpu_kernels": kernels, "moe_segment_kernels": one_segment}
     print(f"wrote {machine.write_record(record, args.out, now)}")
 
 
