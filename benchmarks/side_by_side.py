@@ -100,6 +100,26 @@ def decode_bounds(bench: dict, profile: dict, llamacpp_tok_s: float | None, targ
     return bounds
 
 
+def stream_bound(bench: dict, profile: dict) -> dict:
+    """What the experts' two paths can read at most, from one-token decode's profile: the CPU op
+    (bytes per expert over its measured ms per expert: it decodes each weight once, however
+    many tokens share the expert) and the copies to the GPU (their bytes over their GPU time),
+    both busy all the time, against the RAM read rate. `roofline_fraction_at_most`: the share
+    of the distinct-expert roofline several streams could reach so, before any segment or
+    overhead."""
+    split = profile.get("experts_split") or {}
+    layers, size = profile.get("moe_layers"), profile.get("expert_bytes")
+    cpu_ms, ram = split.get("cpu_op_ms_per_expert"), bench.get("ram_read_gb_per_s")
+    copy_ms = next((r["gpu_ms_per_token"] for r in profile.get("top_gpu_kernels", [])
+                    if r["kernel"].startswith("Memcpy HtoD")), None)
+    gpu_experts = (split.get("gpu_experts_per_call") or 0) * (layers or 0)
+    if not (size and cpu_ms and copy_ms and gpu_experts and ram):
+        return {}
+    cpu_rate, copy_rate = size / cpu_ms / 1e6, gpu_experts * size / copy_ms / 1e6
+    return {"cpu_op_gb_per_s": cpu_rate, "copies_gb_per_s": copy_rate, "ram_read_gb_per_s": ram,
+            "roofline_fraction_at_most": min(1.0, (cpu_rate + copy_rate) / ram)}
+
+
 def _bound(ms_per_token: float, llamacpp_tok_s: float | None, target: float) -> dict:
     """A bound as tok/s, its ratio to llama.cpp, and the share of it the target asks for."""
     tok_s = 1e3 / ms_per_token
@@ -119,6 +139,8 @@ def limits(out: Path, benches: dict, llamacpp_decode: dict) -> dict:
             profile = json.loads(runs[-1].read_text())
             found[f"decode_{name}"] = {**decode_limits(profile), "bounds": decode_bounds(
                 benches[name], profile, llamacpp_decode.get(name), target)}
+            if name == "iq1s":  # the 8 streams' target is on this file
+                found["streams_bound_iq1s"] = stream_bound(benches[name], profile)
     runs = sorted((out / "engine-streams").glob("engine_streams-*.json"))
     if runs:
         streams = json.loads(runs[-1].read_text())

@@ -50,3 +50,15 @@ def test_no_bounds_without_the_figures(side_by_side):
     no_split = side_by_side.decode_bounds({"ram_read_gb_per_s": 100.0, "expert_bytes_per_token": 1e9},
                                           {**profile(), "moe_layers": None}, None, 3.0)
     assert "split" not in no_split and no_split["ram"]["ratio_vs_llamacpp"] is None
+
+
+def test_streams_bound_adds_the_cpu_and_copy_rates(side_by_side):
+    bench = {"ram_read_gb_per_s": 100.0}
+    # 10 MB experts: the CPU op 0.5 ms each (20 GB/s); 40 copied a token in 10 ms (40 GB/s)
+    found = side_by_side.stream_bound(bench, {**profile(), "expert_bytes": 10e6})
+    assert found["cpu_op_gb_per_s"] == pytest.approx(20.0)
+    assert found["copies_gb_per_s"] == pytest.approx(40.0)
+    assert found["roofline_fraction_at_most"] == pytest.approx(0.6)
+    fast = side_by_side.stream_bound({"ram_read_gb_per_s": 30.0}, {**profile(), "expert_bytes": 10e6})
+    assert fast["roofline_fraction_at_most"] == 1.0  # never above the RAM's own rate
+    assert side_by_side.stream_bound(bench, profile()) == {}  # no expert size: no bound
