@@ -217,13 +217,14 @@ class RunningMoe:
         self._handle, self._call = handle, call
         self.waited = handle is None  # nothing to wait for: no tokens
         self.seconds = 0.0
+        self._rc = 0
 
     def result(self) -> torch.Tensor:
         if not self.waited:
             self.waited = True
-            rc = _lib().tandem_runner_wait(self._handle)
+            self._rc = _lib().tandem_runner_wait(self._handle)
             self.seconds = _lib().tandem_runner_seconds(self._handle)
-            _check(rc, "moe", self._call.gate)
+        _check(self._rc, "moe", self._call.gate)  # a failed call raises at every result()
         return self._call.out
 
 
