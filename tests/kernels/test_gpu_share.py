@@ -15,7 +15,7 @@ from logit_checks import relative_error
 from tandem.errors import KernelError
 from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels
 from tandem.kernels.experts import CpuExperts
-from tandem.kernels.gpu_share import MAX_TOKENS, GpuShare, ShareBalance, split
+from tandem.kernels.gpu_share import MAX_TOKENS, GpuShare, ShareBalance, max_experts_for, split
 from tandem.kernels.tensors import QuantTensor
 
 RECIPES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
@@ -246,3 +246,14 @@ def test_a_share_serves_its_gpu_by_any_name():
         pytest.skip("no CUDA device")
     share = GpuShare("cuda", max_experts=K)
     assert share.serves("cuda") and share.serves(torch.device("cuda:0")) and not share.serves("cpu")
+
+
+def test_batch_slots_default_to_half_a_full_batch_and_take_a_setting(monkeypatch):
+    monkeypatch.delenv("TANDEM_SHARE_MAX_EXPERTS", raising=False)
+    assert max_experts_for(8) == 8 * MAX_TOKENS // 2
+    monkeypatch.setenv("TANDEM_SHARE_MAX_EXPERTS", "48")
+    assert max_experts_for(8) == 48
+    for bad in ("4", "many", "-8"):  # fewer than one token's experts, or not a count
+        monkeypatch.setenv("TANDEM_SHARE_MAX_EXPERTS", bad)
+        with pytest.raises(KernelError, match="TANDEM_SHARE_MAX_EXPERTS must be a whole number >= 8"):
+            max_experts_for(8)

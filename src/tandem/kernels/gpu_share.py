@@ -74,7 +74,23 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # TANDEM_SHARE_PREFETCH=N: while a decode segment runs, copy up to N experts that its MoE's
 # router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
 # copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
-SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH")
+# TANDEM_SHARE_MAX_EXPERTS=N: slots for a batch's GPU part (default: half of MAX_TOKENS tokens'
+# experts, see max_experts_for).
+SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
+             "TANDEM_SHARE_MAX_EXPERTS")
+
+
+def max_experts_for(k: int) -> int:
+    """How many experts one call may give the share (its slots), for a model choosing k per
+    token: half of MAX_TOKENS tokens' experts (8 streams of R1 choose ~57 distinct experts a
+    step, ~50 of them by one token only), or TANDEM_SHARE_MAX_EXPERTS (k or more)."""
+    value = os.environ.get("TANDEM_SHARE_MAX_EXPERTS")
+    if not value:
+        return k * MAX_TOKENS // 2
+    if not value.isdigit() or int(value) < k:
+        raise KernelError(f"TANDEM_SHARE_MAX_EXPERTS must be a whole number >= {k} (the experts "
+                          f"one token chooses), got {value!r}")
+    return int(value)
 
 
 class ShareBalance:

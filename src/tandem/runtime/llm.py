@@ -20,8 +20,7 @@ from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
-from tandem.kernels.gpu_share import MAX_TOKENS as SHARE_MAX_TOKENS
-from tandem.kernels.gpu_share import GpuShare
+from tandem.kernels.gpu_share import GpuShare, max_experts_for
 from tandem.kernels.numa import MODES as NUMA_MODES
 from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
@@ -322,9 +321,7 @@ def _gpu_share(devices: list[torch.device], c, fraction: float | None) -> GpuSha
     k = getattr(c, "n_expert_used", 0)
     if gpu is None or fraction == 0.0 or not k:
         return None
-    # slots for a batch's GPU part: up to half of MAX_TOKENS tokens' experts (8 streams of R1
-    # choose ~57 distinct experts per step, ~50 of them by one token only)
-    return GpuShare(gpu, max_experts=k * SHARE_MAX_TOKENS // 2, experts_per_token=k)
+    return GpuShare(gpu, max_experts=max_experts_for(k), experts_per_token=k)
 
 
 def _stream_workspace(streamer: ExpertStreamer, tensors: dict, c, tokens: int) -> dict[str, int]:
