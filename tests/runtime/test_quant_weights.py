@@ -9,7 +9,7 @@ import torch
 import tandem
 from logit_checks import relative_error, top1_agreement
 from tandem.kernels.quant_linear import QuantLinear
-from tandem.placement.rules import Rule
+from tandem.placement.rules import PlacementError, Rule
 
 
 def rules(device: str, kernel: str) -> list[Rule]:
@@ -52,3 +52,28 @@ def test_on_the_gpu_quantized_weights_decode_like_bfloat16_ones_in_less_memory(t
     agree = sum(int(teacher[8 + i].argmax()) == token for i, token in enumerate(new))
     assert agree >= 0.9 * len(new), f"{agree} of {len(new)} decoded tokens match"
     assert quant_bytes < bf16_bytes
+
+
+@pytest.mark.cuda
+def test_default_rules_keep_the_gpus_weights_quantized_when_copies_would_not_fit(tiny_q8, caplog):
+    """A GPU too small for the default bfloat16 copies loads the model with its linear weights
+    kept quantized (and says so); one too small for either refuses, naming both."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU")
+    with tandem.LLM(tiny_q8, ctx_size=128) as llm:
+        assert llm.rules[-1].kernel == "torch"
+        copies = llm.memory.resident["cuda"]
+        bf16 = llm.logits(PROMPT)
+    roomy = 1 << 40
+    with tandem.LLM(tiny_q8, rules=rules("cuda", "quant"), ctx_size=128) as llm:
+        quantized = llm.memory.resident["cuda"]
+    assert quantized < copies
+    caps = {"cpu": roomy, "cpu-total": roomy, "cuda:0": (quantized + copies) // 2}
+    with caplog.at_level("WARNING"), tandem.LLM(tiny_q8, ctx_size=128, memory_caps=caps) as llm:
+        assert llm.rules[-1].kernel == "quant" and llm.memory.resident["cuda"] == quantized
+        assert any(isinstance(m, QuantLinear) for m in llm.model.modules())
+        ours = llm.logits(PROMPT)
+    assert "would not fit" in caplog.text and "kernel quant" in caplog.text
+    assert relative_error(ours, bf16) < 0.02 and top1_agreement(ours, bf16) > 0.95
+    with pytest.raises(PlacementError, match="(?s)bfloat16 copies.*kept quantized"):
+        tandem.LLM(tiny_q8, ctx_size=128, memory_caps={**caps, "cuda:0": quantized // 2})

@@ -82,16 +82,17 @@ class Placement:
     rule: int  # index of the rule that matched
 
 
-def default_rules(has_gpu: bool, names: Iterable[str] | None = None) -> list[Rule]:
-    """Routed experts on the CPU through ggml; everything else on the GPU (or the CPU). Given
-    the model's tensor names, rules that would place nothing (experts of a dense model) are
-    left out."""
+def default_rules(has_gpu: bool, names: Iterable[str] | None = None, quantized: bool = False) -> list[Rule]:
+    """Routed experts on the CPU (tandem's kernels, ggml's for other types); everything else on
+    the GPU (or the CPU): bfloat16 copies on a GPU, or with `quantized` the linear weights in
+    their stored types (kernel quant, for GPUs the copies would not fit). Given the model's
+    tensor names, rules that would place nothing (experts of a dense model) are left out."""
     rest = "cuda" if has_gpu else "cpu"
     rules = [
         Rule(EXPERTS, "cpu", "cpu"),
         # One row per token is read: dequantize those rows from the file, not the whole table.
         Rule(r"^token_embd\.", "cpu", "ggml"),
-        Rule(".", rest, "torch"),
+        Rule(".", rest, "quant" if quantized and has_gpu else "torch"),
     ]
     if names is None:
         return rules
