@@ -13,6 +13,7 @@ from gguf import GGMLQuantizationType as T
 from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
 from tandem.errors import KernelError
+from tandem.kernels import gpu_share
 from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import MAX_TOKENS, GpuShare, ShareBalance, max_experts_for, split
@@ -228,6 +229,37 @@ def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path
     finally:
         share.close()
     assert not torch.from_numpy(np.asarray(mapped[0].data)).is_pinned()
+
+
+@pytest.mark.cuda
+def test_gpu_share_with_the_triton_kernels(kernels, experts, monkeypatch):
+    """TANDEM_SHARE_TRITON=1: one token's UD-IQ1_S experts through kernels.share_triton, in the
+    share's graphs, meet the float reference as the compiled decoders do."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TANDEM_SHARE_TRITON", "1")
+    gpu_share._experts_fn.cache_clear()  # built per type mix: again, with the setting
+    try:
+        types = RECIPES["ud-iq1_s"]
+        assert gpu_share._experts_fn(*types, False, True).__name__ == "triton_where_it_fits"
+        tensors = [q for q, _ in experts["ud-iq1_s"]]
+        refs = [ref for _, ref in experts["ud-iq1_s"]]
+        share = GpuShare("cuda", max_experts=K)
+        share.pin([q.data for q in tensors], [tensors])
+        assert share.wait(120), share.skipped
+        moe = CpuExperts(kernels, *tensors, share=share)
+        try:
+            for seed, fraction in enumerate([0.25, 0.5, 1.0] * 2):
+                moe.balance = ShareBalance(fraction, fixed=True)
+                x = torch.randn(1, D)
+                ids, weights = routing(1, k=K, n_expert=N_EXPERT, seed=40 + seed)
+                ours = moe.compute_shared(x.cuda(), x.pin_memory(), ids, weights)
+                assert relative_error(ours.cpu(), moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
+        finally:
+            share.close()
+    finally:
+        gpu_share._experts_fn.cache_clear()
 
 
 @pytest.mark.cuda

@@ -1,0 +1,158 @@
+"""Hand-written Triton kernels for the GPU share's one-token step on UD-IQ1_S experts (IQ1_S
+gate and up, IQ2_XXS down): an alternative to the torch.compile'd decoders (kernels.gpu_share),
+which read the experts' bytes at ~100-150 GB/s on an H200 (run q profile), a few percent of
+its bandwidth, and so leave ~0.25 ms of kernels per MoE layer after the last copy.
+
+Each program takes R weight rows of one expert and walks their 256-weight blocks: per 8
+weights one row of a small grid table (L1-resident: IQ1_S 4096 rows with the delta folded in,
+128 KB; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields applied by bit tests), times
+the matching 8 activations, scaled per 32 weights. Float32 throughout, as the compiled path.
+
+`experts` keeps gpu_share's signature for `_experts` (the grid arguments are ignored: these
+kernels read their own tables); `fits` says which shapes they take. TANDEM_SHARE_TRITON=1
+turns them on in the share (A/B runs).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from gguf import quants
+
+from tandem.gguf.types import GGMLType, block_bytes
+
+TYPES = (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS)  # gate, up, down
+ROWS = 16  # weight rows per program
+
+
+@triton.jit
+def _f16_at(p):
+    """The little-endian float16 at byte pointers p, as float32."""
+    bits = tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 8)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _iq1_s_dots(blk, xb, table):
+    """One IQ1_S block of R rows (byte pointers `blk` [R]) times its 256 activations xb [32, 8]:
+    [R] float32. Group g (8 weights) of sub-block g // 4: grid row qs[g] | 3 high bits from
+    qh[g // 4], + 2048 where the sub-block's delta is negative; scale d * (2 s + 1)."""
+    g = tl.arange(0, 32)
+    j = tl.arange(0, 8)
+    qs = tl.load(blk[:, None] + 2 + g[None, :]).to(tl.int32)
+    at = blk[:, None] + 34 + 2 * (g[None, :] // 4)
+    qh = tl.load(at).to(tl.int32) | (tl.load(at + 1).to(tl.int32) << 8)
+    index = qs | (((qh >> (3 * (g[None, :] % 4))) & 7) << 8)
+    index += ((qh >> 15) & 1) * 2048
+    scale = _f16_at(blk)[:, None] * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)  # [R, 32]
+    rows = tl.load(table + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
+    return tl.sum(scale * tl.sum(rows * xb[None, :, :], axis=2), axis=1)
+
+
+@triton.jit
+def _gate_up_kernel(gate, up, x, table, h, expert_bytes, row_bytes, n_rows, n_blocks, R: tl.constexpr):
+    """h[e, r] = silu(gate_e[r] . x) * (up_e[r] . x) for rows r of program (e, tile)."""
+    e = tl.program_id(0)
+    rows = tl.program_id(1) * R + tl.arange(0, R)
+    offset = e.to(tl.int64) * expert_bytes + rows.to(tl.int64) * row_bytes
+    g = tl.arange(0, 32)
+    j = tl.arange(0, 8)
+    gate_sum = tl.zeros([R], dtype=tl.float32)
+    up_sum = tl.zeros([R], dtype=tl.float32)
+    for b in range(n_blocks):
+        xb = tl.load(x + b * 256 + g[:, None] * 8 + j[None, :])
+        gate_sum += _iq1_s_dots(gate + offset + b * 50, xb, table)
+        up_sum += _iq1_s_dots(up + offset + b * 50, xb, table)
+    silu = gate_sum / (1.0 + tl.exp(-gate_sum))
+    tl.store(h + e * n_rows + rows, silu * up_sum)
+
+
+@triton.jit
+def _down_kernel(down, h, weight, grid, ksigns, y, n_experts, expert_bytes, row_bytes, n_blocks, n_in,
+                 R: tl.constexpr):
+    """y[r] = sum_e weight[e] * (down_e[r] . h[e]) for rows r of this program. IQ2_XXS: per 32
+    weights 4 grid bytes, then a word of four 7-bit sign fields and a 4-bit scale s:
+    w = d (0.5 + s) / 4 * grid * sign."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    g = tl.arange(0, 32)
+    j = tl.arange(0, 8)
+    total = tl.zeros([R], dtype=tl.float32)
+    for e in range(n_experts):
+        offset = e * expert_bytes + rows.to(tl.int64) * row_bytes
+        acc = tl.zeros([R], dtype=tl.float32)
+        for b in range(n_blocks):
+            blk = down + offset + b * 66
+            word = blk[:, None] + 2 + 8 * (g[None, :] // 4)
+            index = tl.load(word + g[None, :] % 4).to(tl.int32)  # [R, 32]
+            meta = (tl.load(word + 4).to(tl.int64) | (tl.load(word + 5).to(tl.int64) << 8)
+                    | (tl.load(word + 6).to(tl.int64) << 16) | (tl.load(word + 7).to(tl.int64) << 24))
+            signs = tl.load(ksigns + ((meta >> (7 * (g[None, :] % 4))) & 127))  # [R, 32], 8 bits
+            scale = _f16_at(blk)[:, None] * (0.5 + (meta >> 28).to(tl.float32)) * 0.25
+            values = tl.load(grid + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
+            negative = (signs[:, :, None] >> j[None, None, :]) & 1
+            values = tl.where(negative != 0, -values, values)
+            hb = tl.load(h + e * n_in + b * 256 + g[:, None] * 8 + j[None, :])  # [32, 8]
+            acc += tl.sum(scale * tl.sum(values * hb[None, :, :], axis=2), axis=1)
+        total += tl.load(weight + e) * acc
+    tl.store(y + rows, total)
+
+
+@functools.cache
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """IQ1_S grid rows with the delta folded in ([4096, 8]: + delta, then - delta), IQ2_XXS
+    grid rows ([256, 8], unsigned) and its 128 sign bytes (7 bits + parity), on `device`."""
+    def grid(kind):
+        kind.init_grid()
+        return kind.grid.reshape(kind.grid_shape).astype(np.float32)
+    iq1, delta = grid(quants.IQ1_S), np.float32(quants.IQ1_S.delta)
+    iq1_rows = np.ascontiguousarray(np.concatenate([iq1 + delta, iq1 - delta]))
+    ksigns = np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8).astype(np.int32)
+    return (torch.from_numpy(iq1_rows).to(device), torch.from_numpy(grid(quants.IQ2_XXS)).to(device),
+            torch.from_numpy(ksigns).to(device))
+
+
+def gate_up(gate_raw: torch.Tensor, up_raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate_e x) * up_e x for n IQ1_S experts (raw bytes [n, bytes], rows of len(x)):
+    float32 [n, rows]."""
+    n, d = gate_raw.shape[0], x.shape[0]
+    row_bytes = d // 256 * block_bytes(GGMLType.IQ1_S)
+    n_rows = gate_raw.shape[1] // row_bytes
+    h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
+    table = _tables(x.device)[0]
+    _gate_up_kernel[(n, n_rows // ROWS)](gate_raw, up_raw, x, table, h, gate_raw.stride(0), row_bytes,
+                                        n_rows, d // 256, R=ROWS)
+    return h
+
+
+def down(down_raw: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_e weight[e] * down_e h[e] for n IQ2_XXS experts (raw bytes [n, bytes], rows of
+    h.shape[1]): float32 [rows]."""
+    n, n_in = h.shape
+    row_bytes = n_in // 256 * block_bytes(GGMLType.IQ2_XXS)
+    n_rows = down_raw.shape[1] // row_bytes
+    y = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+    _, grid, ksigns = _tables(h.device)
+    _down_kernel[(n_rows // ROWS,)](down_raw, h, weight.float().contiguous(), grid, ksigns, y, n,
+                                   down_raw.stride(0), row_bytes, n_in // 256, n_in, R=ROWS)
+    return y
+
+
+def experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
+            down_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *grids) -> torch.Tensor:
+    """gpu_share._experts for TYPES: sum_e weight_e * down_e(silu(gate_e x) * up_e x), [d]."""
+    return down(down_raw, gate_up(gate_raw, up_raw, x.float().contiguous()), weight)
+
+
+def fits(gate_raw: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether experts of TYPES with these gate bytes [n, bytes] and x [d] come in whole tiles:
+    rows of whole blocks, ROWS rows at a time, both ways (R1: d 7168, n_ff 2048)."""
+    d = x.shape[-1]
+    row_bytes = d // 256 * block_bytes(GGMLType.IQ1_S)
+    if d % 256 or d % ROWS or not row_bytes or gate_raw.shape[1] % row_bytes:
+        return False
+    n_ff = gate_raw.shape[1] // row_bytes
+    return n_ff % 256 == 0 and n_ff % ROWS == 0

@@ -1,0 +1,61 @@
+"""The share's hand-written Triton kernels (UD-IQ1_S experts, one token) against gguf-py's
+dequantized weights in float32. They run on a GPU, or on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, slow); skipped where neither is available."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from expert_checks import make_weight
+from logit_checks import relative_error
+
+share_triton = pytest.importorskip("tandem.kernels.share_triton", exc_type=ImportError)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
+                                reason="needs an NVIDIA GPU or TRITON_INTERPRET=1")
+N, N_FF, D = 3, 256, 512  # experts; rows of gate/up (and width of down); their width
+
+
+@pytest.fixture(scope="module")
+def experts():
+    rng = np.random.default_rng(7)
+    return (make_weight(T.IQ1_S, (N, N_FF, D), rng), make_weight(T.IQ1_S, (N, N_FF, D), rng),
+            make_weight(T.IQ2_XXS, (N, D, N_FF), rng))
+
+
+def _raw(w) -> torch.Tensor:
+    return w.per_expert.reshape(N, -1).to(DEVICE)
+
+
+def test_gate_up_and_down_meet_the_float_weights(experts):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    x = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    weight = torch.tensor([0.5, 0.3, 0.2])
+    h = share_triton.gate_up(_raw(gate), _raw(up), x.to(DEVICE)).cpu()
+    h_ref = torch.nn.functional.silu(g_ref @ x) * (u_ref @ x)  # [N, N_FF]
+    assert relative_error(h, h_ref) < 1e-5  # float32 both: only the summation order differs
+    y = share_triton.down(_raw(down), h_ref.to(DEVICE), weight.to(DEVICE)).cpu()
+    y_ref = sum(weight[e] * (d_ref[e] @ h_ref[e]) for e in range(N))
+    assert relative_error(y, y_ref) < 1e-5
+    wrong = sum(weight[e] * (d_ref[(e + 1) % N] @ h_ref[e]) for e in range(N))
+    assert relative_error(wrong, y_ref) > 0.5  # the reference tells experts apart
+
+
+def test_the_whole_step_as_the_share_calls_it(experts):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    x = torch.randn(D, generator=torch.Generator().manual_seed(4))
+    weight = torch.tensor([0.2, 0.7, 0.1])
+    ours = share_triton.experts(share_triton.TYPES, _raw(gate), _raw(up), _raw(down), x.to(DEVICE),
+                                weight.to(DEVICE), None, None, None).cpu()
+    expected = sum(weight[e] * (d_ref[e] @ (torch.nn.functional.silu(g_ref[e] @ x) * (u_ref[e] @ x)))
+                   for e in range(N))
+    assert relative_error(ours, expected) < 1e-5
+    assert share_triton.fits(_raw(gate), x)
+    assert not share_triton.fits(_raw(gate)[:, :-50], x)  # not whole rows
+    assert not share_triton.fits(_raw(gate), torch.zeros(D + 8))  # rows not of whole blocks
