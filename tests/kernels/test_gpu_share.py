@@ -233,8 +233,8 @@ def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path
 
 @pytest.mark.cuda
 def test_gpu_share_with_the_triton_kernels(kernels, experts, monkeypatch):
-    """TANDEM_SHARE_TRITON=1: one token's UD-IQ1_S experts through kernels.share_triton, in the
-    share's graphs, meet the float reference as the compiled decoders do."""
+    """TANDEM_SHARE_TRITON=1: UD-IQ1_S experts through kernels.share_triton, in the share's
+    graphs, one token and batches, meet the float reference as the compiled decoders do."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("triton")
@@ -242,7 +242,8 @@ def test_gpu_share_with_the_triton_kernels(kernels, experts, monkeypatch):
     gpu_share._experts_fn.cache_clear()  # built per type mix: again, with the setting
     try:
         types = RECIPES["ud-iq1_s"]
-        assert gpu_share._experts_fn(*types, False, True).__name__ == "triton_where_it_fits"
+        for batched in (False, True):
+            assert gpu_share._experts_fn(*types, batched, True).__name__ == "triton_where_it_fits"
         tensors = [q for q, _ in experts["ud-iq1_s"]]
         refs = [ref for _, ref in experts["ud-iq1_s"]]
         share = GpuShare("cuda", max_experts=K)
@@ -255,6 +256,13 @@ def test_gpu_share_with_the_triton_kernels(kernels, experts, monkeypatch):
                 x = torch.randn(1, D)
                 ids, weights = routing(1, k=K, n_expert=N_EXPERT, seed=40 + seed)
                 ours = moe.compute_shared(x.cuda(), x.pin_memory(), ids, weights)
+                assert relative_error(ours.cpu(), moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
+            moe.batch_balance = ShareBalance(1.0, fixed=True)  # batches: each expert on its token
+            assert share.batches_ready.wait(120), share.skipped
+            for seed in range(3):
+                x = torch.randn(3, D)
+                ids, weights = routing(3, k=K, n_expert=N_EXPERT, seed=50 + seed)
+                ours = _run(moe, x.cuda(), ids.cuda(), weights.cuda())
                 assert relative_error(ours.cpu(), moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
         finally:
             share.close()

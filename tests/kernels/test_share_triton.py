@@ -59,3 +59,24 @@ def test_the_whole_step_as_the_share_calls_it(experts):
     assert share_triton.fits(_raw(gate), x)
     assert not share_triton.fits(_raw(gate)[:, :-50], x)  # not whole rows
     assert not share_triton.fits(_raw(gate), torch.zeros(D + 8))  # rows not of whole blocks
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the stale slot, interpreted
+def test_a_batch_adds_each_expert_to_its_own_tokens_row(experts):
+    """As gpu_share's batch kernels: expert i on row tokens[i] of x (8 rows, as MAX_TOKENS),
+    summed per row; a padded slot (weight 0, whatever bytes) adds nothing."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    x = torch.randn(8, D, generator=torch.Generator().manual_seed(5))
+    tokens = torch.tensor([5, 0, 5])
+    weight = torch.tensor([0.5, 0.25, 0.0])  # the last: a padded slot
+    stale = _raw(gate).clone()
+    stale[2, :2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # a scale of +inf: h not finite
+    ours = share_triton.expert_rows(share_triton.TYPES, stale, _raw(up), _raw(down), x.to(DEVICE),
+                                    tokens.to(DEVICE), weight.to(DEVICE)).cpu()
+    expected = torch.zeros(8, D)
+    for e, t in enumerate(tokens.tolist()):
+        h = torch.nn.functional.silu(g_ref[e] @ x[t]) * (u_ref[e] @ x[t])
+        expected[t] += weight[e] * (d_ref[e] @ h)
+    assert ours.shape == (8, D)
+    assert relative_error(ours, expected) < 1e-5
+    assert torch.equal(ours[1], torch.zeros(D))  # rows no expert chose stay zero

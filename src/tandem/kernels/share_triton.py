@@ -8,8 +8,9 @@ weights one row of a small grid table (L1-resident: IQ1_S 4096 rows with the del
 128 KB; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields applied by bit tests), times
 the matching 8 activations, scaled per 32 weights. Float32 throughout, as the compiled path.
 
-`experts` keeps gpu_share's signature for `_experts` (the grid arguments are ignored: these
-kernels read their own tables); `fits` says which shapes they take. TANDEM_SHARE_TRITON=1
+`experts` and `expert_rows` keep gpu_share's signatures for `_experts` (one token) and
+`_expert_rows` (a batch, each expert on one token's row); the grid arguments are ignored: these
+kernels read their own tables. `fits` says which shapes they take. TANDEM_SHARE_TRITON=1
 turns them on in the share (A/B runs).
 """
 
@@ -54,11 +55,15 @@ def _iq1_s_dots(blk, xb, table):
 
 
 @triton.jit
-def _gate_up_kernel(gate, up, x, table, h, expert_bytes, row_bytes, n_rows, n_blocks, R: tl.constexpr):
-    """h[e, r] = silu(gate_e[r] . x) * (up_e[r] . x) for rows r of program (e, tile)."""
+def _gate_up_kernel(gate, up, x, tokens, table, h, expert_bytes, row_bytes, n_rows, n_blocks, d,
+                    R: tl.constexpr, BATCH: tl.constexpr):
+    """h[e, r] = silu(gate_e[r] . x_e) * (up_e[r] . x_e) for rows r of program (e, tile); x_e is
+    x (one token) or, for a batch, row tokens[e] of x."""
     e = tl.program_id(0)
     rows = tl.program_id(1) * R + tl.arange(0, R)
     offset = e.to(tl.int64) * expert_bytes + rows.to(tl.int64) * row_bytes
+    if BATCH:
+        x += tl.load(tokens + e) * d
     g = tl.arange(0, 32)
     j = tl.arange(0, 8)
     gate_sum = tl.zeros([R], dtype=tl.float32)
@@ -72,15 +77,16 @@ def _gate_up_kernel(gate, up, x, table, h, expert_bytes, row_bytes, n_rows, n_bl
 
 
 @triton.jit
-def _down_kernel(down, h, weight, grid, ksigns, y, n_experts, expert_bytes, row_bytes, n_blocks, n_in,
-                 R: tl.constexpr):
-    """y[r] = sum_e weight[e] * (down_e[r] . h[e]) for rows r of this program. IQ2_XXS: per 32
-    weights 4 grid bytes, then a word of four 7-bit sign fields and a 4-bit scale s:
-    w = d (0.5 + s) / 4 * grid * sign."""
+def _down_kernel(down, h, weight, tokens, grid, ksigns, y, n_experts, expert_bytes, row_bytes, n_blocks,
+                 n_in, n_rows, R: tl.constexpr, T: tl.constexpr):
+    """y[t, r] = sum of weight[e] * (down_e[r] . h[e]) over the experts e of token t (all of
+    them when T is 1, else tokens[e]) for rows r of this program; an expert of weight 0 (a
+    padded slot, stale bytes) adds nothing. IQ2_XXS: per 32 weights 4 grid bytes, then a word
+    of four 7-bit sign fields and a 4-bit scale s: w = d (0.5 + s) / 4 * grid * sign."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     g = tl.arange(0, 32)
     j = tl.arange(0, 8)
-    total = tl.zeros([R], dtype=tl.float32)
+    total = tl.zeros([T, R], dtype=tl.float32)
     for e in range(n_experts):
         offset = e * expert_bytes + rows.to(tl.int64) * row_bytes
         acc = tl.zeros([R], dtype=tl.float32)
@@ -97,8 +103,14 @@ def _down_kernel(down, h, weight, grid, ksigns, y, n_experts, expert_bytes, row_
             values = tl.where(negative != 0, -values, values)
             hb = tl.load(h + e * n_in + b * 256 + g[:, None] * 8 + j[None, :])  # [32, 8]
             acc += tl.sum(scale * tl.sum(values * hb[None, :, :], axis=2), axis=1)
-        total += tl.load(weight + e) * acc
-    tl.store(y + rows, total)
+        w = tl.load(weight + e)
+        added = tl.where(w != 0, w * acc, 0.0)
+        if T == 1:
+            total += added[None, :]
+        else:
+            mine = tl.arange(0, T) == tl.load(tokens + e)
+            total += tl.where(mine[:, None], added[None, :], 0.0)
+    tl.store(y + tl.arange(0, T)[:, None] * n_rows + rows[None, :], total)
 
 
 @functools.cache
@@ -115,44 +127,63 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
             torch.from_numpy(ksigns).to(device))
 
 
-def gate_up(gate_raw: torch.Tensor, up_raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """silu(gate_e x) * up_e x for n IQ1_S experts (raw bytes [n, bytes], rows of len(x)):
-    float32 [n, rows]."""
-    n, d = gate_raw.shape[0], x.shape[0]
+def gate_up(gate_raw: torch.Tensor, up_raw: torch.Tensor, x: torch.Tensor,
+            tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate_e x_e) * up_e x_e for n IQ1_S experts (raw bytes [n, bytes], rows of d): x [d]
+    for all, or x [T, d] and tokens [n] (int64): expert e on row tokens[e]. float32 [n, rows]."""
+    n, d = gate_raw.shape[0], x.shape[-1]
     row_bytes = d // 256 * block_bytes(GGMLType.IQ1_S)
     n_rows = gate_raw.shape[1] // row_bytes
     h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
     table = _tables(x.device)[0]
-    _gate_up_kernel[(n, n_rows // ROWS)](gate_raw, up_raw, x, table, h, gate_raw.stride(0), row_bytes,
-                                        n_rows, d // 256, R=ROWS)
+    batch = tokens is not None
+    _gate_up_kernel[(n, n_rows // ROWS)](gate_raw, up_raw, x, tokens if batch else x, table, h,
+                                        gate_raw.stride(0), row_bytes, n_rows, d // 256, d, R=ROWS,
+                                        BATCH=batch)
     return h
 
 
-def down(down_raw: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def down(down_raw: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor | None = None,
+         n_tokens: int = 1) -> torch.Tensor:
     """sum_e weight[e] * down_e h[e] for n IQ2_XXS experts (raw bytes [n, bytes], rows of
-    h.shape[1]): float32 [rows]."""
+    h.shape[1]), per token: [n_tokens, rows] float32, expert e adding to row tokens[e] (all to
+    row 0 without tokens). Experts of weight 0 add nothing, whatever their bytes."""
     n, n_in = h.shape
     row_bytes = n_in // 256 * block_bytes(GGMLType.IQ2_XXS)
     n_rows = down_raw.shape[1] // row_bytes
-    y = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+    y = torch.empty(n_tokens, n_rows, dtype=torch.float32, device=h.device)
     _, grid, ksigns = _tables(h.device)
-    _down_kernel[(n_rows // ROWS,)](down_raw, h, weight.float().contiguous(), grid, ksigns, y, n,
-                                   down_raw.stride(0), row_bytes, n_in // 256, n_in, R=ROWS)
+    _down_kernel[(n_rows // ROWS,)](down_raw, h, weight.float().contiguous(),
+                                   tokens if tokens is not None else weight, grid, ksigns, y, n,
+                                   down_raw.stride(0), row_bytes, n_in // 256, n_in, n_rows, R=ROWS,
+                                   T=n_tokens)
     return y
 
 
 def experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
             down_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *grids) -> torch.Tensor:
     """gpu_share._experts for TYPES: sum_e weight_e * down_e(silu(gate_e x) * up_e x), [d]."""
-    return down(down_raw, gate_up(gate_raw, up_raw, x.float().contiguous()), weight)
+    h = gate_up(gate_raw, up_raw, x.float().contiguous())
+    return down(down_raw, h, weight)[0]
+
+
+def expert_rows(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
+                down_raw: torch.Tensor, x_rows: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
+                *grids) -> torch.Tensor:
+    """gpu_share._expert_rows for TYPES: expert i on row tokens[i] of x_rows [T, d] with weight
+    weight[i], summed per row: [T, d] (T a power of two: MAX_TOKENS)."""
+    h = gate_up(gate_raw, up_raw, x_rows.float().contiguous(), tokens.contiguous())
+    return down(down_raw, h, weight, tokens.contiguous(), x_rows.shape[0])
 
 
 def fits(gate_raw: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether experts of TYPES with these gate bytes [n, bytes] and x [d] come in whole tiles:
+    """Whether experts of TYPES with these gate bytes [n, bytes] and x [d] (or rows [T, d], T
+    a power of two) come in whole tiles:
     rows of whole blocks, ROWS rows at a time, both ways (R1: d 7168, n_ff 2048)."""
     d = x.shape[-1]
     row_bytes = d // 256 * block_bytes(GGMLType.IQ1_S)
-    if d % 256 or d % ROWS or not row_bytes or gate_raw.shape[1] % row_bytes:
+    rows = x.shape[0] if x.dim() == 2 else 1
+    if d % 256 or d % ROWS or not row_bytes or gate_raw.shape[1] % row_bytes or rows & (rows - 1):
         return False
     n_ff = gate_raw.shape[1] // row_bytes
     return n_ff % 256 == 0 and n_ff % ROWS == 0
