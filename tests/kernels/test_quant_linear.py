@@ -60,12 +60,15 @@ def test_bad_weights_are_refused():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])  # TANDEM_QUANT_STATIC
+@pytest.mark.parametrize("kind", ["dynamic", "static", "triton"])  # TANDEM_QUANT_STATIC, _TRITON
 @pytest.mark.parametrize("rows", [1, 8, 40])  # the compiled matvec, and the bf16 dequantized path
-def test_on_the_gpu_the_compiled_matvec_and_the_prompt_path_agree_with_gguf_py(rows, static, monkeypatch):
+def test_on_the_gpu_the_compiled_matvec_and_the_prompt_path_agree_with_gguf_py(rows, kind, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU")
-    monkeypatch.setattr(quant_linear, "STATIC", static)
+    if kind == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setattr(quant_linear, "STATIC", kind == "static")
+    monkeypatch.setattr(quant_linear, "TRITON", kind == "triton")  # Q4_K, Q6_K; Q8_0 compiled
     for t in (T.Q4_K, T.Q6_K, T.Q8_0):
         layer, reference = _layer(t, device="cuda")
         x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(3))

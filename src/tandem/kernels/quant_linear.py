@@ -30,8 +30,11 @@ RECOMPILE_LIMIT = 64
 # For A/B runs: TANDEM_QUANT_STATIC=1 compiles the matvec with static shapes, one kernel set per
 # weight type, shape and row count (the GPU share's kernels ran up to 2.4x faster so); by
 # default dynamo makes the shapes dynamic once it has seen a second one, one set for all.
-QUANT_ENV = ("TANDEM_QUANT_STATIC",)
+# TANDEM_QUANT_TRITON=1: Q4_K and Q6_K weights through a hand-written Triton matvec
+# (kernels.triton_matvec) instead, for up to its MAX_INPUT_ROWS rows.
+QUANT_ENV = ("TANDEM_QUANT_STATIC", "TANDEM_QUANT_TRITON")
 STATIC = os.environ.get("TANDEM_QUANT_STATIC") == "1"
+TRITON = os.environ.get("TANDEM_QUANT_TRITON") == "1"
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,9 @@ class QuantLinear(nn.Module):
         x = x.to(self.raw.device, torch.float32)
         rows = x.reshape(-1, self.in_features)
         cuda = self.raw.is_cuda
+        if cuda and TRITON and _triton_matvec().supports(self.ggml_type, self.in_features, rows.shape[0]):
+            out = _triton_matvec().matvec(self.raw, self.ggml_type, rows, self.out_features)
+            return out.reshape(*x.shape[:-1], self.out_features)
         if cuda and rows.shape[0] <= MATVEC_ROWS and self.ggml_type not in _eager_only:
             try:
                 out = _compiled_matvec(STATIC)(self.ggml_type, self.raw, self.grid, rows, self.out_features)
@@ -96,3 +102,9 @@ def _compiled_matvec(static: bool):
 
 
 _eager_only: set[GGMLType] = set()
+
+
+@functools.cache
+def _triton_matvec():
+    from tandem.kernels import triton_matvec  # needs triton: only where it is asked for
+    return triton_matvec

@@ -1,0 +1,39 @@
+"""The Triton matvec for Q4_K / Q6_K weights against gguf-py's dequantized weights in float32.
+On a GPU, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1); skipped otherwise."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from expert_checks import make_weight
+from logit_checks import relative_error
+
+triton_matvec = pytest.importorskip("tandem.kernels.triton_matvec", exc_type=ImportError)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs an NVIDIA GPU or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_matvec_meets_the_dequantized_weights(t, m):
+    rng = np.random.default_rng(int(t) + m)
+    weight, reference = make_weight(t, (40, 512), rng)  # 40 rows: the last tile partly empty
+    raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
+    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
+    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40).cpu()
+    assert y.shape == (m, 40)
+    expected = x @ reference.T
+    assert relative_error(y, expected) < 1e-5
+    assert relative_error(x @ reference.roll(1, dims=0).T, expected) > 0.5  # rows told apart
+
+
+def test_supports():
+    assert triton_matvec.supports(T.Q4_K, 7168, 1) and triton_matvec.supports(T.Q6_K, 2048, 8)
+    assert not triton_matvec.supports(T.Q8_0, 7168, 1)
+    assert not triton_matvec.supports(T.Q4_K, 7168, 9)  # more rows than a decode step's
