@@ -232,20 +232,21 @@ def test_gpu_share_from_a_pinned_file_mapping(kernels, experts, recipe, tmp_path
 
 
 @pytest.mark.cuda
-def test_gpu_share_with_the_triton_kernels(kernels, experts, monkeypatch):
-    """TANDEM_SHARE_TRITON=1: UD-IQ1_S experts through kernels.share_triton, in the share's
-    graphs, one token and batches, meet the float reference as the compiled decoders do."""
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_gpu_share_with_the_triton_kernels(kernels, experts, recipe, monkeypatch):
+    """TANDEM_SHARE_TRITON=1: the experts through kernels.share_triton, in the share's graphs,
+    one token and batches, meet the float reference as the compiled decoders do."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     pytest.importorskip("triton")
     monkeypatch.setenv("TANDEM_SHARE_TRITON", "1")
     gpu_share._experts_fn.cache_clear()  # built per type mix: again, with the setting
     try:
-        types = RECIPES["ud-iq1_s"]
+        types = RECIPES[recipe]
         for batched in (False, True):
             assert gpu_share._experts_fn(*types, batched, True).__name__ == "triton_where_it_fits"
-        tensors = [q for q, _ in experts["ud-iq1_s"]]
-        refs = [ref for _, ref in experts["ud-iq1_s"]]
+        tensors = [q for q, _ in experts[recipe]]
+        refs = [ref for _, ref in experts[recipe]]
         share = GpuShare("cuda", max_experts=K)
         share.pin([q.data for q in tensors], [tensors])
         assert share.wait(120), share.skipped

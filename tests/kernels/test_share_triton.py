@@ -1,6 +1,6 @@
-"""The share's hand-written Triton kernels (UD-IQ1_S experts, one token) against gguf-py's
-dequantized weights in float32. They run on a GPU, or on the CPU under Triton's interpreter
-(TRITON_INTERPRET=1, slow); skipped where neither is available."""
+"""The share's hand-written Triton kernels (UD-IQ1_S and Q4_K_M experts, one token and
+batches) against gguf-py's dequantized weights in float32. They run on a GPU, or on the CPU
+under Triton's interpreter (TRITON_INTERPRET=1, slow); skipped where neither is available."""
 
 from __future__ import annotations
 
@@ -22,56 +22,62 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED,
 N, N_FF, D = 3, 256, 512  # experts; rows of gate/up (and width of down); their width
 
 
-@pytest.fixture(scope="module")
-def experts():
+MIXES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
+
+
+@pytest.fixture(scope="module", params=list(MIXES))
+def mix(request):
+    """The mix's types and its gate, up and down experts with their float references."""
+    types = MIXES[request.param]
     rng = np.random.default_rng(7)
-    return (make_weight(T.IQ1_S, (N, N_FF, D), rng), make_weight(T.IQ1_S, (N, N_FF, D), rng),
-            make_weight(T.IQ2_XXS, (N, D, N_FF), rng))
+    shapes = [(N, N_FF, D), (N, N_FF, D), (N, D, N_FF)]
+    return types, [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
 
 
 def _raw(w) -> torch.Tensor:
     return w.per_expert.reshape(N, -1).to(DEVICE)
 
 
-def test_gate_up_and_down_meet_the_float_weights(experts):
-    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+def test_gate_up_and_down_meet_the_float_weights(mix):
+    types, ((gate, g_ref), (up, u_ref), (down, d_ref)) = mix
     x = torch.randn(D, generator=torch.Generator().manual_seed(3))
     weight = torch.tensor([0.5, 0.3, 0.2])
-    h = share_triton.gate_up(_raw(gate), _raw(up), x.to(DEVICE)).cpu()
+    h = share_triton.gate_up(types, _raw(gate), _raw(up), x.to(DEVICE)).cpu()
     h_ref = torch.nn.functional.silu(g_ref @ x) * (u_ref @ x)  # [N, N_FF]
     assert relative_error(h, h_ref) < 1e-5  # float32 both: only the summation order differs
-    y = share_triton.down(_raw(down), h_ref.to(DEVICE), weight.to(DEVICE)).cpu()
+    y = share_triton.down(types, _raw(down), h_ref.to(DEVICE), weight.to(DEVICE)).cpu()
     y_ref = sum(weight[e] * (d_ref[e] @ h_ref[e]) for e in range(N))
     assert relative_error(y, y_ref) < 1e-5
     wrong = sum(weight[e] * (d_ref[(e + 1) % N] @ h_ref[e]) for e in range(N))
     assert relative_error(wrong, y_ref) > 0.5  # the reference tells experts apart
 
 
-def test_the_whole_step_as_the_share_calls_it(experts):
-    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+def test_the_whole_step_as_the_share_calls_it(mix):
+    types, ((gate, g_ref), (up, u_ref), (down, d_ref)) = mix
     x = torch.randn(D, generator=torch.Generator().manual_seed(4))
     weight = torch.tensor([0.2, 0.7, 0.1])
-    ours = share_triton.experts(share_triton.TYPES, _raw(gate), _raw(up), _raw(down), x.to(DEVICE),
+    ours = share_triton.experts(types, _raw(gate), _raw(up), _raw(down), x.to(DEVICE),
                                 weight.to(DEVICE), None, None, None).cpu()
     expected = sum(weight[e] * (d_ref[e] @ (torch.nn.functional.silu(g_ref[e] @ x) * (u_ref[e] @ x)))
                    for e in range(N))
     assert relative_error(ours, expected) < 1e-5
-    assert share_triton.fits(_raw(gate), x)
-    assert not share_triton.fits(_raw(gate)[:, :-50], x)  # not whole rows
-    assert not share_triton.fits(_raw(gate), torch.zeros(D + 8))  # rows not of whole blocks
+    assert share_triton.fits(types, _raw(gate), x)
+    assert not share_triton.fits(types, _raw(gate)[:, :-1], x)  # not whole rows
+    assert not share_triton.fits(types, _raw(gate), torch.zeros(D + 8))  # rows not of whole blocks
+    assert not share_triton.fits((T.Q8_0, T.Q8_0, T.Q8_0), _raw(gate), x)  # not a mix it has
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the stale slot, interpreted
-def test_a_batch_adds_each_expert_to_its_own_tokens_row(experts):
+def test_a_batch_adds_each_expert_to_its_own_tokens_row(mix):
     """As gpu_share's batch kernels: expert i on row tokens[i] of x (8 rows, as MAX_TOKENS),
     summed per row; a padded slot (weight 0, whatever bytes) adds nothing."""
-    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    types, ((gate, g_ref), (up, u_ref), (down, d_ref)) = mix
     x = torch.randn(8, D, generator=torch.Generator().manual_seed(5))
     tokens = torch.tensor([5, 0, 5])
     weight = torch.tensor([0.5, 0.25, 0.0])  # the last: a padded slot
     stale = _raw(gate).clone()
-    stale[2, :2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # a scale of +inf: h not finite
-    ours = share_triton.expert_rows(share_triton.TYPES, stale, _raw(up), _raw(down), x.to(DEVICE),
+    stale[2, :2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # a scale (d) of +inf: h not finite
+    ours = share_triton.expert_rows(types, stale, _raw(up), _raw(down), x.to(DEVICE),
                                     tokens.to(DEVICE), weight.to(DEVICE)).cpu()
     expected = torch.zeros(8, D)
     for e, t in enumerate(tokens.tolist()):

@@ -75,8 +75,8 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
 # copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
 # TANDEM_SHARE_MAX_EXPERTS=N: slots for a batch's GPU part (default: half of MAX_TOKENS tokens'
-# experts, see max_experts_for). TANDEM_SHARE_TRITON=1: UD-IQ1_S experts through hand-written
-# Triton kernels (kernels.share_triton) instead of the torch.compile'd decoders.
+# experts, see max_experts_for). TANDEM_SHARE_TRITON=1: UD-IQ1_S and Q4_K_M experts through
+# hand-written Triton kernels (kernels.share_triton) instead of the torch.compile'd decoders.
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON")
 
@@ -705,12 +705,12 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
         return compiled_fn
     from tandem.kernels import share_triton  # needs triton: only where it is asked for
 
-    if types != share_triton.TYPES:
+    if types not in share_triton.MIXES:
         return compiled_fn
     written = share_triton.expert_rows if batched else share_triton.experts
 
     def triton_where_it_fits(gate_raw, up_raw, down_raw, x, *rest):
-        if share_triton.fits(gate_raw, x):
+        if share_triton.fits(types, gate_raw, x):
             return written(types, gate_raw, up_raw, down_raw, x, *rest)
         return compiled_fn(gate_raw, up_raw, down_raw, x, *rest)
     return triton_where_it_fits

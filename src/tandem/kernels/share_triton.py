@@ -1,12 +1,14 @@
-"""Hand-written Triton kernels for the GPU share's one-token step on UD-IQ1_S experts (IQ1_S
-gate and up, IQ2_XXS down): an alternative to the torch.compile'd decoders (kernels.gpu_share),
-which read the experts' bytes at ~100-150 GB/s on an H200 (run q profile), a few percent of
-its bandwidth, and so leave ~0.25 ms of kernels per MoE layer after the last copy.
+"""Hand-written Triton kernels for the GPU share's experts (UD-IQ1_S: IQ1_S gate and up,
+IQ2_XXS down; Q4_K_M: Q4_K gate and up, Q6_K down): an alternative to the torch.compile'd
+decoders (kernels.gpu_share), which read the experts' bytes at ~100-250 GB/s on an H200 (run q
+profiles), a few percent of its bandwidth, and so leave ~0.25 ms of kernels per MoE layer
+after the last copy.
 
-Each program takes R weight rows of one expert and walks their 256-weight blocks: per 8
-weights one row of a small grid table (L1-resident: IQ1_S 4096 rows with the delta folded in,
-128 KB; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields applied by bit tests), times
-the matching 8 activations, scaled per 32 weights. Float32 throughout, as the compiled path.
+Each program takes R weight rows of one expert and walks their 256-weight blocks. IQ types:
+per 8 weights one row of a small grid table (L1-resident: IQ1_S 4096 rows with the delta
+folded in, 128 KB; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields applied by bit
+tests), times the matching 8 activations, scaled per 32 weights; k-quants: the block decoded
+into registers (kernels.triton_matvec). Float32 throughout, as the compiled path.
 
 `experts` and `expert_rows` keep gpu_share's signatures for `_experts` (one token) and
 `_expert_rows` (a batch, each expert on one token's row); the grid arguments are ignored: these
@@ -25,16 +27,14 @@ import triton.language as tl
 from gguf import quants
 
 from tandem.gguf.types import GGMLType, block_bytes
+from tandem.kernels.triton_matvec import f16_at, q4_k_values, q6_k_values
 
-TYPES = (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS)  # gate, up, down
+MIXES = {  # gate, up, down types -> the kernels' TYPE for gate/up and for down
+    (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS): (0, 1),
+    (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): (2, 3),
+}
+TYPES = (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS)  # UD-IQ1_S, the first mix
 ROWS = 16  # weight rows per program
-
-
-@triton.jit
-def _f16_at(p):
-    """The little-endian float16 at byte pointers p, as float32."""
-    bits = tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 8)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -49,14 +49,55 @@ def _iq1_s_dots(blk, xb, table):
     qh = tl.load(at).to(tl.int32) | (tl.load(at + 1).to(tl.int32) << 8)
     index = qs | (((qh >> (3 * (g[None, :] % 4))) & 7) << 8)
     index += ((qh >> 15) & 1) * 2048
-    scale = _f16_at(blk)[:, None] * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)  # [R, 32]
+    scale = f16_at(blk)[:, None] * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)  # [R, 32]
     rows = tl.load(table + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
     return tl.sum(scale * tl.sum(rows * xb[None, :, :], axis=2), axis=1)
 
 
 @triton.jit
+def _iq2_xxs_dots(blk, hb, grid, ksigns):
+    """One IQ2_XXS block of R rows times its 256 activations hb [32, 8]: [R] float32. Per 32
+    weights 4 grid bytes, then a word of four 7-bit sign fields and a 4-bit scale s:
+    w = d (0.5 + s) / 4 * grid * sign."""
+    g = tl.arange(0, 32)
+    j = tl.arange(0, 8)
+    word = blk[:, None] + 2 + 8 * (g[None, :] // 4)
+    index = tl.load(word + g[None, :] % 4).to(tl.int32)  # [R, 32]
+    meta = (tl.load(word + 4).to(tl.int64) | (tl.load(word + 5).to(tl.int64) << 8)
+            | (tl.load(word + 6).to(tl.int64) << 16) | (tl.load(word + 7).to(tl.int64) << 24))
+    signs = tl.load(ksigns + ((meta >> (7 * (g[None, :] % 4))) & 127))  # [R, 32], 8 bits
+    scale = f16_at(blk)[:, None] * (0.5 + (meta >> 28).to(tl.float32)) * 0.25
+    values = tl.load(grid + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
+    negative = (signs[:, :, None] >> j[None, None, :]) & 1
+    values = tl.where(negative != 0, -values, values)
+    return tl.sum(scale * tl.sum(values * hb[None, :, :], axis=2), axis=1)
+
+
+@triton.jit
+def _block_dots(TYPE: tl.constexpr, blk, v, table, grid, ksigns):
+    """Blocks of type TYPE (0 IQ1_S, 1 IQ2_XXS, 2 Q4_K, 3 Q6_K) of R rows at byte pointers
+    blk [R] times the 256 activations at v: [R] float32."""
+    g = tl.arange(0, 32)
+    j = tl.arange(0, 8)
+    s = tl.arange(0, 8)
+    i = tl.arange(0, 32)
+    if TYPE == 0:
+        dots = _iq1_s_dots(blk, tl.load(v + g[:, None] * 8 + j[None, :]), table)
+    elif TYPE == 1:
+        dots = _iq2_xxs_dots(blk, tl.load(v + g[:, None] * 8 + j[None, :]), grid, ksigns)
+    else:
+        vb = tl.load(v + s[:, None] * 32 + i[None, :])  # [8, 32]
+        if TYPE == 2:  # noqa: SIM108 (a statement Triton resolves at compile time)
+            values = q4_k_values(blk)
+        else:
+            values = q6_k_values(blk)
+        dots = tl.sum(tl.sum(values * vb[None, :, :], axis=2), axis=1)
+    return dots
+
+
+@triton.jit
 def _gate_up_kernel(gate, up, x, tokens, table, h, expert_bytes, row_bytes, n_rows, n_blocks, d,
-                    R: tl.constexpr, BATCH: tl.constexpr):
+                    TYPE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, BATCH: tl.constexpr):
     """h[e, r] = silu(gate_e[r] . x_e) * (up_e[r] . x_e) for rows r of program (e, tile); x_e is
     x (one token) or, for a batch, row tokens[e] of x."""
     e = tl.program_id(0)
@@ -64,45 +105,28 @@ def _gate_up_kernel(gate, up, x, tokens, table, h, expert_bytes, row_bytes, n_ro
     offset = e.to(tl.int64) * expert_bytes + rows.to(tl.int64) * row_bytes
     if BATCH:
         x += tl.load(tokens + e) * d
-    g = tl.arange(0, 32)
-    j = tl.arange(0, 8)
     gate_sum = tl.zeros([R], dtype=tl.float32)
     up_sum = tl.zeros([R], dtype=tl.float32)
     for b in range(n_blocks):
-        xb = tl.load(x + b * 256 + g[:, None] * 8 + j[None, :])
-        gate_sum += _iq1_s_dots(gate + offset + b * 50, xb, table)
-        up_sum += _iq1_s_dots(up + offset + b * 50, xb, table)
+        gate_sum += _block_dots(TYPE, gate + offset + b * BLOCK, x + b * 256, table, table, table)
+        up_sum += _block_dots(TYPE, up + offset + b * BLOCK, x + b * 256, table, table, table)
     silu = gate_sum / (1.0 + tl.exp(-gate_sum))
     tl.store(h + e * n_rows + rows, silu * up_sum)
 
 
 @triton.jit
 def _down_kernel(down, h, weight, tokens, grid, ksigns, y, n_experts, expert_bytes, row_bytes, n_blocks,
-                 n_in, n_rows, R: tl.constexpr, T: tl.constexpr):
+                 n_in, n_rows, TYPE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
     """y[t, r] = sum of weight[e] * (down_e[r] . h[e]) over the experts e of token t (all of
     them when T is 1, else tokens[e]) for rows r of this program; an expert of weight 0 (a
-    padded slot, stale bytes) adds nothing. IQ2_XXS: per 32 weights 4 grid bytes, then a word
-    of four 7-bit sign fields and a 4-bit scale s: w = d (0.5 + s) / 4 * grid * sign."""
+    padded slot, stale bytes) adds nothing."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
-    g = tl.arange(0, 32)
-    j = tl.arange(0, 8)
     total = tl.zeros([T, R], dtype=tl.float32)
     for e in range(n_experts):
         offset = e * expert_bytes + rows.to(tl.int64) * row_bytes
         acc = tl.zeros([R], dtype=tl.float32)
         for b in range(n_blocks):
-            blk = down + offset + b * 66
-            word = blk[:, None] + 2 + 8 * (g[None, :] // 4)
-            index = tl.load(word + g[None, :] % 4).to(tl.int32)  # [R, 32]
-            meta = (tl.load(word + 4).to(tl.int64) | (tl.load(word + 5).to(tl.int64) << 8)
-                    | (tl.load(word + 6).to(tl.int64) << 16) | (tl.load(word + 7).to(tl.int64) << 24))
-            signs = tl.load(ksigns + ((meta >> (7 * (g[None, :] % 4))) & 127))  # [R, 32], 8 bits
-            scale = _f16_at(blk)[:, None] * (0.5 + (meta >> 28).to(tl.float32)) * 0.25
-            values = tl.load(grid + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
-            negative = (signs[:, :, None] >> j[None, None, :]) & 1
-            values = tl.where(negative != 0, -values, values)
-            hb = tl.load(h + e * n_in + b * 256 + g[:, None] * 8 + j[None, :])  # [32, 8]
-            acc += tl.sum(scale * tl.sum(values * hb[None, :, :], axis=2), axis=1)
+            acc += _block_dots(TYPE, down + offset + b * BLOCK, h + e * n_in + b * 256, grid, grid, ksigns)
         w = tl.load(weight + e)
         added = tl.where(w != 0, w * acc, 0.0)
         if T == 1:
@@ -127,61 +151,66 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
             torch.from_numpy(ksigns).to(device))
 
 
-def gate_up(gate_raw: torch.Tensor, up_raw: torch.Tensor, x: torch.Tensor,
-            tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate_e x_e) * up_e x_e for n IQ1_S experts (raw bytes [n, bytes], rows of d): x [d]
-    for all, or x [T, d] and tokens [n] (int64): expert e on row tokens[e]. float32 [n, rows]."""
+def gate_up(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
+            x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate_e x_e) * up_e x_e for n experts of a mix in MIXES (raw bytes [n, bytes], rows
+    of d): x [d] for all, or x [T, d] and tokens [n] (int64): expert e on row tokens[e].
+    float32 [n, rows]."""
     n, d = gate_raw.shape[0], x.shape[-1]
-    row_bytes = d // 256 * block_bytes(GGMLType.IQ1_S)
+    size = block_bytes(types[0])
+    row_bytes = d // 256 * size
     n_rows = gate_raw.shape[1] // row_bytes
     h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
     table = _tables(x.device)[0]
     batch = tokens is not None
     _gate_up_kernel[(n, n_rows // ROWS)](gate_raw, up_raw, x, tokens if batch else x, table, h,
-                                        gate_raw.stride(0), row_bytes, n_rows, d // 256, d, R=ROWS,
-                                        BATCH=batch)
+                                        gate_raw.stride(0), row_bytes, n_rows, d // 256, d,
+                                        TYPE=MIXES[types][0], BLOCK=size, R=ROWS, BATCH=batch)
     return h
 
 
-def down(down_raw: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor | None = None,
-         n_tokens: int = 1) -> torch.Tensor:
-    """sum_e weight[e] * down_e h[e] for n IQ2_XXS experts (raw bytes [n, bytes], rows of
-    h.shape[1]), per token: [n_tokens, rows] float32, expert e adding to row tokens[e] (all to
-    row 0 without tokens). Experts of weight 0 add nothing, whatever their bytes."""
+def down(types: tuple[GGMLType, GGMLType, GGMLType], down_raw: torch.Tensor, h: torch.Tensor,
+         weight: torch.Tensor, tokens: torch.Tensor | None = None, n_tokens: int = 1) -> torch.Tensor:
+    """sum_e weight[e] * down_e h[e] for n experts of a mix in MIXES (raw bytes [n, bytes],
+    rows of h.shape[1]), per token: [n_tokens, rows] float32, expert e adding to row tokens[e]
+    (all to row 0 without tokens). Experts of weight 0 add nothing, whatever their bytes."""
     n, n_in = h.shape
-    row_bytes = n_in // 256 * block_bytes(GGMLType.IQ2_XXS)
+    size = block_bytes(types[2])
+    row_bytes = n_in // 256 * size
     n_rows = down_raw.shape[1] // row_bytes
     y = torch.empty(n_tokens, n_rows, dtype=torch.float32, device=h.device)
     _, grid, ksigns = _tables(h.device)
     _down_kernel[(n_rows // ROWS,)](down_raw, h, weight.float().contiguous(),
                                    tokens if tokens is not None else weight, grid, ksigns, y, n,
-                                   down_raw.stride(0), row_bytes, n_in // 256, n_in, n_rows, R=ROWS,
-                                   T=n_tokens)
+                                   down_raw.stride(0), row_bytes, n_in // 256, n_in, n_rows,
+                                   TYPE=MIXES[types][1], BLOCK=size, R=ROWS, T=n_tokens)
     return y
 
 
 def experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
             down_raw: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, *grids) -> torch.Tensor:
-    """gpu_share._experts for TYPES: sum_e weight_e * down_e(silu(gate_e x) * up_e x), [d]."""
-    h = gate_up(gate_raw, up_raw, x.float().contiguous())
-    return down(down_raw, h, weight)[0]
+    """gpu_share._experts: sum_e weight_e * down_e(silu(gate_e x) * up_e x), [d]."""
+    h = gate_up(types, gate_raw, up_raw, x.float().contiguous())
+    return down(types, down_raw, h, weight)[0]
 
 
 def expert_rows(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
                 down_raw: torch.Tensor, x_rows: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
                 *grids) -> torch.Tensor:
-    """gpu_share._expert_rows for TYPES: expert i on row tokens[i] of x_rows [T, d] with weight
-    weight[i], summed per row: [T, d] (T a power of two: MAX_TOKENS)."""
-    h = gate_up(gate_raw, up_raw, x_rows.float().contiguous(), tokens.contiguous())
-    return down(down_raw, h, weight, tokens.contiguous(), x_rows.shape[0])
+    """gpu_share._expert_rows: expert i on row tokens[i] of x_rows [T, d] with weight weight[i],
+    summed per row: [T, d] (T a power of two: MAX_TOKENS)."""
+    h = gate_up(types, gate_raw, up_raw, x_rows.float().contiguous(), tokens.contiguous())
+    return down(types, down_raw, h, weight, tokens.contiguous(), x_rows.shape[0])
 
 
-def fits(gate_raw: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether experts of TYPES with these gate bytes [n, bytes] and x [d] (or rows [T, d], T
-    a power of two) come in whole tiles:
-    rows of whole blocks, ROWS rows at a time, both ways (R1: d 7168, n_ff 2048)."""
+def fits(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether experts of these types with these gate bytes [n, bytes] and x [d] (or rows
+    [T, d], T a power of two) come in whole tiles: a mix in MIXES, rows of whole blocks, ROWS
+    rows at a time, both ways (R1: d 7168, n_ff 2048)."""
+    if tuple(types) not in MIXES:
+        return False
     d = x.shape[-1]
-    row_bytes = d // 256 * block_bytes(GGMLType.IQ1_S)
+    row_bytes = d // 256 * block_bytes(types[0])
     rows = x.shape[0] if x.dim() == 2 else 1
     if d % 256 or d % ROWS or not row_bytes or gate_raw.shape[1] % row_bytes or rows & (rows - 1):
         return False

@@ -24,14 +24,14 @@ MAX_INPUT_ROWS = 8  # x rows a call takes (decode steps of up to 8 sequences)
 
 
 @triton.jit
-def _f16(p):
+def f16_at(p):
     """The little-endian float16 at byte pointers p, as float32."""
     bits = tl.load(p).to(tl.int32) | (tl.load(p + 1).to(tl.int32) << 8)
     return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _q4_k_values(blk):
+def q4_k_values(blk):
     """Q4_K blocks at byte pointers blk [R] as float32 weights [R, 8, 32]: value 32 s + i of a
     block is nibble s % 2 of byte 32 (s // 2) + i of qs; sub-block s has a 6-bit scale and
     min packed in 12 bytes (ggml's get_scale_min_k4)."""
@@ -44,15 +44,15 @@ def _q4_k_values(blk):
     c = tl.load(at + tl.where(low, s, s - 4)[None, :]).to(tl.int32)  # scales[s - 4] (s >= 4)
     sc = tl.where(low[None, :], a & 63, (b & 15) | ((c >> 6) << 4))
     m = tl.where(low[None, :], b & 63, (b >> 4) | ((a >> 6) << 4))
-    scale = _f16(blk)[:, None] * sc.to(tl.float32)  # [R, 8]
-    minimum = _f16(blk + 2)[:, None] * m.to(tl.float32)
+    scale = f16_at(blk)[:, None] * sc.to(tl.float32)  # [R, 8]
+    minimum = f16_at(blk + 2)[:, None] * m.to(tl.float32)
     byte = tl.load(blk[:, None, None] + 16 + 32 * (s[None, :, None] // 2) + i[None, None, :]).to(tl.int32)
     q = (byte >> (4 * (s[None, :, None] % 2))) & 15
     return scale[:, :, None] * q.to(tl.float32) - minimum[:, :, None]
 
 
 @triton.jit
-def _q6_k_values(blk):
+def q6_k_values(blk):
     """Q6_K blocks at byte pointers blk [R] as float32 weights [R, 8, 32]: value v = 32 s + i
     lies in half n = s // 4, quarter k = s % 4: low 4 bits from ql[64 n + 32 (k % 2) + i] (high
     nibble when k >= 2), 2 high bits from qh[32 n + i] >> 2 k; scale scales[8 n + 2 k + i // 16]."""
@@ -65,7 +65,7 @@ def _q6_k_values(blk):
     qh = tl.load(blk[:, None, None] + 128 + 32 * n + ii).to(tl.int32)
     q = ((ql >> (4 * (k // 2))) & 15) | (((qh >> (2 * k)) & 3) << 4)
     sc = tl.load(blk[:, None, None] + 192 + 8 * n + 2 * k + ii // 16).to(tl.int8).to(tl.float32)
-    return _f16(blk + 208)[:, None, None] * sc * (q - 32).to(tl.float32)
+    return f16_at(blk + 208)[:, None, None] * sc * (q - 32).to(tl.float32)
 
 
 @triton.jit
@@ -82,9 +82,9 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, row_bytes, n_in, m_rows, TYPE: tl.c
     for b in range(n_blocks):
         blk = base + b * BLOCK
         if TYPE == 0:  # noqa: SIM108 (a statement Triton resolves at compile time)
-            values = _q4_k_values(blk)
+            values = q4_k_values(blk)
         else:
-            values = _q6_k_values(blk)
+            values = q6_k_values(blk)
         for m in range(m_rows):
             xb = tl.load(x + m * n_in + b * 256 + s[:, None] * 32 + i[None, :])  # [8, 32]
             part = tl.sum(tl.sum(values * xb[None, :, :], axis=2), axis=1)  # [R]
