@@ -7,7 +7,7 @@ import torch
 
 import tandem
 from tandem.gguf.types import GGMLType
-from tandem.placement.planner import check_fits, plan_memory
+from tandem.placement.planner import check_fits, gpu_shortfall, plan_memory
 from tandem.placement.rules import PlacementError, Rule, assign, default_rules, kept_quantized
 
 
@@ -130,3 +130,22 @@ def test_kernel_quant_keeps_the_linear_weights_in_their_stored_bytes(tiny_q8):
     in_place = {n for n in model.tensors if "_exps" in n or n == "token_embd.weight"}
     dense = sum(t.n_elements * 4 for n, t in model.tensors.items() if n not in in_place | kept)
     assert plan.resident["cpu"] == dense + sum(model.tensors[n].n_bytes for n in kept)
+
+
+def test_gpu_shortfall_names_only_a_gpu_without_room(tiny_q8):
+    """What the default rules fall back on (kernel quant) when their bfloat16 copies would not
+    fit the GPU; RAM shortages are not the GPU's."""
+    model = tandem.open_gguf(tiny_q8)
+    types = {n: t.ggml_type for n, t in model.tensors.items()}
+    plans = {}
+    for quantized in (False, True):
+        placed = assign(types, default_rules(True, types, quantized), devices={"cpu", "cuda"})
+        assert placed["blk.0.attn_q_a.weight"].kernel == ("quant" if quantized else "torch")
+        plans[quantized] = plan_memory(model.tensors, placed, {"cuda": 1 << 20})
+    need = plans[False].resident["cuda"]
+    assert plans[True].resident["cuda"] < need  # what the fallback saves
+    roomy = {"cpu": 1 << 40, "cpu-total": 1 << 40}
+    assert gpu_shortfall(plans[False], {**roomy, "cuda:0": need}) is None
+    short = gpu_shortfall(plans[False], {**roomy, "cuda:0": need - 1})
+    assert short is not None and short.startswith("cuda: needs")
+    assert gpu_shortfall(plans[False], {"cpu": 1, "cpu-total": 1, "cuda:0": need}) is None

@@ -100,6 +100,18 @@ def capacities() -> dict[str, int]:
     return caps
 
 
+def gpu_shortfall(plan: MemoryPlan, caps: dict[str, int] | None = None) -> str | None:
+    """Where a GPU lacks room for what the plan puts there ("cuda:0: needs X but Y is free"),
+    or None where every GPU has room (caps as check_fits takes them)."""
+    caps = capacities() if caps is None else caps
+    for device, need in plan.resident.items():
+        key = "cuda:0" if device == "cuda" else device
+        have = caps.get(key)
+        if key.startswith("cuda") and have is not None and need > have:
+            return f"{device}: needs {_gb(need)} but {_gb(max(have, 0))} is free"
+    return None
+
+
 def check_fits(plan: MemoryPlan, rules: list[Rule], caps: dict[str, int] | None = None) -> None:
     caps = capacities() if caps is None else caps
     problems = []

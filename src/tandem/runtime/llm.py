@@ -26,7 +26,7 @@ from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
 from tandem.models.decoder import Segment
 from tandem.placement import planner
-from tandem.placement.rules import IN_PLACE_KERNELS, PlacementError, Rule, assign, default_rules, load_rules
+from tandem.placement.rules import IN_PLACE_KERNELS, Rule, assign, default_rules, load_rules
 from tandem.runtime import decode_graphs
 from tandem.runtime.architectures import ARCHITECTURES
 from tandem.runtime.kv_cache import ContextFull
@@ -126,23 +126,15 @@ class LLM:
             # streaming threshold, or a whole prefill pass when nothing streams
             batch = streamer.min_tokens - 1 if streamer else min(prefill_chunk, ctx_size)
             workspace["cpu"] = workspace.get("cpu", 0) + _cpu_expert_workspace(needed, c, batch)
-        try:
-            self.memory = _checked_plan(needed, self.placements, self.rules, kv_bytes, workspace, memory_caps)
-        except PlacementError as exc:
-            if rules is not None or not any(p.device.type == "cuda" for p in self.placements.values()):
-                raise
-            # the default rules' bfloat16 copies do not fit the GPU: its linear weights stay in
-            # the file's quant types there (kernel quant; R1 UD-IQ1_S: ~11 instead of ~33 GB)
+        self.memory = _plan(needed, self.placements, kv_bytes, workspace)
+        short = planner.gpu_shortfall(self.memory, memory_caps) if rules is None else None
+        if short:  # the default bfloat16 copies do not fit the GPU: keep its weights quantized
             self.rules = default_rules(True, needed, quantized=True)
             self.placements = assign({n: t.ggml_type for n, t in needed.items()}, self.rules)
-            try:
-                self.memory = _checked_plan(needed, self.placements, self.rules, kv_bytes, workspace,
-                                            memory_caps)
-            except PlacementError as second:
-                raise PlacementError(f"with bfloat16 copies of the GPU's weights, {exc}\nwith them "
-                                     f"kept quantized (kernel quant), {second}") from None
-            log.warning("bfloat16 copies of the GPU's weights would not fit (%s); they stay in the "
-                        "file's quant types there, dequantized on the fly (kernel quant)", exc)
+            self.memory = _plan(needed, self.placements, kv_bytes, workspace)
+            log.warning("bfloat16 copies of the GPU's weights would not fit (%s): they stay in the "
+                        "file's quant types there, dequantized on the fly (kernel quant)", short)
+        planner.check_fits(self.memory, self.rules, memory_caps)
 
         self.kernels = CpuKernels(n_threads) if cpu_experts else None
         with _progress(progress, sum(t.n_bytes for t in needed.values())) as advance:
@@ -328,16 +320,13 @@ def _cache_bytes(gib: float, share: GpuShare | None) -> int:
     return int(value * 2**30)
 
 
-def _checked_plan(needed: dict, placements: dict, rules: list[Rule], kv_bytes: dict[str, int],
-                  workspace: dict[str, int], caps: dict[str, int] | None) -> planner.MemoryPlan:
-    """The memory plan of these placements (with the quant kernels' prompt copies on top of
-    `workspace`); PlacementError where it does not fit `caps` (None: what is free now)."""
+def _plan(needed: dict, placements: dict, kv_bytes: dict[str, int],
+          workspace: dict[str, int]) -> planner.MemoryPlan:
+    """The memory plan of these placements: `workspace` plus the quant kernels' prompt copies."""
     workspace = dict(workspace)
     for device, n in planner.quant_copy_bytes(needed, placements).items():
         workspace[device] = workspace.get(device, 0) + n
-    plan = planner.plan_memory(needed, placements, kv_bytes, workspace)
-    planner.check_fits(plan, rules, caps)
-    return plan
+    return planner.plan_memory(needed, placements, kv_bytes, workspace)
 
 
 def _gpu_share(devices: list[torch.device], c, fraction: float | None) -> GpuShare | None:
