@@ -298,3 +298,17 @@ def test_batch_slots_default_to_half_a_full_batch_and_take_a_setting(monkeypatch
         monkeypatch.setenv("TANDEM_SHARE_MAX_EXPERTS", bad)
         with pytest.raises(KernelError, match="TANDEM_SHARE_MAX_EXPERTS must be a whole number >= 8"):
             max_experts_for(8)
+
+
+def test_the_triton_setting_without_triton_keeps_the_compiled_kernels(monkeypatch, caplog):
+    import sys
+    monkeypatch.setenv("TANDEM_SHARE_TRITON", "1")
+    monkeypatch.setitem(sys.modules, "tandem.kernels.share_triton", None)  # as if triton were missing
+    gpu_share._experts_fn.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            fn = gpu_share._experts_fn(*RECIPES["ud-iq1_s"], False, True)
+        assert fn.__name__ != "triton_where_it_fits"
+        assert "Triton is missing" in caplog.text
+    finally:
+        gpu_share._experts_fn.cache_clear()

@@ -703,8 +703,12 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
     types = (gate_type, up_type, down_type)
     if os.environ.get("TANDEM_SHARE_TRITON") != "1":
         return compiled_fn
-    from tandem.kernels import share_triton  # needs triton: only where it is asked for
-
+    try:
+        from tandem.kernels import share_triton  # needs triton: only where it is asked for
+    except ImportError as exc:
+        log.warning("TANDEM_SHARE_TRITON=1 but Triton is missing (%s): compiled kernels instead",
+                    first_line(exc))
+        return compiled_fn
     if types not in share_triton.MIXES:
         return compiled_fn
     written = share_triton.expert_rows if batched else share_triton.experts

@@ -60,8 +60,9 @@ class QuantLinear(nn.Module):
         x = x.to(self.raw.device, torch.float32)
         rows = x.reshape(-1, self.in_features)
         cuda = self.raw.is_cuda
-        if cuda and TRITON and _triton_matvec().supports(self.ggml_type, self.in_features, rows.shape[0]):
-            out = _triton_matvec().matvec(self.raw, self.ggml_type, rows, self.out_features)
+        written = _triton_matvec() if cuda and TRITON else None
+        if written is not None and written.supports(self.ggml_type, self.in_features, rows.shape[0]):
+            out = written.matvec(self.raw, self.ggml_type, rows, self.out_features)
             return out.reshape(*x.shape[:-1], self.out_features)
         if cuda and rows.shape[0] <= MATVEC_ROWS and self.ggml_type not in _eager_only:
             try:
@@ -106,5 +107,11 @@ _eager_only: set[GGMLType] = set()
 
 @functools.cache
 def _triton_matvec():
-    from tandem.kernels import triton_matvec  # needs triton: only where it is asked for
+    """kernels.triton_matvec, or None (with a warning, once) where Triton is missing."""
+    try:
+        from tandem.kernels import triton_matvec  # needs triton: only where it is asked for
+    except ImportError as exc:
+        log.warning("TANDEM_QUANT_TRITON=1 but Triton is missing (%s): compiled matvec instead",
+                    first_line(exc))
+        return None
     return triton_matvec
