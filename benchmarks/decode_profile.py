@@ -221,13 +221,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (the context)")
     parser.add_argument("--share", default="auto", help="--gpu-expert-share: auto, a fraction, 0")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rules", type=Path, default=None, help="placement rules (YAML); default rules if unset")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile needs a CUDA GPU (decode graphs, events)")
 
     share = args.share if args.share == "auto" else float(args.share)
-    llm = LLM(args.model, ctx_size=args.prompt + args.tokens + 64, gpu_expert_share=share,
+    llm = LLM(args.model, rules=args.rules, ctx_size=args.prompt + args.tokens + 64, gpu_expert_share=share,
               n_threads=args.threads)
     llm.page_in.wait()
     if llm.gpu_share is not None:
