@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (the context)")
     parser.add_argument("--share", default="auto", help="--gpu-expert-share: auto, a fraction, 0")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rules", type=Path, default=None, help="placement rules (YAML); default rules if unset")
+    parser.add_argument("--rules", type=Path, default=None, help="placement rules YAML")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
