@@ -6,8 +6,8 @@ after the last copy.
 
 Each program takes R weight rows of one expert and walks their 256-weight blocks. IQ types:
 per 8 weights one row of a small grid table (L1-resident: IQ1_S 4096 rows with the delta
-folded in, 128 KB; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields applied by bit
-tests), times the matching 8 activations, scaled per 32 weights; k-quants: the block decoded
+folded in, 128 KB, torch_dequant's; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields
+applied by bit tests), times the matching 8 activations, scaled per 32 weights; k-quants: the block decoded
 into registers (kernels.triton_matvec). Float32 throughout, as the compiled path.
 
 `experts` and `expert_rows` keep gpu_share's signatures for `_experts` (one token) and
@@ -27,6 +27,7 @@ import triton.language as tl
 from gguf import quants
 
 from tandem.gguf.types import GGMLType, block_bytes
+from tandem.kernels import torch_dequant
 from tandem.kernels.triton_matvec import f16_at, q4_k_values, q6_k_values
 
 MIXES = {  # gate, up, down types -> the kernels' TYPE for gate/up and for down
@@ -138,17 +139,14 @@ def _down_kernel(down, h, weight, tokens, grid, ksigns, y, n_experts, expert_byt
 
 
 @functools.cache
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IQ1_S grid rows with the delta folded in ([4096, 8]: + delta, then - delta), IQ2_XXS
-    grid rows ([256, 8], unsigned) and its 128 sign bytes (7 bits + parity), on `device`."""
-    def grid(kind):
-        kind.init_grid()
-        return kind.grid.reshape(kind.grid_shape).astype(np.float32)
-    iq1, delta = grid(quants.IQ1_S), np.float32(quants.IQ1_S.delta)
-    iq1_rows = np.ascontiguousarray(np.concatenate([iq1 + delta, iq1 - delta]))
+def _iq2_xxs_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS grid rows ([256, 8], unsigned: the signs come by bit tests) and its 128 sign
+    bytes (7 bits + parity), on `device`. (IQ1_S reads torch_dequant's table: its rows with the
+    delta folded in.)"""
+    quants.IQ2_XXS.init_grid()
+    grid = quants.IQ2_XXS.grid.reshape(quants.IQ2_XXS.grid_shape).astype(np.float32)
     ksigns = np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8).astype(np.int32)
-    return (torch.from_numpy(iq1_rows).to(device), torch.from_numpy(grid(quants.IQ2_XXS)).to(device),
-            torch.from_numpy(ksigns).to(device))
+    return torch.from_numpy(np.ascontiguousarray(grid)).to(device), torch.from_numpy(ksigns).to(device)
 
 
 def gate_up(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
@@ -161,7 +159,7 @@ def gate_up(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, 
     row_bytes = d // 256 * size
     n_rows = gate_raw.shape[1] // row_bytes
     h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
-    table = _tables(x.device)[0]
+    table = torch_dequant.grid_table(GGMLType.IQ1_S, x.device)  # [4096, 8]: +delta rows, then -delta
     batch = tokens is not None
     _gate_up_kernel[(n, n_rows // ROWS)](gate_raw, up_raw, x, tokens if batch else x, table, h,
                                         gate_raw.stride(0), row_bytes, n_rows, d // 256, d,
@@ -179,7 +177,7 @@ def down(types: tuple[GGMLType, GGMLType, GGMLType], down_raw: torch.Tensor, h: 
     row_bytes = n_in // 256 * size
     n_rows = down_raw.shape[1] // row_bytes
     y = torch.empty(n_tokens, n_rows, dtype=torch.float32, device=h.device)
-    _, grid, ksigns = _tables(h.device)
+    grid, ksigns = _iq2_xxs_tables(h.device)
     _down_kernel[(n_rows // ROWS,)](down_raw, h, weight.float().contiguous(),
                                    tokens if tokens is not None else weight, grid, ksigns, y, n,
                                    down_raw.stride(0), row_bytes, n_in // 256, n_in, n_rows,
