@@ -116,6 +116,7 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     assert all(2 <= n <= 8 for n in r["routing"]["distinct_per_layer"])
     assert all(0 < share <= 1 for share in r["routing"]["top8_share_per_layer"])
     assert 0 < r["roofline_fraction"] < 1
+    assert r["streamed_chunks"] == {"direct": 0, "staged": 0}  # no GPU: nothing streamed
     # paged in up front: decoding faults on no page of the experts (a few from allocations)
     assert r["page_in_method"] in ("populate", "touch") and r["page_in_skipped"] is None
     assert all(0 <= d["page_faults_per_token"] < 50 for d in r["decode"] if d["streams"] == 1)

@@ -9,6 +9,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from expert_checks import make_weight, moe_reference, routing
+from tandem.kernels.gpu_share import PinnedMappings
 from tandem.kernels.streamed import ExpertStreamer, consecutive_runs
 
 RECIPES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
@@ -21,15 +22,25 @@ def _experts(types, rng):
     return [q for q, _ in made], [ref for _, ref in made]
 
 
-def _check(device, recipe, rng, n_tokens=37, per_chunk=3):
+def _check(device, recipe, rng, n_tokens=37, per_chunk=3, pinned=False):
     quant, ref = _experts(RECIPES[recipe], rng)
     x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(1))
     ids, weights = routing(n_tokens, k=3, n_expert=N_EXPERT - 2)  # experts 8, 9 never chosen
     ids[ids == 4] = 5  # a gap inside the used ids: two runs per chunk
     streamer = ExpertStreamer(device, min_tokens=1, experts_per_chunk=per_chunk)
-    # Twice: the second call reuses the slots (and, on a GPU, their events).
-    for _ in range(2):
-        out = streamer.moe(x.to(device), ids.to(device), weights.to(device), *quant)
+    # registered with CUDA as the GPU share does with the file mapping: DMA straight from it
+    pins = PinnedMappings([q.data for q in quant]) if pinned else None
+    try:
+        # Twice: the second call reuses the slots (and, on a GPU, their events).
+        for _ in range(2):
+            out = streamer.moe(x.to(device), ids.to(device), weights.to(device), *quant)
+        if pinned:
+            torch.cuda.synchronize()  # before the pages are unregistered
+    finally:
+        if pins is not None:
+            pins.close()
+    assert streamer.chunks["direct" if pinned else "staged"] > 0
+    assert streamer.chunks["staged" if pinned else "direct"] == 0
     expected = moe_reference(x, ids, weights, *ref)
     assert out.device.type == torch.device(device).type and out.dtype == torch.float32
     err = (out.cpu() - expected).norm() / expected.norm()
@@ -42,11 +53,12 @@ def test_streamed_experts_match_the_float_reference_on_cpu(recipe, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("pinned", [False, True], ids=["staged", "from-pinned-mapping"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_streamed_experts_match_the_float_reference_on_gpu(recipe, rng):
+def test_streamed_experts_match_the_float_reference_on_gpu(recipe, pinned, rng):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    _check("cuda", recipe, rng, n_tokens=300, per_chunk=2)
+    _check("cuda", recipe, rng, n_tokens=300, per_chunk=2, pinned=pinned)
 
 
 def test_wants_long_batches_of_supported_types_only(rng):

@@ -107,6 +107,14 @@ def _share_record(llm) -> dict:
                                   if share.counts["prefetched"] else None)}
 
 
+def _streamed_chunks(llm) -> dict[str, int]:
+    """Chunks of experts long prompts streamed to the GPU: straight from the pinned mapping
+    ("direct") or through the staging slots."""
+    streamers = {id(e.streamer): e.streamer for e in llm.routed_experts()
+                 if getattr(e, "streamer", None) is not None}
+    return {kind: sum(s.chunks[kind] for s in streamers.values()) for kind in ("direct", "staged")}
+
+
 def run(cfg: BenchConfig, progress=print) -> dict:
     from tandem.runtime.engine import Engine
     from tandem.runtime.llm import LLM
@@ -193,6 +201,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     results |= {
         "gpu_experts_from": llm.gpu_experts_from,
         "gpu_expert_share": {**_share_record(llm), "ready_after_page_in_s": share_wait_s},
+        "streamed_chunks": _streamed_chunks(llm),
         "prefill_chunk": llm.prefill_chunk,
         # variants of tandem's CPU expert kernels picked by environment (kernels.native)
         "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,

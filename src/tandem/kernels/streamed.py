@@ -6,6 +6,8 @@ MoE layer, a few experts (a chunk) at a time, through two slots:
 
     host thread:    mmap -> pinned slot (torch's threaded copy), then queue the upload
     copy stream:    pinned slot -> GPU slot (waits until the GPU is done with that slot)
+                    or, where the mapping itself is pinned (registered with CUDA for the GPU
+                    share), mmap -> GPU slot directly: a DMA, no host copy
     compute stream: dequantize the slot to bf16 (torch.compile'd); grouped matmuls over the
                     chunk's tokens
 
@@ -49,6 +51,8 @@ class ExpertStreamer:
         self.device = torch.device(device)
         self.min_tokens, self.experts_per_chunk, self.dtype = min_tokens, experts_per_chunk, dtype
         self.cuda = self.device.type == "cuda"
+        # chunks copied straight from a pinned mapping, and through the staging slots
+        self.chunks = {"direct": 0, "staged": 0}
         self._host: list[torch.Tensor] = []  # staging slots (pinned on CUDA)
         self._dev: list[torch.Tensor] = []  # the same slots on the device
         if self.cuda:
@@ -77,11 +81,15 @@ class ExpertStreamer:
         out = torch.zeros(t, d, dtype=torch.float32, device=self.device)
         tensors = (gate, up, down)
         self._ensure_slots(self.experts_per_chunk * sum(w.expert_bytes() for w in tensors))
-        self._stage(0, chunks[0], tensors)
+        # pinned by the GPU share (once its background registration is done): DMA from it
+        direct = self.cuda and all(w.per_expert.is_pinned() for w in tensors)
+        stage = self._upload if direct else self._stage
+        stage(0, chunks[0], tensors)
         for i, chunk in enumerate(chunks):
             self._compute(i % SLOTS, i, chunk, tensors, rows, out)
             if i + 1 < len(chunks):
-                self._stage((i + 1) % SLOTS, chunks[i + 1], tensors)
+                stage((i + 1) % SLOTS, chunks[i + 1], tensors)
+        self.chunks["direct" if direct else "staged"] += len(chunks)
         return out
 
     # -- the pipeline ------------------------------------------------------------------------
@@ -101,6 +109,20 @@ class ExpertStreamer:
                 self._copy_stream.wait_event(self._consumed[slot])  # the GPU is done with it
                 self._dev[slot][:offset].copy_(host[:offset], non_blocking=True)
                 self._copied[slot].record()
+
+    def _upload(self, slot: int, chunk: list[int], tensors: Sequence[QuantTensor]) -> None:
+        """Copy the chunk's gate, up and down bytes from the pinned mapping straight into the
+        device `slot`, on the copy stream (in the order _stage lays them out)."""
+        dev, offset = self._dev[slot], 0
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._consumed[slot])  # the GPU is done with it
+            for w in tensors:
+                source, size = w.per_expert, w.expert_bytes()
+                for first, count in consecutive_runs(chunk):
+                    dev[offset : offset + count * size].copy_(source[first : first + count].reshape(-1),
+                                                              non_blocking=True)
+                    offset += count * size
+            self._copied[slot].record()
 
     def _compute(self, slot: int, index: int, chunk: list[int], tensors: Sequence[QuantTensor],
                  rows: _Rows, out: torch.Tensor) -> None:
