@@ -302,8 +302,12 @@ def test_batch_slots_default_to_half_a_full_batch_and_take_a_setting(monkeypatch
 
 def test_the_triton_setting_without_triton_keeps_the_compiled_kernels(monkeypatch, caplog):
     import sys
+
+    import tandem.kernels
     monkeypatch.setenv("TANDEM_SHARE_TRITON", "1")
-    monkeypatch.setitem(sys.modules, "tandem.kernels.share_triton", None)  # as if triton were missing
+    # as if triton were missing: the import fails (even where an earlier test imported it)
+    monkeypatch.setitem(sys.modules, "tandem.kernels.share_triton", None)
+    monkeypatch.delattr(tandem.kernels, "share_triton", raising=False)
     gpu_share._experts_fn.cache_clear()
     try:
         with caplog.at_level("WARNING"):
