@@ -167,6 +167,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         # page faults while decoding: ~0 once the in-place weights are paged in (else each
         # first read of an expert's page pays one; see kernels.page_in)
         results["decode"].append({"streams": 1, "context": n, "tok_per_s": decode,
+                                  "runs_tok_per_s": [r.decode_tok_per_s for r in runs],  # the spread
                                   "page_faults_per_token": faults / max(decoded, 1)})
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
                  f"decode {decode:6.2f} tok/s")
@@ -191,6 +192,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                 expert_rates.append(read / elapsed / 1e9)  # distinct experts' bytes per second
             rate = statistics.median(tps)
             results["decode"].append({"streams": streams, "context": 16, "tok_per_s": rate,
+                                      "runs_tok_per_s": tps,
                                       "expert_gb_per_s": statistics.median(expert_rates)})
             progress(f"{streams} streams: {rate:.2f} tok/s together")
     finally:
