@@ -6,9 +6,10 @@
  * during it. A Python thread cannot do this: the hand-over needs the GIL, which the launch holds.
  *
  * The helper is the master of its own OpenMP team (libgomp keeps a team per master thread, so
- * its workers persist between calls). Between calls it spins briefly, then sleeps on a
- * condition variable: decode calls come every ~0.2-2 ms, and a futex wake-up costs tens of
- * microseconds on a virtual machine.
+ * its workers persist between calls). Both sides spin for up to SPIN_NS before they sleep on a
+ * condition variable: decode calls come every ~0.5-2 ms, and a futex wake-up costs tens of
+ * microseconds on a virtual machine. (Timed, not counted: PAUSE takes ~10 cycles on some CPUs
+ * and ~140 on recent Intel ones.)
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -28,7 +29,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
                const void *gate, int gate_type, const void *up, int up_type, const void *down, int down_type,
                int n_expert, int n_ff, float *out, int n_threads);
 
-#define SPINS 20000 /* pause loops before sleeping: ~50-100 us */
+#define SPIN_NS 2000000 /* spin this long before sleeping: a decode step's gap between calls */
 #define RUNNER_BUSY -4 /* a call was started while the previous one had not been waited for */
 
 enum { IDLE, POSTED, DONE, QUIT };
@@ -52,12 +53,20 @@ typedef struct {
     double seconds; /* how long the last call ran on the thread */
 } runner;
 
+static long long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
 /* Wait until `r`'s state leaves `from`: spin, then sleep. Returns the new state. */
 static int wait_while(runner *r, int from) {
-    for (int i = 0; i < SPINS; i++) {
+    const long long until = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
         const int s = atomic_load_explicit(&r->state, memory_order_acquire);
         if (s != from) return s;
         PAUSE();
+        if (i % 64 == 0 && now_ns() > until) break;
     }
     pthread_mutex_lock(&r->lock);
     int s;
