@@ -11,7 +11,10 @@ n = qk_nope_head_dim, v = v_head_dim, E experts, k experts per token.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -22,6 +25,8 @@ from torch import nn
 from tandem.gguf.config import DeepSeek2Config
 from tandem.models.decoder import per_segment
 from tandem.models.layers import GatedMLP, Linear, RMSNorm, rope_pairs
+
+log = logging.getLogger(__name__)
 
 
 class Rope:
@@ -229,5 +234,26 @@ class MoE(nn.Module):
 
     def choose(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ids and weights [T, k] for x [T, d]."""
+        c = self.c
         logits = F.linear(x.to(self.router.device, torch.float32), self.router)  # [T, E]
-        return route(logits, self.bias, self.c)
+        fused = _fused_route() if logits.is_cuda and c.expert_gating == "sigmoid" else None
+        n_group, topk_group = c.n_group or 1, c.topk_group or 1
+        if fused is not None and fused.supports(logits.shape[0], logits.shape[1], n_group, topk_group,
+                                                c.n_expert_used):
+            return fused.route(logits, self.bias, n_group, topk_group, c.n_expert_used,
+                               c.expert_weights_scale, c.expert_weights_norm)
+        return route(logits, self.bias, c)
+
+
+@functools.cache
+def _fused_route():
+    """kernels.triton_route where TANDEM_ROUTE_TRITON=1 (A/B runs) and Triton is there, else
+    None: the routing as the torch ops of `route`."""
+    if os.environ.get("TANDEM_ROUTE_TRITON") != "1":
+        return None
+    try:
+        from tandem.kernels import triton_route
+    except ImportError as exc:
+        log.warning("TANDEM_ROUTE_TRITON=1 but Triton is missing (%s): torch's routing instead", exc)
+        return None
+    return triton_route
