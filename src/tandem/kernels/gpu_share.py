@@ -49,6 +49,7 @@ from tandem.gguf.types import GGMLType
 from tandem.kernels import cudart, torch_dequant
 from tandem.kernels.compiling import allow_compiled_variants
 from tandem.kernels.cpu import SKIPPED_SLOT
+from tandem.kernels.env import env_int
 from tandem.kernels.expert_cache import LayerCache, layer_capacities
 from tandem.kernels.page_in import PAGE, page_ranges, physical_ram
 from tandem.kernels.streamed import consecutive_runs
@@ -85,13 +86,7 @@ def max_experts_for(k: int) -> int:
     """How many experts one call may give the share (its slots), for a model choosing k per
     token: half of MAX_TOKENS tokens' experts (8 streams of R1 choose ~57 distinct experts a
     step, ~50 of them by one token only), or TANDEM_SHARE_MAX_EXPERTS (k or more)."""
-    value = os.environ.get("TANDEM_SHARE_MAX_EXPERTS")
-    if not value:
-        return k * MAX_TOKENS // 2
-    if not value.isdigit() or int(value) < k:
-        raise KernelError(f"TANDEM_SHARE_MAX_EXPERTS must be a whole number >= {k} (the experts "
-                          f"one token chooses), got {value!r}")
-    return int(value)
+    return env_int("TANDEM_SHARE_MAX_EXPERTS", default=k * MAX_TOKENS // 2, minimum=k)
 
 
 class ShareBalance:
@@ -176,8 +171,8 @@ class GpuShare:
         self._slots: torch.Tensor | None = None
         self.graphs = True  # replay the kernels as CUDA graphs (False: launch them each call)
         self.cpu_first = os.environ.get("TANDEM_SHARE_CPU_FIRST") == "1"  # see SHARE_ENV
-        self.cpu_threads = int(os.environ.get("TANDEM_SHARE_CPU_THREADS") or 0)  # 0: default
-        self.prefetch_rows = int(os.environ.get("TANDEM_SHARE_PREFETCH") or 0)  # see SHARE_ENV
+        self.cpu_threads = env_int("TANDEM_SHARE_CPU_THREADS")  # 0: the default
+        self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
         self._ahead: _Ahead | None = None  # the experts prefetched for one layer
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' memory pool, shared (they replay one after another)

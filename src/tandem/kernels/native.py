@@ -20,6 +20,7 @@ from gguf import quants
 
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
+from tandem.kernels.env import env_int
 from tandem.kernels.tensors import QuantTensor, activation_rows
 
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
@@ -59,13 +60,13 @@ def _lib() -> ctypes.CDLL:
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
-    amx, token_block, gemm_min_pairs, pin = (os.environ.get(name) for name in KERNEL_ENV)
+    amx, pin = os.environ.get("TANDEM_AMX"), os.environ.get("TANDEM_PIN_THREADS")
     if amx == "0":
         lib.tandem_use_amx(0)
-    if token_block:
-        lib.tandem_set_token_block(int(token_block))
-    if gemm_min_pairs:
-        lib.tandem_set_gemm_min_pairs(int(gemm_min_pairs))
+    if token_block := env_int("TANDEM_TOKEN_BLOCK", minimum=1):
+        lib.tandem_set_token_block(token_block)
+    if gemm_min_pairs := env_int("TANDEM_GEMM_MIN_PAIRS", minimum=1):
+        lib.tandem_set_gemm_min_pairs(gemm_min_pairs)
     if pin == "1":
         lib.tandem_pin_threads(1)
     return lib
