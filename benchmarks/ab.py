@@ -54,8 +54,9 @@ def run_bench(model: Path, bench_args: list[str], env: dict[str, str], out: Path
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per variant: the decode tok/s of each run (per stream count and context) and their
-    median, with the ratio of each median to the first variant's."""
+    """Per variant: the decode tok/s of each run (per stream count and context) and the
+    prefill tok/s (per prompt length), their medians, and each median's ratio to the first
+    variant's."""
     figures: dict[str, dict[str, list[float]]] = {}
     for run in runs:
         per = figures.setdefault(run["variant"], {})
