@@ -1,10 +1,16 @@
-"""Whole-number settings read from the environment (the kernels' A/B knobs)."""
+"""The kernels' A/B settings from the environment: whole numbers, and the optional modules
+(Triton kernels) that some of them turn on."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+from types import ModuleType
 
-from tandem.errors import KernelError
+from tandem.errors import KernelError, first_line
+
+log = logging.getLogger(__name__)
 
 
 def env_int(name: str, default: int = 0, minimum: int = 0) -> int:
@@ -20,3 +26,13 @@ def env_int(name: str, default: int = 0, minimum: int = 0) -> int:
     if number is None or number < minimum:
         raise KernelError(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return number
+
+
+def triton_module(name: str, setting: str, instead: str) -> ModuleType | None:
+    """tandem.kernels.<name>, whose kernels need Triton, for the A/B setting `setting`; None,
+    with a warning that `instead` runs, where it cannot be imported."""
+    try:
+        return importlib.import_module(f"tandem.kernels.{name}")
+    except ImportError as exc:
+        log.warning("%s=1 but Triton is missing (%s): %s instead", setting, first_line(exc), instead)
+        return None

@@ -49,7 +49,7 @@ from tandem.gguf.types import GGMLType
 from tandem.kernels import cudart, torch_dequant
 from tandem.kernels.compiling import allow_compiled_variants
 from tandem.kernels.cpu import SKIPPED_SLOT
-from tandem.kernels.env import env_int
+from tandem.kernels.env import env_int, triton_module
 from tandem.kernels.expert_cache import LayerCache, layer_capacities
 from tandem.kernels.page_in import PAGE, page_ranges, physical_ram
 from tandem.kernels.streamed import consecutive_runs
@@ -698,13 +698,8 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
     types = (gate_type, up_type, down_type)
     if os.environ.get("TANDEM_SHARE_TRITON") != "1":
         return compiled_fn
-    try:
-        from tandem.kernels import share_triton  # needs triton: only where it is asked for
-    except ImportError as exc:
-        log.warning("TANDEM_SHARE_TRITON=1 but Triton is missing (%s): compiled kernels instead",
-                    first_line(exc))
-        return compiled_fn
-    if types not in share_triton.MIXES:
+    share_triton = triton_module("share_triton", "TANDEM_SHARE_TRITON", "the compiled kernels")
+    if share_triton is None or types not in share_triton.MIXES:
         return compiled_fn
     written = share_triton.expert_rows if batched else share_triton.experts
 

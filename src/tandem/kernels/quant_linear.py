@@ -23,6 +23,7 @@ from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType, tensor_bytes
 from tandem.kernels import torch_dequant
 from tandem.kernels.compiling import allow_compiled_variants
+from tandem.kernels.env import triton_module
 
 MATVEC_ROWS = 16  # input rows up to which the fused dequantize-multiply runs (CUDA)
 PROMPT_ROWS = 4096  # weight rows dequantized at a time for longer inputs (the head: 129K rows)
@@ -108,10 +109,4 @@ _eager_only: set[GGMLType] = set()
 @functools.cache
 def _triton_matvec():
     """kernels.triton_matvec, or None (with a warning, once) where Triton is missing."""
-    try:
-        from tandem.kernels import triton_matvec  # needs triton: only where it is asked for
-    except ImportError as exc:
-        log.warning("TANDEM_QUANT_TRITON=1 but Triton is missing (%s): compiled matvec instead",
-                    first_line(exc))
-        return None
-    return triton_matvec
+    return triton_module("triton_matvec", "TANDEM_QUANT_TRITON", "the compiled matvec")

@@ -34,7 +34,6 @@ MIXES = {  # gate, up, down types -> the kernels' TYPE for gate/up and for down
     (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS): (0, 1),
     (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): (2, 3),
 }
-TYPES = (GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS)  # UD-IQ1_S, the first mix
 ROWS = 16  # weight rows per program
 
 

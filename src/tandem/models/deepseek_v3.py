@@ -12,7 +12,6 @@ n = qk_nope_head_dim, v = v_head_dim, E experts, k experts per token.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -23,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.gguf.config import DeepSeek2Config
+from tandem.kernels.env import triton_module
 from tandem.models.decoder import per_segment
 from tandem.models.layers import GatedMLP, Linear, RMSNorm, rope_pairs
-
-log = logging.getLogger(__name__)
 
 
 class Rope:
@@ -251,9 +249,4 @@ def _fused_route():
     None: the routing as the torch ops of `route`."""
     if os.environ.get("TANDEM_ROUTE_TRITON") != "1":
         return None
-    try:
-        from tandem.kernels import triton_route
-    except ImportError as exc:
-        log.warning("TANDEM_ROUTE_TRITON=1 but Triton is missing (%s): torch's routing instead", exc)
-        return None
-    return triton_route
+    return triton_module("triton_route", "TANDEM_ROUTE_TRITON", "torch's routing")
