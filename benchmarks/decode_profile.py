@@ -180,13 +180,21 @@ def top_kernels(llm: LLM, prompt: list[int], steps: int, top: int = 15) -> list[
     params = SamplingParams(temperature=0, max_new_tokens=steps)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         list(llm.stream(prompt, params))
-    rows = []
-    for avg in prof.key_averages():  # the kernels themselves (GPU events), not the ops launching them
+    rows = [{"kernel": name, "calls": count, "gpu_ms_per_token": gpu_us / 1e3 / steps}
+            for name, count, gpu_us in _kernels(prof)]
+    return sorted(rows, key=lambda r: -r["gpu_ms_per_token"])[:top]
+
+
+def _kernels(prof) -> list[tuple[str, int, float]]:
+    """(name, launches, GPU microseconds) of each kernel a profile saw: the kernels themselves
+    (GPU events), not the ops launching them."""
+    found = []
+    for avg in prof.key_averages():
         if getattr(avg, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
         gpu_us = getattr(avg, "self_device_time_total", 0) or getattr(avg, "self_cuda_time_total", 0)
-        rows.append({"kernel": avg.key[:120], "calls": avg.count, "gpu_ms_per_token": gpu_us / 1e3 / steps})
-    return sorted(rows, key=lambda r: -r["gpu_ms_per_token"])[:top]
+        found.append((avg.key[:120], avg.count, gpu_us))
+    return found
 
 
 def segment_kernels(llm: LLM, replays: int = 20) -> list[dict]:
@@ -204,13 +212,8 @@ def segment_kernels(llm: LLM, replays: int = 20) -> list[dict]:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    rows = []
-    for avg in prof.key_averages():
-        if getattr(avg, "device_type", None) != torch.autograd.DeviceType.CUDA:
-            continue
-        gpu_us = getattr(avg, "self_device_time_total", 0) or getattr(avg, "self_cuda_time_total", 0)
-        rows.append({"kernel": avg.key[:120], "per_replay": avg.count / replays,
-                     "us_per_replay": gpu_us / replays})
+    rows = [{"kernel": name, "per_replay": count / replays, "us_per_replay": gpu_us / replays}
+            for name, count, gpu_us in _kernels(prof)]
     return sorted(rows, key=lambda r: -r["us_per_replay"])
 
 

@@ -88,12 +88,8 @@ def decode_bounds(bench: dict, profile: dict, llamacpp_tok_s: float | None, targ
     ram_ms = per_token / ram / 1e6
     bounds["ram"] = _bound(ram_ms + gpu_ms, llamacpp_tok_s, target)
     bounds["roofline_fraction_at_most"] = ram_ms / (ram_ms + gpu_ms)
-    split = profile.get("experts_split") or {}
     layers, k = profile.get("moe_layers"), profile.get("experts_per_token")
-    copy_ms = next((r["gpu_ms_per_token"] for r in profile.get("top_gpu_kernels", [])
-                    if r["kernel"].startswith("Memcpy HtoD")), None)
-    gpu_experts = (split.get("gpu_experts_per_call") or 0) * (layers or 0)
-    cpu_ms_per_expert = split.get("cpu_op_ms_per_expert")
+    cpu_ms_per_expert, copy_ms, gpu_experts = _expert_paths(profile)
     if layers and k and copy_ms and gpu_experts and cpu_ms_per_expert:
         experts_per_ms = 1 / cpu_ms_per_expert + gpu_experts / copy_ms
         bounds["split"] = _bound(max(layers * k / experts_per_ms, ram_ms) + gpu_ms, llamacpp_tok_s, target)
@@ -107,17 +103,23 @@ def stream_bound(bench: dict, profile: dict) -> dict:
     both busy all the time, against the RAM read rate. `roofline_fraction_at_most`: the share
     of the distinct-expert roofline several streams could reach so, before any segment or
     overhead."""
-    split = profile.get("experts_split") or {}
-    layers, size = profile.get("moe_layers"), profile.get("expert_bytes")
-    cpu_ms, ram = split.get("cpu_op_ms_per_expert"), bench.get("ram_read_gb_per_s")
-    copy_ms = next((r["gpu_ms_per_token"] for r in profile.get("top_gpu_kernels", [])
-                    if r["kernel"].startswith("Memcpy HtoD")), None)
-    gpu_experts = (split.get("gpu_experts_per_call") or 0) * (layers or 0)
+    size, ram = profile.get("expert_bytes"), bench.get("ram_read_gb_per_s")
+    cpu_ms, copy_ms, gpu_experts = _expert_paths(profile)
     if not (size and cpu_ms and copy_ms and gpu_experts and ram):
         return {}
     cpu_rate, copy_rate = size / cpu_ms / 1e6, gpu_experts * size / copy_ms / 1e6
     return {"cpu_op_gb_per_s": cpu_rate, "copies_gb_per_s": copy_rate, "ram_read_gb_per_s": ram,
             "roofline_fraction_at_most": min(1.0, (cpu_rate + copy_rate) / ram)}
+
+
+def _expert_paths(profile: dict) -> tuple[float | None, float | None, float]:
+    """From a decode profile: the CPU op's ms per expert, the copies' GPU ms per token, and the
+    experts copied to the GPU per token (over all MoE layers)."""
+    split = profile.get("experts_split") or {}
+    copy_ms = next((r["gpu_ms_per_token"] for r in profile.get("top_gpu_kernels", [])
+                    if r["kernel"].startswith("Memcpy HtoD")), None)
+    gpu_experts = (split.get("gpu_experts_per_call") or 0) * (profile.get("moe_layers") or 0)
+    return split.get("cpu_op_ms_per_expert"), copy_ms, gpu_experts
 
 
 def _bound(ms_per_token: float, llamacpp_tok_s: float | None, target: float) -> dict:
