@@ -14,6 +14,7 @@ import torch
 
 from tandem.bench import machine
 from tandem.kernels import gpu_share, native, quant_linear
+from tandem.models.deepseek_v3 import ROUTE_ENV
 from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime import decode_graphs
 from tandem.runtime.sampler import SamplingParams
@@ -205,10 +206,10 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "gpu_expert_share": {**_share_record(llm), "ready_after_page_in_s": share_wait_s},
         "streamed_chunks": _streamed_chunks(llm),
         "prefill_chunk": llm.prefill_chunk,
-        # variants of tandem's CPU expert kernels picked by environment (kernels.native)
+        # variants of tandem's kernels picked by environment (A/B runs)
         "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,
                                                   decode_graphs.COMPILE_ENV, *quant_linear.QUANT_ENV,
-                                                  *OPENMP_ENV)
+                                                  ROUTE_ENV, *OPENMP_ENV)
                        if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,

@@ -243,10 +243,13 @@ class MoE(nn.Module):
         return route(logits, self.bias, c)
 
 
+ROUTE_ENV = "TANDEM_ROUTE_TRITON"
+
+
 @functools.cache
 def _fused_route():
     """kernels.triton_route where TANDEM_ROUTE_TRITON=1 (A/B runs) and Triton is there, else
     None: the routing as the torch ops of `route`."""
-    if os.environ.get("TANDEM_ROUTE_TRITON") != "1":
+    if os.environ.get(ROUTE_ENV) != "1":
         return None
-    return triton_module("triton_route", "TANDEM_ROUTE_TRITON", "torch's routing")
+    return triton_module("triton_route", ROUTE_ENV, "torch's routing")
