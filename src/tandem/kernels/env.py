@@ -28,11 +28,13 @@ def env_int(name: str, default: int = 0, minimum: int = 0) -> int:
     return number
 
 
-def triton_module(name: str, setting: str, instead: str) -> ModuleType | None:
-    """tandem.kernels.<name>, whose kernels need Triton, for the A/B setting `setting`; None,
-    with a warning that `instead` runs, where it cannot be imported."""
+def triton_module(name: str, setting: str, instead: str, asked: bool = True) -> ModuleType | None:
+    """tandem.kernels.<name>, whose kernels need Triton, for the setting `setting`; None where
+    it cannot be imported, with a warning that `instead` runs when the user `asked` for it (a
+    default that needs Triton falls back quietly)."""
     try:
         return importlib.import_module(f"tandem.kernels.{name}")
     except ImportError as exc:
-        log.warning("%s=1 but Triton is missing (%s): %s instead", setting, first_line(exc), instead)
+        report = log.warning if asked else log.debug
+        report("%s=1 but Triton is missing (%s): %s instead", setting, first_line(exc), instead)
         return None

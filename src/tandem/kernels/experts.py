@@ -108,11 +108,11 @@ class CpuExperts:
 
     def _submit_shared(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                        x_host: torch.Tensor | None = None) -> _SharedCall:
-        """Queue the GPU's part (graph replays: a fraction of a millisecond of host time); the
-        CPU's part runs in collect, on the caller's thread, while the GPU works; or, with
-        share.cpu_first, it is started before the launch on the kernels' runner thread. (Started
-        on a Python executor thread instead, decode was 7-13% slower on the GPU machine: the
-        hand-over needed the GIL that the launch holds.)"""
+        """Start the CPU's part on the kernels' runner thread (share.cpu_first, the default),
+        then queue the GPU's part (copies and graph replays: ~0.4-1 ms of host time a layer);
+        without cpu_first, or with ggml's kernels, the CPU's part runs in collect, on the
+        caller's thread. (Started on a Python executor thread instead, decode was 7-13% slower
+        on the GPU machine: the hand-over needed the GIL that the launch holds.)"""
         gpu_experts, cpu_ids, distinct, balance = self._split(ids)
         cpu = None
         if len(gpu_experts) < distinct:

@@ -66,10 +66,13 @@ STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x expert counts
-# Order of a shared call, for A/B runs: by default the GPU's part is launched first and the CPU's
-# runs after it on the caller's thread; TANDEM_SHARE_CPU_FIRST=1 starts the CPU's first, on the
-# kernels' runner thread (native.MoeRunner), and launches the GPU's meanwhile (the launch is
-# ~0.4-0.6 ms of Python per layer that the CPU's part otherwise waits for).
+# Order of a shared call: by default the CPU's part starts first, on the kernels' runner thread
+# (native.MoeRunner), and the GPU's is launched meanwhile (the launch is ~0.4-1 ms of Python per
+# layer that the CPU's part would otherwise wait for). TANDEM_SHARE_CPU_FIRST=0 launches the
+# GPU's part first and runs the CPU's after it on the caller's thread, with all the kernels'
+# threads (run r on the GPU machine: equal decode once settled, but in 5 of 7 runs a first
+# repetition at 15-30 tok/s while the balance sat at 0.8-0.9 GPU share: the launch's host time
+# delays the CPU's part, so the GPU looks faster the more experts it takes).
 # TANDEM_SHARE_CPU_THREADS=N: threads of the CPU's part when started first (default: one fewer
 # than the kernels', leaving a core to the launch).
 # TANDEM_SHARE_PREFETCH=N: while a decode segment runs, copy up to N experts that its MoE's
@@ -170,7 +173,7 @@ class GpuShare:
         self._pins: PinnedMappings | None = None
         self._slots: torch.Tensor | None = None
         self.graphs = True  # replay the kernels as CUDA graphs (False: launch them each call)
-        self.cpu_first = os.environ.get("TANDEM_SHARE_CPU_FIRST") == "1"  # see SHARE_ENV
+        self.cpu_first = os.environ.get("TANDEM_SHARE_CPU_FIRST") != "0"  # see SHARE_ENV
         self.cpu_threads = env_int("TANDEM_SHARE_CPU_THREADS")  # 0: the default
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
         self._ahead: _Ahead | None = None  # the experts prefetched for one layer

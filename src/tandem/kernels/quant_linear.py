@@ -31,11 +31,13 @@ RECOMPILE_LIMIT = 64
 # For A/B runs: TANDEM_QUANT_STATIC=1 compiles the matvec with static shapes, one kernel set per
 # weight type, shape and row count (the GPU share's kernels ran up to 2.4x faster so); by
 # default dynamo makes the shapes dynamic once it has seen a second one, one set for all.
-# TANDEM_QUANT_TRITON=1: Q4_K and Q6_K weights through a hand-written Triton matvec
-# (kernels.triton_matvec) instead, for up to its MAX_INPUT_ROWS rows.
+# Q4_K and Q6_K weights go through a hand-written Triton matvec (kernels.triton_matvec) where
+# Triton imports, for up to its MAX_INPUT_ROWS rows: at R1's shapes on the GPU machine 4-15x
+# faster than the compiled one and within 1.6x of cuBLAS on bfloat16 copies (run r,
+# benchmarks/results/logs/quant-matvec-20261128r.log). TANDEM_QUANT_TRITON=0: the compiled one.
 QUANT_ENV = ("TANDEM_QUANT_STATIC", "TANDEM_QUANT_TRITON")
 STATIC = os.environ.get("TANDEM_QUANT_STATIC") == "1"
-TRITON = os.environ.get("TANDEM_QUANT_TRITON") == "1"
+TRITON = os.environ.get("TANDEM_QUANT_TRITON") != "0"
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,15 @@ class QuantLinear(nn.Module):
         x = x.to(self.raw.device, torch.float32)
         rows = x.reshape(-1, self.in_features)
         cuda = self.raw.is_cuda
-        written = _triton_matvec() if cuda and TRITON else None
+        written = _triton_matvec() if cuda and TRITON and self.ggml_type not in _no_triton else None
         if written is not None and written.supports(self.ggml_type, self.in_features, rows.shape[0]):
-            out = written.matvec(self.raw, self.ggml_type, rows, self.out_features)
-            return out.reshape(*x.shape[:-1], self.out_features)
+            try:
+                out = written.matvec(self.raw, self.ggml_type, rows, self.out_features)
+                return out.reshape(*x.shape[:-1], self.out_features)
+            except Exception as exc:  # Triton's compiler failed here (an old driver, ...)
+                log.warning("the Triton %s matvec failed (%s); the compiled one from now on",
+                            self.ggml_type.name, first_line(exc))
+                _no_triton.add(self.ggml_type)
         if cuda and rows.shape[0] <= MATVEC_ROWS and self.ggml_type not in _eager_only:
             try:
                 out = _compiled_matvec(STATIC)(self.ggml_type, self.raw, self.grid, rows, self.out_features)
@@ -104,9 +111,12 @@ def _compiled_matvec(static: bool):
 
 
 _eager_only: set[GGMLType] = set()
+_no_triton: set[GGMLType] = set()  # types whose Triton matvec failed: compiled from then on
 
 
 @functools.cache
 def _triton_matvec():
-    """kernels.triton_matvec, or None (with a warning, once) where Triton is missing."""
-    return triton_module("triton_matvec", "TANDEM_QUANT_TRITON", "the compiled matvec")
+    """kernels.triton_matvec, or None where Triton is missing (a warning, once, when
+    TANDEM_QUANT_TRITON=1 asked for it)."""
+    return triton_module("triton_matvec", "TANDEM_QUANT_TRITON", "the compiled matvec",
+                         asked=os.environ.get("TANDEM_QUANT_TRITON") == "1")

@@ -7,7 +7,7 @@ at 21.3 tok/s against 46.9 with bfloat16 copies (run p). Here each program takes
 decodes one 256-weight block of each into registers ([R, 8, 32]: sub-block, value) and
 multiplies it with the block's activations of every input row. Float32 sums, as ggml's
 dequantization (w = d * sc * q - dmin * m for Q4_K, d * sc * (q - 32) for Q6_K).
-TANDEM_QUANT_TRITON=1 turns it on in QuantLinear (A/B runs).
+QuantLinear takes it by default where Triton imports (TANDEM_QUANT_TRITON=0: the compiled one).
 """
 
 from __future__ import annotations
