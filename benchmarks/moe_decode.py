@@ -6,10 +6,17 @@ valid (tandem.bench.random_blocks); the kernels read them at the same speed as r
 
     python benchmarks/moe_decode.py [--recipes ud-iq1_s q4_k_m] [--kernels ggml tandem]
                                     [--threads 1 2 16] [--tokens 1 8] [--steps 30] [--pool 16]
+                                    [--cpu-experts 1 2 4 8] [--gap-ms 0 2] [--runner]
 
 --pool N: every token picks its experts among the first N only (a prompt whose tokens share
 experts, as the synthetic files' routing did before their norms were kept near 1), so each
 expert serves many tokens.
+--cpu-experts N: the op computes N of a token's 8 experts, the other slots skipped as the GPU
+share leaves them (tandem's kernels only); the time against N separates the op's fixed cost
+from its cost per expert. --gap-ms G: the thread idles G ms between calls, as it does while a
+decode step's GPU segments run (a team of threads that went to sleep must be woken).
+--runner: each call starts on the kernels' runner thread with one thread fewer and is waited
+for (what a shared decode call does since the CPU's part starts first).
 
 Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
 """
@@ -17,6 +24,7 @@ Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -30,7 +38,7 @@ import torch
 from tandem.bench import machine
 from tandem.bench.random_blocks import random_blocks
 from tandem.gguf.types import GGMLType, block_size
-from tandem.kernels.cpu import CpuKernels, default_threads
+from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels, default_threads
 from tandem.kernels.tensors import QuantTensor
 
 N_EXPERT, N_USED, D_MODEL, N_FF = 256, 8, 7168, 2048
@@ -45,13 +53,19 @@ def experts(t: GGMLType, shape: tuple[int, int, int], rng) -> QuantTensor:
     return QuantTensor(t, shape, random_blocks(t, n // block_size(t), rng).reshape(-1))
 
 
-def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: int,
-        warmup: int, pool: int = N_EXPERT) -> list[dict]:
+@functools.lru_cache(maxsize=1)  # one recipe's experts (GBs) at a time, kept across its runs
+def recipe_experts(recipe: str) -> tuple[QuantTensor, QuantTensor, QuantTensor]:
     rng = np.random.default_rng(0)
     tg, tu, td = RECIPES[recipe]
-    gate = experts(tg, (N_EXPERT, N_FF, D_MODEL), rng)
-    up = experts(tu, (N_EXPERT, N_FF, D_MODEL), rng)
-    down = experts(td, (N_EXPERT, D_MODEL, N_FF), rng)
+    return (experts(tg, (N_EXPERT, N_FF, D_MODEL), rng), experts(tu, (N_EXPERT, N_FF, D_MODEL), rng),
+            experts(td, (N_EXPERT, D_MODEL, N_FF), rng))
+
+
+def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: int,
+        warmup: int, pool: int = N_EXPERT, cpu_experts: int = N_USED, gap_ms: float = 0.0,
+        runner: bool = False) -> list[dict]:
+    tg, tu, td = RECIPES[recipe]
+    gate, up, down = recipe_experts(recipe)
     expert_bytes = gate.expert_bytes() + up.expert_bytes() + down.expert_bytes()
     x = torch.randn(tokens, D_MODEL)
     g = torch.Generator().manual_seed(0)
@@ -62,21 +76,32 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
             for step in range(warmup + steps):
                 # each token its own random choice, as concurrent streams (prefill shares more)
                 ids = torch.stack([torch.randperm(pool, generator=g)[:N_USED] for _ in range(tokens)])
+                ids[:, cpu_experts:] = SKIPPED_SLOT  # computed elsewhere (the GPU share)
                 weights = torch.rand(tokens, N_USED, generator=g)
+                if gap_ms:
+                    time.sleep(gap_ms / 1e3)
                 start = time.perf_counter()
-                cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
+                # as a shared decode call: one thread fewer, leaving a core to the waiting caller
+                running = runner and cpu.start_moe(x, ids, weights, gate, up, down,
+                                                   n_threads=max(1, n_threads - 1))
+                if running:
+                    running.result()
+                else:
+                    cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
                 if step >= warmup:
-                    times.append((time.perf_counter() - start, ids.unique().numel()))
+                    times.append((time.perf_counter() - start, ids[ids != SKIPPED_SLOT].unique().numel()))
         median = statistics.median(t for t, _ in times)
         distinct = statistics.mean(n for _, n in times)
         rows.append({
             "recipe": recipe, "kernel": kernel, "types": [tg.name, tu.name, td.name],
-            "threads": n_threads, "tokens": tokens, "pool": pool, "steps": steps, "median_ms": median * 1e3,
+            "threads": n_threads, "tokens": tokens, "pool": pool, "cpu_experts": cpu_experts,
+            "gap_ms": gap_ms, "runner": runner, "steps": steps, "median_ms": median * 1e3,
             "min_ms": min(t for t, _ in times) * 1e3, "distinct_experts_per_step": distinct,
             "expert_bytes_per_step": distinct * expert_bytes,
             "gb_per_s": distinct * expert_bytes / median / 1e9,
         })
-        print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} pool={pool:3d} threads={n_threads:3d}  "
+        print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} pool={pool:3d} experts={cpu_experts} "
+              f"gap={gap_ms:g}ms runner={int(runner)} threads={n_threads:3d}  "
               f"{median * 1e3:8.2f} ms  {rows[-1]['gb_per_s']:7.2f} GB/s", flush=True)
     return rows
 
@@ -91,6 +116,12 @@ def main() -> None:
                         help="tokens per step, each with its own expert choice (concurrent streams)")
     parser.add_argument("--pool", type=int, default=N_EXPERT,
                         help="experts the tokens choose from (the first N; default all)")
+    parser.add_argument("--cpu-experts", nargs="+", type=int, default=[N_USED],
+                        help="of each token's 8 experts, how many the op computes (the rest skipped)")
+    parser.add_argument("--gap-ms", nargs="+", type=float, default=[0.0],
+                        help="idle milliseconds before each call")
+    parser.add_argument("--runner", action="store_true",
+                        help="start each call on the kernels' runner thread (tandem's kernels)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -100,8 +131,14 @@ def main() -> None:
     bandwidth = machine.ram_read_gbps()
     print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
           f"RAM read {bandwidth:.1f} GB/s", flush=True)
+    if not all(1 <= n <= N_USED for n in args.cpu_experts):
+        parser.error(f"--cpu-experts takes 1..{N_USED}")
+    if any(n < N_USED for n in args.cpu_experts) and "ggml" in args.kernels:
+        parser.error("--cpu-experts below 8 skips slots, which only tandem's kernels do: --kernels tandem")
     results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens
-               for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup, args.pool)]
+               for n in args.cpu_experts for gap in args.gap_ms
+               for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup, args.pool,
+                              n, gap, args.runner)]
     for row in results:
         row["share_of_ram_bandwidth"] = row["gb_per_s"] / bandwidth
         # Decode speed of a 58-MoE-layer R1 if the experts ran at this rate (all streams together).
