@@ -99,6 +99,7 @@ def _share_record(llm) -> dict:
     sharing = [e for e in llm.routed_experts() if getattr(e, "share", None) is not None]
     return {"on": share.ready.is_set(), "batches_on": share.batches_ready.is_set(),
             "why_off": share.skipped, "cuda_graphs": share.graphs,
+            "cpu_part_first": share.cpu_first,  # the order of a shared call (TANDEM_SHARE_CPU_FIRST)
             "layer_shares_at_end": [round(e.balance.share, 3) for e in sharing],
             "batch_layer_shares_at_end": [round(e.batch_balance.share, 3) for e in sharing],
             "cache_gib": round(share.cached_bytes / 2**30, 3),
