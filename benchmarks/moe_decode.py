@@ -126,15 +126,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    if not all(1 <= n <= N_USED for n in args.cpu_experts):
+        parser.error(f"--cpu-experts takes 1..{N_USED}")
+    if any(n < N_USED for n in args.cpu_experts) and "ggml" in args.kernels:
+        parser.error("--cpu-experts below 8 skips slots, which only tandem's kernels do: --kernels tandem")
 
     info = machine.describe()
     bandwidth = machine.ram_read_gbps()
     print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
           f"RAM read {bandwidth:.1f} GB/s", flush=True)
-    if not all(1 <= n <= N_USED for n in args.cpu_experts):
-        parser.error(f"--cpu-experts takes 1..{N_USED}")
-    if any(n < N_USED for n in args.cpu_experts) and "ggml" in args.kernels:
-        parser.error("--cpu-experts below 8 skips slots, which only tandem's kernels do: --kernels tandem")
     results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens
                for n in args.cpu_experts for gap in args.gap_ms
                for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup, args.pool,

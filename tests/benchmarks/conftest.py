@@ -25,3 +25,8 @@ def side_by_side():
 @pytest.fixture(scope="module")
 def ab():
     return _load("ab")
+
+
+@pytest.fixture(scope="module")
+def moe_decode():
+    return _load("moe_decode")

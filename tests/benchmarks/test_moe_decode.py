@@ -1,0 +1,42 @@
+"""benchmarks/moe_decode.py: the op timed as a shared decode call leaves it (slots skipped,
+idle gaps, the runner thread), on small experts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[2] / "benchmarks" / "moe_decode.py"
+
+
+@pytest.fixture
+def small(moe_decode, monkeypatch):
+    monkeypatch.setattr(moe_decode, "N_EXPERT", 16)
+    monkeypatch.setattr(moe_decode, "D_MODEL", 256)
+    monkeypatch.setattr(moe_decode, "N_FF", 512)
+    moe_decode.recipe_experts.cache_clear()
+    yield moe_decode
+    moe_decode.recipe_experts.cache_clear()
+
+
+@pytest.mark.parametrize("runner", [False, True])
+@pytest.mark.parametrize("cpu_experts", [3, 8])
+def test_the_op_counts_only_the_experts_it_computes(small, cpu_experts, runner):
+    row, = small.run("ud-iq1_s", "tandem", [1], tokens=2, steps=4, warmup=1, pool=16,
+                     cpu_experts=cpu_experts, gap_ms=0.5, runner=runner)
+    # two tokens, each its own choice of cpu_experts of the 16: the distinct ones per step
+    assert cpu_experts <= row["distinct_experts_per_step"] <= 2 * cpu_experts
+    gate, up, down = small.recipe_experts("ud-iq1_s")
+    per_expert = gate.expert_bytes() + up.expert_bytes() + down.expert_bytes()
+    assert row["expert_bytes_per_step"] == pytest.approx(row["distinct_experts_per_step"] * per_expert)
+    assert (row["cpu_experts"], row["gap_ms"], row["runner"]) == (cpu_experts, 0.5, runner)
+    assert row["median_ms"] > 0
+
+
+def test_skipping_slots_needs_tandems_kernels():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--kernels", "ggml", "--cpu-experts", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "only tandem's kernels" in done.stderr
