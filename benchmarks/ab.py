@@ -1,7 +1,7 @@
 """A/B runs of `tandem bench`: variants (settings in the environment) alternated round by round
 on one machine, each a fresh process, into one JSON with every run and each variant's median.
 
-    python benchmarks/ab.py MODEL --variant base= --variant first=TANDEM_SHARE_CPU_FIRST=1 \\
+    python benchmarks/ab.py MODEL --variant base= --variant gpufirst=TANDEM_SHARE_CPU_FIRST=0 \\
         [--rounds 2] [--out DIR] -- --prompt-lengths 128 --streams 1 --new-tokens 64
 
 A variant is NAME=SETTINGS, SETTINGS a comma-separated list of VAR=VALUE (empty: as is).
@@ -29,7 +29,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """NAME=VAR=VALUE,VAR=VALUE -> (NAME, {VAR: VALUE})."""
     name, sep, settings = text.partition("=")
     if not sep or not name:
-        raise SystemExit(f"--variant takes NAME=SETTINGS (e.g. first=TANDEM_SHARE_CPU_FIRST=1), got {text!r}")
+        raise SystemExit(f"--variant takes NAME=SETTINGS (e.g. old=TANDEM_SHARE_CPU_FIRST=0), got {text!r}")
     env = {}
     for item in filter(None, settings.split(",")):
         var, sep, value = item.partition("=")

@@ -114,8 +114,8 @@ def instrument(llm: LLM) -> None:
     CpuExperts.compute_shared = _timed_host("routed experts call (shared)", CpuExperts.compute_shared)
     CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
     CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
-    # TANDEM_SHARE_CPU_FIRST=1: the op runs on the kernels' runner thread; its own time counts
-    # as the CPU op, the caller's wait for it apart
+    # the CPU part first (the default; TANDEM_SHARE_CPU_FIRST=0: last): the op runs on the kernels'
+    # runner thread; its own time counts as the CPU op, the caller's wait for it apart
     CpuKernels.start_moe = _timed_host("CPU op: start on the runner", CpuKernels.start_moe)
     result = native.RunningMoe.result
 
