@@ -132,8 +132,12 @@ def _bound(ms_per_token: float, llamacpp_tok_s: float | None, target: float) -> 
 
 def limits(out: Path, benches: dict, llamacpp_decode: dict) -> dict:
     """The profiles side_by_side.sh ran after the pairs, where present, with the decode bounds
-    they give (for each file: its bench results and llama.cpp's decode tok/s)."""
-    found = {}
+    they give (for each file: its bench results and llama.cpp's decode tok/s). The bounds take
+    the machine's RAM read rate as the highest of the benches' readings: a lower one met other
+    work (run r: 90.8 and 123.2 GB/s minutes apart)."""
+    ram = max((b.get("ram_read_gb_per_s") or 0.0 for b in benches.values()), default=0.0)
+    benches = {name: {**bench, "ram_read_gb_per_s": ram or None} for name, bench in benches.items()}
+    found = {"ram_read_gb_per_s": ram or None}
     for name, target in (("iq1s", TARGETS["decode_speedup_vs_llamacpp"]),
                          ("q4km", TARGETS["decode_speedup_vs_llamacpp_q4km"])):
         runs = sorted((out / f"decode-profile-{name}").glob("decode_profile-*.json"))

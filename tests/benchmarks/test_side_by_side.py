@@ -49,3 +49,17 @@ def test_streams_bound_adds_the_cpu_and_copy_rates(side_by_side):
     fast = side_by_side.stream_bound({"ram_read_gb_per_s": 30.0}, {**profile(), "expert_bytes": 10e6})
     assert fast["roofline_fraction_at_most"] == 1.0  # never above the RAM's own rate
     assert side_by_side.stream_bound(bench, profile()) == {}  # no expert size: no bound
+
+
+def test_limits_bound_both_files_by_the_highest_ram_reading(side_by_side, tmp_path):
+    import json
+    for name in ("iq1s", "q4km"):
+        (tmp_path / f"decode-profile-{name}").mkdir()
+        (tmp_path / f"decode-profile-{name}" / "decode_profile-x.json").write_text(json.dumps(profile()))
+    benches = {"iq1s": {"ram_read_gb_per_s": 100.0, "expert_bytes_per_token": 1e9},
+               "q4km": {"ram_read_gb_per_s": 50.0, "expert_bytes_per_token": 1e9}}  # met other work
+    found = side_by_side.limits(tmp_path, benches, {"iq1s": 20.0, "q4km": 60.0})
+    assert found["ram_read_gb_per_s"] == 100.0
+    for name in ("iq1s", "q4km"):  # 10 ms of experts at 100 GB/s and 6 ms of segments, both
+        assert found[f"decode_{name}"]["bounds"]["ram"]["tok_per_s"] == pytest.approx(1000 / 16)
+    assert benches["q4km"]["ram_read_gb_per_s"] == 50.0  # the bench's own record is left as read
