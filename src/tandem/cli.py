@@ -132,7 +132,9 @@ def synth(
     dense: Annotated[int | None, typer.Option(help="Leading dense layers.")] = None,
     type_rules: Annotated[list[str] | None, typer.Option(
         "--type", help="Per-tensor override REGEX=TYPE, e.g. 'ffn_down_exps=q2_k' (repeatable).")] = None,
-    fill: Annotated[str, typer.Option(help="auto, random (valid random blocks) or quantized.")] = "auto",
+    fill: Annotated[str, typer.Option(help="auto, random (valid random blocks), pool (random; the routed "
+                                           "experts repeat 256 MB of them: fast, for speed benchmarks) "
+                                           "or quantized.")] = "auto",
     split_kv_b: Annotated[bool, typer.Option(help="Write attn_k_b/attn_v_b, not attn_kv_b.")] = False,
     split_max_size: Annotated[str, typer.Option(help="Split into files of at most this size (10G).")] = "0",
     split_max_tensors: Annotated[int, typer.Option(help="Split into files of at most N tensors.")] = 0,

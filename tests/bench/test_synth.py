@@ -14,7 +14,7 @@ import tandem
 from tandem.bench import presets, synth
 from tandem.bench.random_blocks import FP16_SCALES, random_blocks
 from tandem.errors import TandemError
-from tandem.gguf.types import block_size
+from tandem.gguf.types import block_bytes, block_size
 from tandem.kernels.dequant import dequantize
 from tandem.models import deepseek_v3
 
@@ -135,3 +135,26 @@ def test_bad_preset_and_layers():
         presets.shape_for("huge")
     with pytest.raises(TandemError, match="dense layers <= layers"):
         presets.shape_for("tiny", n_layers=2, n_dense_layers=3)
+
+
+def test_pool_fill_repeats_random_blocks_in_the_routed_experts_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "POOL_BYTES", 4 * 1024)  # a pool far smaller than an expert tensor
+    path = tmp_path / "pool.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path, fill="pool", seed=3)
+    model = tandem.open_gguf(path)
+
+    def blocks(name):
+        info = model.tensors[name]
+        size = block_bytes(info.ggml_type)
+        return model.raw(name).reshape(-1)[: info.n_bytes // size * size].reshape(-1, size)
+
+    gate = blocks("blk.1.ffn_gate_exps.weight")  # IQ1_S: 50-byte blocks, 81 in the pool
+    period = 4 * 1024 // gate.shape[1]
+    assert len(gate) > 2 * period
+    assert np.array_equal(gate[period:2 * period], gate[:period])  # the pool, again
+    assert len(np.unique(gate[:period], axis=0)) == period  # random blocks within it
+    assert np.isfinite(model.dequantize("blk.1.ffn_gate_exps.weight").numpy()).all()
+    dense = blocks("blk.0.ffn_up.weight")  # not a routed expert: random throughout
+    assert len(dense) > period and len(np.unique(dense, axis=0)) == len(dense)
+    with pytest.raises(TandemError, match="fill must be one of auto, random, pool, quantized, got 'zeros'"):
+        synth.write(synth.plan("tiny", "ud-iq1_s"), tmp_path / "x.gguf", fill="zeros")

@@ -1,10 +1,14 @@
 """`tandem synth`: write a GGUF with random weights for a shape preset and a quant recipe.
 
-Two ways to fill a tensor: `quantized` draws random floats and quantizes them with ggml (an
+Ways to fill a tensor: `quantized` draws random floats and quantizes them with ggml (an
 importance matrix of ones for the IQ types that need one); `random` writes random valid blocks
 directly (see random_blocks), for benchmark files of tens of GB. `auto` picks `random` for
-tensors over RANDOM_ABOVE bytes of float32. Tensors are generated and written one at a time,
-so memory stays at one tensor however large the file.
+tensors over RANDOM_ABOVE bytes of float32. `pool` is `random` whose routed-expert tensors
+(95% of an R1 file's bytes) repeat POOL_BYTES of random blocks: the kernels' speed does not
+depend on the weights' values, and drawing ~50 GB of random blocks took 5-8 minutes of the GPU
+machine's time per session (one core), writing them ~1. Every expert's bytes still lie at their
+own addresses, so caches meet what they would meet. Tensors are generated and written one at a
+time, so memory stays at one tensor however large the file.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tandem.bench.random_blocks import can_fill, random_blocks
 from tandem.errors import TandemError
 from tandem.gguf import deepseek2
 from tandem.gguf.config import DeepSeek2Config
-from tandem.gguf.types import GGMLType, block_size, tensor_bytes
+from tandem.gguf.types import GGMLType, block_bytes, block_size, tensor_bytes
 from tandem.gguf.writer import write_gguf
 from tandem.kernels.quantize import quantize
 
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 
 RANDOM_ABOVE = 64 << 20  # float32 bytes of a tensor above which `auto` writes random blocks
 QUANTIZE_ROWS = 4096  # rows quantized per ggml call, to bound the float32 scratch
+POOL_BYTES = 256 << 20  # random blocks a routed-expert tensor repeats with fill `pool`
+FILLS = ("auto", "random", "pool", "quantized")
 
 
 @dataclass
@@ -58,8 +64,8 @@ def write(synth: SynthPlan, out: str | Path, *, fill: str = "auto", seed: int = 
           split_max_size: int = 0, split_max_tensors: int = 0,
           on_tensor: Callable[[str, int], None] | None = None) -> list[Path]:
     """Write the planned file (or split set); returns the paths written."""
-    if fill not in ("auto", "random", "quantized"):
-        raise TandemError(f"fill must be auto, random or quantized, got {fill!r}")
+    if fill not in FILLS:
+        raise TandemError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     metadata = {
         "general.name": f"tandem synth {synth.recipe} ({synth.shape.n_layers} layers)",
         "general.quantized_by": "tandem synth",
@@ -95,8 +101,10 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], t: GGMLType, fill: str,
     # norms stay near 1 whatever the fill: random ones (std 0.02) shrink every normalized input
     # 50-fold, and the router's scores then vary too little between tokens to outweigh its
     # bias, so every token would pick the same experts (nothing like a trained model's routing)
-    random = not _is_norm(name) and (fill == "random" or (fill == "auto" and 4 * n > RANDOM_ABOVE))
+    random = not _is_norm(name) and (fill in ("random", "pool") or (fill == "auto" and 4 * n > RANDOM_ABOVE))
     if random and can_fill(t):
+        if fill == "pool" and _is_routed_experts(name):
+            return _pooled(t, n // block_size(t), rng)
         return random_blocks(t, n // block_size(t), rng).reshape(-1)
     if random:
         log.info("%s: no random-block writer for %s, quantizing random floats", name, t.name)
@@ -113,6 +121,16 @@ def _quantized(shape: tuple[int, ...], t: GGMLType, name: str, rng: np.random.Ge
         values = 1.0 + 0.1 * noise if is_norm else 0.02 * noise  # norms near 1, weights small
         parts.append(quantize(values, t).reshape(-1))
     return np.concatenate(parts)
+
+
+def _pooled(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
+    """n_blocks valid blocks: up to POOL_BYTES of random ones, repeated."""
+    pool = random_blocks(t, max(1, min(n_blocks, POOL_BYTES // block_bytes(t))), rng)
+    return np.resize(pool, (n_blocks, pool.shape[1])).reshape(-1)  # whole blocks, cyclically
+
+
+def _is_routed_experts(name: str) -> bool:
+    return "_exps." in name
 
 
 def _is_norm(name: str) -> bool:
