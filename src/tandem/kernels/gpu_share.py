@@ -141,8 +141,10 @@ class PinnedMappings:
 
     def close(self) -> None:
         cudart = torch.cuda.cudart()
-        for start, _ in self.ranges:
-            cudart.cudaHostUnregister(start)
+        for start, length in self.ranges:
+            rc = cudart.cudaHostUnregister(start)
+            if int(rc) != 0:  # still registered: a later registration of these pages would fail
+                log.warning("cudaHostUnregister of %.0f MiB of mapped weights failed: %s", length / 2**20, rc)
         self.ranges = []
 
 
