@@ -70,8 +70,8 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # (native.MoeRunner), and the GPU's is launched meanwhile (the launch is ~0.4-1 ms of Python per
 # layer that the CPU's part would otherwise wait for). TANDEM_SHARE_CPU_FIRST=0 launches the
 # GPU's part first and runs the CPU's after it on the caller's thread, with all the kernels'
-# threads (run r on the GPU machine: equal decode once settled, but in 5 of 7 runs a first
-# repetition at 15-30 tok/s while the balance sat at 0.8-0.9 GPU share: the launch's host time
+# threads (run r on the GPU machine: equal decode once settled, but in 6 of 8 runs a first
+# repetition at 14-30 tok/s, and the balance ended at 0.8-0.9 GPU share: the launch's host time
 # delays the CPU's part, so the GPU looks faster the more experts it takes).
 # TANDEM_SHARE_CPU_THREADS=N: threads of the CPU's part when started first (default: one fewer
 # than the kernels', leaving a core to the launch).
