@@ -109,6 +109,12 @@ def _share_record(llm) -> dict:
                                   if share.counts["prefetched"] else None)}
 
 
+def _mean_share(llm) -> float | None:
+    """The one-token balance's GPU share averaged over the sharing layers (None: no share)."""
+    shares = [e.balance.share for e in llm.routed_experts() if getattr(e, "share", None) is not None]
+    return round(sum(shares) / len(shares), 3) if shares else None
+
+
 def _streamed_chunks(llm) -> dict[str, int]:
     """Chunks of experts long prompts streamed to the GPU: straight from the pinned mapping
     ("direct") or through the staging slots."""
@@ -154,7 +160,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs, decoded, faults = [], 0, 0
+        runs, decoded, faults, shares = [], 0, 0, []
         for _ in range(cfg.repetitions):
             tokens = llm.stream(prompt(n), params)
             next(tokens)  # the prompt is in
@@ -162,6 +168,7 @@ def run(cfg: BenchConfig, progress=print) -> dict:
             decoded += len(list(tokens))
             faults += _page_faults() - before
             runs.append(llm.last_timings)
+            shares.append(_mean_share(llm))
         prefill = statistics.median(r.prompt_tok_per_s for r in runs)
         ttft = statistics.median(r.prompt_s for r in runs)
         decode = statistics.median(r.decode_tok_per_s for r in runs)
@@ -170,6 +177,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         # first read of an expert's page pays one; see kernels.page_in)
         results["decode"].append({"streams": 1, "context": n, "tok_per_s": decode,
                                   "runs_tok_per_s": [r.decode_tok_per_s for r in runs],  # the spread
+                                  # the layers' mean GPU share of experts after each repetition
+                                  "runs_gpu_share": shares,
                                   "page_faults_per_token": faults / max(decoded, 1)})
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
                  f"decode {decode:6.2f} tok/s")
