@@ -74,7 +74,10 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # repetition at 14-30 tok/s, and the balance ended at 0.8-0.9 GPU share: the launch's host time
 # delays the CPU's part, so the GPU looks faster the more experts it takes).
 # TANDEM_SHARE_CPU_THREADS=N: threads of the CPU's part when started first (default: one fewer
-# than the kernels', leaving a core to the launch).
+# than the kernels', leaving a core to the launch and then to the caller, which spins up to
+# 2 ms for the result; as many as the cores oversubscribe them, and every barrier of the op
+# waits out a descheduled thread: 2 threads on the dev box's 2 cores took 5.9 ms for an op of
+# 0.15 ms).
 # TANDEM_SHARE_PREFETCH=N: while a decode segment runs, copy up to N experts that its MoE's
 # router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
 # copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
