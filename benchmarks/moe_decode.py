@@ -130,6 +130,8 @@ def main() -> None:
         parser.error(f"--cpu-experts takes 1..{N_USED}")
     if any(n < N_USED for n in args.cpu_experts) and "ggml" in args.kernels:
         parser.error("--cpu-experts below 8 skips slots, which only tandem's kernels do: --kernels tandem")
+    if args.runner and "ggml" in args.kernels:
+        parser.error("--runner starts tandem's kernels only: --kernels tandem")
 
     info = machine.describe()
     bandwidth = machine.ram_read_gbps()
