@@ -39,7 +39,7 @@ def test_the_op_counts_only_the_experts_it_computes(small, cpu_experts, runner):
 @pytest.mark.parametrize(("args", "reason"), [(["--cpu-experts", "4"], "only tandem's kernels"),
                                               (["--runner"], "tandem's kernels only"),
                                               (["--cpu-experts", "9"], "takes 1..8")])
-def test_settings_only_tandems_kernels_take_are_refused(args, reason):
+def test_bad_settings_are_refused_with_the_reason(args, reason):
     done = subprocess.run([sys.executable, str(SCRIPT), "--kernels", "ggml", *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and reason in done.stderr
