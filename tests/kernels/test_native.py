@@ -189,11 +189,14 @@ def test_cpu_kernels_use_them_and_agree_with_ggml(recipe):
     assert not torch.equal(ours, ggml)  # two different implementations really ran
 
 
-def test_the_runner_thread_computes_calls_while_the_caller_goes_on(ud_experts):
+@pytest.mark.parametrize("spin_us", [native.RUNNER_SPIN_US, 0], ids=["spin", "sleep-at-once"])
+def test_the_runner_thread_computes_calls_while_the_caller_goes_on(ud_experts, spin_us):
     """csrc/runner.c: calls started on the runner meet the float reference, one after another;
     a start before the last call was waited for is declined (the caller runs it itself), and a
-    failing call raises at its result."""
+    failing call raises at its result. Both sides spinning for the other, or sleeping at once
+    (TANDEM_RUNNER_SPIN_US=0: the condition variable's path)."""
     (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
+    native._lib().tandem_runner_set_spin_ns(spin_us * 1000)
     runner = native.MoeRunner()
     try:
         for seed in (1, 2, 3):
@@ -211,6 +214,7 @@ def test_the_runner_thread_computes_calls_while_the_caller_goes_on(ud_experts):
                 bad.result()
     finally:
         runner.close()
+        native._lib().tandem_runner_set_spin_ns(native.RUNNER_SPIN_US * 1000)
 
 
 def test_cpu_kernels_start_the_op_on_their_runner(ud_experts):

@@ -27,8 +27,11 @@ BLOCK = 256  # every type here quantizes rows in blocks of 256 values
 # Environment variables that pick kernel variants at load, for A/B benchmarks: TANDEM_AMX=0 keeps
 # the AVX-512 GEMMs on an AMX CPU; TANDEM_TOKEN_BLOCK sets (token, slot) pairs per prefill task;
 # TANDEM_GEMM_MIN_PAIRS the fewest pairs of an expert that take the GEMM path (default 4 on AMX, 16);
-# TANDEM_PIN_THREADS=1 keeps each worker thread of the kernels on one CPU.
-KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK", "TANDEM_GEMM_MIN_PAIRS", "TANDEM_PIN_THREADS")
+# TANDEM_PIN_THREADS=1 keeps each worker thread of the kernels on one CPU; TANDEM_RUNNER_SPIN_US
+# how long the runner thread and its caller spin before they sleep (default 2000; 0: at once).
+KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK", "TANDEM_GEMM_MIN_PAIRS", "TANDEM_PIN_THREADS",
+              "TANDEM_RUNNER_SPIN_US")
+RUNNER_SPIN_US = 2000  # csrc/runner.c's default
 
 
 @functools.cache
@@ -57,6 +60,7 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_runner_free.argtypes = [ptr]
     lib.tandem_runner_seconds.argtypes = [ptr]
     lib.tandem_runner_seconds.restype = ctypes.c_double
+    lib.tandem_runner_set_spin_ns.argtypes = [ctypes.c_longlong]
     iq1s = _grid_bytes(quants.IQ1_S, offset=1)  # the kernel stores g+1 in {0, 1, 2}
     iq2xxs = _grid_bytes(quants.IQ2_XXS, offset=0)
     lib.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
@@ -69,6 +73,7 @@ def _lib() -> ctypes.CDLL:
         lib.tandem_set_gemm_min_pairs(gemm_min_pairs)
     if pin == "1":
         lib.tandem_pin_threads(1)
+    lib.tandem_runner_set_spin_ns(env_int("TANDEM_RUNNER_SPIN_US", default=RUNNER_SPIN_US) * 1000)
     return lib
 
 

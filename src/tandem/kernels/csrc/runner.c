@@ -6,10 +6,11 @@
  * during it. A Python thread cannot do this: the hand-over needs the GIL, which the launch holds.
  *
  * The helper is the master of its own OpenMP team (libgomp keeps a team per master thread, so
- * its workers persist between calls). Both sides spin for up to SPIN_NS before they sleep on a
- * condition variable: decode calls come every ~0.5-2 ms, and a futex wake-up costs tens of
- * microseconds on a virtual machine. (Timed, not counted: PAUSE takes ~10 cycles on some CPUs
- * and ~140 on recent Intel ones.)
+ * its workers persist between calls). Both sides spin for up to spin_ns (2 ms unless set) before
+ * they sleep on a condition variable: decode calls come every ~0.5-2 ms, and a futex wake-up
+ * costs tens of microseconds on a virtual machine. But a spinning side holds a core: with the
+ * team on all the others, any other runnable thread takes a worker's, and the op's barriers wait
+ * for it. (Timed, not counted: PAUSE takes ~10 cycles on some CPUs and ~140 on recent Intel ones.)
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -29,7 +30,7 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
                const void *gate, int gate_type, const void *up, int up_type, const void *down, int down_type,
                int n_expert, int n_ff, float *out, int n_threads);
 
-#define SPIN_NS 2000000 /* spin this long before sleeping: a decode step's gap between calls */
+static _Atomic long long spin_ns = 2000000; /* spin this long before sleeping: a decode step's gap */
 #define RUNNER_BUSY -4 /* a call was started while the previous one had not been waited for */
 
 enum { IDLE, POSTED, DONE, QUIT };
@@ -61,7 +62,7 @@ static long long now_ns(void) {
 
 /* Wait until `r`'s state leaves `from`: spin, then sleep. Returns the new state. */
 static int wait_while(runner *r, int from) {
-    const long long until = now_ns() + SPIN_NS;
+    const long long until = now_ns() + atomic_load_explicit(&spin_ns, memory_order_relaxed);
     for (int i = 1;; i++) {
         const int s = atomic_load_explicit(&r->state, memory_order_acquire);
         if (s != from) return s;
@@ -98,6 +99,9 @@ static void *serve(void *arg) {
         set_state(r, DONE);
     }
 }
+
+/* How long either side spins before it sleeps, in nanoseconds (0: sleep at once), for all runners. */
+void tandem_runner_set_spin_ns(long long ns) { atomic_store(&spin_ns, ns < 0 ? 0 : ns); }
 
 /* A new runner with its thread started, or NULL. */
 void *tandem_runner_new(void) {
