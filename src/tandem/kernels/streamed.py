@@ -94,34 +94,28 @@ class ExpertStreamer:
 
     # -- the pipeline ------------------------------------------------------------------------
     def _stage(self, slot: int, chunk: list[int], tensors: Sequence[QuantTensor]) -> None:
-        """Copy the chunk's gate, up and down bytes (in that order) into `slot`, then upload."""
+        """Copy the chunk's bytes into `slot`'s host side (layout of _chunk_runs), then upload."""
         host = self._host[slot]
         if self.cuda:
             self._copied[slot].synchronize()  # the slot's previous upload has left the host
-        offset = 0
-        for w in tensors:
-            source, size = w.per_expert, w.expert_bytes()
-            for first, count in consecutive_runs(chunk):
-                host[offset : offset + count * size].copy_(source[first : first + count].reshape(-1))
-                offset += count * size
+        end = 0
+        for offset, source in _chunk_runs(chunk, tensors):
+            end = offset + source.numel()
+            host[offset:end].copy_(source)
         if self.cuda:
             with torch.cuda.stream(self._copy_stream):
                 self._copy_stream.wait_event(self._consumed[slot])  # the GPU is done with it
-                self._dev[slot][:offset].copy_(host[:offset], non_blocking=True)
+                self._dev[slot][:end].copy_(host[:end], non_blocking=True)
                 self._copied[slot].record()
 
     def _upload(self, slot: int, chunk: list[int], tensors: Sequence[QuantTensor]) -> None:
-        """Copy the chunk's gate, up and down bytes from the pinned mapping straight into the
-        device `slot`, on the copy stream (in the order _stage lays them out)."""
-        dev, offset = self._dev[slot], 0
+        """Copy the chunk's bytes from the pinned mapping straight into the device `slot` (layout
+        of _chunk_runs), on the copy stream."""
+        dev = self._dev[slot]
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(self._consumed[slot])  # the GPU is done with it
-            for w in tensors:
-                source, size = w.per_expert, w.expert_bytes()
-                for first, count in consecutive_runs(chunk):
-                    dev[offset : offset + count * size].copy_(source[first : first + count].reshape(-1),
-                                                              non_blocking=True)
-                    offset += count * size
+            for offset, source in _chunk_runs(chunk, tensors):
+                dev[offset : offset + source.numel()].copy_(source, non_blocking=True)
             self._copied[slot].record()
 
     def _compute(self, slot: int, index: int, chunk: list[int], tensors: Sequence[QuantTensor],
@@ -186,6 +180,17 @@ class _Rows:
         """Rows [lo, hi) of chunk `index` and its experts' row ends, counted from lo."""
         lo, hi, first, last = self.spans[index]
         return lo, hi, self.ends[first:last]
+
+
+def _chunk_runs(chunk: list[int], tensors: Sequence[QuantTensor]):
+    """A slot's layout: the chunk's gate bytes, then up's, then down's, expert after expert;
+    (offset in the slot, the file's bytes) per run of consecutive experts of each matrix."""
+    offset = 0
+    for w in tensors:
+        size = w.expert_bytes()
+        for first, count in consecutive_runs(chunk):
+            yield offset, w.per_expert[first : first + count].reshape(-1)
+            offset += count * size
 
 
 def consecutive_runs(ids: list[int]) -> list[tuple[int, int]]:
