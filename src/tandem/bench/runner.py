@@ -96,7 +96,7 @@ def _share_record(llm) -> dict:
     share = llm.gpu_share
     if share is None:
         return {"on": False, "why_off": "no GPU, or turned off"}
-    sharing = [e for e in llm.routed_experts() if getattr(e, "share", None) is not None]
+    sharing = _sharing(llm)
     return {"on": share.ready.is_set(), "batches_on": share.batches_ready.is_set(),
             "why_off": share.skipped, "cuda_graphs": share.graphs,
             "cpu_part_first": share.cpu_first,  # the order of a shared call (TANDEM_SHARE_CPU_FIRST)
@@ -109,9 +109,14 @@ def _share_record(llm) -> dict:
                                   if share.counts["prefetched"] else None)}
 
 
+def _sharing(llm) -> list:
+    """The layers' routed experts that split their calls with the GPU."""
+    return [e for e in llm.routed_experts() if getattr(e, "share", None) is not None]
+
+
 def _mean_share(llm) -> float | None:
     """The one-token balance's GPU share averaged over the sharing layers (None: no share)."""
-    shares = [e.balance.share for e in llm.routed_experts() if getattr(e, "share", None) is not None]
+    shares = [e.balance.share for e in _sharing(llm)]
     return round(sum(shares) / len(shares), 3) if shares else None
 
 
