@@ -4,6 +4,7 @@ pinned memory and CUDA streams; the GPU run is marked cuda."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
@@ -11,6 +12,7 @@ from gguf import GGMLQuantizationType as T
 from expert_checks import make_weight, moe_reference, routing
 from tandem.kernels.gpu_share import PinnedMappings
 from tandem.kernels.streamed import ExpertStreamer, consecutive_runs
+from tandem.kernels.tensors import QuantTensor
 
 RECIPES = {"ud-iq1_s": (T.IQ1_S, T.IQ1_S, T.IQ2_XXS), "q4_k_m": (T.Q4_K, T.Q4_K, T.Q6_K)}
 N_EXPERT, N_FF, D = 10, 512, 256
@@ -22,8 +24,23 @@ def _experts(types, rng):
     return [q for q, _ in made], [ref for _, ref in made]
 
 
-def _check(device, recipe, rng, n_tokens=37, per_chunk=3, pinned=False):
+def _mapped(quant, folder):
+    """The weights in files, mapped read-only as the loader maps a GGUF. Registration pins whole
+    pages: heap arrays share theirs with other objects (x, say), which CUDA would then take for
+    pinned, copying them by DMA past the registered end (cudaErrorInvalidValue)."""
+    mapped = []
+    for i, q in enumerate(quant):
+        path = folder / f"w{i}.bin"
+        q.data.tofile(path)
+        mapped.append(QuantTensor(q.ggml_type, q.shape, np.memmap(path, dtype=np.uint8, mode="r")))
+    return mapped
+
+
+def _check(device, recipe, rng, n_tokens=37, per_chunk=3, pinned_in=None):
     quant, ref = _experts(RECIPES[recipe], rng)
+    pinned = pinned_in is not None
+    if pinned:
+        quant = _mapped(quant, pinned_in)
     x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(1))
     ids, weights = routing(n_tokens, k=3, n_expert=N_EXPERT - 2)  # experts 8, 9 never chosen
     ids[ids == 4] = 5  # a gap inside the used ids: two runs per chunk
@@ -55,10 +72,10 @@ def test_streamed_experts_match_the_float_reference_on_cpu(recipe, rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("pinned", [False, True], ids=["staged", "from-pinned-mapping"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_streamed_experts_match_the_float_reference_on_gpu(recipe, pinned, rng):
+def test_streamed_experts_match_the_float_reference_on_gpu(recipe, pinned, rng, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    _check("cuda", recipe, rng, n_tokens=300, per_chunk=2, pinned=pinned)
+    _check("cuda", recipe, rng, n_tokens=300, per_chunk=2, pinned_in=tmp_path if pinned else None)
 
 
 def test_wants_long_batches_of_supported_types_only(rng):

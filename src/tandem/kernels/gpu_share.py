@@ -122,7 +122,9 @@ class ShareBalance:
 class PinnedMappings:
     """Pages under `arrays` (views of read-only file mappings) registered with CUDA, so copies
     from them are DMA transfers. Registering maps and locks every page: the file's bytes must
-    fit in RAM. Raises KernelError naming the reason when it cannot."""
+    fit in RAM. Raises KernelError naming the reason when it cannot. Whole pages are registered,
+    so only mappings will do: a heap array shares its pages with other objects, which CUDA then
+    takes for pinned and copies by DMA past the registered end (cudaErrorInvalidValue)."""
 
     def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None):
         self.ranges: list[tuple[int, int]] = []
