@@ -149,7 +149,9 @@ def main() -> None:
     record = {
         **machine.record_header("moe_decode", now, device=info),
         "ram_read_gb_per_s": bandwidth,
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # the environment the op's threads ran under (A/B runs vary these)
+        "env": {k: os.environ.get(k)
+                for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TANDEM_RUNNER_SPIN_US")},
         "shapes": {"experts": N_EXPERT, "used": N_USED, "d_model": D_MODEL, "n_ff": N_FF},
         "results": results,
     }

@@ -40,6 +40,16 @@ def tandem(directory: Path) -> dict:
     return json.loads(runs[-1].read_text()) if runs else {}
 
 
+def header(command: str, benches: list[dict]) -> dict:
+    """The record's header: the machine and commit that ran the benches (the first tandem
+    record that has them), not the machine that summarizes them, which may be another."""
+    ran = next((b for b in benches if "device" in b), {})
+    found = machine.record_header("side_by_side", datetime.now(UTC), command, ran.get("device"))
+    if "commit" in ran:
+        found["commit"] = ran["commit"]
+    return found
+
+
 def ratio(a, b):
     return a / b if a and b else None
 
@@ -165,9 +175,8 @@ def main() -> None:
     cpp_iq1 = llamacpp(out / "llamacpp-iq1s.json")
     cpp_iq1_cpu = llamacpp(out / "llamacpp-iq1s-cpu-prefill.json")
     cpp_q4 = llamacpp(out / "llamacpp-q4km.json")
-    ours_iq1 = tandem(out / "tandem-iq1s").get("results", {})
-    ours_q4 = tandem(out / "tandem-q4km").get("results", {})
-    ours_iq1_cpu = tandem(out / "tandem-iq1s-cpu").get("results", {})
+    benches = [tandem(out / name) for name in ("tandem-iq1s", "tandem-q4km", "tandem-iq1s-cpu")]
+    ours_iq1, ours_q4, ours_iq1_cpu = (b.get("results", {}) for b in benches)
 
     def decode(results, streams=1):
         return next((d["tok_per_s"] for d in results.get("decode", []) if d["streams"] == streams), None)
@@ -187,7 +196,7 @@ def main() -> None:
     met = {k: (v is not None and v >= TARGETS[k]) for k, v in ratios.items()}
     scale = args.moe_layers / FULL_MOE_LAYERS  # time per token grows with the MoE layers
     summary = {
-        **machine.record_header("side_by_side", datetime.now(UTC), args.command),
+        **header(args.command, benches),
         "ratios": ratios,
         "targets": TARGETS,
         "met": met,

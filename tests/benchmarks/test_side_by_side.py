@@ -63,3 +63,12 @@ def test_limits_bound_both_files_by_the_highest_ram_reading(side_by_side, tmp_pa
     for name in ("iq1s", "q4km"):  # 10 ms of experts at 100 GB/s and 6 ms of segments, both
         assert found[f"decode_{name}"]["bounds"]["ram"]["tok_per_s"] == pytest.approx(1000 / 16)
     assert benches["q4km"]["ram_read_gb_per_s"] == 50.0  # the bench's own record is left as read
+
+
+def test_the_record_names_the_machine_and_commit_that_ran_the_benches(side_by_side):
+    ran = {"device": {"gpu": "some GPU", "cpu": "some CPU"}, "commit": "abc123"}
+    found = side_by_side.header("cmd", [{}, ran, {"device": {"gpu": None}, "commit": "other"}])
+    assert found["device"] == ran["device"] and found["commit"] == "abc123"
+    assert found["command"] == "cmd"
+    here = side_by_side.header("cmd", [{}, {}, {}])  # no tandem record: where it summarizes
+    assert here["device"]["cpu"] and here["commit"] != "abc123"
