@@ -6,7 +6,9 @@ wait for each segment before the routed experts can start; the share's launch (a
 pairing experts with tokens, staging inputs, queuing copies, queuing kernels), the CPU op, the
 split and the combining, and the whole routed-experts call on the host, and the share's span on
 the compute stream (from its launch to its last kernel); the rest of the token (sampling,
-Python). The model's MoE layers, k and bytes per expert, for bounds. Also the bytes of
+Python). The model's MoE layers, k and bytes per expert, for bounds. The shared calls by their
+split (`sides`): each side's time against its experts, and what whole experts cost against a
+split at a fraction of one. Also the bytes of
 GPU weights each segment reads and the GB/s that gives, and the top GPU kernels of a few
 steps by torch.profiler.
 
@@ -40,7 +42,10 @@ from tandem.runtime.llm import LLM
 from tandem.runtime.sampler import Sampler, SamplingParams
 
 host_s: dict[str, list[float]] = defaultdict(list)  # host seconds per call, by part
-splits: list[tuple[int, int]] = []  # per shared call: experts on the GPU, distinct experts
+# per shared call: experts on the GPU ("gpu") of the distinct ones ("distinct"), the CPU op's
+# milliseconds on the runner ("cpu_ms"), the GPU part's span events ("span"), the call's host
+# milliseconds ("call_ms")
+calls: list[dict] = []
 gpu_events: dict[str, list[tuple]] = defaultdict(list)  # (start, end) CUDA events, by part
 
 
@@ -98,8 +103,44 @@ def _timed_launch(fn):
         host_s["share launch"].append(time.perf_counter() - begun)
         end.record()
         gpu_events["share span"].append((start, end))
+        if calls:
+            calls[-1]["span"] = (start, end)
         return launched
     return wrapper
+
+
+def sides(calls: list[dict]) -> dict:
+    """The shared calls by their split: per count of GPU experts, the mean CPU op, GPU span and
+    call (ms); a line fitted to each side's time against its experts; where the lines cross
+    (the split a fraction of an expert would allow) against the best whole split and the mean
+    of the slower side as run: what whole experts cost."""
+    timed = [c for c in calls if c.get("cpu_ms") is not None and c.get("gpu_ms") is not None]
+    groups = defaultdict(list)
+    for c in timed:
+        groups[c["gpu"]].append(c)
+    rows = [{"gpu_experts": n, "cpu_experts": statistics.mean(c["distinct"] - n for c in group),
+             "calls": len(group), "cpu_op_ms": statistics.mean(c["cpu_ms"] for c in group),
+             "gpu_span_ms": statistics.mean(c["gpu_ms"] for c in group),
+             "call_ms": statistics.mean(c["call_ms"] for c in group if "call_ms" in c)
+             if any("call_ms" in c for c in group) else None}
+            for n, group in sorted(groups.items())]
+    found = {"by_gpu_experts": rows}
+    if len(rows) < 2 or len({c["distinct"] for c in timed}) != 1:
+        return found  # a line needs two splits; the bounds one expert count
+    k = timed[0]["distinct"]
+    cpu = statistics.linear_regression([k - c["gpu"] for c in timed], [c["cpu_ms"] for c in timed])
+    gpu = statistics.linear_regression([c["gpu"] for c in timed], [c["gpu_ms"] for c in timed])
+
+    def slower(n_gpu: float) -> float:
+        return max(cpu.intercept + cpu.slope * (k - n_gpu), gpu.intercept + gpu.slope * n_gpu)
+    crossing = (cpu.intercept + cpu.slope * k - gpu.intercept) / (cpu.slope + gpu.slope)
+    found.update({
+        "cpu_line_ms": {"per_expert": cpu.slope, "fixed": cpu.intercept},
+        "gpu_line_ms": {"per_expert": gpu.slope, "fixed": gpu.intercept},
+        "crossing_gpu_experts": crossing, "crossing_ms": slower(crossing),
+        "best_whole_split_ms": min(slower(n) for n in range(k + 1)),
+        "slower_side_as_run_ms": statistics.mean(max(c["cpu_ms"], c["gpu_ms"]) for c in timed)})
+    return found
 
 
 def instrument(llm: LLM) -> None:
@@ -111,7 +152,15 @@ def instrument(llm: LLM) -> None:
              TimedGraph(shared, "shared expert") if shared is not None else None)
             for i, (main, shared) in enumerate(pairs)]
     graphs._ready = TimedWait(graphs._ready)
-    CpuExperts.compute_shared = _timed_host("routed experts call (shared)", CpuExperts.compute_shared)
+    compute_shared = _timed_host("routed experts call (shared)", CpuExperts.compute_shared)
+
+    @functools.wraps(compute_shared)
+    def counted_call(self, *args, **kwargs):
+        out = compute_shared(self, *args, **kwargs)
+        if calls:
+            calls[-1]["call_ms"] = host_s["routed experts call (shared)"][-1] * 1e3
+        return out
+    CpuExperts.compute_shared = counted_call
     CpuExperts.compute = _timed_host("routed experts call (CPU only)", CpuExperts.compute)
     CpuKernels.moe = _timed_host("CPU op", CpuKernels.moe)
     # the CPU part first (the default; TANDEM_SHARE_CPU_FIRST=0: last): the op runs on the kernels'
@@ -125,6 +174,8 @@ def instrument(llm: LLM) -> None:
         out = _timed_host("CPU op: wait for the runner", result)(self)
         if not waited:
             host_s["CPU op"].append(self.seconds)
+            if calls:
+                calls[-1]["cpu_ms"] = self.seconds * 1e3
         return out
     native.RunningMoe.result = timed_result
     GpuShare.launch = _timed_launch(GpuShare.launch)
@@ -143,7 +194,7 @@ def instrument(llm: LLM) -> None:
     @functools.wraps(split)
     def counted_split(self, ids):
         chosen = split(self, ids)
-        splits.append((len(chosen[0]), chosen[2]))
+        calls.append({"gpu": len(chosen[0]), "distinct": chosen[2]})
         return chosen
     CpuExperts._split = _timed_host("split/combine: split", counted_split)
 
@@ -250,7 +301,7 @@ def main() -> None:
         one_segment = []
     instrument(llm)
     host_s.clear()
-    splits.clear()
+    calls.clear()
     params = SamplingParams(temperature=0, max_new_tokens=args.tokens + 1)
     tokens = list(llm.stream(prompt, params))
     decode_s = llm.last_timings.decode_s
@@ -262,12 +313,17 @@ def main() -> None:
     per_token.update({f"host: {part}": sum(values) * 1e3 / n for part, values in host_s.items()})
     token_ms = decode_s * 1e3 / n
     # the CPU op's cost per expert it computed (the experts a shared call left it)
-    cpu_experts = sum(distinct - gpu for gpu, distinct in splits)
-    calls = max(1, len(splits))
-    experts_split = {"calls": len(splits), "gpu_experts_per_call": sum(g for g, _ in splits) / calls,
-                     "cpu_experts_per_call": cpu_experts / calls,
+    cpu_experts = sum(c["distinct"] - c["gpu"] for c in calls)
+    n_calls = max(1, len(calls))
+    experts_split = {"calls": len(calls), "gpu_experts_per_call": sum(c["gpu"] for c in calls) / n_calls,
+                     "cpu_experts_per_call": cpu_experts / n_calls,
                      "cpu_op_ms_per_expert": (sum(host_s["CPU op"]) * 1e3 / cpu_experts
-                                              if cpu_experts and splits else None)}
+                                              if cpu_experts and calls else None)}
+    for c in calls:
+        span = c.pop("span", None)
+        if span is not None:
+            c["gpu_ms"] = span[0].elapsed_time(span[1])
+    by_split = sides(calls)
     bytes_per_cut = segment_bytes(llm)
     n_moe = len(bytes_per_cut) - 1  # a segment ends at each MoE layer; the last at the head
     moe_segments = gpu_events["segment"]
@@ -282,6 +338,15 @@ def main() -> None:
     print(f"  experts per shared call: {experts_split['gpu_experts_per_call']:.2f} on the GPU, "
           f"{experts_split['cpu_experts_per_call']:.2f} on the CPU; CPU op per expert: "
           f"{experts_split['cpu_op_ms_per_expert'] or 0:.3f} ms")
+    for row in by_split["by_gpu_experts"]:
+        print(f"  {row['calls']:4d} calls with {row['gpu_experts']} GPU experts: CPU op "
+              f"{row['cpu_op_ms']:.3f} ms, GPU span {row['gpu_span_ms']:.3f} ms, "
+              f"call {row['call_ms'] or 0:.3f} ms")
+    if "crossing_ms" in by_split:
+        print(f"  slower side {by_split['slower_side_as_run_ms']:.3f} ms as run, "
+              f"{by_split['best_whole_split_ms']:.3f} at the best whole split, "
+              f"{by_split['crossing_ms']:.3f} where the sides' lines cross "
+              f"({by_split['crossing_gpu_experts']:.2f} GPU experts)")
     for i, row in enumerate(seg_rows):
         print(f"  segment {i:2d}: {row['bytes'] / 1e6:8.1f} MB of weights, {row['median_ms']:.3f} ms, "
               f"{row['gb_per_s']:.0f} GB/s")
@@ -294,6 +359,7 @@ def main() -> None:
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n,
               "ms_per_token": token_ms, "parts_ms_per_token": per_token, "experts_split": experts_split,
+              "sides": by_split,
               "segments": seg_rows, "moe_layers": n_moe, "experts_per_token": llm.config.n_expert_used,
               "expert_bytes": expert_bytes(llm),
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()

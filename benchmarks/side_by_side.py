@@ -69,6 +69,7 @@ def decode_limits(profile: dict) -> dict:
         "ms_per_token": profile.get("ms_per_token"),
         "parts_ms_per_token": profile.get("parts_ms_per_token"),
         "experts_split": profile.get("experts_split"),
+        "sides": profile.get("sides"),  # the shared calls by their split (whole experts' cost)
         "moe_layer_segment_ms": (sum(s["median_ms"] for s in moe_segments) / len(moe_segments)
                                  if moe_segments else None),
         "moe_layer_segment_gb_per_s": (sum(s["gb_per_s"] for s in moe_segments) / len(moe_segments)

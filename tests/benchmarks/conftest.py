@@ -30,3 +30,8 @@ def ab():
 @pytest.fixture(scope="module")
 def moe_decode():
     return _load("moe_decode")
+
+
+@pytest.fixture(scope="module")
+def decode_profile():
+    return _load("decode_profile")
