@@ -13,6 +13,7 @@ GPU weights each segment reads and the GB/s that gives, and the top GPU kernels 
 steps by torch.profiler.
 
     python benchmarks/decode_profile.py MODEL.gguf [--tokens 64] [--share auto] [--prompt 128]
+        [--streams 8]   # several sequences through the server's engine: per step, no kernel tables
 
 Prints a table and writes benchmarks/results/decode_profile-<host>-<time>.json.
 """
@@ -38,6 +39,7 @@ from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare
 from tandem.kernels.quant_linear import QuantLinear
 from tandem.runtime.decode_graphs import DecodeGraphs
+from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampler import Sampler, SamplingParams
 
@@ -143,9 +145,8 @@ def sides(calls: list[dict]) -> dict:
     return found
 
 
-def instrument(llm: LLM) -> None:
-    """Wrap the decode graphs of `llm` (captured by a first step) and the experts' calls."""
-    graphs = llm._graphs
+def instrument(graphs: DecodeGraphs) -> None:
+    """Wrap decode graphs (captured by a first step) and the experts' calls."""
     for length, pairs in graphs._graphs.items():
         graphs._graphs[length] = [
             (TimedGraph(main, "segment" if i < len(pairs) - 1 else "last segment + head"),
@@ -199,10 +200,10 @@ def instrument(llm: LLM) -> None:
     CpuExperts._split = _timed_host("split/combine: split", counted_split)
 
 
-def segment_bytes(llm: LLM) -> list[int]:
+def segment_bytes(llm: LLM, graphs: DecodeGraphs) -> list[int]:
     """Bytes of GPU weights each graph segment reads (the shared experts apart)."""
     per_cut = []
-    for cut in llm._graphs.cuts:
+    for cut in graphs.cuts:
         total = 0
         for j in range(cut.first, cut.last + 1):
             block = llm.model.blocks[j]
@@ -268,6 +269,50 @@ def segment_kernels(llm: LLM, replays: int = 20) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_replay"])
 
 
+def profile_one(llm: LLM, prompt: list[int], tokens: int):
+    """One sequence: the kernel tables, then `tokens` decode steps instrumented. Returns the
+    graphs, the steps, ms a step, the top kernels and one MoE segment's kernels."""
+    list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=32)))  # captures the
+    if llm._graphs is None:  # graphs; the share's balance settles
+        raise SystemExit("this model does not decode in CUDA graphs here: nothing to profile")
+    kernels = top_kernels(llm, prompt, steps=8)
+    try:
+        one_segment = segment_kernels(llm)
+    except Exception as exc:  # a profiler that cannot see graph kernels: the rest still runs
+        print(f"segment kernels not profiled: {exc}")
+        one_segment = []
+    instrument(llm._graphs)
+    host_s.clear()
+    calls.clear()
+    produced = list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=tokens + 1)))
+    n = len(produced) - 1
+    return llm._graphs, n, llm.last_timings.decode_s * 1e3 / n, kernels, one_segment
+
+
+def profile_streams(llm: LLM, prompt: list[int], streams: int, tokens: int):
+    """`streams` sequences through the server's engine (its batch decode graphs, the batch
+    balance of the GPU share): a warm-up round, then one instrumented. Prompts of 16 tokens, as
+    `tandem bench` has for streams: their one eager step adds little to the host parts. Returns
+    the graphs, the decode steps and ms a step (the graph steps' own time)."""
+    engine = Engine(llm, max_batch=streams)
+    try:
+        def round_of(new_tokens: int) -> None:
+            params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
+            for req in [engine.submit(prompt[:16], params) for _ in range(streams)]:
+                list(req.tokens(timeout=600))
+        round_of(32)  # captures the batch graphs; the batch balance settles
+        if engine.batch_graphs is None:
+            raise SystemExit("the engine did not decode in batch graphs here: nothing to profile")
+        instrument(engine.batch_graphs)
+        host_s.clear()
+        calls.clear()
+        round_of(tokens)
+    finally:
+        engine.close()
+    steps = host_s["step (all of it)"]
+    return engine.batch_graphs, len(steps), sum(steps) * 1e3 / len(steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -276,6 +321,9 @@ def main() -> None:
     parser.add_argument("--share", default="auto", help="--gpu-expert-share: auto, a fraction, 0")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rules", type=Path, default=None, help="placement rules YAML")
+    parser.add_argument("--streams", type=int, default=1,
+                        help="sequences decoded together (more than 1: through the server's engine, "
+                             "its batch graphs; figures per step, no kernel tables)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -289,29 +337,16 @@ def main() -> None:
         llm.gpu_share.wait()
     prompt = torch.randint(10, llm.config.n_vocab, (args.prompt,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    warm = SamplingParams(temperature=0, max_new_tokens=32)
-    list(llm.stream(prompt, warm))  # captures the graphs; the share's balance settles
-    if llm._graphs is None:
-        raise SystemExit("this model does not decode in CUDA graphs here: nothing to profile")
-    kernels = top_kernels(llm, prompt, steps=8)
-    try:
-        one_segment = segment_kernels(llm)
-    except Exception as exc:  # a profiler that cannot see graph kernels: the rest still runs
-        print(f"segment kernels not profiled: {exc}")
-        one_segment = []
-    instrument(llm)
-    host_s.clear()
-    calls.clear()
-    params = SamplingParams(temperature=0, max_new_tokens=args.tokens + 1)
-    tokens = list(llm.stream(prompt, params))
-    decode_s = llm.last_timings.decode_s
-    n = len(tokens) - 1
+    if args.streams > 1:
+        graphs, n, token_ms = profile_streams(llm, prompt, args.streams, args.tokens)
+        kernels, one_segment = [], []
+    else:
+        graphs, n, token_ms, kernels, one_segment = profile_one(llm, prompt, args.tokens)
     torch.cuda.synchronize()
 
     per_token = {f"gpu: {part}": sum(s.elapsed_time(e) for s, e in pairs) / n
                  for part, pairs in gpu_events.items()}
     per_token.update({f"host: {part}": sum(values) * 1e3 / n for part, values in host_s.items()})
-    token_ms = decode_s * 1e3 / n
     # the CPU op's cost per expert it computed (the experts a shared call left it)
     cpu_experts = sum(c["distinct"] - c["gpu"] for c in calls)
     n_calls = max(1, len(calls))
@@ -324,7 +359,7 @@ def main() -> None:
         if span is not None:
             c["gpu_ms"] = span[0].elapsed_time(span[1])
     by_split = sides(calls)
-    bytes_per_cut = segment_bytes(llm)
+    bytes_per_cut = segment_bytes(llm, graphs)
     n_moe = len(bytes_per_cut) - 1  # a segment ends at each MoE layer; the last at the head
     moe_segments = gpu_events["segment"]
     segments = [statistics.median(s.elapsed_time(e) for s, e in moe_segments[i::n_moe]) for i in range(n_moe)]
@@ -332,7 +367,9 @@ def main() -> None:
     seg_rows = [{"bytes": b, "median_ms": ms, "gb_per_s": b / ms / 1e6}
                 for b, ms in zip(bytes_per_cut, segments, strict=True)]
 
-    print(f"{n} tokens, {token_ms:.2f} ms per token ({1e3 / token_ms:.1f} tok/s), share {args.share}")
+    # per token of each stream: one step (of all streams together where --streams > 1)
+    print(f"{n} steps of {args.streams} stream(s), {token_ms:.2f} ms per token "
+          f"({args.streams * 1e3 / token_ms:.1f} tok/s together), share {args.share}")
     for part, ms in sorted(per_token.items()):
         print(f"  {part:<40} {ms:7.3f} ms per token")
     print(f"  experts per shared call: {experts_split['gpu_experts_per_call']:.2f} on the GPU, "
@@ -357,7 +394,7 @@ def main() -> None:
           f"{sum(r['us_per_replay'] for r in one_segment):.0f} us of kernels per replay")
     now = datetime.now(UTC)
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
-              "share": args.share, "prompt_tokens": args.prompt, "tokens": n,
+              "share": args.share, "prompt_tokens": args.prompt, "tokens": n, "streams": args.streams,
               "ms_per_token": token_ms, "parts_ms_per_token": per_token, "experts_split": experts_split,
               "sides": by_split,
               "segments": seg_rows, "moe_layers": n_moe, "experts_per_token": llm.config.n_expert_used,
