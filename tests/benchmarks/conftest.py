@@ -17,21 +17,12 @@ def _load(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def side_by_side():
-    return _load("side_by_side")
+def _script_fixture(name: str):
+    @pytest.fixture(scope="module", name=name)
+    def script():
+        return _load(name)
+    return script
 
 
-@pytest.fixture(scope="module")
-def ab():
-    return _load("ab")
-
-
-@pytest.fixture(scope="module")
-def moe_decode():
-    return _load("moe_decode")
-
-
-@pytest.fixture(scope="module")
-def decode_profile():
-    return _load("decode_profile")
+side_by_side, ab, moe_decode, decode_profile = (
+    _script_fixture(name) for name in ("side_by_side", "ab", "moe_decode", "decode_profile"))
