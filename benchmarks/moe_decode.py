@@ -72,7 +72,7 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
     rows = []
     for n_threads in thread_counts:
         with CpuKernels(n_threads) as cpu:
-            times = []
+            times, on_runner = [], []  # on_runner: the op's own time on the runner's thread
             for step in range(warmup + steps):
                 # each token its own random choice, as concurrent streams (prefill shares more)
                 ids = torch.stack([torch.randperm(pool, generator=g)[:N_USED] for _ in range(tokens)])
@@ -90,19 +90,25 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
                     cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
                 if step >= warmup:
                     times.append((time.perf_counter() - start, ids[ids != SKIPPED_SLOT].unique().numel()))
+                    if running:
+                        on_runner.append(running.seconds)
         median = statistics.median(t for t, _ in times)
         distinct = statistics.mean(n for _, n in times)
         rows.append({
             "recipe": recipe, "kernel": kernel, "types": [tg.name, tu.name, td.name],
             "threads": n_threads, "tokens": tokens, "pool": pool, "cpu_experts": cpu_experts,
             "gap_ms": gap_ms, "runner": runner, "steps": steps, "median_ms": median * 1e3,
+            # the op alone, without the hand-over to the runner and back (runner calls only)
+            "median_op_ms_on_runner": statistics.median(on_runner) * 1e3 if on_runner else None,
             "min_ms": min(t for t, _ in times) * 1e3, "distinct_experts_per_step": distinct,
             "expert_bytes_per_step": distinct * expert_bytes,
             "gb_per_s": distinct * expert_bytes / median / 1e9,
         })
         print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} pool={pool:3d} experts={cpu_experts} "
               f"gap={gap_ms:g}ms runner={int(runner)} threads={n_threads:3d}  "
-              f"{median * 1e3:8.2f} ms  {rows[-1]['gb_per_s']:7.2f} GB/s", flush=True)
+              f"{median * 1e3:8.2f} ms  {rows[-1]['gb_per_s']:7.2f} GB/s"
+              + (f"  (op {rows[-1]['median_op_ms_on_runner']:.2f} ms on the runner)" if on_runner else ""),
+              flush=True)
     return rows
 
 

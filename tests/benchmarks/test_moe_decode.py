@@ -34,6 +34,10 @@ def test_the_op_counts_only_the_experts_it_computes(small, cpu_experts, runner):
     assert row["expert_bytes_per_step"] == pytest.approx(row["distinct_experts_per_step"] * per_expert)
     assert (row["cpu_experts"], row["gap_ms"], row["runner"]) == (cpu_experts, 0.5, runner)
     assert row["median_ms"] > 0
+    if runner:  # the op's own time on the runner: part of the call's
+        assert 0 < row["median_op_ms_on_runner"] <= row["median_ms"]
+    else:
+        assert row["median_op_ms_on_runner"] is None
 
 
 @pytest.mark.parametrize(("args", "reason"), [(["--cpu-experts", "4"], "only tandem's kernels"),
