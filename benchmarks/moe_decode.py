@@ -112,6 +112,13 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
     return rows
 
 
+def resize_main_team(n_threads: int) -> None:
+    """The calling thread's OpenMP team resized to n_threads by a parallel torch op on that
+    many (torch and tandem's kernels share one libgomp); torch keeps n_threads after."""
+    torch.set_num_threads(n_threads)
+    torch.ones(1 << 24).sum()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
@@ -128,6 +135,11 @@ def main() -> None:
                         help="idle milliseconds before each call")
     parser.add_argument("--runner", action="store_true",
                         help="start each call on the kernels' runner thread (tandem's kernels)")
+    parser.add_argument("--main-omp-threads", type=int, default=None,
+                        help="after the RAM reading (torch's sum on all threads), resize the main "
+                             "thread's OpenMP team to this many threads: libgomp counts the threads "
+                             "of every team, the runner's too, and past the CPUs' count its waiting "
+                             "threads sleep at once (a futex wake at every barrier)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -141,6 +153,8 @@ def main() -> None:
 
     info = machine.describe()
     bandwidth = machine.ram_read_gbps()
+    if args.main_omp_threads:
+        resize_main_team(args.main_omp_threads)
     print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
           f"RAM read {bandwidth:.1f} GB/s", flush=True)
     results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens
@@ -158,6 +172,7 @@ def main() -> None:
         # the environment the op's threads ran under (A/B runs vary these)
         "env": {k: os.environ.get(k)
                 for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TANDEM_RUNNER_SPIN_US")},
+        "main_omp_threads": args.main_omp_threads,
         "shapes": {"experts": N_EXPERT, "used": N_USED, "d_model": D_MODEL, "n_ff": N_FF},
         "results": results,
     }
