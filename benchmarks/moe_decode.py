@@ -38,7 +38,7 @@ import torch
 from tandem.bench import machine
 from tandem.bench.random_blocks import random_blocks
 from tandem.gguf.types import GGMLType, block_size
-from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels, default_threads
+from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels, default_threads, resize_openmp_team
 from tandem.kernels.tensors import QuantTensor
 
 N_EXPERT, N_USED, D_MODEL, N_FF = 256, 8, 7168, 2048
@@ -112,13 +112,6 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
     return rows
 
 
-def resize_main_team(n_threads: int) -> None:
-    """The calling thread's OpenMP team resized to n_threads by a parallel torch op on that
-    many (torch and tandem's kernels share one libgomp); torch keeps n_threads after."""
-    torch.set_num_threads(n_threads)
-    torch.ones(1 << 24).sum()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
@@ -154,7 +147,7 @@ def main() -> None:
     info = machine.describe()
     bandwidth = machine.ram_read_gbps()
     if args.main_omp_threads:
-        resize_main_team(args.main_omp_threads)
+        resize_openmp_team(args.main_omp_threads)
     print(f"{info['cpu']} ({info['cpu_cores']} cores, {', '.join(info['cpu_features'])}), "
           f"RAM read {bandwidth:.1f} GB/s", flush=True)
     results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens

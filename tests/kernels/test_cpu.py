@@ -10,6 +10,7 @@ rounding (2^-11) allows 2e-3. A wrong expert, weight or layout gives errors near
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -21,7 +22,7 @@ from gguf import quants
 from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
 from tandem.errors import KernelError
-from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels
+from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels, resize_openmp_team
 from tandem.kernels.tensors import QuantTensor
 
 Q8_ACTIVATION_TOL = 0.03
@@ -241,3 +242,25 @@ def test_moe_from_a_gguf_file(kernels, tiny_q8):
     y = kernels.moe(x, ids, weights, gate, up, down)
     assert relative_error(y, moe_reference(x, ids, weights, *refs)) < Q8_ACTIVATION_TOL
     assert gate.data.base is not None  # a view, not a copy
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_resizing_the_openmp_team_releases_its_other_threads():
+    before = torch.get_num_threads()
+    try:
+        resize_openmp_team(6)  # a team of 6 on this thread (5 more OS threads)
+        grown = _os_threads()
+        resize_openmp_team(2)  # libgomp lets 4 of them go
+        deadline = time.monotonic() + 5
+        while _os_threads() > grown - 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _os_threads() <= grown - 4
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(KernelError, match="thread count"):
+        resize_openmp_team(0)

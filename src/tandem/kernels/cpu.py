@@ -35,6 +35,19 @@ def default_threads() -> int:
     return max(1, usable or 1)
 
 
+def resize_openmp_team(n_threads: int) -> None:
+    """This thread's OpenMP team resized to `n_threads` (torch's CPU ops use that many from
+    now on). torch and tandem's kernels share one libgomp, which counts the threads of every
+    team in the process, and once they outnumber the CPUs its waiting threads spin ~100 times,
+    then sleep: every barrier of a MoE op on the runner's team would need wake-ups. One
+    parallel torch op on n_threads makes libgomp release the team's other threads (a
+    one-thread op would not: n_threads >= 2 does)."""
+    if n_threads < 1:
+        raise KernelError(f"thread count must be >= 1, got {n_threads}")
+    torch.set_num_threads(n_threads)
+    torch.ones(1 << 24).sum()
+
+
 def supports_matmul(t: GGMLType) -> bool:
     """Whether ggml's CPU backend has a dot product for weights of type t."""
     cpu_init()

@@ -84,8 +84,11 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # TANDEM_SHARE_MAX_EXPERTS=N: slots for a batch's GPU part (default: half of MAX_TOKENS tokens'
 # experts, see max_experts_for). TANDEM_SHARE_TRITON=1: UD-IQ1_S and Q4_K_M experts through
 # hand-written Triton kernels (kernels.share_triton) instead of the torch.compile'd decoders.
+# TANDEM_SHARE_TORCH_THREADS=N: once loaded, torch's OpenMP team on the loading thread resized to
+# N threads (kernels.cpu.resize_openmp_team: so that it and the runner's team do not outnumber
+# the CPUs); torch's CPU ops then use N threads.
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
-             "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON")
+             "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS")
 
 
 def max_experts_for(k: int) -> int:

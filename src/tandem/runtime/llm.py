@@ -19,7 +19,8 @@ import torch
 from tandem.errors import GGUFError, TandemError
 from tandem.gguf.model import open_gguf
 from tandem.kernels import native
-from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.cpu import CpuKernels, resize_openmp_team
+from tandem.kernels.env import env_int
 from tandem.kernels.gpu_share import GpuShare, max_experts_for
 from tandem.kernels.numa import MODES as NUMA_MODES
 from tandem.kernels.page_in import PageIn
@@ -146,6 +147,9 @@ class LLM:
             shared = [(e.gate, e.up, e.down) for e in self.routed_experts() if e.share is self.gpu_share]
             self.gpu_share.keep_in_vram(shared, cache_bytes)
             self.gpu_share.pin([t.data for t in loader.in_place], shared)
+            torch_threads = env_int("TANDEM_SHARE_TORCH_THREADS")  # an A/B knob (gpu_share.SHARE_ENV)
+            if torch_threads:
+                resize_openmp_team(torch_threads)
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
         self._cache: list | None = None  # this object's own sequence; allocated on first use
         eos = self.file.metadata.get("tokenizer.ggml.eos_token_id")
