@@ -264,3 +264,4 @@ def test_resizing_the_openmp_team_releases_its_other_threads():
         torch.set_num_threads(before)
     with pytest.raises(KernelError, match="thread count"):
         resize_openmp_team(0)
+

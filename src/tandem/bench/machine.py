@@ -99,12 +99,22 @@ def describe() -> dict:
 
 
 def ram_read_gbps(gib: float = 2.0, repeats: int = 5) -> float:
-    """Read bandwidth of a summation over a buffer far larger than any cache, all threads."""
-    buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
-    buf.sum()  # fault the pages in
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - start)
-    return buf.numel() * 8 / best / 1e9
+    """Read bandwidth of a summation over a buffer far larger than any cache, on every CPU this
+    process may use, whatever torch's thread count (TANDEM_SHARE_TORCH_THREADS lowers it); that
+    count and its OpenMP team are put back after."""
+    from tandem.kernels.cpu import default_threads, resize_openmp_team
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(default_threads())
+    try:
+        buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
+        buf.sum()  # fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            buf.sum()
+            best = min(best, time.perf_counter() - start)
+        return buf.numel() * 8 / best / 1e9
+    finally:
+        if threads != default_threads():
+            resize_openmp_team(threads)
