@@ -14,6 +14,7 @@ time, so memory stays at one tensor however large the file.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from tandem.gguf.config import DeepSeek2Config
 from tandem.gguf.types import GGMLType, block_bytes, block_size, tensor_bytes
 from tandem.gguf.writer import write_gguf
 from tandem.kernels.quantize import quantize
+from tandem.placement.rules import EXPERTS
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def _tensor_bytes(name: str, shape: tuple[int, ...], t: GGMLType, fill: str,
     # bias, so every token would pick the same experts (nothing like a trained model's routing)
     random = not _is_norm(name) and (fill in ("random", "pool") or (fill == "auto" and 4 * n > RANDOM_ABOVE))
     if random and can_fill(t):
-        if fill == "pool" and _is_routed_experts(name):
+        if fill == "pool" and re.search(EXPERTS, name):
             return _pooled(t, n // block_size(t), rng)
         return random_blocks(t, n // block_size(t), rng).reshape(-1)
     if random:
@@ -127,10 +129,6 @@ def _pooled(t: GGMLType, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
     """n_blocks valid blocks: up to POOL_BYTES of random ones, repeated."""
     pool = random_blocks(t, max(1, min(n_blocks, POOL_BYTES // block_bytes(t))), rng)
     return np.resize(pool, (n_blocks, pool.shape[1])).reshape(-1)  # whole blocks, cyclically
-
-
-def _is_routed_experts(name: str) -> bool:
-    return "_exps." in name
 
 
 def _is_norm(name: str) -> bool:
