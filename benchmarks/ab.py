@@ -80,8 +80,8 @@ def summarize(runs: list[dict]) -> dict:
 
 def main() -> None:
     argv = sys.argv[1:]
-    bench_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    own, bench_args = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--variant", action="append", required=True, help="NAME=VAR=VALUE,...")

@@ -146,7 +146,10 @@ def sides(calls: list[dict]) -> dict:
 
 
 def instrument(graphs: DecodeGraphs) -> None:
-    """Wrap decode graphs (captured by a first step) and the experts' calls."""
+    """Wrap decode graphs (captured by a first step) and the experts' calls; what was counted
+    before (warm-up) is dropped."""
+    host_s.clear()
+    calls.clear()
     for length, pairs in graphs._graphs.items():
         graphs._graphs[length] = [
             (TimedGraph(main, "segment" if i < len(pairs) - 1 else "last segment + head"),
@@ -282,8 +285,6 @@ def profile_one(llm: LLM, prompt: list[int], tokens: int):
         print(f"segment kernels not profiled: {exc}")
         one_segment = []
     instrument(llm._graphs)
-    host_s.clear()
-    calls.clear()
     produced = list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=tokens + 1)))
     n = len(produced) - 1
     return llm._graphs, n, llm.last_timings.decode_s * 1e3 / n, kernels, one_segment
@@ -304,8 +305,6 @@ def profile_streams(llm: LLM, prompt: list[int], streams: int, tokens: int):
         if engine.batch_graphs is None:
             raise SystemExit("the engine did not decode in batch graphs here: nothing to profile")
         instrument(engine.batch_graphs)
-        host_s.clear()
-        calls.clear()
         round_of(tokens)
     finally:
         engine.close()

@@ -37,7 +37,9 @@ import torch
 
 from tandem.bench import machine
 from tandem.bench.random_blocks import random_blocks
+from tandem.bench.runner import OPENMP_ENV
 from tandem.gguf.types import GGMLType, block_size
+from tandem.kernels import native
 from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels, default_threads, resize_openmp_team
 from tandem.kernels.tensors import QuantTensor
 
@@ -162,9 +164,9 @@ def main() -> None:
     record = {
         **machine.record_header("moe_decode", now, device=info),
         "ram_read_gb_per_s": bandwidth,
-        # the environment the op's threads ran under (A/B runs vary these)
-        "env": {k: os.environ.get(k)
-                for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TANDEM_RUNNER_SPIN_US")},
+        # the environment the op's threads ran under (A/B runs vary these): what `tandem bench`
+        # records of OpenMP and of the kernels' variants
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", *OPENMP_ENV, *native.KERNEL_ENV)},
         "main_omp_threads": args.main_omp_threads,
         "shapes": {"experts": N_EXPERT, "used": N_USED, "d_model": D_MODEL, "n_ff": N_FF},
         "results": results,

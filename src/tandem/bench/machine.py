@@ -104,8 +104,8 @@ def ram_read_gbps(gib: float = 2.0, repeats: int = 5) -> float:
     count and its OpenMP team are put back after."""
     from tandem.kernels.cpu import default_threads, resize_openmp_team
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(default_threads())
+    threads, every = torch.get_num_threads(), default_threads()
+    torch.set_num_threads(every)
     try:
         buf = torch.ones(int(gib * 2**30) // 8, dtype=torch.int64)
         buf.sum()  # fault the pages in
@@ -116,5 +116,5 @@ def ram_read_gbps(gib: float = 2.0, repeats: int = 5) -> float:
             best = min(best, time.perf_counter() - start)
         return buf.numel() * 8 / best / 1e9
     finally:
-        if threads != default_threads():
+        if threads != every:
             resize_openmp_team(threads)
