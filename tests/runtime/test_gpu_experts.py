@@ -144,3 +144,30 @@ def test_decode_with_next_layer_prefetch_keeps_the_cpu_tokens(tmp_path, monkeypa
         assert llm._graphs is not None and any("ahead" in cut.host for cut in llm._graphs.cuts)
         assert llm.gpu_share._ahead is not None and llm.gpu_share._ahead.row_of
     assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 10
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting", [None, "0", "3"])
+def test_a_gpu_share_shrinks_torchs_cpu_team(tmp_path, monkeypatch, setting):
+    """With a GPU share torch keeps TORCH_THREADS_WITH_SHARE CPU threads (so that libgomp does
+    not count more threads than CPUs once the runner's team starts); 0 leaves torch's count."""
+    from tandem.bench import synth
+    from tandem.kernels.gpu_share import TORCH_THREADS_WITH_SHARE
+
+    path = tmp_path / "iq1.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
+    if setting is not None:
+        monkeypatch.setenv("TANDEM_SHARE_TORCH_THREADS", setting)
+    before = 5  # neither the default nor the setting
+    want = {None: TORCH_THREADS_WITH_SHARE, "0": before, "3": 3}[setting]
+    original = torch.get_num_threads()
+    torch.set_num_threads(before)
+    try:
+        with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
+            assert llm.gpu_share is not None
+            assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:  # no share: left alone
+            assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(original)

@@ -85,8 +85,12 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # experts, see max_experts_for). TANDEM_SHARE_TRITON=1: UD-IQ1_S and Q4_K_M experts through
 # hand-written Triton kernels (kernels.share_triton) instead of the torch.compile'd decoders.
 # TANDEM_SHARE_TORCH_THREADS=N: once loaded, torch's OpenMP team on the loading thread resized to
-# N threads (kernels.cpu.resize_openmp_team: so that it and the runner's team do not outnumber
-# the CPUs); torch's CPU ops then use N threads.
+# N threads (default TORCH_THREADS_WITH_SHARE; 0 leaves torch's count): torch's CPU ops then
+# use N threads (kernels.cpu.resize_openmp_team). libgomp counts every team's threads; once
+# torch's 16 and the runner's 15 outnumber the CPUs, the op's waiting threads sleep at every
+# barrier. Run t on the GPU machine: the op on the runner 0.32/0.93/1.47 ms for 1/3/5 UD-IQ1_S
+# experts with torch's team at 2, 0.49/1.06/1.66 without; decode 49.9 against 48.4 tok/s.
+TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS")
 

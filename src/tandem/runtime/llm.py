@@ -21,7 +21,7 @@ from tandem.gguf.model import open_gguf
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels, resize_openmp_team
 from tandem.kernels.env import env_int
-from tandem.kernels.gpu_share import GpuShare, max_experts_for
+from tandem.kernels.gpu_share import TORCH_THREADS_WITH_SHARE, GpuShare, max_experts_for
 from tandem.kernels.numa import MODES as NUMA_MODES
 from tandem.kernels.page_in import PageIn
 from tandem.kernels.streamed import ExpertStreamer, workspace_bytes
@@ -147,7 +147,9 @@ class LLM:
             shared = [(e.gate, e.up, e.down) for e in self.routed_experts() if e.share is self.gpu_share]
             self.gpu_share.keep_in_vram(shared, cache_bytes)
             self.gpu_share.pin([t.data for t in loader.in_place], shared)
-            torch_threads = env_int("TANDEM_SHARE_TORCH_THREADS")  # an A/B knob (gpu_share.SHARE_ENV)
+            # torch's CPU work is small once a GPU runs the dense layers: a small team leaves
+            # libgomp's thread count within the CPUs for the runner's (gpu_share.SHARE_ENV)
+            torch_threads = env_int("TANDEM_SHARE_TORCH_THREADS", default=TORCH_THREADS_WITH_SHARE)
             if torch_threads:
                 resize_openmp_team(torch_threads)
         self._new_cache = lambda: spec.cache(c, ctx_size, devices, kv_dtype)
