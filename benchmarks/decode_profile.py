@@ -178,7 +178,7 @@ def instrument(graphs: DecodeGraphs) -> None:
         out = _timed_host("CPU op: wait for the runner", result)(self)
         if not waited:
             host_s["CPU op"].append(self.seconds)
-            if calls:
+            if calls and "cpu_ms" not in calls[-1]:  # not an unshared call's (compute, on the runner too)
                 calls[-1]["cpu_ms"] = self.seconds * 1e3
         return out
     native.RunningMoe.result = timed_result

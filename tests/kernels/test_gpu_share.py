@@ -5,6 +5,8 @@ weights in a read-only file mapping registered with CUDA, is marked cuda."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from gguf import GGMLQuantizationType as T
 from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
 from tandem.errors import KernelError
-from tandem.kernels import gpu_share
+from tandem.kernels import gpu_share, native
 from tandem.kernels.cpu import SKIPPED_SLOT, CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import MAX_TOKENS, GpuShare, ShareBalance, max_experts_for, split
@@ -128,6 +130,25 @@ def test_long_batches_and_foreign_types_do_not_share(kernels, experts, rng):
     with pytest.raises(KernelError, match="the GPU share takes 1..4 experts, got 5"):
         GpuShare("cpu", max_experts=K).launch(torch.randn(1, D), torch.zeros(1, 5, dtype=torch.long),
                                               torch.ones(1, 5), [0, 1, 2, 3, 4], gate, up, down)
+
+
+@pytest.mark.parametrize("on_runner", [True, False], ids=["runner", "executor"])
+def test_a_sharing_layers_unshared_calls_run_on_the_kernels_runner(kernels, experts, monkeypatch, on_runner):
+    """Batches the share does not take (longer than MAX_TOKENS: prefill) run on the kernels'
+    runner, whose OpenMP team the shared calls use too; TANDEM_SHARE_SUBMIT_ON_RUNNER=0 puts
+    them on the executor thread (compute: the caller's). Either way the oracle's sum."""
+    if not on_runner:
+        monkeypatch.setenv("TANDEM_SHARE_SUBMIT_ON_RUNNER", "0")
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts["ud-iq1_s"]
+    moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=K))
+    n = MAX_TOKENS + 3
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(6))
+    ids, weights = routing(n, k=K, n_expert=N_EXPERT, seed=6)
+    handle = moe.submit(x, ids, weights)
+    assert isinstance(handle, native.RunningMoe if on_runner else Future)
+    expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+    assert relative_error(moe.collect(handle), expected) < Q8_ACTIVATION_TOL
+    assert relative_error(moe.compute(x, ids, weights), expected) < Q8_ACTIVATION_TOL  # waits for it
 
 
 # -- batches of several tokens (the server's decode steps) -------------------------------------

@@ -217,6 +217,25 @@ def test_the_runner_thread_computes_calls_while_the_caller_goes_on(ud_experts, s
         native._lib().tandem_runner_set_spin_ns(native.RUNNER_SPIN_US * 1000)
 
 
+def test_a_call_dropped_unwaited_frees_the_runner(ud_experts):
+    """An exception between start and result drops the call: the runner then waits for it (its
+    buffers kept until it ends) and takes the next one, instead of declining every later one."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
+    ids, weights = routing(3, k=4, seed=5)
+    runner = native.MoeRunner()
+    try:
+        dropped = runner.start(x, ids, weights, gate, up, down, n_threads=2)
+        assert runner.start(x, ids, weights, gate, up, down, n_threads=2) is None  # still held
+        del dropped
+        running = runner.start(x, ids, weights, gate, up, down, n_threads=2)
+        assert running is not None
+        ref = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+        assert relative_error(running.result(), ref) < Q8_ACTIVATION_TOL
+    finally:
+        runner.close()
+
+
 def test_cpu_kernels_start_the_op_on_their_runner(ud_experts):
     (gate, g_ref), (up, u_ref), (down, d_ref) = ud_experts
     x = torch.randn(2, 256, generator=torch.Generator().manual_seed(4))

@@ -52,7 +52,7 @@ class CpuExperts:
         return self.share is not None and self.share.wants(n_tokens, self.gate, self.up, self.down)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor,
-               weights: torch.Tensor) -> Future | torch.Tensor | _SharedCall:
+               weights: torch.Tensor) -> Future | native.RunningMoe | torch.Tensor | _SharedCall:
         if self.streamer is not None and self.streamer.wants(x.shape[0], self.gate, self.up, self.down):
             return self.streamer.moe(x, ids, weights, self.gate, self.up, self.down)  # queued there
         if self.shares(x.shape[0]) and self.share.serves(x.device):
@@ -65,13 +65,16 @@ class CpuExperts:
             x, out = _pinned_copy(x), torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
         else:
             x = x.detach().to("cpu", torch.float32)
+        running = self._start_on_runner(x, ids.cpu(), weights.cpu(), out)
+        if running is not None:
+            return running
         return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down,
                                        own=self.own_kernels, out=out)
 
-    def collect(self, handle: Future | torch.Tensor | _SharedCall) -> torch.Tensor:
+    def collect(self, handle: Future | native.RunningMoe | torch.Tensor | _SharedCall) -> torch.Tensor:
         if isinstance(handle, _SharedCall):
             return self._collect_shared(handle)
-        return handle.result() if isinstance(handle, Future) else handle
+        return handle.result() if isinstance(handle, Future | native.RunningMoe) else handle
 
     def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor,
                        weights: torch.Tensor, after_launch=None) -> torch.Tensor:
@@ -93,6 +96,22 @@ class CpuExperts:
         n_other = balance.take(len(chosen - resident))  # the balance shares the others
         gpu_experts, cpu_ids = split(ids, n_other, resident, limit=self.share.max_experts)
         return gpu_experts, cpu_ids, len(chosen), balance
+
+    def _start_on_runner(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                         out: torch.Tensor | None = None) -> native.RunningMoe | None:
+        """An unshared call of a layer with a share, started on the kernels' runner, whose
+        OpenMP team the shared calls use: a second team (the executor's, the caller's) would
+        stay counted by libgomp and throttle the op's threads (gpu_share.SHARE_ENV). None where
+        that does not apply or the runner is busy."""
+        if self.share is None or not self.share.submit_on_runner:
+            return None
+        return self.kernels.start_moe(x, ids, weights, self.gate, self.up, self.down, out=out,
+                                      n_threads=self._runner_threads())
+
+    def _runner_threads(self) -> int:
+        """Threads of an op on the kernels' runner: one fewer than the kernels' (a core for the
+        caller, which launches GPU work meanwhile), or TANDEM_SHARE_CPU_THREADS."""
+        return self.share.cpu_threads or self.kernels.n_threads - 1
 
     def _launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                 gpu_experts: list[int]) -> Launched | None:
@@ -120,9 +139,8 @@ class CpuExperts:
                 x_host = _pinned_copy(x) if x.is_cuda else x.detach().to(torch.float32)
             cpu = (x_host, cpu_ids, weights)
             if self.share.cpu_first and gpu_experts:
-                threads = self.share.cpu_threads or self.kernels.n_threads - 1  # a core for the launch
                 started = self.kernels.start_moe(x_host, cpu_ids, weights, self.gate, self.up, self.down,
-                                                 out=self._host_out(x_host), n_threads=threads)
+                                                 out=self._host_out(x_host), n_threads=self._runner_threads())
                 cpu = started or cpu  # the runner busy (another thread's call): run in collect
         return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts), balance)
 
@@ -149,7 +167,11 @@ class CpuExperts:
         return gpu.out + cpu.to(self.share.device, non_blocking=True)
 
     def compute(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The same, on the calling thread (CPU tensors in, CPU tensor out)."""
+        """The same, waiting for it (CPU tensors in, CPU tensor out): on the calling thread, or
+        on the runner for a layer with a share."""
+        running = self._start_on_runner(x, ids, weights)
+        if running is not None:
+            return running.result()
         return self.kernels.moe(x, ids, weights, self.gate, self.up, self.down, own=self.own_kernels)
 
 

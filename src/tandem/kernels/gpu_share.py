@@ -90,9 +90,15 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # torch's 16 and the runner's 15 outnumber the CPUs, the op's waiting threads sleep at every
 # barrier. Run t on the GPU machine: the op on the runner 0.32/0.93/1.47 ms for 1/3/5 UD-IQ1_S
 # experts with torch's team at 2, 0.49/1.06/1.66 without; decode 49.9 against 48.4 tok/s.
+# TANDEM_SHARE_SUBMIT_ON_RUNNER=0: the layers' unshared MoE calls (prefill below the streaming
+# threshold, batches past MAX_TOKENS, steps before the share is ready) on the kernels' Python
+# executor thread, as before run t, instead of the runner (experts.CpuExperts.submit). Each
+# thread that runs the op keeps an OpenMP team of its own, which libgomp keeps counting: after
+# one short prompt the executor's 15 idle threads would throttle every later decode step.
 TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
-             "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS")
+             "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
+             "TANDEM_SHARE_SUBMIT_ON_RUNNER")
 
 
 def max_experts_for(k: int) -> int:
@@ -189,6 +195,7 @@ class GpuShare:
         self.graphs = True  # replay the kernels as CUDA graphs (False: launch them each call)
         self.cpu_first = os.environ.get("TANDEM_SHARE_CPU_FIRST") != "0"  # see SHARE_ENV
         self.cpu_threads = env_int("TANDEM_SHARE_CPU_THREADS")  # 0: the default
+        self.submit_on_runner = os.environ.get("TANDEM_SHARE_SUBMIT_ON_RUNNER") != "0"  # see SHARE_ENV
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
         self._ahead: _Ahead | None = None  # the experts prefetched for one layer
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}

@@ -192,7 +192,7 @@ class MoeRunner:
         if not handle:
             raise KernelError("could not start the CPU kernels' runner thread")
         self._handle = handle
-        self._running: RunningMoe | None = None
+        self._running: weakref.ref[RunningMoe] | None = None  # the last call, while its owner holds it
         self._lock = threading.Lock()  # one start at a time
         # the thread ends with this object (after any call under way)
         self._finalizer = weakref.finalize(self, _lib().tandem_runner_free, handle)
@@ -203,13 +203,22 @@ class MoeRunner:
         """`moe` with these arguments started on the runner's thread; None when the runner is
         still busy with a call not yet waited for (the caller then runs it itself)."""
         with self._lock:
-            if self._running is not None and not self._running.waited:
+            last = self._running() if self._running is not None else None
+            if last is not None and not last.waited:
                 return None
             call = _MoeCall(x, ids, weights, gate, up, down, n_threads, out)
             if call.tokens and _lib().tandem_runner_start(self._handle, *call.args) == RUNNER_BUSY:
                 return None
-            self._running = RunningMoe(self._handle if call.tokens else None, call)
-            return self._running
+            running = RunningMoe(self if call.tokens else None, call)
+            self._running = weakref.ref(running)
+            return running
+
+    def wait(self) -> int:
+        """Wait for the call last started: its return code (0 when none, or closed)."""
+        return _lib().tandem_runner_wait(self._handle) if self._finalizer.alive else 0
+
+    def seconds(self) -> float:
+        return _lib().tandem_runner_seconds(self._handle) if self._finalizer.alive else 0.0
 
     def close(self) -> None:
         self._finalizer()
@@ -219,19 +228,28 @@ class RunningMoe:
     """A `moe` call under way on a MoeRunner: `result()` waits for it (as a Future's); then
     `seconds` is how long it ran on the runner's thread."""
 
-    def __init__(self, handle, call: _MoeCall):
-        self._handle, self._call = handle, call
-        self.waited = handle is None  # nothing to wait for: no tokens
+    def __init__(self, runner: MoeRunner | None, call: _MoeCall):
+        self._runner, self._call = runner, call
+        self.waited = runner is None  # nothing to wait for: no tokens
         self.seconds = 0.0
         self._rc = 0
+        # dropped unwaited (an exception between start and result): the runner waits for the
+        # call then, its buffers kept until it ends, and takes the next one
+        self._dropped = None if self.waited else weakref.finalize(self, _wait_dropped, runner, call)
 
     def result(self) -> torch.Tensor:
         if not self.waited:
             self.waited = True
-            self._rc = _lib().tandem_runner_wait(self._handle)
-            self.seconds = _lib().tandem_runner_seconds(self._handle)
+            self._dropped.detach()
+            self._rc = self._runner.wait()
+            self.seconds = self._runner.seconds()
         _check(self._rc, "moe", self._call.gate)  # a failed call raises at every result()
         return self._call.out
+
+
+def _wait_dropped(runner: MoeRunner, call: _MoeCall) -> None:
+    """A RunningMoe's finalizer: `call` (its buffers) lives until the runner is done with it."""
+    runner.wait()
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor, vectorized: bool = True) -> torch.Tensor:
