@@ -189,7 +189,7 @@ def instrument(graphs: DecodeGraphs) -> None:
     # the call's other host parts, and the launch's own (what is left of it is bookkeeping)
     CpuExperts._combine = _timed_host("split/combine: combine", CpuExperts._combine)
     experts_module._pinned_copy = _timed_host("split/combine: x to host", experts_module._pinned_copy)
-    share_module._single_pairs = _timed_host("launch: pairs", share_module._single_pairs)
+    share_module._pairs = _timed_host("launch: pairs", share_module._pairs)
     GpuShare._inputs = _timed_host("launch: inputs", GpuShare._inputs)
     GpuShare._upload = _timed_host("launch: copies queued", GpuShare._upload)
     GpuShare._compute = _timed_host("launch: kernels queued", GpuShare._compute)

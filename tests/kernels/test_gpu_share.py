@@ -95,14 +95,19 @@ def test_balance_turns_a_share_into_whole_experts_and_moves_toward_the_slower_si
         ShareBalance(1.5)
 
 
-def test_split_gives_the_gpu_only_experts_one_token_chose():
+def test_split_gives_the_gpu_experts_with_fewest_tokens_first(monkeypatch):
     ids = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 3]])  # counts: 0:3, 1:2, 2:1, 3:2, 4:1
     gpu, cpu_ids = split(ids, 3)
-    assert gpu == [2, 4]
-    assert cpu_ids.tolist() == [[0, 1, SKIPPED_SLOT], [0, 1, 3], [0, SKIPPED_SLOT, 3]]
+    assert gpu == [2, 4, 1]  # one token each, then two (ties by id)
+    assert cpu_ids.tolist() == [[0, SKIPPED_SLOT, SKIPPED_SLOT], [0, SKIPPED_SLOT, 3], [0, SKIPPED_SLOT, 3]]
     assert split(ids, 1)[0] == [2]
+    assert split(ids, 9, limit=5)[0] == [2, 4, 1]  # 3 would make 6 pairs, 0 seven
+    assert split(ids, 9, limit=3)[0] == [2, 4]
+    assert split(torch.tensor([[0], [0], [0]]), 1, limit=4)[0] == []  # 3 pairs: no half of 2 holds them
     none, unchanged = split(ids, 0)
     assert none == [] and torch.equal(unchanged, ids)
+    monkeypatch.setenv("TANDEM_SHARE_BATCH_PAIRS", "0")  # as before run t: one token's experts only
+    assert split(ids, 3)[0] == [2, 4]
 
 
 def test_balanced_calls_stay_correct_while_the_share_moves(kernels, experts):
@@ -163,21 +168,26 @@ def many_experts():
     return [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
 
 
+@pytest.mark.parametrize("which", ["one-token-experts", "all-experts"])
 @pytest.mark.parametrize("n_tokens", [2, 5, MAX_TOKENS])
-def test_a_batchs_share_alone_is_float_exact_even_over_nan_padding(many_experts, n_tokens):
-    """The experts that one token chose, on the share: each on its own token's x, summed per
-    token; float-exact against the oracle over just those pairs. The halves are padded up to
-    compiled counts; padded slots hold NaN bytes here and must add exactly nothing."""
+def test_a_batchs_share_alone_is_float_exact_even_over_nan_padding(many_experts, n_tokens, which):
+    """A batch's experts on the share, those one token chose or all (an expert several tokens
+    chose: copied once, computed for each of its tokens): each pair on its own token's x,
+    summed per token; float-exact against the oracle over just those pairs. The halves are
+    padded up to compiled pair counts; padded slots hold NaN bytes here and must add exactly
+    nothing."""
     (gate, g_ref), (up, u_ref), (down, d_ref) = many_experts
     x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(n_tokens))
     ids, weights = routing(n_tokens, k=K, n_expert=MANY, seed=n_tokens)
-    singles, _ = split(ids, MANY)
-    assert len(singles) >= 3  # a padded half at least once (3 -> 2 + 1, 5 -> 3 + 2 ...)
+    chosen, _ = split(ids, MANY, shared_experts=which == "all-experts", limit=MANY)
+    assert len(chosen) >= 3  # a padded half at least once (3 -> 2 + 1, 5 -> 3 + 2 ...)
+    if which == "all-experts":
+        assert len(chosen) == len(set(ids.flatten().tolist())) < ids.numel()  # some serve several tokens
     share = GpuShare("cpu", max_experts=MANY)
     share._ensure_slots(MANY * sum(w.expert_bytes() for w in (gate, up, down))).fill_(255)
-    launched = share.launch(x, ids, weights, singles, gate, up, down)
-    only_singles = weights * torch.isin(ids, torch.tensor(singles))
-    expected = moe_reference(x, ids, only_singles, g_ref, u_ref, d_ref)
+    launched = share.launch(x, ids, weights, chosen, gate, up, down)
+    only_chosen = weights * torch.isin(ids, torch.tensor(chosen))
+    expected = moe_reference(x, ids, only_chosen, g_ref, u_ref, d_ref)
     assert launched.out.shape == (n_tokens, D) and torch.isfinite(launched.out).all()
     assert relative_error(launched.out, expected) < 1e-5
 
@@ -197,12 +207,16 @@ def test_batches_split_between_share_and_cpu_match_the_float_reference(kernels, 
     assert moe.batch_balance.share == share and moe.balance.share == share  # fixed
 
 
-def test_the_share_refuses_an_expert_that_several_tokens_chose(many_experts):
+def test_the_share_refuses_experts_no_token_chose_or_too_many_pairs(many_experts):
     (gate, _), (up, _), (down, _) = many_experts
     ids = torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6]])
-    with pytest.raises(KernelError, match=r"experts \[0\] were chosen \[2\] times"):
-        GpuShare("cpu", max_experts=MANY).launch(torch.randn(2, D), ids, torch.ones(2, 4), [0, 1],
+    with pytest.raises(KernelError, match=r"experts \[9\] that no token chose"):
+        GpuShare("cpu", max_experts=MANY).launch(torch.randn(2, D), ids, torch.ones(2, 4), [0, 9],
                                                  gate, up, down)
+    ids = torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6], [0, 1, 5, 7]])  # expert 0: 3 pairs, 1: 2
+    with pytest.raises(KernelError, match="5 pairs of 2 experts do not fit two halves of 2 slots"):
+        GpuShare("cpu", max_experts=4).launch(torch.randn(3, D), ids, torch.ones(3, 4), [0, 1],
+                                              gate, up, down)
 
 
 @pytest.mark.cuda

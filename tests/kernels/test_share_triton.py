@@ -69,20 +69,22 @@ def test_the_whole_step_as_the_share_calls_it(mix):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the stale slot, interpreted
 def test_a_batch_adds_each_expert_to_its_own_tokens_row(mix):
-    """As gpu_share's batch kernels: expert i on row tokens[i] of x (8 rows, as MAX_TOKENS),
-    summed per row; a padded slot (weight 0, whatever bytes) adds nothing."""
+    """As gpu_share's batch kernels: pair i, the expert in slot slots[i] on row tokens[i] of x
+    (8 rows, as MAX_TOKENS), summed per row; one expert may serve several tokens; a padded pair
+    (weight 0, whatever bytes its slot holds) adds nothing."""
     types, ((gate, g_ref), (up, u_ref), (down, d_ref)) = mix
     x = torch.randn(8, D, generator=torch.Generator().manual_seed(5))
-    tokens = torch.tensor([5, 0, 5])
-    weight = torch.tensor([0.5, 0.25, 0.0])  # the last: a padded slot
+    slots = torch.tensor([0, 1, 0, 2])
+    tokens = torch.tensor([5, 0, 3, 5])
+    weight = torch.tensor([0.5, 0.25, 0.75, 0.0])  # the last: a padded pair
     stale = _raw(gate).clone()
     stale[2, :2] = torch.tensor([0x00, 0x7C], dtype=torch.uint8)  # a scale (d) of +inf: h not finite
-    ours = share_triton.expert_rows(types, stale, _raw(up), _raw(down), x.to(DEVICE),
+    ours = share_triton.expert_rows(types, stale, _raw(up), _raw(down), x.to(DEVICE), slots.to(DEVICE),
                                     tokens.to(DEVICE), weight.to(DEVICE)).cpu()
     expected = torch.zeros(8, D)
-    for e, t in enumerate(tokens.tolist()):
+    for e, t, w in zip(slots.tolist(), tokens.tolist(), weight.tolist(), strict=True):
         h = torch.nn.functional.silu(g_ref[e] @ x[t]) * (u_ref[e] @ x[t])
-        expected[t] += weight[e] * (d_ref[e] @ h)
+        expected[t] += w * (d_ref[e] @ h)
     assert ours.shape == (8, D)
     assert relative_error(ours, expected) < 1e-5
     assert torch.equal(ours[1], torch.zeros(D))  # rows no expert chose stay zero

@@ -18,10 +18,12 @@ batch's other experts; the skipped slots are marked SKIPPED_SLOT for it.
     CPU threads:  the other experts (kernels.native) on the caller's thread, meanwhile; then
                   the two results are added
 
-Batches of up to MAX_TOKENS tokens (the server's decode steps) share too: there the GPU takes
-only experts that one token chose, each on its own token's x, and the halves are padded up to
-the counts in ROW_COUNTS (one compiled kernel set each); an expert several tokens chose stays on
-the CPU, whose kernels serve all its tokens from one read of its weights.
+Batches of up to MAX_TOKENS tokens (the server's decode steps) share too: the GPU takes the
+experts one token chose first, then those several tokens chose (fewest first); each expert's
+bytes cross once, and each of its (token, slot) pairs is computed on its own token's x from
+them. The halves' pairs are padded up to the counts in ROW_COUNTS (one compiled kernel set
+each). The CPU's kernels serve all tokens of an expert from one read of its weights, so the
+experts with most tokens are the last the GPU takes.
 
 How many experts go to the GPU is balanced per layer (`ShareBalance`, one for single tokens,
 one for batches): after each call, the side that finished last gets a smaller share next time.
@@ -58,10 +60,9 @@ from tandem.kernels.tensors import QuantTensor
 log = logging.getLogger(__name__)
 
 # Decode steps of up to this many sequences (the server's batches); longer batches stay on the
-# CPU or stream to the GPU whole (kernels.streamed). In a batch the GPU takes only experts that
-# one token chose (the rest share their decoded weights across tokens on the CPU).
+# CPU or stream to the GPU whole (kernels.streamed).
 MAX_TOKENS = 8
-ROW_COUNTS = (1, 2, 4, 8, 16)  # experts per half the batch kernels are compiled for (padded up)
+ROW_COUNTS = (1, 2, 4, 8, 16)  # (token, slot) pairs per half the batch kernels are compiled for (padded up)
 STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
@@ -90,6 +91,8 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # torch's 16 and the runner's 15 outnumber the CPUs, the op's waiting threads sleep at every
 # barrier. Run t on the GPU machine: the op on the runner 0.32/0.93/1.47 ms for 1/3/5 UD-IQ1_S
 # experts with torch's team at 2, 0.49/1.06/1.66 without; decode 49.9 against 48.4 tok/s.
+# TANDEM_SHARE_BATCH_PAIRS=0: a batch's share takes only experts that one token chose (as before
+# run t; see split).
 # TANDEM_SHARE_SUBMIT_ON_RUNNER=0: the layers' unshared MoE calls (prefill below the streaming
 # threshold, batches past MAX_TOKENS, steps before the share is ready) on the kernels' Python
 # executor thread, as before run t, instead of the runner (experts.CpuExperts.submit). Each
@@ -98,13 +101,14 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
-             "TANDEM_SHARE_SUBMIT_ON_RUNNER")
+             "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS")
 
 
 def max_experts_for(k: int) -> int:
-    """How many experts one call may give the share (its slots), for a model choosing k per
-    token: half of MAX_TOKENS tokens' experts (8 streams of R1 choose ~57 distinct experts a
-    step, ~50 of them by one token only), or TANDEM_SHARE_MAX_EXPERTS (k or more)."""
+    """How many experts one call may give the share (its slots; a batch's (token, slot) pairs
+    too), for a model choosing k per token: half of MAX_TOKENS tokens' experts (8 streams of R1
+    choose ~57 distinct experts a step, ~50 of them by one token only), or
+    TANDEM_SHARE_MAX_EXPERTS (k or more)."""
     return env_int("TANDEM_SHARE_MAX_EXPERTS", default=k * MAX_TOKENS // 2, minimum=k)
 
 
@@ -255,7 +259,8 @@ class GpuShare:
             for types, sizes, d in sorted(kinds):
                 grids = [torch_dequant.grid_table(t, self.device) for t in types]
                 for n in self._counts(batched):
-                    parts = [torch.zeros(n, size, dtype=torch.uint8, device=self.device) for size in sizes]
+                    rows = self._half_capacity if batched else n  # a batch's pairs index its half's slots
+                    parts = [torch.zeros(rows, size, dtype=torch.uint8, device=self.device) for size in sizes]
                     _experts_fn(*types, batched, True)(*parts, *self._zero_inputs(batched, n, d), *grids)
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -267,8 +272,8 @@ class GpuShare:
 
     def _zero_inputs(self, batched: bool, n: int, d: int) -> tuple[torch.Tensor, ...]:
         zeros = functools.partial(torch.zeros, device=self.device)
-        if batched:  # x rows, each expert's token, its weight
-            return zeros(MAX_TOKENS, d), zeros(n, dtype=torch.long), zeros(n)
+        if batched:  # x rows, each pair's slot and token, its weight
+            return zeros(MAX_TOKENS, d), zeros(n, dtype=torch.long), zeros(n, dtype=torch.long), zeros(n)
         return zeros(d), zeros(n)
 
     def keep_in_vram(self, layers: Sequence[Sequence[QuantTensor]], budget_bytes: int) -> int:
@@ -366,10 +371,10 @@ class GpuShare:
                gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> Launched:
         """Queue, for each token t, the sum over its slots j with ids[t, j] in `experts` of
         weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) on the device: x [T, d] there, ids
-        and weights [T, k] on the host; each of `experts` chosen by one token only. Returns
-        without waiting.
+        and weights [T, k] on the host. Returns without waiting.
 
-        Two halves: the second half's bytes cross PCIe while the first half is computed."""
+        Two halves: the second half's bytes cross PCIe while the first half is computed. Each
+        expert's bytes are copied once; in a batch its (token, slot) pairs index them."""
         experts = sorted(experts)
         n_tokens = x.shape[0]
         if not experts or len(experts) > self.max_experts:
@@ -377,20 +382,25 @@ class GpuShare:
         if not 0 < n_tokens <= MAX_TOKENS or ids.shape[0] != n_tokens:
             raise KernelError(f"the GPU share takes 1..{MAX_TOKENS} tokens, got {n_tokens} "
                               f"(ids for {ids.shape[0]})")
-        token_of, weight_of = _single_pairs(ids, weights, experts)
+        pairs = _pairs(ids, weights, experts)
         batched = n_tokens > 1
-        half = (len(experts) + 1) // 2
-        groups = [experts[:half], experts[half:]] if len(experts) > 1 else [experts]
+        groups = _halves(experts, {e: len(p) for e, p in pairs.items()}, self._half_capacity)
+        if groups is None:
+            raise KernelError(f"{sum(len(p) for p in pairs.values())} pairs of {len(experts)} experts "
+                              f"do not fit two halves of {self._half_capacity} slots")
         tensors = (gate, up, down)
         types = tuple(w.ggml_type for w in tensors)
         sizes = tuple(w.expert_bytes() for w in tensors)
         grids = [torch_dequant.grid_table(t, self.device) for t in types]
         slots = self._ensure_slots(2 * self._half_capacity * sum(sizes))
-        counts = [self._padded(len(group), batched) for group in groups]
-        parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(counts)]
+        # one token: a slot per expert, exact counts; a batch: pair counts padded up, the
+        # experts in the first rows of the half's slots (the pairs index them)
+        counts = [self._padded(sum(len(pairs[e]) for e in group), batched) for group in groups]
+        rows = [self._half_capacity if batched else n for n in counts]
+        parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(rows)]
         # the copies first: the GPU's part ends after them, the inputs are staged meanwhile
         copied = self._upload(groups, tensors, parts)
-        x_in, per_half = self._inputs(x, groups, token_of, weight_of, batched)
+        x_in, per_half = self._inputs(x, groups, pairs, batched)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         outs = []
         for region, n in enumerate(counts):
@@ -409,20 +419,23 @@ class GpuShare:
     def _padded(self, n: int, batched: bool) -> int:
         return next(c for c in self._counts(batched) if c >= n) if batched else n
 
-    def _inputs(self, x: torch.Tensor, groups: list[list[int]], token_of: dict[int, int],
-                weight_of: dict[int, float], batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _inputs(self, x: torch.Tensor, groups: list[list[int]], pairs: dict[int, list[tuple[int, float]]],
+                batched: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The kernels' inputs in fixed buffers (captured graphs read them there): x (one
         token's [d], or a batch's rows [MAX_TOKENS, d]) and the per-half ones [2, capacity]:
-        each expert's token (batches only), then its routing weight (0 where a half is padded)."""
+        for batches each pair's slot (its expert's row) and token, then its routing weight (0
+        where a half is padded)."""
         capacity = self._half_capacity
-        # one upload for both: the weights, and the tokens as floats (small integers, exact)
+        # one upload for all: the weights, and the slots and tokens as floats (small integers, exact)
         host, uploaded = self._next_staging(capacity)
         values = host.numpy()
-        values.fill(0.0)  # padded slots: weight 0, token 0
+        values.fill(0.0)  # padded pairs: weight 0, slot 0, token 0
         for region, group in enumerate(groups):
-            values[0, region, : len(group)] = [weight_of[e] for e in group]
-            values[1, region, : len(group)] = [token_of[e] for e in group]
-        staged = self._buffer("staged", (2, 2, capacity))
+            listed = [(row, token, weight) for row, e in enumerate(group) for token, weight in pairs[e]]
+            values[0, region, : len(listed)] = [weight for _, _, weight in listed]
+            values[1, region, : len(listed)] = [row for row, _, _ in listed]
+            values[2, region, : len(listed)] = [token for _, token, _ in listed]
+        staged = self._buffer("staged", (3, 2, capacity))
         staged.copy_(host, non_blocking=True)  # pinned: no wait for the GPU
         if uploaded is not None:
             uploaded.record()
@@ -432,14 +445,14 @@ class GpuShare:
             return xv, [staged[0]]
         rows = self._buffer("x_rows", (MAX_TOKENS, x.shape[-1]))
         rows[: x.shape[0]].copy_(x)
-        tokens = self._buffer("tokens", (2, capacity), torch.long)
-        tokens.copy_(staged[1])
-        return rows, [tokens, staged[0]]
+        indices = self._buffer("pair_indices", (2, 2, capacity), torch.long)  # slots, tokens
+        indices.copy_(staged[1:])
+        return rows, [indices[0], indices[1], staged[0]]
 
     def _next_staging(self, capacity: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A pinned [2, 2, capacity] host buffer whose last upload is done, and its event."""
+        """A pinned [3, 2, capacity] host buffer whose last upload is done, and its event."""
         if not self._staging:
-            self._staging = [(torch.zeros(2, 2, capacity, pin_memory=self.cuda),
+            self._staging = [(torch.zeros(3, 2, capacity, pin_memory=self.cuda),
                               torch.cuda.Event() if self.cuda else None) for _ in range(2)]
         self._staging.append(self._staging.pop(0))
         host, uploaded = self._staging[-1]
@@ -628,17 +641,34 @@ def _indexed(device: torch.device) -> torch.device:
 
 
 def split(ids: torch.Tensor, n_gpu_experts: int, resident: set[int] = frozenset(),
-          limit: int | None = None) -> tuple[list[int], torch.Tensor]:
-    """Experts for the GPU, each chosen by one token only (the GPU's kernels take one token
-    per expert; an expert several tokens chose serves them all from one read on the CPU):
-    those `resident` in VRAM, then up to n others; at most `limit` in all. And the ids for the
-    CPU, the GPU's slots marked SKIPPED_SLOT. ids [T, k] on the host. (Python lists: a decode
-    step has 8 ids, and tensor ops cost ~10x more per call at that size.)"""
+          limit: int | None = None, shared_experts: bool | None = None) -> tuple[list[int], torch.Tensor]:
+    """Experts for the GPU: those `resident` in VRAM, then up to n others; experts that one
+    token chose first, then those several tokens chose, fewest tokens first (`shared_experts`,
+    default TANDEM_SHARE_BATCH_PAIRS != 0: the GPU computes such an expert once per token
+    from one copy of its bytes, while the CPU serves all its tokens from one read; without
+    them the GPU idled more than half of an 8-stream call in run t). At most `limit` of their
+    (token, slot) pairs in all. And the ids for the CPU, the GPU's slots marked SKIPPED_SLOT.
+    ids [T, k] on the host. (Python lists: a decode step has 8 ids, and tensor ops cost ~10x
+    more per call at that size.)"""
+    if shared_experts is None:
+        shared_experts = os.environ.get("TANDEM_SHARE_BATCH_PAIRS") != "0"
     rows = ids.tolist()
     counts = Counter(e for row in rows for e in row)
-    single = sorted(e for e in counts if counts[e] == 1)
-    gpu = [e for e in single if e in resident] + [e for e in single if e not in resident][:n_gpu_experts]
-    gpu = gpu[:limit]
+    order = sorted(counts, key=lambda e: (e not in resident, counts[e], e))
+    if not shared_experts:
+        order = [e for e in order if counts[e] == 1]
+    gpu, pairs, others = [], 0, 0
+    for e in order:
+        if e not in resident and others == n_gpu_experts:
+            break
+        if limit is not None and pairs + counts[e] > limit:
+            continue  # a smaller one may still fit
+        gpu.append(e)
+        pairs += counts[e]
+        others += e not in resident
+    if limit is not None:  # the pairs must also fit the two halves of the slots (GpuShare.launch)
+        while gpu and _halves(gpu, counts, (limit + 1) // 2) is None:
+            gpu.pop()  # the last taken: the most tokens
     if not gpu:
         return [], ids
     chosen = set(gpu)
@@ -646,21 +676,44 @@ def split(ids: torch.Tensor, n_gpu_experts: int, resident: set[int] = frozenset(
     return gpu, torch.tensor(cpu_ids, dtype=ids.dtype)
 
 
-def _single_pairs(ids: torch.Tensor, weights: torch.Tensor, experts: list[int]) -> tuple[dict, dict]:
-    """Each expert's token and routing weight; KernelError if one is chosen by several tokens
-    (or none)."""
-    token_of, weight_of, seen = {}, {}, Counter()
-    chosen = set(experts)
+def _pairs(ids: torch.Tensor, weights: torch.Tensor,
+           experts: list[int]) -> dict[int, list[tuple[int, float]]]:
+    """Each of `experts`' (token, routing weight) pairs; KernelError for one no token chose."""
+    pairs = {e: [] for e in experts}
     for t, (row, row_weights) in enumerate(zip(ids.tolist(), weights.tolist(), strict=True)):
         for e, w in zip(row, row_weights, strict=True):
-            if e in chosen:
-                token_of[e], weight_of[e] = t, w
-                seen[e] += 1
-    wrong = [e for e in experts if seen[e] != 1]
-    if wrong:
-        raise KernelError(f"the GPU share takes experts that one token chose; experts {wrong} "
-                          f"were chosen {[seen[e] for e in wrong]} times")
-    return token_of, weight_of
+            if e in pairs:
+                pairs[e].append((t, w))
+    unused = [e for e in experts if not pairs[e]]
+    if unused:
+        raise KernelError(f"the GPU share was given experts {unused} that no token chose")
+    return pairs
+
+
+def _halves(experts: list[int], sizes: dict[int, int], capacity: int) -> list[list[int]] | None:
+    """`experts` in two sorted groups whose pair counts (`sizes`) are as equal as whole experts
+    allow, each at most `capacity` pairs (one group for a single expert): cut where the sorted
+    list balances best (runs of consecutive experts stay whole: fewer copies), else placed
+    largest first into the emptier group. None if they do not fit."""
+    experts = sorted(experts)
+    if len(experts) == 1:
+        return [experts] if sizes[experts[0]] <= capacity else None
+    total, best, best_gap, first = sum(sizes[e] for e in experts), None, None, 0
+    for cut in range(1, len(experts)):
+        first += sizes[experts[cut - 1]]
+        gap = abs(2 * first - total)
+        if first <= capacity and total - first <= capacity and (best is None or gap <= best_gap):
+            best, best_gap = cut, gap  # ties: the larger first group, as its copies go first
+    if best is not None:
+        return [experts[:best], experts[best:]]
+    groups, filled = ([], []), [0, 0]
+    for e in sorted(experts, key=lambda e: -sizes[e]):
+        side = min((0, 1), key=lambda i: filled[i])
+        if filled[side] + sizes[e] > capacity:
+            return None  # the emptier group has no room: neither has
+        groups[side].append(e)
+        filled[side] += sizes[e]
+    return [sorted(groups[0]), sorted(groups[1])]
 
 
 def _rows_times(raw: torch.Tensor, t: GGMLType, grid, x: torch.Tensor, products) -> torch.Tensor:
@@ -690,13 +743,15 @@ def _experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor,
 
 
 def _expert_rows(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
-                 down_raw: torch.Tensor, x_rows: torch.Tensor, tokens: torch.Tensor, weight: torch.Tensor,
-                 gate_grid, up_grid, down_grid) -> torch.Tensor:
-    """n experts (raw bytes [n, bytes] each), expert i on row tokens[i] of x_rows [T, d] with
-    routing weight weight[i]: their sum per row, [T, d] float32. Each expert has its own x,
-    so IQ1_S rows dequantize like the other types (one table of products per token would not
-    stay in L2). A padded slot (weight 0) adds exactly 0, whatever stale bytes it holds."""
+                 down_raw: torch.Tensor, x_rows: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
+                 weight: torch.Tensor, gate_grid, up_grid, down_grid) -> torch.Tensor:
+    """n pairs: the expert in row slots[i] of the raw bytes ([rows, bytes] each) on row
+    tokens[i] of x_rows [T, d] with routing weight weight[i]: their sum per row, [T, d]
+    float32. Each pair has its own x, so IQ1_S rows dequantize like the other types (one table
+    of products per token would not stay in L2). A padded pair (weight 0) adds exactly 0,
+    whatever stale bytes its slot holds."""
     gate_type, up_type, down_type = types
+    gate_raw, up_raw, down_raw = gate_raw[slots], up_raw[slots], down_raw[slots]  # fused loads when compiled
     n = down_raw.shape[0]
     xs = x_rows[tokens]  # [n, d]
 
