@@ -48,6 +48,7 @@ host_s: dict[str, list[float]] = defaultdict(list)  # host seconds per call, by 
 # milliseconds on the runner ("cpu_ms"), the GPU part's span events ("span"), the call's host
 # milliseconds ("call_ms")
 calls: list[dict] = []
+layer_of: dict[int, int] = {}  # MoE layers (their CpuExperts) numbered by their first call
 gpu_events: dict[str, list[tuple]] = defaultdict(list)  # (start, end) CUDA events, by part
 
 
@@ -111,6 +112,10 @@ def _timed_launch(fn):
     return wrapper
 
 
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
+
+
 def sides(calls: list[dict]) -> dict:
     """The shared calls by their split: per count of GPU experts, the mean CPU op, GPU span and
     call (ms); a line fitted to each side's time against its experts; where the lines cross
@@ -150,6 +155,7 @@ def instrument(graphs: DecodeGraphs) -> None:
     before (warm-up) is dropped."""
     host_s.clear()
     calls.clear()
+    layer_of.clear()
     for length, pairs in graphs._graphs.items():
         graphs._graphs[length] = [
             (TimedGraph(main, "segment" if i < len(pairs) - 1 else "last segment + head"),
@@ -198,7 +204,8 @@ def instrument(graphs: DecodeGraphs) -> None:
     @functools.wraps(split)
     def counted_split(self, ids):
         chosen = split(self, ids)
-        calls.append({"gpu": len(chosen[0]), "distinct": chosen[2]})
+        calls.append({"layer": layer_of.setdefault(id(self), len(layer_of)), "gpu": len(chosen[0]),
+                      "distinct": chosen[2], "share": round(chosen[3].share, 3)})
         return chosen
     CpuExperts._split = _timed_host("split/combine: split", counted_split)
 
@@ -396,6 +403,11 @@ def main() -> None:
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n, "streams": args.streams,
               "ms_per_token": token_ms, "parts_ms_per_token": per_token, "experts_split": experts_split,
               "sides": by_split,
+              # every shared call in order (the balance's course: hiccups, drift), as rows
+              "calls": {"columns": ["layer", "gpu_experts", "distinct", "share", "cpu_op_ms",
+                                    "gpu_span_ms"],
+                        "rows": [[c["layer"], c["gpu"], c["distinct"], c["share"],
+                                  _rounded(c.get("cpu_ms")), _rounded(c.get("gpu_ms"))] for c in calls]},
               "segments": seg_rows, "moe_layers": n_moe, "experts_per_token": llm.config.n_expert_used,
               "expert_bytes": expert_bytes(llm),
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
