@@ -7,6 +7,7 @@ valid (tandem.bench.random_blocks); the kernels read them at the same speed as r
     python benchmarks/moe_decode.py [--recipes ud-iq1_s q4_k_m] [--kernels ggml tandem]
                                     [--threads 1 2 16] [--tokens 1 8] [--steps 30] [--pool 16]
                                     [--cpu-experts 1 2 4 8] [--gap-ms 0 2] [--runner]
+                                    [--gemm-min-pairs 0 16]
 
 --pool N: every token picks its experts among the first N only (a prompt whose tokens share
 experts, as the synthetic files' routing did before their norms were kept near 1), so each
@@ -17,6 +18,8 @@ from its cost per expert. --gap-ms G: the thread idles G ms between calls, as it
 decode step's GPU segments run (a team of threads that went to sleep must be woken).
 --runner: each call starts on the kernels' runner thread with one thread fewer and is waited
 for (what a shared decode call does since the CPU's part starts first).
+--gemm-min-pairs 0 16: the GEMM path's threshold (0: the default), settings alternating call by
+call in one process (between processes the op's time moved up to 60% in run t).
 
 Prints a table and writes benchmarks/results/moe_decode-<host>-<date>.json.
 """
@@ -65,53 +68,81 @@ def recipe_experts(recipe: str) -> tuple[QuantTensor, QuantTensor, QuantTensor]:
 
 def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: int,
         warmup: int, pool: int = N_EXPERT, cpu_experts: int = N_USED, gap_ms: float = 0.0,
-        runner: bool = False) -> list[dict]:
+        runner: bool = False, gemm_min_pairs: list[int] | None = None) -> list[dict]:
+    """One row per thread count (and per `gemm_min_pairs` setting: those alternate call by call
+    in one process, so that each meets the same machine; 0: the kernels' default)."""
     tg, tu, td = RECIPES[recipe]
     gate, up, down = recipe_experts(recipe)
     expert_bytes = gate.expert_bytes() + up.expert_bytes() + down.expert_bytes()
     x = torch.randn(tokens, D_MODEL)
     g = torch.Generator().manual_seed(0)
+    settings = gemm_min_pairs or [None]
     rows = []
     for n_threads in thread_counts:
+        times = {s: [] for s in settings}
+        on_runner = {s: [] for s in settings}  # the op's own time on the runner's thread
         with CpuKernels(n_threads) as cpu:
-            times, on_runner = [], []  # on_runner: the op's own time on the runner's thread
             for step in range(warmup + steps):
-                # each token its own random choice, as concurrent streams (prefill shares more)
-                ids = torch.stack([torch.randperm(pool, generator=g)[:N_USED] for _ in range(tokens)])
-                ids[:, cpu_experts:] = SKIPPED_SLOT  # computed elsewhere (the GPU share)
-                weights = torch.rand(tokens, N_USED, generator=g)
-                if gap_ms:
-                    time.sleep(gap_ms / 1e3)
-                start = time.perf_counter()
-                # as a shared decode call: one thread fewer, leaving a core to the waiting caller
-                running = runner and cpu.start_moe(x, ids, weights, gate, up, down,
-                                                   n_threads=max(1, n_threads - 1))
-                if running:
-                    running.result()
-                else:
-                    cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
-                if step >= warmup:
-                    times.append((time.perf_counter() - start, ids[ids != SKIPPED_SLOT].unique().numel()))
-                    if running:
-                        on_runner.append(running.seconds)
-        median = statistics.median(t for t, _ in times)
-        distinct = statistics.mean(n for _, n in times)
-        rows.append({
-            "recipe": recipe, "kernel": kernel, "types": [tg.name, tu.name, td.name],
-            "threads": n_threads, "tokens": tokens, "pool": pool, "cpu_experts": cpu_experts,
-            "gap_ms": gap_ms, "runner": runner, "steps": steps, "median_ms": median * 1e3,
-            # the op alone, without the hand-over to the runner and back (runner calls only)
-            "median_op_ms_on_runner": statistics.median(on_runner) * 1e3 if on_runner else None,
-            "min_ms": min(t for t, _ in times) * 1e3, "distinct_experts_per_step": distinct,
-            "expert_bytes_per_step": distinct * expert_bytes,
-            "gb_per_s": distinct * expert_bytes / median / 1e9,
-        })
-        print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} pool={pool:3d} experts={cpu_experts} "
-              f"gap={gap_ms:g}ms runner={int(runner)} threads={n_threads:3d}  "
-              f"{median * 1e3:8.2f} ms  {rows[-1]['gb_per_s']:7.2f} GB/s"
-              + (f"  (op {rows[-1]['median_op_ms_on_runner']:.2f} ms on the runner)" if on_runner else ""),
-              flush=True)
+                for setting in settings:
+                    if setting is not None:
+                        native.set_gemm_min_pairs(setting)
+                    elapsed, running, distinct = _call(cpu, kernel, x, pool, cpu_experts, gap_ms, runner,
+                                                       n_threads, g, (gate, up, down))
+                    if step >= warmup:
+                        times[setting].append((elapsed, distinct))
+                        if running:
+                            on_runner[setting].append(running.seconds)
+        if gemm_min_pairs:
+            native.set_gemm_min_pairs(0)
+        for setting in settings:
+            rows.append(_row(recipe, kernel, (tg, tu, td), n_threads, tokens, pool, cpu_experts, gap_ms,
+                             runner, steps, times[setting], on_runner[setting], expert_bytes, setting))
     return rows
+
+
+def _call(cpu: CpuKernels, kernel: str, x: torch.Tensor, pool: int, cpu_experts: int, gap_ms: float,
+          runner: bool, n_threads: int, g: torch.Generator, experts_: tuple) -> tuple[float, object, int]:
+    """One timed call on fresh random ids: seconds, the runner's call (or None), experts used."""
+    gate, up, down = experts_
+    tokens = x.shape[0]
+    # each token its own random choice, as concurrent streams (prefill shares more)
+    ids = torch.stack([torch.randperm(pool, generator=g)[:N_USED] for _ in range(tokens)])
+    ids[:, cpu_experts:] = SKIPPED_SLOT  # computed elsewhere (the GPU share)
+    weights = torch.rand(tokens, N_USED, generator=g)
+    if gap_ms:
+        time.sleep(gap_ms / 1e3)
+    start = time.perf_counter()
+    # as a shared decode call: one thread fewer, leaving a core to the waiting caller
+    running = runner and cpu.start_moe(x, ids, weights, gate, up, down, n_threads=max(1, n_threads - 1))
+    if running:
+        running.result()
+    else:
+        cpu.moe(x, ids, weights, gate, up, down, own=kernel == "tandem")
+    return time.perf_counter() - start, running or None, ids[ids != SKIPPED_SLOT].unique().numel()
+
+
+def _row(recipe, kernel, types, n_threads, tokens, pool, cpu_experts, gap_ms, runner, steps, times,
+         on_runner, expert_bytes, gemm_min_pairs) -> dict:
+    median = statistics.median(t for t, _ in times)
+    distinct = statistics.mean(n for _, n in times)
+    row = {
+        "recipe": recipe, "kernel": kernel, "types": [t.name for t in types],
+        "threads": n_threads, "tokens": tokens, "pool": pool, "cpu_experts": cpu_experts,
+        "gap_ms": gap_ms, "runner": runner, "steps": steps, "gemm_min_pairs": gemm_min_pairs,
+        "median_ms": median * 1e3,
+        # the op alone, without the hand-over to the runner and back (runner calls only)
+        "median_op_ms_on_runner": statistics.median(on_runner) * 1e3 if on_runner else None,
+        "min_ms": min(t for t, _ in times) * 1e3, "distinct_experts_per_step": distinct,
+        "expert_bytes_per_step": distinct * expert_bytes,
+        "gb_per_s": distinct * expert_bytes / median / 1e9,
+    }
+    print(f"{recipe:9s} {kernel:6s} tokens={tokens:2d} pool={pool:3d} experts={cpu_experts} "
+          f"gap={gap_ms:g}ms runner={int(runner)} threads={n_threads:3d}"
+          + (f" min_pairs={gemm_min_pairs or 'default'}" if gemm_min_pairs is not None else "")
+          + f"  {median * 1e3:8.2f} ms  {row['gb_per_s']:7.2f} GB/s"
+          + (f"  (op {row['median_op_ms_on_runner']:.2f} ms on the runner)" if on_runner else ""),
+          flush=True)
+    return row
 
 
 def main() -> None:
@@ -135,10 +166,15 @@ def main() -> None:
                              "thread's OpenMP team to this many threads: libgomp counts the threads "
                              "of every team, the runner's too, and past the CPUs' count its waiting "
                              "threads sleep at once (a futex wake at every barrier)")
+    parser.add_argument("--gemm-min-pairs", nargs="+", type=int, default=None,
+                        help="fewest pairs of an expert that take the GEMM path (0: the default, 4 on "
+                             "AMX, 16 on AVX-512), each setting in turn call by call in this process")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
+    if not N_USED <= args.pool <= N_EXPERT:
+        parser.error(f"--pool takes {N_USED}..{N_EXPERT} (each token picks {N_USED} distinct experts)")
     if not all(1 <= n <= N_USED for n in args.cpu_experts):
         parser.error(f"--cpu-experts takes 1..{N_USED}")
     if any(n < N_USED for n in args.cpu_experts) and "ggml" in args.kernels:
@@ -155,7 +191,7 @@ def main() -> None:
     results = [row for recipe in args.recipes for kernel in args.kernels for tokens in args.tokens
                for n in args.cpu_experts for gap in args.gap_ms
                for row in run(recipe, kernel, args.threads, tokens, args.steps, args.warmup, args.pool,
-                              n, gap, args.runner)]
+                              n, gap, args.runner, args.gemm_min_pairs)]
     for row in results:
         row["share_of_ram_bandwidth"] = row["gb_per_s"] / bandwidth
         # Decode speed of a 58-MoE-layer R1 if the experts ran at this rate (all streams together).

@@ -42,8 +42,18 @@ def test_the_op_counts_only_the_experts_it_computes(small, cpu_experts, runner):
 
 @pytest.mark.parametrize(("args", "reason"), [(["--cpu-experts", "4"], "only tandem's kernels"),
                                               (["--runner"], "tandem's kernels only"),
-                                              (["--cpu-experts", "9"], "takes 1..8")])
+                                              (["--cpu-experts", "9"], "takes 1..8"),
+                                              (["--pool", "3"], "--pool takes 8..256")])
 def test_bad_settings_are_refused_with_the_reason(args, reason):
     done = subprocess.run([sys.executable, str(SCRIPT), "--kernels", "ggml", *args],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and reason in done.stderr
+
+
+def test_gemm_thresholds_alternate_in_one_run_and_the_default_comes_back(small):
+    from tandem.kernels import native
+
+    rows = small.run("ud-iq1_s", "tandem", [1], tokens=4, steps=2, warmup=1, pool=8, gemm_min_pairs=[0, 1])
+    assert [r["gemm_min_pairs"] for r in rows] == [0, 1]  # one row per setting
+    assert all(r["median_ms"] > 0 and r["distinct_experts_per_step"] == 8 for r in rows)
+    assert native.set_gemm_min_pairs(0) == 0  # the default put back
