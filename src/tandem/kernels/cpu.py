@@ -9,6 +9,7 @@ waits only when it needs the result.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -48,6 +49,7 @@ def resize_openmp_team(n_threads: int) -> None:
     torch.ones(1 << 24).sum()
 
 
+@functools.cache  # asked at every MoE call (three types): ~0.7 us each through ggml's traits
 def supports_matmul(t: GGMLType) -> bool:
     """Whether ggml's CPU backend has a dot product for weights of type t."""
     cpu_init()

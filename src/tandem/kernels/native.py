@@ -84,6 +84,7 @@ def _grid_bytes(kind, offset: int) -> np.ndarray:
     return np.ascontiguousarray(grid.astype(np.uint8))
 
 
+@functools.cache  # asked at every MoE call: ~1 us a type through ctypes
 def supports(t: GGMLType) -> bool:
     """Whether tandem has a kernel of its own for weights of type t."""
     return _lib().tandem_type_support(int(t)) > 0
