@@ -22,7 +22,7 @@ from tandem.gguf.types import GGMLType
 from tandem.kernels import native
 from tandem.kernels.ggml_lib import cpu_init, ggml
 from tandem.kernels.graph import Graph, point
-from tandem.kernels.tensors import QuantTensor, activation_rows
+from tandem.kernels.tensors import QuantTensor, activation_rows, as_cpu
 
 MAX_CACHED_GRAPHS = 32
 SKIPPED_SLOT = -1  # expert id of a slot that moe() leaves out (experts.c's SKIPPED_SLOT)
@@ -172,7 +172,7 @@ class CpuKernels:
         k = expert_ids.shape[1]
         if tuple(expert_weights.shape) != (t, k):
             raise KernelError(f"expert_weights must be [{t}, {k}], got {list(expert_weights.shape)}")
-        ids = expert_ids.detach().to("cpu", torch.int32).contiguous()
+        ids = as_cpu(expert_ids, torch.int32)
         lowest, highest, distinct = _id_stats(ids)
         if t and (lowest < SKIPPED_SLOT or highest >= n_expert):
             raise KernelError(f"expert ids must lie in [0, {n_expert}) (or be {SKIPPED_SLOT}: "
@@ -182,7 +182,7 @@ class CpuKernels:
             raise KernelError(f"skipped slots (id {SKIPPED_SLOT}) need tandem's own kernels; "
                               f"ggml's cannot skip ({gate.ggml_type.name}/{up.ggml_type.name}/"
                               f"{down.ggml_type.name} experts)")
-        weights = expert_weights.detach().to("cpu", torch.float32).contiguous()
+        weights = as_cpu(expert_weights, torch.float32)
         if out is None:
             out = torch.empty(t, d, dtype=torch.float32)
         elif (tuple(out.shape) != (t, d) or out.dtype != torch.float32 or out.device.type != "cpu"

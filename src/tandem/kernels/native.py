@@ -21,7 +21,7 @@ from gguf import quants
 from tandem.errors import KernelError
 from tandem.gguf.types import GGMLType
 from tandem.kernels.env import env_int
-from tandem.kernels.tensors import QuantTensor, activation_rows
+from tandem.kernels.tensors import QuantTensor, activation_rows, as_cpu
 
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
 # Environment variables that pick kernel variants at load, for A/B benchmarks: TANDEM_AMX=0 keeps
@@ -171,8 +171,8 @@ class _MoeCall:
         n_expert, n_ff, d = gate.shape
         self.x = activation_rows(x, d, "x")
         self.tokens, k = ids.shape
-        self.ids = ids.to(torch.int32).contiguous()
-        self.weights = weights.to(torch.float32).contiguous()
+        self.ids = as_cpu(ids, torch.int32)
+        self.weights = as_cpu(weights, torch.float32)
         self.out = torch.empty(self.tokens, d, dtype=torch.float32) if out is None else out
         self.gate = gate
         self.args = (self.x.data_ptr(), self.tokens, d, self.ids.data_ptr(), self.weights.data_ptr(), k,

@@ -64,4 +64,12 @@ def activation_rows(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
     """x as the CPU kernels take it: [T, width] float32, contiguous, in CPU memory."""
     if x.dim() != 2 or x.shape[1] != width:
         raise KernelError(f"{name} must be [T, {width}], got {list(x.shape)}")
-    return x.detach().to("cpu", torch.float32).contiguous()
+    return as_cpu(x, torch.float32)
+
+
+def as_cpu(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t as a contiguous CPU tensor of dtype: itself when it is one already (the MoE op's
+    arguments pass two checks a call; each conversion, even a no-op, costs ~1 us)."""
+    if t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad:
+        return t
+    return t.detach().to("cpu", dtype).contiguous()
