@@ -174,8 +174,8 @@ def test_a_batchs_share_alone_is_float_exact_even_over_nan_padding(many_experts,
     """A batch's experts on the share, those one token chose or all (an expert several tokens
     chose: copied once, computed for each of its tokens): each pair on its own token's x,
     summed per token; float-exact against the oracle over just those pairs. The halves are
-    padded up to compiled pair counts; padded slots hold NaN bytes here and must add exactly
-    nothing."""
+    padded up to compiled pair counts (weight 0); the slot rows no expert took hold NaN bytes
+    here and must add exactly nothing."""
     (gate, g_ref), (up, u_ref), (down, d_ref) = many_experts
     x = torch.randn(n_tokens, D, generator=torch.Generator().manual_seed(n_tokens))
     ids, weights = routing(n_tokens, k=K, n_expert=MANY, seed=n_tokens)
