@@ -65,10 +65,11 @@ class CpuExperts:
             x, out = _pinned_copy(x), torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
         else:
             x = x.detach().to("cpu", torch.float32)
-        running = self._start_on_runner(x, ids.cpu(), weights.cpu(), out)
+        ids, weights = ids.cpu(), weights.cpu()
+        running = self._start_on_runner(x, ids, weights, out)
         if running is not None:
             return running
-        return self.kernels.submit_moe(x, ids.cpu(), weights.cpu(), self.gate, self.up, self.down,
+        return self.kernels.submit_moe(x, ids, weights, self.gate, self.up, self.down,
                                        own=self.own_kernels, out=out)
 
     def collect(self, handle: Future | native.RunningMoe | torch.Tensor | _SharedCall) -> torch.Tensor:

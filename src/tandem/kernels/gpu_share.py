@@ -383,10 +383,11 @@ class GpuShare:
             raise KernelError(f"the GPU share takes 1..{MAX_TOKENS} tokens, got {n_tokens} "
                               f"(ids for {ids.shape[0]})")
         pairs = _pairs(ids, weights, experts)
+        pair_counts = {e: len(p) for e, p in pairs.items()}
         batched = n_tokens > 1
-        groups = _halves(experts, {e: len(p) for e, p in pairs.items()}, self._half_capacity)
+        groups = _halves(experts, pair_counts, self._half_capacity)
         if groups is None:
-            raise KernelError(f"{sum(len(p) for p in pairs.values())} pairs of {len(experts)} experts "
+            raise KernelError(f"{sum(pair_counts.values())} pairs of {len(experts)} experts "
                               f"do not fit two halves of {self._half_capacity} slots")
         tensors = (gate, up, down)
         types = tuple(w.ggml_type for w in tensors)
@@ -395,7 +396,7 @@ class GpuShare:
         slots = self._ensure_slots(2 * self._half_capacity * sum(sizes))
         # one token: a slot per expert, exact counts; a batch: pair counts padded up, the
         # experts in the first rows of the half's slots (the pairs index them)
-        counts = [self._padded(sum(len(pairs[e]) for e in group), batched) for group in groups]
+        counts = [self._padded(sum(pair_counts[e] for e in group), batched) for group in groups]
         rows = [self._half_capacity if batched else n for n in counts]
         parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(rows)]
         # the copies first: the GPU's part ends after them, the inputs are staged meanwhile
