@@ -97,6 +97,7 @@ def test_balance_turns_a_share_into_whole_experts_and_moves_toward_the_slower_si
 
 def test_split_gives_the_gpu_experts_with_fewest_tokens_first(monkeypatch):
     ids = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 3]])  # counts: 0:3, 1:2, 2:1, 3:2, 4:1
+    monkeypatch.setenv("TANDEM_SHARE_BATCH_PAIRS", "1")
     gpu, cpu_ids = split(ids, 3)
     assert gpu == [2, 4, 1]  # one token each, then two (ties by id)
     assert cpu_ids.tolist() == [[0, SKIPPED_SLOT, SKIPPED_SLOT], [0, SKIPPED_SLOT, 3], [0, SKIPPED_SLOT, 3]]
@@ -106,8 +107,9 @@ def test_split_gives_the_gpu_experts_with_fewest_tokens_first(monkeypatch):
     assert split(torch.tensor([[0], [0], [0]]), 1, limit=4)[0] == []  # 3 pairs: no half of 2 holds them
     none, unchanged = split(ids, 0)
     assert none == [] and torch.equal(unchanged, ids)
-    monkeypatch.setenv("TANDEM_SHARE_BATCH_PAIRS", "0")  # as before run t: one token's experts only
+    monkeypatch.delenv("TANDEM_SHARE_BATCH_PAIRS")  # the default: one token's experts only
     assert split(ids, 3)[0] == [2, 4]
+    assert split(ids, 3, shared_experts=True)[0] == [2, 4, 1]
 
 
 def test_balanced_calls_stay_correct_while_the_share_moves(kernels, experts):

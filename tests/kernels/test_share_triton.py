@@ -88,3 +88,30 @@ def test_a_batch_adds_each_expert_to_its_own_tokens_row(mix):
     assert ours.shape == (8, D)
     assert relative_error(ours, expected) < 1e-5
     assert torch.equal(ours[1], torch.zeros(D))  # rows no expert chose stay zero
+
+
+def test_gather_copies_experts_back_to_back_and_the_kernels_read_them_there(mix):
+    """gather: experts 2 and 0 (addresses of their three matrices) into one scratch, each
+    expert's bytes back to back; the kernels read the copies as the originals, in tiles of 16
+    rows or of 4 (more programs, for reads over PCIe)."""
+    types, ((gate, g_ref), (up, u_ref), (down, d_ref)) = mix
+    raws = [_raw(w) for w in (gate, up, down)]
+    chosen = torch.tensor([2, 0], device=DEVICE)
+    at = torch.stack([share_triton.addresses(raw, chosen) for raw in raws])
+    sizes = tuple(raw.shape[1] for raw in raws)
+    scratch = torch.full((2 * sum(sizes),), 255, dtype=torch.uint8, device=DEVICE)
+    copied = share_triton.gather(at, sizes, scratch)
+    for i, e in enumerate(chosen.tolist()):
+        expected = torch.cat([raw[e] for raw in raws])
+        assert torch.equal(scratch[i * sum(sizes):(i + 1) * sum(sizes)], expected)
+    x = torch.randn(D, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    weight = torch.tensor([0.6, 0.4], device=DEVICE)
+    there = share_triton.experts_at(types, copied, sizes, x, weight)
+    assert torch.equal(there, share_triton.experts_at(types, at, sizes, x, weight))
+    xc = x.cpu()
+    reference = sum(w * (d_ref[e] @ (torch.nn.functional.silu(g_ref[e] @ xc) * (u_ref[e] @ xc)))
+                    for e, w in zip(chosen.tolist(), weight.tolist(), strict=True))
+    assert relative_error(share_triton.experts_at(types, copied, sizes, x, weight, rows=4)[0].cpu(),
+                          reference) < 1e-5
+    with pytest.raises(ValueError, match="whole int64 words"):
+        share_triton.gather(at, sizes, scratch[: sum(sizes)])  # room for one expert only

@@ -1,7 +1,7 @@
 """The CUDA runtime's cudaMemcpyAsync, called directly: ~3 us of host time per copy against
 ~20 us through torch's copy_ (dispatch, pinned-memory checks), for the GPU share's ~3 copies
-per expert. Found in the libcudart torch loaded; absent (None) where torch links it statically
-or has no CUDA."""
+per expert; and cudaHostGetDevicePointer, which torch does not bind. Found in the libcudart
+torch loaded; absent (None) where torch links it statically or has no CUDA."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ class Runtime:
                                  ctypes.c_void_p]
         self._memcpy.restype = ctypes.c_int
         self._clear_error = self._lib.cudaGetLastError
+        self._device_pointer = self._lib.cudaHostGetDevicePointer
+        self._device_pointer.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_uint]
+        self._device_pointer.restype = ctypes.c_int
         self.path = path
 
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
@@ -28,6 +31,16 @@ class Runtime:
         if rc:
             self._clear_error()  # else torch's next launch check would report it as its own
             raise RuntimeError(f"cudaMemcpyAsync of {nbytes} bytes failed: CUDA error {rc}")
+
+    def device_pointer(self, host: int) -> int:
+        """The device's address for host address `host` in memory registered as mapped (with
+        unified addressing, the same number)."""
+        pointer = ctypes.c_void_p()
+        rc = self._device_pointer(ctypes.byref(pointer), host, 0)
+        if rc:
+            self._clear_error()
+            raise RuntimeError(f"cudaHostGetDevicePointer of {host:#x} failed: CUDA error {rc}")
+        return pointer.value or 0
 
 
 @functools.cache

@@ -66,6 +66,8 @@ ROW_COUNTS = (1, 2, 4, 8, 16)  # (token, slot) pairs per half the batch kernels 
 STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
+CUDA_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: kernels may read the pages themselves
+IN_PLACE_ROW_BYTES = 3 * 8 + 8 + 4  # per pair read in place: 3 addresses, token (int64), weight (float32)
 RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x expert counts
 # Order of a shared call: by default the CPU's part starts first, on the kernels' runner thread
 # (native.MoeRunner), and the GPU's is launched meanwhile (the launch is ~0.4-1 ms of Python per
@@ -91,17 +93,28 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # torch's 16 and the runner's 15 outnumber the CPUs, the op's waiting threads sleep at every
 # barrier. Run t on the GPU machine: the op on the runner 0.32/0.93/1.47 ms for 1/3/5 UD-IQ1_S
 # experts with torch's team at 2, 0.49/1.06/1.66 without; decode 49.9 against 48.4 tok/s.
-# TANDEM_SHARE_BATCH_PAIRS=0: a batch's share takes only experts that one token chose (as before
-# run t; see split).
+# TANDEM_SHARE_BATCH_PAIRS=1: a batch's share also takes experts that several tokens chose (see
+# split). The default from run t to run u; off again since: 8 streams ran 61.9 tok/s in run u's
+# side by side against 68.9 in run s, and 60.6 in its A/B against 64.1 and 67.6 without (one run
+# against two; not conclusive either way).
 # TANDEM_SHARE_SUBMIT_ON_RUNNER=0: the layers' unshared MoE calls (prefill below the streaming
 # threshold, batches past MAX_TOKENS, steps before the share is ready) on the kernels' Python
 # executor thread, as before run t, instead of the runner (experts.CpuExperts.submit). Each
 # thread that runs the op keeps an OpenMP team of its own, which libgomp keeps counting: after
 # one short prompt the executor's 15 idle threads would throttle every later decode step.
+# TANDEM_SHARE_DIRECT=1: no copies; the hand-written Triton kernels (kernels.share_triton) read
+# each expert's bytes where they lie, over PCIe from the pinned file mapping (registered as
+# mapped) or in VRAM from a cache or a prefetch, through a table of addresses uploaded with the
+# routing weights: one upload and one graph replay a call instead of ~13 copies, their inputs
+# and two replays (run u's profile: 0.62 ms of host time a call to launch the GPU's part, and
+# 0.27 ms of its span fixed). On the GPU machine (run u) a plain Triton gather read the mapped
+# pages at 49-51 GB/s against 54 by DMA, but these expert kernels read them at only 21-26 GB/s
+# (benchmarks/share_in_place.py): off until they keep more loads in flight. UD-IQ1_S and Q4_K_M
+# mixes only; others copy as before.
 TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
-             "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS")
+             "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT")
 
 
 def max_experts_for(k: int) -> int:
@@ -143,31 +156,46 @@ class PinnedMappings:
     so only mappings will do: a heap array shares its pages with other objects, which CUDA then
     takes for pinned and copies by DMA past the registered end (cudaErrorInvalidValue)."""
 
-    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None):
+    def __init__(self, arrays: Iterable[np.ndarray], ram: int | None = None, mapped: bool = False):
         self.ranges: list[tuple[int, int]] = []
+        self._device_starts: list[int] = []  # where kernels read each range (mapped only)
         spans = [(start, -(-length // PAGE) * PAGE) for start, length in page_ranges(arrays)]
         total = sum(length for _, length in spans)
         limit = (physical_ram() if ram is None else ram) - RAM_RESERVE
         if total > limit:
             raise KernelError(f"{total / 2**30:.1f} GiB of expert weights would not fit in RAM "
                               f"({limit / 2**30:.1f} GiB may be locked); not pinning them")
-        cudart = torch.cuda.cudart()
+        runtime = torch.cuda.cudart()
+        flags = CUDA_HOST_REGISTER_READ_ONLY | (CUDA_HOST_REGISTER_MAPPED if mapped else 0)
+        raw = cudart.runtime() if mapped else None
+        if mapped and raw is None:
+            raise KernelError("kernels reading the mapped weights need cudaHostGetDevicePointer, "
+                              "and torch's CUDA runtime library was not found")
         for start, length in spans:
-            rc = cudart.cudaHostRegister(start, length, CUDA_HOST_REGISTER_READ_ONLY)
+            rc = runtime.cudaHostRegister(start, length, flags)
             if int(rc) != 0:
                 self.close()
                 raise KernelError(f"cudaHostRegister of {length / 2**20:.0f} MiB of mapped "
                                   f"weights failed: {rc}")
             self.ranges.append((start, length))
+            if raw is not None:
+                self._device_starts.append(raw.device_pointer(start))
         self.bytes = total
 
+    def device_address(self, host: int) -> int:
+        """Where a kernel reads host address `host` of a range registered as mapped."""
+        for (start, length), device in zip(self.ranges, self._device_starts, strict=False):
+            if start <= host < start + length:
+                return device + (host - start)
+        raise KernelError(f"address {host:#x} lies in no mapped range the share registered")
+
     def close(self) -> None:
-        cudart = torch.cuda.cudart()
+        runtime = torch.cuda.cudart()
         for start, length in self.ranges:
-            rc = cudart.cudaHostUnregister(start)
+            rc = runtime.cudaHostUnregister(start)
             if int(rc) != 0:  # still registered: a later registration of these pages would fail
                 log.warning("cudaHostUnregister of %.0f MiB of mapped weights failed: %s", length / 2**20, rc)
-        self.ranges = []
+        self.ranges, self._device_starts = [], []
 
 
 @dataclass
@@ -201,6 +229,9 @@ class GpuShare:
         self.cpu_threads = env_int("TANDEM_SHARE_CPU_THREADS")  # 0: the default
         self.submit_on_runner = os.environ.get("TANDEM_SHARE_SUBMIT_ON_RUNNER") != "0"  # see SHARE_ENV
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
+        self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
+        if os.environ.get("TANDEM_SHARE_DIRECT") == "1":
+            self._direct = triton_module("share_triton", "TANDEM_SHARE_DIRECT", "copies to the device")
         self._ahead: _Ahead | None = None  # the experts prefetched for one layer
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool = None  # the graphs' memory pool, shared (they replay one after another)
@@ -212,7 +243,7 @@ class GpuShare:
         self.counts: Counter[str] = Counter()
         # pinned buffers for each call's small inputs, used in turn, each with the event that
         # marks its upload done (a fresh pinned tensor per call cost ~50 us of host time)
-        self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._staging: dict[str, list[tuple[torch.Tensor, torch.cuda.Event | None]]] = {}
         self._parts_cache: dict[tuple, list[torch.Tensor]] = {}
         if self.cuda:
             self._copy_stream = torch.cuda.Stream(self.device)
@@ -235,8 +266,9 @@ class GpuShare:
 
         def run():
             try:
-                self._pins = PinnedMappings(arrays, ram)
-                log.info("GPU expert share: %.1f GiB of mapped experts pinned", self._pins.bytes / 2**30)
+                self._pins = PinnedMappings(arrays, ram, mapped=self._direct is not None)
+                log.info("GPU expert share: %.1f GiB of mapped experts pinned%s", self._pins.bytes / 2**30,
+                         ", read in place by its kernels" if self._direct is not None else "")
                 kinds = _kinds(experts)
                 self._compile(kinds, batched=False)
                 self.ready.set()  # one token's steps share from here on; batches once compiled too
@@ -257,6 +289,9 @@ class GpuShare:
         machine; compiled during decode they would stall tokens)."""
         with torch.cuda.stream(torch.cuda.Stream(self.device)), torch.inference_mode():
             for types, sizes, d in sorted(kinds):
+                if self._reads_in_place(types, sizes, d):
+                    self._compile_direct(types, sizes, d, batched)
+                    continue
                 grids = [torch_dequant.grid_table(t, self.device) for t in types]
                 for n in self._counts(batched):
                     rows = self._half_capacity if batched else n  # a batch's pairs index its half's slots
@@ -269,6 +304,33 @@ class GpuShare:
         if batched:
             return [n for n in ROW_COUNTS if n < self._half_capacity] + [self._half_capacity]
         return list(range(1, (self.experts_per_token + 1) // 2 + 1))
+
+    def _direct_counts(self, batched: bool) -> list[int]:
+        """The pair counts a call reading in place may get (one launch, no halves): exact for
+        one token, padded up for batches."""
+        if batched:
+            return [n for n in ROW_COUNTS if n < self.max_experts] + [self.max_experts]
+        return list(range(1, self.experts_per_token + 1))
+
+    def _compile_direct(self, types: tuple[GGMLType, ...], sizes: Sequence[int], d: int,
+                        batched: bool) -> None:
+        """Compile the in-place kernels for every pair count, on an all-zero expert (Triton
+        specializes on some counts: 1, multiples of 16)."""
+        zeros = functools.partial(torch.zeros, device=self.device)
+        expert = [zeros(size, dtype=torch.uint8) for size in sizes]
+        for n in self._direct_counts(batched):
+            at = torch.tensor([[w.data_ptr()] * n for w in expert], dtype=torch.int64, device=self.device)
+            if batched:
+                self._direct.experts_at(types, at, tuple(sizes), zeros(MAX_TOKENS, d), zeros(n),
+                                        zeros(n, dtype=torch.long), MAX_TOKENS)
+            else:
+                self._direct.experts_at(types, at, tuple(sizes), zeros(d), zeros(n))
+
+    def _reads_in_place(self, types: tuple[GGMLType, ...], sizes: Sequence[int], d: int) -> bool:
+        """Whether this layer's experts are read where they lie (TANDEM_SHARE_DIRECT=1, a mix
+        the Triton kernels take in whole tiles)."""
+        return self._direct is not None and all(self._direct.fits_sizes(types, sizes[0], d, rows)
+                                                for rows in (1, MAX_TOKENS))
 
     def _zero_inputs(self, batched: bool, n: int, d: int) -> tuple[torch.Tensor, ...]:
         zeros = functools.partial(torch.zeros, device=self.device)
@@ -317,6 +379,7 @@ class GpuShare:
                                                       device=self.device) for n in sizes])
         ahead.layer, ahead.row_of = id(gate), {e: row for row, e in enumerate(chosen)}
         self.counts["prefetched"] += len(chosen)
+        self._after_reads_of_rows()
         with self._on_copy_stream():  # queued after the copies that read the rows
             for w, rows in zip(tensors, ahead.rows, strict=True):
                 for row, e in enumerate(chosen):
@@ -331,10 +394,18 @@ class GpuShare:
         swaps = cache.note(set(ids.flatten().tolist()))
         if not swaps:
             return
+        self._after_reads_of_rows()
         with self._on_copy_stream():
             for expert, row in swaps:
                 for w, rows in zip(cache.tensors, cache.rows, strict=True):
                     self._from_file(rows, row, w, expert, 1)
+
+    def _after_reads_of_rows(self) -> None:
+        """Copies into cache or prefetch rows next wait for the last call's kernels where
+        those read the rows themselves (in place); copies of them into slots are ordered on
+        the copy stream anyway."""
+        if self.cuda and self._direct is not None:
+            self._copy_stream.wait_event(self._consumed)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the pinning has ended (either way); True if the share is on."""
@@ -385,13 +456,15 @@ class GpuShare:
         pairs = _pairs(ids, weights, experts)
         pair_counts = {e: len(p) for e, p in pairs.items()}
         batched = n_tokens > 1
+        tensors = (gate, up, down)
+        types = tuple(w.ggml_type for w in tensors)
+        sizes = tuple(w.expert_bytes() for w in tensors)
+        if self._reads_in_place(types, sizes, x.shape[-1]):
+            return self._launch_in_place(x, experts, pairs, tensors, types, sizes)
         groups = _halves(experts, pair_counts, self._half_capacity)
         if groups is None:
             raise KernelError(f"{sum(pair_counts.values())} pairs of {len(experts)} experts "
                               f"do not fit two halves of {self._half_capacity} slots")
-        tensors = (gate, up, down)
-        types = tuple(w.ggml_type for w in tensors)
-        sizes = tuple(w.expert_bytes() for w in tensors)
         grids = [torch_dequant.grid_table(t, self.device) for t in types]
         slots = self._ensure_slots(2 * self._half_capacity * sum(sizes))
         # one token: a slot per expert, exact counts; a batch: pair counts padded up, the
@@ -417,6 +490,88 @@ class GpuShare:
             done.record(stream)
         return Launched(out.view(1, -1) if not batched else out[:n_tokens], done)
 
+    def _launch_in_place(self, x: torch.Tensor, experts: list[int], pairs: dict[int, list[tuple[int, float]]],
+                         tensors: Sequence[QuantTensor], types: tuple[GGMLType, ...],
+                         sizes: tuple[int, ...]) -> Launched:
+        """launch, the kernels reading each expert where it lies (TANDEM_SHARE_DIRECT): one
+        upload of the pairs' addresses, tokens and weights, then one launch (a graph replay)."""
+        batched = x.shape[0] > 1
+        where = self._addresses(experts, tensors)
+        listed = [(where[e], token, weight) for e in experts for token, weight in pairs[e]]
+        count = len(listed) if not batched else next(c for c in self._direct_counts(True) if c >= len(listed))
+        if count > self.max_experts:
+            raise KernelError(f"{len(listed)} (token, expert) pairs exceed the share's {self.max_experts}")
+        capacity = self.max_experts
+        host, uploaded = self._next_staging("in place", (capacity * IN_PLACE_ROW_BYTES,), torch.uint8)
+        at, tokens, weight = (view.numpy() for view in _in_place_views(host, capacity))
+        rows = listed + [(listed[0][0], 0, 0.0)] * (count - len(listed))  # padding: readable bytes, weight 0
+        at[:, :count] = np.array([addresses for addresses, _, _ in rows], dtype=np.int64).T
+        tokens[:count] = [token for _, token, _ in rows]
+        weight[:count] = [w for _, _, w in rows]
+        staged = self._buffer("in place", tuple(host.shape), torch.uint8)
+        staged.copy_(host, non_blocking=True)
+        if uploaded is not None:
+            uploaded.record()
+        at_d, tokens_d, weight_d = _in_place_views(staged, capacity)
+        if batched:
+            x_in = self._buffer("x_rows", (MAX_TOKENS, x.shape[-1]))
+            x_in[: x.shape[0]].copy_(x)
+        else:
+            x_in = self._buffer("x", (x.shape[-1],))
+            x_in.copy_(x.reshape(-1))
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        if stream is not None and any(self._held(tensors[0])):
+            stream.wait_stream(self._copy_stream)  # a cache swap's or a prefetch's bytes are in
+        args = (types, at_d[:, :count], sizes, x_in, weight_d[:count],
+                tokens_d[:count] if batched else None, MAX_TOKENS if batched else 1)
+        out = self._compute_in_place(("in place", types, sizes, count, batched), args)
+        done = None
+        if stream is not None:
+            self._consumed.record(stream)  # cache swaps and prefetches wait for it
+            done = torch.cuda.Event()
+            done.record(stream)
+        return Launched(out[: x.shape[0]].clone(), done)  # the graph's output is reused
+
+    def _compute_in_place(self, key: tuple, args: tuple) -> torch.Tensor:
+        """share_triton.experts_at(*args): [T, d], by a CUDA graph replay on CUDA."""
+        if not self.cuda or not self.graphs:
+            return self._direct.experts_at(*args)
+        graph = self._graphs.get(key)
+        if graph is None:
+            rows, d = args[-1], args[3].shape[-1]
+            graph = self._capture(key, self._direct.experts_at, args, self._buffer(f"out {rows}", (rows, d)))
+        graph.replay()
+        return self._buffers[f"out {args[-1]}"]
+
+    def _addresses(self, experts: list[int], tensors: Sequence[QuantTensor]) -> dict[int, list[int]]:
+        """Where the kernels read each expert's gate, up and down bytes: rows of the layer's
+        cache or a prefetch in VRAM, else the file mapping (its device address)."""
+        cache, ahead = self._held(tensors[0])
+        self._count_sources(experts, cache, ahead)
+        where = {}
+        for e in experts:
+            if cache is not None and e in cache.row_of:
+                where[e] = [rows[cache.row_of[e]].data_ptr() for rows in cache.rows]
+            elif ahead is not None and e in ahead.row_of:
+                where[e] = [rows[ahead.row_of[e]].data_ptr() for rows in ahead.rows]
+            else:
+                where[e] = [self._device_address(w.address + e * w.expert_bytes()) for w in tensors]
+        return where
+
+    def _device_address(self, host: int) -> int:
+        return self._pins.device_address(host) if self._pins is not None else host  # off CUDA: the host's
+
+    def _count_sources(self, experts: list[int], cache: LayerCache | None, ahead: _Ahead | None) -> None:
+        """Count where a call's experts came from: the cache's and the prefetch's hit rates."""
+        if cache is None and ahead is None:
+            self.counts["from_file"] += len(experts)
+            return
+        row_of = cache.row_of if cache is not None else {}
+        from_cache = sum(e in row_of for e in experts)
+        from_ahead = sum(e in ahead.row_of and e not in row_of for e in experts) if ahead else 0
+        self.counts.update(from_cache=from_cache, from_prefetch=from_ahead,
+                           from_file=len(experts) - from_cache - from_ahead)
+
     def _padded(self, n: int, batched: bool) -> int:
         return next(c for c in self._counts(batched) if c >= n) if batched else n
 
@@ -428,7 +583,7 @@ class GpuShare:
         where a half is padded)."""
         capacity = self._half_capacity
         # one upload for all: the weights, and the slots and tokens as floats (small integers, exact)
-        host, uploaded = self._next_staging(capacity)
+        host, uploaded = self._next_staging("inputs", (3, 2, capacity))
         values = host.numpy()
         values.fill(0.0)  # padded pairs: weight 0, slot 0, token 0
         for region, group in enumerate(groups):
@@ -450,13 +605,16 @@ class GpuShare:
         indices.copy_(staged[1:])
         return rows, [indices[0], indices[1], staged[0]]
 
-    def _next_staging(self, capacity: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """A pinned [3, 2, capacity] host buffer whose last upload is done, and its event."""
-        if not self._staging:
-            self._staging = [(torch.zeros(3, 2, capacity, pin_memory=self.cuda),
-                              torch.cuda.Event() if self.cuda else None) for _ in range(2)]
-        self._staging.append(self._staging.pop(0))
-        host, uploaded = self._staging[-1]
+    def _next_staging(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+                      ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """A pinned host buffer of `name` whose last upload is done, and its event (two used
+        in turn)."""
+        if name not in self._staging:
+            self._staging[name] = [(torch.zeros(shape, dtype=dtype, pin_memory=self.cuda),
+                                    torch.cuda.Event() if self.cuda else None) for _ in range(2)]
+        buffers = self._staging[name]
+        buffers.append(buffers.pop(0))
+        host, uploaded = buffers[-1]
         if uploaded is not None:
             uploaded.synchronize()  # queued two calls ago: long done in practice
         return host, uploaded
@@ -505,9 +663,11 @@ class GpuShare:
         try:
             if not self.graphs:
                 return _experts_fn(*types, batched, True)(*args)
-            graph = self._graphs.get((types, batched, *key)) or self._capture(types, batched, key, args)
+            graph_key, out = (types, batched, *key), self._out(batched, args[3].shape[-1])[key[-1]]
+            graph = self._graphs.get(graph_key) or self._capture(
+                graph_key, _experts_fn(*types, batched, True), args, out)
             graph.replay()
-            return self._out(batched, args[3].shape[-1])[key[-1]]
+            return out
         except Exception as exc:  # torch.compile failed here: no triton, no compiler ...
             self._turn_off(f"compiling its kernels failed ({first_line(exc)})")
             return _experts_fn(*types, batched, False)(*args)  # eager, this once
@@ -515,14 +675,12 @@ class GpuShare:
     def _out(self, batched: bool, d: int) -> torch.Tensor:
         return self._buffer("out_rows", (2, MAX_TOKENS, d)) if batched else self._buffer("out", (2, d))
 
-    def _capture(self, types: tuple[GGMLType, ...], batched: bool, key: tuple, args: tuple):
-        """A CUDA graph of the compiled kernels for one half's expert count and region: one
-        replay instead of ~9 launches through torch.compile's wrapper (~0.9 ms of host time
-        per call on the GPU machine). It reads the fixed slots and buffers and writes its
-        result to row `region` of an "out" buffer: outside the graphs' shared pool, where a
-        later capture could put its scratch."""
-        fn = _experts_fn(*types, batched, True)
-        out = self._out(batched, args[3].shape[-1])[key[-1]]
+    def _capture(self, key: tuple, fn, args: tuple, out: torch.Tensor) -> torch.CUDAGraph:
+        """A CUDA graph of fn(*args) (the compiled kernels for one half's expert count and
+        region, or the in-place kernels for one pair count): one replay instead of ~9 launches
+        through torch.compile's wrapper (~0.9 ms of host time per call on the GPU machine). It
+        reads the fixed slots and buffers and writes its result to `out`: outside the graphs'
+        shared pool, where a later capture could put its scratch."""
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
@@ -533,7 +691,7 @@ class GpuShare:
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out.copy_(fn(*args))
         self._pool = graph.pool()
-        self._graphs[(types, batched, *key)] = graph
+        self._graphs[key] = graph
         return graph
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -552,13 +710,7 @@ class GpuShare:
         row_of = cache.row_of if cache is not None else {}
         in_vram = _in_vram(cache, ahead)
         runs = consecutive_runs(experts)
-        if in_vram:
-            from_cache = sum(e in row_of for e in experts)
-            from_ahead = sum(e in ahead.row_of and e not in row_of for e in experts) if ahead else 0
-            self.counts.update(from_cache=from_cache, from_prefetch=from_ahead,
-                               from_file=len(experts) - from_cache - from_ahead)
-        else:
-            self.counts["from_file"] += len(experts)
+        self._count_sources(experts, cache, ahead)
         for m, (w, part) in enumerate(zip(tensors, parts, strict=True)):
             row, size = 0, w.expert_bytes()
             for first, count in runs:
@@ -614,6 +766,14 @@ class GpuShare:
         return self._slots
 
 
+def _in_place_views(buffer: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The in-place launch's inputs in one uint8 buffer (one upload): addresses [3, capacity]
+    and tokens [capacity] int64, weights [capacity] float32."""
+    at = buffer[: 24 * capacity].view(torch.int64).view(3, capacity)
+    tokens = buffer[24 * capacity : 32 * capacity].view(torch.int64)
+    return at, tokens, buffer[32 * capacity : 36 * capacity].view(torch.float32)
+
+
 @dataclass
 class _Ahead:
     """Experts copied into VRAM ahead of one layer's call: one row per expert and matrix."""
@@ -644,15 +804,16 @@ def _indexed(device: torch.device) -> torch.device:
 def split(ids: torch.Tensor, n_gpu_experts: int, resident: set[int] = frozenset(),
           limit: int | None = None, shared_experts: bool | None = None) -> tuple[list[int], torch.Tensor]:
     """Experts for the GPU: those `resident` in VRAM, then up to n others; experts that one
-    token chose first, then those several tokens chose, fewest tokens first (`shared_experts`,
-    default TANDEM_SHARE_BATCH_PAIRS != 0: the GPU computes such an expert once per token
-    from one copy of its bytes, while the CPU serves all its tokens from one read; without
-    them the GPU idled more than half of an 8-stream call in run t). At most `limit` of their
+    token chose, and with `shared_experts` (default: TANDEM_SHARE_BATCH_PAIRS=1) then those
+    several tokens chose, fewest tokens first: the GPU computes such an expert once per token
+    from one copy of its bytes, while the CPU serves all its tokens from one read (the GPU
+    idled more than half of an 8-stream call in run t without them, yet 8 streams did not run
+    faster with them in run u). At most `limit` of their
     (token, slot) pairs in all. And the ids for the CPU, the GPU's slots marked SKIPPED_SLOT.
     ids [T, k] on the host. (Python lists: a decode step has 8 ids, and tensor ops cost ~10x
     more per call at that size.)"""
     if shared_experts is None:
-        shared_experts = os.environ.get("TANDEM_SHARE_BATCH_PAIRS") != "0"
+        shared_experts = os.environ.get("TANDEM_SHARE_BATCH_PAIRS") == "1"
     rows = ids.tolist()
     counts = Counter(e for row in rows for e in row)
     order = sorted(counts, key=lambda e: (e not in resident, counts[e], e))

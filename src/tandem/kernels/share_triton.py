@@ -10,10 +10,14 @@ folded in, 128 KB, torch_dequant's; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit s
 applied by bit tests), times the matching 8 activations, scaled per 32 weights; k-quants: the block decoded
 into registers (kernels.triton_matvec). Float32 throughout, as the compiled path.
 
-`experts` and `expert_rows` keep gpu_share's signatures for `_experts` (one token) and
-`_expert_rows` (a batch, each expert on one token's row); the grid arguments are ignored: these
-kernels read their own tables. `fits` says which shapes they take. TANDEM_SHARE_TRITON=1
-turns them on in the share (A/B runs).
+The kernels find each expert's bytes through a table of addresses (one per expert and
+matrix), not as rows of one tensor: the same kernels read the share's device slots, rows of
+an expert cache, or the pinned file mapping itself (`experts_at`: mapped host memory read
+over PCIe by the kernels, no copies; gpu_share's TANDEM_SHARE_DIRECT). `experts` and
+`expert_rows` keep gpu_share's signatures for `_experts` (one token) and `_expert_rows` (a
+batch, each expert on one token's row); the grid arguments are ignored: these kernels read
+their own tables. `fits` says which shapes they take. TANDEM_SHARE_TRITON=1 turns them on in
+the share (A/B runs).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ MIXES = {  # gate, up, down types -> the kernels' TYPE for gate/up and for down
     (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): (2, 3),
 }
 ROWS = 16  # weight rows per program
+GATHER_WORDS = 4096  # int64 words a program of `gather` copies
 
 
 @triton.jit
@@ -96,37 +101,45 @@ def _block_dots(TYPE: tl.constexpr, blk, v, table, grid, ksigns):
 
 
 @triton.jit
-def _gate_up_kernel(gate, up, x, tokens, table, h, expert_bytes, row_bytes, n_rows, n_blocks, d,
+def _expert_at(addresses, e):
+    """The byte pointer to pair e's expert: entry e of an int64 address table."""
+    return tl.load(addresses + e).to(tl.pointer_type(tl.uint8))
+
+
+@triton.jit
+def _gate_up_kernel(gate_at, up_at, x, tokens, table, h, row_bytes, n_rows, n_blocks, d,
                     TYPE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, BATCH: tl.constexpr):
     """h[e, r] = silu(gate_e[r] . x_e) * (up_e[r] . x_e) for rows r of program (e, tile); x_e is
-    x (one token) or, for a batch, row tokens[e] of x."""
+    x (one token) or, for a batch, row tokens[e] of x. gate_e and up_e at gate_at[e], up_at[e]."""
     e = tl.program_id(0)
     rows = tl.program_id(1) * R + tl.arange(0, R)
-    offset = e.to(tl.int64) * expert_bytes + rows.to(tl.int64) * row_bytes
+    offset = rows.to(tl.int64) * row_bytes
+    gate = _expert_at(gate_at, e) + offset
+    up = _expert_at(up_at, e) + offset
     if BATCH:
         x += tl.load(tokens + e) * d
     gate_sum = tl.zeros([R], dtype=tl.float32)
     up_sum = tl.zeros([R], dtype=tl.float32)
     for b in range(n_blocks):
-        gate_sum += _block_dots(TYPE, gate + offset + b * BLOCK, x + b * 256, table, table, table)
-        up_sum += _block_dots(TYPE, up + offset + b * BLOCK, x + b * 256, table, table, table)
+        gate_sum += _block_dots(TYPE, gate + b * BLOCK, x + b * 256, table, table, table)
+        up_sum += _block_dots(TYPE, up + b * BLOCK, x + b * 256, table, table, table)
     silu = gate_sum / (1.0 + tl.exp(-gate_sum))
     tl.store(h + e * n_rows + rows, silu * up_sum)
 
 
 @triton.jit
-def _down_kernel(down, h, weight, tokens, grid, ksigns, y, n_experts, expert_bytes, row_bytes, n_blocks,
+def _down_kernel(down_at, h, weight, tokens, grid, ksigns, y, n_experts, row_bytes, n_blocks,
                  n_in, n_rows, TYPE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, T: tl.constexpr):
     """y[t, r] = sum of weight[e] * (down_e[r] . h[e]) over the experts e of token t (all of
-    them when T is 1, else tokens[e]) for rows r of this program; an expert of weight 0 (a
-    padded slot, stale bytes) adds nothing."""
+    them when T is 1, else tokens[e]) for rows r of this program, down_e at down_at[e]; an
+    expert of weight 0 (a padded pair, stale bytes) adds nothing."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     total = tl.zeros([T, R], dtype=tl.float32)
     for e in range(n_experts):
-        offset = e * expert_bytes + rows.to(tl.int64) * row_bytes
+        down = _expert_at(down_at, e) + rows.to(tl.int64) * row_bytes
         acc = tl.zeros([R], dtype=tl.float32)
         for b in range(n_blocks):
-            acc += _block_dots(TYPE, down + offset + b * BLOCK, h + e * n_in + b * 256, grid, grid, ksigns)
+            acc += _block_dots(TYPE, down + b * BLOCK, h + e * n_in + b * 256, grid, grid, ksigns)
         w = tl.load(weight + e)
         added = tl.where(w != 0, w * acc, 0.0)
         if T == 1:
@@ -148,40 +161,103 @@ def _iq2_xxs_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.ascontiguousarray(grid)).to(device), torch.from_numpy(ksigns).to(device)
 
 
-def gate_up(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
-            x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate_e x_e) * up_e x_e for n experts of a mix in MIXES (raw bytes [n, bytes], rows
-    of d): x [d] for all, or x [T, d] and tokens [n] (int64): expert e on row tokens[e].
-    float32 [n, rows]."""
-    n, d = gate_raw.shape[0], x.shape[-1]
+def addresses(raw: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """The address of each expert (a row of raw bytes [n, bytes]), or of the row each of
+    `slots` names: int64 [n] on raw's device, as the kernels take them."""
+    if slots is None:
+        slots = torch.arange(raw.shape[0], device=raw.device)
+    return slots.to(torch.int64) * raw.stride(0) + raw.data_ptr()
+
+
+def gate_up_at(types: tuple[GGMLType, GGMLType, GGMLType], gate_at: torch.Tensor, up_at: torch.Tensor,
+               expert_bytes: int, x: torch.Tensor, tokens: torch.Tensor | None = None,
+               rows: int = ROWS) -> torch.Tensor:
+    """silu(gate_e x_e) * up_e x_e for the n experts of a mix in MIXES whose gate and up bytes
+    (`expert_bytes` each, rows of d) lie at gate_at[e] and up_at[e] (int64 [n] addresses the
+    device can read): x [d] for all, or x [T, d] and tokens [n] (int64): expert e on row
+    tokens[e]. float32 [n, rows]. `rows`: weight rows per program (a power of two dividing
+    the rows; more programs keep more loads in flight)."""
+    n, d = gate_at.shape[0], x.shape[-1]
     size = block_bytes(types[0])
     row_bytes = d // 256 * size
-    n_rows = gate_raw.shape[1] // row_bytes
+    n_rows = expert_bytes // row_bytes
     h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
     table = torch_dequant.grid_table(GGMLType.IQ1_S, x.device)  # [4096, 8]: +delta rows, then -delta
     batch = tokens is not None
-    _gate_up_kernel[(n, n_rows // ROWS)](gate_raw, up_raw, x, tokens if batch else x, table, h,
-                                        gate_raw.stride(0), row_bytes, n_rows, d // 256, d,
-                                        TYPE=MIXES[types][0], BLOCK=size, R=ROWS, BATCH=batch)
+    _gate_up_kernel[(n, n_rows // rows)](gate_at, up_at, x, tokens if batch else x, table, h,
+                                        row_bytes, n_rows, d // 256, d,
+                                        TYPE=MIXES[types][0], BLOCK=size, R=rows, BATCH=batch)
     return h
+
+
+def down_at(types: tuple[GGMLType, GGMLType, GGMLType], at: torch.Tensor, expert_bytes: int, h: torch.Tensor,
+            weight: torch.Tensor, tokens: torch.Tensor | None = None, n_tokens: int = 1,
+            rows: int = ROWS) -> torch.Tensor:
+    """sum_e weight[e] * down_e h[e] for the n experts of a mix in MIXES whose down bytes
+    (`expert_bytes` each, rows of h.shape[1]) lie at at[e], per token: [n_tokens, rows]
+    float32, expert e adding to row tokens[e] (all to row 0 without tokens). Experts of
+    weight 0 add nothing, whatever their bytes."""
+    n, n_in = h.shape
+    size = block_bytes(types[2])
+    row_bytes = n_in // 256 * size
+    n_rows = expert_bytes // row_bytes
+    y = torch.empty(n_tokens, n_rows, dtype=torch.float32, device=h.device)
+    grid, ksigns = _iq2_xxs_tables(h.device)
+    _down_kernel[(n_rows // rows,)](at, h, weight.float().contiguous(),
+                                   tokens if tokens is not None else weight, grid, ksigns, y, n,
+                                   row_bytes, n_in // 256, n_in, n_rows,
+                                   TYPE=MIXES[types][1], BLOCK=size, R=rows, T=n_tokens)
+    return y
+
+
+def experts_at(types: tuple[GGMLType, GGMLType, GGMLType], at: torch.Tensor, sizes: tuple[int, int, int],
+               x: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor | None = None,
+               n_tokens: int = 1, rows: int = ROWS) -> torch.Tensor:
+    """n (expert, token) pairs whose gate, up and down bytes (sizes[m] each) lie at at[m, i]
+    (int64 [3, n]): sum_i weight[i] * down_i(silu(gate_i x_i) * up_i x_i) per token,
+    [n_tokens, d] float32; x [d] for all pairs, or rows [n_tokens, d] with tokens [n]."""
+    h = gate_up_at(types, at[0], at[1], sizes[0], x.float().contiguous(), tokens, rows)
+    return down_at(types, at[2], sizes[2], h, weight, tokens, n_tokens, rows)
+
+
+@triton.jit
+def _gather_kernel(at, words, n_words, expert_words, first_word, BLOCK: tl.constexpr):
+    """Words [chunk * BLOCK, ...) of expert i's matrix at at[i] into words[i * expert_words +
+    first_word + ...]: plain coalesced loads, many in flight (what PCIe reads need)."""
+    i = tl.program_id(1)
+    src = tl.load(at + i).to(tl.pointer_type(tl.int64))
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n_words
+    tl.store(words + i * expert_words + first_word + idx, tl.load(src + idx, mask=inside), mask=inside)
+
+
+def gather(at: torch.Tensor, sizes: tuple[int, int, int], scratch: torch.Tensor) -> torch.Tensor:
+    """Copy n experts' gate, up and down bytes (at [3, n] int64 addresses, sizes[m] bytes each,
+    multiples of 8 at 8-byte aligned addresses) into `scratch` (uint8 on the device, at least
+    n * sum(sizes) bytes), each expert's three back to back: their addresses there, [3, n]."""
+    n, per = at.shape[1], sum(sizes)
+    if any(size % 8 for size in sizes) or scratch.numel() < n * per or scratch.data_ptr() % 8:
+        raise ValueError(f"gather takes whole int64 words into a large enough scratch: sizes {sizes}, "
+                         f"{n} experts, {scratch.numel()} bytes of scratch")
+    words, first = scratch[: n * per].view(torch.int64), 0
+    for m, size in enumerate(sizes):
+        grid = (triton.cdiv(size // 8, GATHER_WORDS), n)
+        _gather_kernel[grid](at[m].contiguous(), words, size // 8, per // 8, first // 8, BLOCK=GATHER_WORDS)
+        first += size
+    starts = torch.arange(n, device=scratch.device, dtype=torch.int64) * per + scratch.data_ptr()
+    return torch.stack([starts + sum(sizes[:m]) for m in range(3)])
+
+
+def gate_up(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
+            x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """gate_up_at for the experts in the rows of gate_raw and up_raw ([n, bytes] each)."""
+    return gate_up_at(types, addresses(gate_raw), addresses(up_raw), gate_raw.shape[1], x, tokens)
 
 
 def down(types: tuple[GGMLType, GGMLType, GGMLType], down_raw: torch.Tensor, h: torch.Tensor,
          weight: torch.Tensor, tokens: torch.Tensor | None = None, n_tokens: int = 1) -> torch.Tensor:
-    """sum_e weight[e] * down_e h[e] for n experts of a mix in MIXES (raw bytes [n, bytes],
-    rows of h.shape[1]), per token: [n_tokens, rows] float32, expert e adding to row tokens[e]
-    (all to row 0 without tokens). Experts of weight 0 add nothing, whatever their bytes."""
-    n, n_in = h.shape
-    size = block_bytes(types[2])
-    row_bytes = n_in // 256 * size
-    n_rows = down_raw.shape[1] // row_bytes
-    y = torch.empty(n_tokens, n_rows, dtype=torch.float32, device=h.device)
-    grid, ksigns = _iq2_xxs_tables(h.device)
-    _down_kernel[(n_rows // ROWS,)](down_raw, h, weight.float().contiguous(),
-                                   tokens if tokens is not None else weight, grid, ksigns, y, n,
-                                   down_raw.stride(0), row_bytes, n_in // 256, n_in, n_rows,
-                                   TYPE=MIXES[types][1], BLOCK=size, R=ROWS, T=n_tokens)
-    return y
+    """down_at for the experts in the rows of down_raw [n, bytes]."""
+    return down_at(types, addresses(down_raw), down_raw.shape[1], h, weight, tokens, n_tokens)
 
 
 def experts(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, up_raw: torch.Tensor,
@@ -195,24 +271,27 @@ def expert_rows(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tens
                 down_raw: torch.Tensor, x_rows: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor,
                 weight: torch.Tensor, *grids) -> torch.Tensor:
     """gpu_share._expert_rows: the expert in row slots[i] on row tokens[i] of x_rows [T, d]
-    with weight weight[i], summed per row: [T, d] (T a power of two: MAX_TOKENS). The pairs'
-    experts are gathered first, a copy within VRAM (16 pairs of UD-IQ1_S experts: ~150 MB;
-    not timed yet)."""
-    gate_raw, up_raw, down_raw = gate_raw[slots], up_raw[slots], down_raw[slots]
-    h = gate_up(types, gate_raw, up_raw, x_rows.float().contiguous(), tokens.contiguous())
-    return down(types, down_raw, h, weight, tokens.contiguous(), x_rows.shape[0])
+    with weight weight[i], summed per row: [T, d] (T a power of two: MAX_TOKENS). The kernels
+    read each pair's expert in its row (addresses from the slots: no gather copy)."""
+    at = torch.stack([addresses(raw, slots) for raw in (gate_raw, up_raw, down_raw)])
+    sizes = (gate_raw.shape[1], up_raw.shape[1], down_raw.shape[1])
+    return experts_at(types, at, sizes, x_rows, weight, tokens.contiguous(), x_rows.shape[0])
 
 
 def fits(types: tuple[GGMLType, GGMLType, GGMLType], gate_raw: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether experts of these types with these gate bytes [n, bytes] and x [d] (or rows
-    [T, d], T a power of two) come in whole tiles: a mix in MIXES, rows of whole blocks, ROWS
+    [T, d], T a power of two) come in whole tiles (`fits_sizes`)."""
+    return fits_sizes(types, gate_raw.shape[1], x.shape[-1], x.shape[0] if x.dim() == 2 else 1)
+
+
+def fits_sizes(types: tuple[GGMLType, GGMLType, GGMLType], gate_bytes: int, d: int, rows: int = 1) -> bool:
+    """Whether experts of these types, `gate_bytes` of gate each, on `rows` vectors of d
+    (a power of two of them) come in whole tiles: a mix in MIXES, rows of whole blocks, ROWS
     rows at a time, both ways (R1: d 7168, n_ff 2048)."""
     if tuple(types) not in MIXES:
         return False
-    d = x.shape[-1]
     row_bytes = d // 256 * block_bytes(types[0])
-    rows = x.shape[0] if x.dim() == 2 else 1
-    if d % 256 or d % ROWS or not row_bytes or gate_raw.shape[1] % row_bytes or rows & (rows - 1):
+    if d % 256 or d % ROWS or not row_bytes or gate_bytes % row_bytes or rows & (rows - 1):
         return False
-    n_ff = gate_raw.shape[1] // row_bytes
+    n_ff = gate_bytes // row_bytes
     return n_ff % 256 == 0 and n_ff % ROWS == 0
