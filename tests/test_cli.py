@@ -110,6 +110,10 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     assert {d["streams"] for d in r["decode"]} == {1, 2}
     assert all(len(d["runs_tok_per_s"]) == 1 for d in r["decode"])  # one per repetition
     assert all(d["runs_gpu_share"] == [None] for d in r["decode"] if d["streams"] == 1)  # no GPU here
+    for d in (d for d in r["decode"] if d["streams"] == 1):  # each repetition: up to 3 steps after the first
+        steps = d["runs_step_ms"]
+        assert len(steps["max"]) == 1 and steps["max"][0] >= steps["median"][0] >= 0
+        assert 0 <= steps["slowest_step"][0] < 3
     # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
     assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32
     # the warm-up prompt's routing: 32 tokens over the tiny preset's 8 experts in 2 MoE layers

@@ -91,6 +91,23 @@ def _page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+def _step_ms(tokens) -> list[float]:
+    """Milliseconds from each token of `tokens` to the next (one decode step each)."""
+    times, last = [], time.perf_counter()
+    for _ in tokens:
+        now = time.perf_counter()
+        times.append((now - last) * 1e3)
+        last = now
+    return times
+
+
+def _step_summary(runs: list[list[float]]) -> dict:
+    """Per repetition: the median and the slowest decode step (ms) and the slowest's index."""
+    runs = [run or [0.0] for run in runs]
+    return {"median": [statistics.median(run) for run in runs], "max": [max(run) for run in runs],
+            "slowest_step": [run.index(max(run)) for run in runs]}
+
+
 def _share_record(llm) -> dict:
     """Whether decode split its experts with the GPU, and the layers' shares at the end."""
     share = llm.gpu_share
@@ -165,12 +182,13 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs, decoded, faults, shares = [], 0, 0, []
+        runs, decoded, faults, shares, steps = [], 0, 0, [], []
         for _ in range(cfg.repetitions):
             tokens = llm.stream(prompt(n), params)
             next(tokens)  # the prompt is in
             before = _page_faults()
-            decoded += len(list(tokens))
+            steps.append(_step_ms(tokens))
+            decoded += len(steps[-1])
             faults += _page_faults() - before
             runs.append(llm.last_timings)
             shares.append(_mean_share(llm))
@@ -184,6 +202,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                                   "runs_tok_per_s": [r.decode_tok_per_s for r in runs],  # the spread
                                   # the layers' mean GPU share of experts after each repetition
                                   "runs_gpu_share": shares,
+                                  # a slow repetition: all steps slower, or a few long stalls?
+                                  "runs_step_ms": _step_summary(steps),
                                   "page_faults_per_token": faults / max(decoded, 1)})
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
                  f"decode {decode:6.2f} tok/s")
