@@ -95,6 +95,18 @@ def test_balance_turns_a_share_into_whole_experts_and_moves_toward_the_slower_si
         ShareBalance(1.5)
 
 
+def test_a_single_tokens_split_takes_the_lowest_ids_up_to_the_limit():
+    ids = torch.tensor([[7, 3, 200, 5]])
+    gpu, cpu_ids = split(ids, 2)
+    assert gpu == [3, 5] and cpu_ids.tolist() == [[7, SKIPPED_SLOT, 200, SKIPPED_SLOT]]
+    assert cpu_ids.dtype == ids.dtype
+    assert split(ids, 3, limit=1)[0] == [3]
+    assert split(ids, 9)[0] == [3, 5, 7, 200]
+    assert split(ids, 1, resident={200})[0] == [200, 3]  # held in VRAM: first, beyond n
+    none, unchanged = split(ids, 0)
+    assert none == [] and unchanged is ids
+
+
 def test_split_gives_the_gpu_experts_with_fewest_tokens_first(monkeypatch):
     ids = torch.tensor([[0, 1, 2], [0, 1, 3], [0, 4, 3]])  # counts: 0:3, 1:2, 2:1, 3:2, 4:1
     monkeypatch.setenv("TANDEM_SHARE_BATCH_PAIRS", "1")

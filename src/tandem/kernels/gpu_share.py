@@ -812,9 +812,25 @@ def split(ids: torch.Tensor, n_gpu_experts: int, resident: set[int] = frozenset(
     (token, slot) pairs in all. And the ids for the CPU, the GPU's slots marked SKIPPED_SLOT.
     ids [T, k] on the host. (Python lists: a decode step has 8 ids, and tensor ops cost ~10x
     more per call at that size.)"""
+    rows = ids.tolist()
+    if len(rows) == 1 and not resident and len(set(rows[0])) == len(rows[0]):
+        # one token's distinct experts, one pair each: the order below is by id, and any n up
+        # to the limit fits the halves (a decode step's split in a third of the time)
+        gpu = sorted(rows[0])[: n_gpu_experts if limit is None else min(n_gpu_experts, limit)]
+    else:
+        gpu = _batch_split(rows, n_gpu_experts, resident, limit, shared_experts)
+    if not gpu:
+        return [], ids
+    chosen = set(gpu)
+    cpu_ids = [[SKIPPED_SLOT if e in chosen else e for e in row] for row in rows]
+    return gpu, torch.from_numpy(np.array(cpu_ids, dtype=np.int64)).to(ids.dtype)
+
+
+def _batch_split(rows: list[list[int]], n_gpu_experts: int, resident: set[int], limit: int | None,
+                 shared_experts: bool | None) -> list[int]:
+    """split's choice of GPU experts for any batch (see split)."""
     if shared_experts is None:
         shared_experts = os.environ.get("TANDEM_SHARE_BATCH_PAIRS") == "1"
-    rows = ids.tolist()
     counts = Counter(e for row in rows for e in row)
     order = sorted(counts, key=lambda e: (e not in resident, counts[e], e))
     if not shared_experts:
@@ -831,11 +847,7 @@ def split(ids: torch.Tensor, n_gpu_experts: int, resident: set[int] = frozenset(
     if limit is not None:  # the pairs must also fit the two halves of the slots (GpuShare.launch)
         while gpu and _halves(gpu, counts, (limit + 1) // 2) is None:
             gpu.pop()  # the last taken: the most tokens
-    if not gpu:
-        return [], ids
-    chosen = set(gpu)
-    cpu_ids = [[SKIPPED_SLOT if e in chosen else e for e in row] for row in rows]
-    return gpu, torch.tensor(cpu_ids, dtype=ids.dtype)
+    return gpu
 
 
 def _pairs(ids: torch.Tensor, weights: torch.Tensor,
