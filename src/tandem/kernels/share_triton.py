@@ -175,8 +175,8 @@ def gate_up_at(types: tuple[GGMLType, GGMLType, GGMLType], gate_at: torch.Tensor
     """silu(gate_e x_e) * up_e x_e for the n experts of a mix in MIXES whose gate and up bytes
     (`expert_bytes` each, rows of d) lie at gate_at[e] and up_at[e] (int64 [n] addresses the
     device can read): x [d] for all, or x [T, d] and tokens [n] (int64): expert e on row
-    tokens[e]. float32 [n, rows]. `rows`: weight rows per program (a power of two dividing
-    the rows; more programs keep more loads in flight)."""
+    tokens[e]. float32 [n, n_ff]. `rows`: weight rows per program (a power of two dividing
+    n_ff and d; more programs keep more loads in flight)."""
     n, d = gate_at.shape[0], x.shape[-1]
     size = block_bytes(types[0])
     row_bytes = d // 256 * size
@@ -194,9 +194,9 @@ def down_at(types: tuple[GGMLType, GGMLType, GGMLType], at: torch.Tensor, expert
             weight: torch.Tensor, tokens: torch.Tensor | None = None, n_tokens: int = 1,
             rows: int = ROWS) -> torch.Tensor:
     """sum_e weight[e] * down_e h[e] for the n experts of a mix in MIXES whose down bytes
-    (`expert_bytes` each, rows of h.shape[1]) lie at at[e], per token: [n_tokens, rows]
+    (`expert_bytes` each, rows of h.shape[1]) lie at at[e], per token: [n_tokens, d]
     float32, expert e adding to row tokens[e] (all to row 0 without tokens). Experts of
-    weight 0 add nothing, whatever their bytes."""
+    weight 0 add nothing, whatever their bytes. `rows`: as gate_up_at's."""
     n, n_in = h.shape
     size = block_bytes(types[2])
     row_bytes = n_in // 256 * size
