@@ -77,6 +77,8 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
     x = torch.randn(tokens, D_MODEL)
     g = torch.Generator().manual_seed(0)
     settings = gemm_min_pairs or [None]
+    given = native.set_gemm_min_pairs(0)  # the threshold as loaded (TANDEM_GEMM_MIN_PAIRS), put back
+    native.set_gemm_min_pairs(given)
     rows = []
     for n_threads in thread_counts:
         times = {s: [] for s in settings}
@@ -93,7 +95,7 @@ def run(recipe: str, kernel: str, thread_counts: list[int], tokens: int, steps: 
                         if running:
                             on_runner[setting].append(running.seconds)
         if gemm_min_pairs:
-            native.set_gemm_min_pairs(0)
+            native.set_gemm_min_pairs(given)
         for setting in settings:
             rows.append(_row(recipe, kernel, (tg, tu, td), n_threads, tokens, pool, cpu_experts, gap_ms,
                              runner, steps, times[setting], on_runner[setting], expert_bytes, setting))

@@ -50,10 +50,15 @@ def test_bad_settings_are_refused_with_the_reason(args, reason):
     assert done.returncode == 2 and reason in done.stderr
 
 
-def test_gemm_thresholds_alternate_in_one_run_and_the_default_comes_back(small):
+def test_gemm_thresholds_alternate_in_one_run_and_the_given_one_comes_back(small):
     from tandem.kernels import native
 
-    rows = small.run("ud-iq1_s", "tandem", [1], tokens=4, steps=2, warmup=1, pool=8, gemm_min_pairs=[0, 1])
-    assert [r["gemm_min_pairs"] for r in rows] == [0, 1]  # one row per setting
-    assert all(r["median_ms"] > 0 and r["distinct_experts_per_step"] == 8 for r in rows)
-    assert native.set_gemm_min_pairs(0) == 0  # the default put back
+    before = native.set_gemm_min_pairs(3)  # as TANDEM_GEMM_MIN_PAIRS=3 at load would
+    try:
+        rows = small.run("ud-iq1_s", "tandem", [1], tokens=4, steps=2, warmup=1, pool=8,
+                         gemm_min_pairs=[0, 1])
+        assert [r["gemm_min_pairs"] for r in rows] == [0, 1]  # one row per setting
+        assert all(r["median_ms"] > 0 and r["distinct_experts_per_step"] == 8 for r in rows)
+        assert native.set_gemm_min_pairs(before) == 3  # the threshold given put back, not the default
+    finally:
+        native.set_gemm_min_pairs(before)
