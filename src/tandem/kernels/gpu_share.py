@@ -108,7 +108,7 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # routing weights: one upload and one graph replay a call instead of ~13 copies, their inputs
 # and two replays (run u's profile: 0.62 ms of host time a call to launch the GPU's part, and
 # 0.27 ms of its span fixed). On the GPU machine (run u) a plain Triton gather read the mapped
-# pages at 49-51 GB/s against 54 by DMA, but these expert kernels read them at only 21-26 GB/s
+# pages at 46-51 GB/s against 53-54 by DMA, but these expert kernels read them at only 21-26 GB/s
 # (benchmarks/share_in_place.py): off until they keep more loads in flight. UD-IQ1_S and Q4_K_M
 # mixes only; others copy as before.
 TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
