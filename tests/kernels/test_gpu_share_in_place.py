@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as T
 
 from expert_checks import make_weight, moe_reference, routing
 from logit_checks import relative_error
+from tandem.errors import KernelError
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import MAX_TOKENS, GpuShare, ShareBalance, split
@@ -71,6 +72,15 @@ def test_the_share_reads_experts_in_place_float_exact(experts, n_tokens):
     assert launched.out.shape == (n_tokens, D)
     assert relative_error(launched.out, expected) < 1e-5
     assert share._slots is None and share.counts["from_file"] == len(chosen)
+
+
+def test_more_pairs_than_the_share_holds_are_refused_by_name(experts):
+    """Three experts that both tokens chose: six pairs for a share of four (before any kernel)."""
+    (gate, _), (up, _), (down, _) = experts
+    ids = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]])
+    share = GpuShare("cpu", max_experts=4, experts_per_token=K)
+    with pytest.raises(KernelError, match=r"6 \(token, expert\) pairs exceed the share's 4"):
+        share.launch(torch.randn(2, D), ids, torch.ones(2, K), [0, 1, 2], gate, up, down)
 
 
 @pytest.mark.cuda

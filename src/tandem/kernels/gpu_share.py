@@ -460,7 +460,7 @@ class GpuShare:
         types = tuple(w.ggml_type for w in tensors)
         sizes = tuple(w.expert_bytes() for w in tensors)
         if self._reads_in_place(types, sizes, x.shape[-1]):
-            return self._launch_in_place(x, experts, pairs, tensors, types, sizes)
+            return self._launch_in_place(x, batched, experts, pairs, tensors, types, sizes)
         groups = _halves(experts, pair_counts, self._half_capacity)
         if groups is None:
             raise KernelError(f"{sum(pair_counts.values())} pairs of {len(experts)} experts "
@@ -483,24 +483,29 @@ class GpuShare:
             args = (*parts[region], x_in, *(t[region, :n] for t in per_half), *grids)
             outs.append(self._compute(types, batched, (sizes, n, region), args))
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
-        done = None
-        if stream is not None:
-            self._consumed.record(stream)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return Launched(out.view(1, -1) if not batched else out[:n_tokens], done)
+        return Launched(out.view(1, -1) if not batched else out[:n_tokens], self._done(stream))
 
-    def _launch_in_place(self, x: torch.Tensor, experts: list[int], pairs: dict[int, list[tuple[int, float]]],
-                         tensors: Sequence[QuantTensor], types: tuple[GGMLType, ...],
-                         sizes: tuple[int, ...]) -> Launched:
+    def _done(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+        """After a call's kernels on `stream`: mark the slots and rows they read as consumed
+        (the next copies into them wait for it) and return the event of their end (None off
+        CUDA)."""
+        if stream is None:
+            return None
+        self._consumed.record(stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
+
+    def _launch_in_place(self, x: torch.Tensor, batched: bool, experts: list[int],
+                         pairs: dict[int, list[tuple[int, float]]], tensors: Sequence[QuantTensor],
+                         types: tuple[GGMLType, ...], sizes: tuple[int, ...]) -> Launched:
         """launch, the kernels reading each expert where it lies (TANDEM_SHARE_DIRECT): one
         upload of the pairs' addresses, tokens and weights, then one launch (a graph replay)."""
-        batched = x.shape[0] > 1
         where = self._addresses(experts, tensors)
         listed = [(where[e], token, weight) for e in experts for token, weight in pairs[e]]
-        count = len(listed) if not batched else next(c for c in self._direct_counts(True) if c >= len(listed))
-        if count > self.max_experts:
+        if len(listed) > self.max_experts:  # before padding: no padded count would hold them
             raise KernelError(f"{len(listed)} (token, expert) pairs exceed the share's {self.max_experts}")
+        count = len(listed) if not batched else next(c for c in self._direct_counts(True) if c >= len(listed))
         capacity = self.max_experts
         host, uploaded = self._next_staging("in place", (capacity * IN_PLACE_ROW_BYTES,), torch.uint8)
         at, tokens, weight = (view.numpy() for view in _in_place_views(host, capacity))
@@ -513,35 +518,25 @@ class GpuShare:
         if uploaded is not None:
             uploaded.record()
         at_d, tokens_d, weight_d = _in_place_views(staged, capacity)
-        if batched:
-            x_in = self._buffer("x_rows", (MAX_TOKENS, x.shape[-1]))
-            x_in[: x.shape[0]].copy_(x)
-        else:
-            x_in = self._buffer("x", (x.shape[-1],))
-            x_in.copy_(x.reshape(-1))
+        x_in = self._x_input(x, batched)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         if stream is not None and any(self._held(tensors[0])):
             stream.wait_stream(self._copy_stream)  # a cache swap's or a prefetch's bytes are in
         args = (types, at_d[:, :count], sizes, x_in, weight_d[:count],
                 tokens_d[:count] if batched else None, MAX_TOKENS if batched else 1)
         out = self._compute_in_place(("in place", types, sizes, count, batched), args)
-        done = None
-        if stream is not None:
-            self._consumed.record(stream)  # cache swaps and prefetches wait for it
-            done = torch.cuda.Event()
-            done.record(stream)
-        return Launched(out[: x.shape[0]].clone(), done)  # the graph's output is reused
+        # cloned: the graph's output is reused; cache swaps and prefetches wait for _consumed
+        return Launched(out[: x.shape[0]].clone(), self._done(stream))
 
     def _compute_in_place(self, key: tuple, args: tuple) -> torch.Tensor:
         """share_triton.experts_at(*args): [T, d], by a CUDA graph replay on CUDA."""
         if not self.cuda or not self.graphs:
             return self._direct.experts_at(*args)
-        graph = self._graphs.get(key)
-        if graph is None:
-            rows, d = args[-1], args[3].shape[-1]
-            graph = self._capture(key, self._direct.experts_at, args, self._buffer(f"out {rows}", (rows, d)))
+        rows, d = args[-1], args[3].shape[-1]
+        out = self._buffer(f"out {rows}", (rows, d))
+        graph = self._graphs.get(key) or self._capture(key, self._direct.experts_at, args, out)
         graph.replay()
-        return self._buffers[f"out {args[-1]}"]
+        return out
 
     def _addresses(self, experts: list[int], tensors: Sequence[QuantTensor]) -> dict[int, list[int]]:
         """Where the kernels read each expert's gate, up and down bytes: rows of the layer's
@@ -595,15 +590,23 @@ class GpuShare:
         staged.copy_(host, non_blocking=True)  # pinned: no wait for the GPU
         if uploaded is not None:
             uploaded.record()
+        x_in = self._x_input(x, batched)
+        if not batched:
+            return x_in, [staged[0]]
+        indices = self._buffer("pair_indices", (2, 2, capacity), torch.long)  # slots, tokens
+        indices.copy_(staged[1:])
+        return x_in, [indices[0], indices[1], staged[0]]
+
+    def _x_input(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
+        """x in the fixed buffer the graphs read: one token's [d], or a batch's rows
+        [MAX_TOKENS, d] (rows past the batch keep stale values; no pair points at them)."""
         if not batched:
             xv = self._buffer("x", (x.shape[-1],))
             xv.copy_(x.reshape(-1))
-            return xv, [staged[0]]
+            return xv
         rows = self._buffer("x_rows", (MAX_TOKENS, x.shape[-1]))
         rows[: x.shape[0]].copy_(x)
-        indices = self._buffer("pair_indices", (2, 2, capacity), torch.long)  # slots, tokens
-        indices.copy_(staged[1:])
-        return rows, [indices[0], indices[1], staged[0]]
+        return rows
 
     def _next_staging(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
                       ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
