@@ -287,9 +287,9 @@ static void dot_q6_k_ref(const void *row, const block_q8 *const *x, int nt, int 
     }
 }
 
-/* ---- AVX-512 (VNNI, VBMI, BITALG, VPOPCNTDQ: Ice Lake, Sapphire Rapids, Zen 4 and later) ---- */
+/* ---- AVX-512 (VNNI, VBMI, BITALG, VPOPCNTDQ, and BMI2: Ice Lake, Sapphire Rapids, Zen 4 and later) ---- */
 #if X86
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c,bmi2")))
 #define INLINE static inline __attribute__((always_inline))
 
 /* exp_portable, 16 at a time. */
@@ -344,33 +344,36 @@ AVX512 static void quantize_row_q8_avx512(const float *x, block_q8 *y, int n) {
  * second): bytes 0..31 map g+1 to (g+1)*8*(2s+1) for the first, bytes 32..63 for the second. */
 static uint8_t iq1s_scale_lut[64][64];
 
+/* -(2s+1)*m of a sub-block by its top 4 qh bits k = s + 8*(delta < 0): m = 7 + 2*(k >> 3). */
+static const int16_t iq1s_neg_lsm[16] = {-7, -21, -35, -49, -63, -77, -91, -105,
+                                         -9, -27, -45, -63, -81, -99, -117, -135};
+
 /* One IQ1_S block as 4 vectors of 64 weight bytes (g+1)*8*(2s+1) and -(2s+1)*m per sub-block
- * (int16, for the correction with the activations' 32-sums). */
+ * (int16, for the correction with the activations' 32-sums). Vector c holds groups 8c..8c+7:
+ * their 11-bit indices are built in the 64-bit lanes of the gather (qs byte | 3 qh bits rotated
+ * to bits 8..10), so no shuffles between the loads and the gathers. */
 AVX512 INLINE void iq1_s_block(const block_iq1_s *blk, __m512i w[4], __m128i *neg_lsm) {
-    /* word i of the index vector takes qh[i/4] >> 3*(i%4) */
-    const __m512i qh_of_group = _mm512_set_epi16(7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4,
-                                                 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __m512i group_shift = _mm512_set_epi16(9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0,
-                                                 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0, 9, 6, 3, 0);
-    const __m512i high_bits = _mm512_set1_epi16(7 << 8);
-    const __m128i qh = _mm_loadu_si128((const __m128i *)blk->qh);
-    /* the 32 grid indices of the block, 11 bits each, as words */
-    const __m512i lo = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)blk->qs));
-    const __m512i hi = _mm512_srlv_epi16(_mm512_permutexvar_epi16(qh_of_group, _mm512_castsi128_si512(qh)), group_shift);
-    const __m512i idx = _mm512_ternarylogic_epi64(_mm512_slli_epi16(hi, 8), high_bits, lo, 0xEA);
-    const __m512i idx_lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(idx));
-    const __m512i idx_hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(idx, 1));
-    const __m256i group_idx[4] = {_mm512_castsi512_si256(idx_lo), _mm512_extracti64x4_epi64(idx_lo, 1),
-                                  _mm512_castsi512_si256(idx_hi), _mm512_extracti64x4_epi64(idx_hi, 1)};
+    /* lane j of vector c: its qh word (2c + j/4, as the low or high half of the broadcast
+     * dword) rotated so that bits 3*(j%4) .. +2 land on 8..10 */
+    const __m512i rotate = _mm512_set_epi64(47, 50, 53, 56, 63, 2, 5, 8);
+    const __m512i high_bits = _mm512_set1_epi64(7 << 8);
+    uint64_t qh_lo, qh_hi;
+    memcpy(&qh_lo, blk->qh, 8);
+    memcpy(&qh_hi, blk->qh + 4, 8);
+    /* the scales s of sub-blocks 2c, 2c+1 at bits 6c..6c+5: the row of iq1s_scale_lut */
+    const uint64_t scale_pairs = _pext_u64(qh_lo, 0x7000700070007000ULL) | (_pext_u64(qh_hi, 0x7000700070007000ULL) << 12);
     for (int c = 0; c < 4; c++) {
-        const __m512i u = _mm512_i32gather_epi64(group_idx[c], (const long long *)iq1s_grid, 8);
-        const int pair = ((blk->qh[2 * c] >> 12) & 7) | ((blk->qh[2 * c + 1] >> 9) & 0x38);
-        w[c] = _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[pair]), u);
+        uint32_t qh_pair;
+        memcpy(&qh_pair, blk->qh + 2 * c, 4);
+        const __m512i lo = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i *)(blk->qs + 8 * c)));
+        const __m512i hi = _mm512_rolv_epi64(_mm512_set1_epi32((int)qh_pair), rotate);
+        const __m512i idx = _mm512_ternarylogic_epi64(hi, high_bits, lo, 0xEA); /* hi & high_bits | lo */
+        const __m512i u = _mm512_i64gather_epi64(idx, (const long long *)iq1s_grid, 8);
+        w[c] = _mm512_shuffle_epi8(_mm512_loadu_si512(iq1s_scale_lut[(scale_pairs >> (6 * c)) & 63]), u);
     }
-    const __m128i s3 = _mm_and_si128(_mm_srli_epi16(qh, 12), _mm_set1_epi16(7));
-    const __m128i ls = _mm_add_epi16(_mm_slli_epi16(s3, 1), _mm_set1_epi16(1));
-    const __m128i m = _mm_add_epi16(_mm_set1_epi16(7), _mm_slli_epi16(_mm_srli_epi16(qh, 15), 1));
-    *neg_lsm = _mm_sub_epi16(_mm_setzero_si128(), _mm_mullo_epi16(ls, m));
+    const __m128i k = _mm_srli_epi16(_mm_loadu_si128((const __m128i *)blk->qh), 12);
+    *neg_lsm = _mm256_castsi256_si128(
+        _mm256_permutexvar_epi16(_mm256_castsi128_si256(k), _mm256_loadu_si256((const __m256i *)iq1s_neg_lsm)));
 }
 
 AVX512 INLINE void iq1_s_tile(const block_iq1_s *b, const block_q8 *const *x, const int nt, int nb, float *out) {
@@ -890,7 +893,7 @@ static int have_avx512(void) {
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
            __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vpopcntdq") &&
-           __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
 }
 
 /* ---- AMX (Sapphire Rapids and later): the same GEMMs on tile registers ----
@@ -907,7 +910,7 @@ static int have_avx512(void) {
 
 #if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #define HAVE_AMX_BUILD 1
-#define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c")))
+#define AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512vbmi,avx512bitalg,avx512vpopcntdq,f16c,bmi2")))
 #else
 #define HAVE_AMX_BUILD 0
 #endif

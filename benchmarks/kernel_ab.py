@@ -1,0 +1,132 @@
+"""The CPU expert kernels of two revisions in ONE process: old against new, call by call.
+
+Builds csrc/experts.c + runner.c of a git revision (--base, default HEAD) and of the working
+tree into two shared libraries, loads both, and times `tandem_matmul` (one weight matrix times
+1..8 tokens, R1's expert shapes, random valid blocks) alternating the two libraries call by
+call, so the machine's drift falls on both alike. Between processes the same build moved by
+up to +-25% on the dev VM (other tenants); within one process the order held run after run.
+The outputs of the two builds must agree (same integer sums; the float sums may differ in
+the last bits where the summation order changed).
+
+    python benchmarks/kernel_ab.py [--base REV] [--types iq1_s iq2_xxs] [--tokens 1 2 4 8]
+                                   [--threads 1] [--calls 30] [--out benchmarks/results]
+
+Prints a table and writes kernel_ab-<host>-<time>.json (min and median ms per variant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+from tandem.bench import machine
+from tandem.bench.random_blocks import random_blocks
+from tandem.kernels import native
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = "src/tandem/kernels/csrc"
+SOURCES = ("experts.c", "runner.c")
+CFLAGS = ["-O3", "-fopenmp", "-std=gnu11", "-Wall", "-ffp-contract=off", "-shared", "-fPIC"]
+# (rows, k) of the expert matrices of R1: gate / up, and down
+SHAPES = {"iq1_s": (T.IQ1_S, 2048, 7168), "iq2_xxs": (T.IQ2_XXS, 7168, 2048),
+          "q4_k": (T.Q4_K, 2048, 7168), "q6_k": (T.Q6_K, 7168, 2048)}
+
+
+def build(sources: dict[str, str], out: Path) -> ctypes.CDLL:
+    """The kernel library from these sources (name -> text), loaded on its own."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in sources.items():
+        (out / name).write_text(text)
+    lib = out / "kernels.so"
+    subprocess.run(["gcc", *CFLAGS, *(str(out / s) for s in SOURCES), "-o", str(lib), "-lm"], check=True)
+    dll = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
+    dll.tandem_set_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    dll.tandem_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_void_p, ctypes.c_int]
+    iq1s, iq2xxs = native._grid_bytes(quants.IQ1_S, 1), native._grid_bytes(quants.IQ2_XXS, 0)
+    dll.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
+    return dll
+
+
+def sources_at(rev: str) -> dict[str, str]:
+    return {s: subprocess.run(["git", "show", f"{rev}:{CSRC}/{s}"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout for s in SOURCES}
+
+
+def sources_here() -> dict[str, str]:
+    return {s: (ROOT / CSRC / s).read_text() for s in SOURCES}
+
+
+def compare(libs: dict[str, ctypes.CDLL], kind: str, n_tok: int, threads: int, calls: int,
+            rng: np.random.Generator) -> dict:
+    """Both libraries on one matrix of `kind` and n_tok tokens, alternating; ms and agreement."""
+    qtype, rows, k = SHAPES[kind]
+    weight = random_blocks(qtype, rows * k // 256, rng)
+    x = rng.standard_normal((n_tok, k), dtype=np.float32)
+    outs = {name: np.zeros((n_tok, rows), np.float32) for name in libs}
+    times: dict[str, list[float]] = {name: [] for name in libs}
+    for call in range(calls + 1):  # call 0 warms up
+        order = list(libs) if call % 2 == 0 else list(libs)[::-1]
+        for name in order:
+            start = time.perf_counter()
+            rc = libs[name].tandem_matmul(weight.ctypes.data, int(qtype), rows, k, x.ctypes.data, n_tok,
+                                          outs[name].ctypes.data, threads)
+            if rc != 0:
+                raise RuntimeError(f"{name}: tandem_matmul returned {rc}")
+            if call:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    base, test = outs.values()
+    scale = float(np.abs(base).max()) or 1.0
+    return {
+        "type": kind, "rows": rows, "k": k, "tokens": n_tok, "threads": threads,
+        "max_abs_difference_over_max": float(np.abs(base - test).max()) / scale,
+        **{f"{name}_ms_min": min(t) for name, t in times.items()},
+        **{f"{name}_ms_median": statistics.median(t) for name, t in times.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="HEAD", help="git revision of the old kernels (default HEAD)")
+    parser.add_argument("--types", nargs="+", default=["iq1_s", "iq2_xxs"], choices=sorted(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    now = datetime.now(UTC)
+    base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {"base": build(sources_at(base_rev), Path(tmp) / "base"),
+                "test": build(sources_here(), Path(tmp) / "test")}
+        rng = np.random.default_rng(0)
+        rows = [compare(libs, kind, n, args.threads, args.calls, rng)
+                for kind in args.types for n in args.tokens]
+    print(f"base {base_rev[:10]} vs working tree, {args.threads} thread(s), min of {args.calls} calls each")
+    print(f"{'type':8s} {'tokens':>6s} {'base ms':>8s} {'test ms':>8s} {'change':>7s} {'max diff':>9s}")
+    for r in rows:
+        change = r["test_ms_min"] / r["base_ms_min"] - 1
+        print(f"{r['type']:8s} {r['tokens']:6d} {r['base_ms_min']:8.3f} {r['test_ms_min']:8.3f} "
+              f"{change:+7.1%} {r['max_abs_difference_over_max']:9.1e}")
+    record = machine.record_header("kernel_ab", now)
+    record.update(base=base_rev, test="working tree of " + record["commit"], rows=rows)
+    print(machine.write_record(record, args.out, now))
+    bad = [r for r in rows if r["max_abs_difference_over_max"] > 1e-5]
+    if bad:
+        sys.exit(f"the builds disagree: {bad}")
+
+
+if __name__ == "__main__":
+    main()
