@@ -2,8 +2,9 @@
 
 Builds csrc/experts.c + runner.c of a git revision (--base, default HEAD) and of the working
 tree into two shared libraries, loads both, and times `tandem_matmul` (one weight matrix times
-1..8 tokens, R1's expert shapes, random valid blocks) alternating the two libraries call by
-call, so the machine's drift falls on both alike. Between processes the same build moved by
+1..8 tokens, R1's expert shapes, random valid blocks) in rounds: each round calls every case
+once with each library, the libraries' order flipped round by round, so the machine's drift
+falls on all alike. Between processes the same build moved by
 up to +-25% on the dev VM (other tenants); within one process the order held run after run.
 The outputs of the two builds must agree (same integer sums; the float sums may differ in
 the last bits where the summation order changed).
@@ -68,32 +69,45 @@ def sources_here() -> dict[str, str]:
     return {s: (ROOT / CSRC / s).read_text() for s in SOURCES}
 
 
-def compare(libs: dict[str, ctypes.CDLL], kind: str, n_tok: int, threads: int, calls: int,
-            rng: np.random.Generator) -> dict:
-    """Both libraries on one matrix of `kind` and n_tok tokens, alternating; ms and agreement."""
-    qtype, rows, k = SHAPES[kind]
-    weight = random_blocks(qtype, rows * k // 256, rng)
-    x = rng.standard_normal((n_tok, k), dtype=np.float32)
-    outs = {name: np.zeros((n_tok, rows), np.float32) for name in libs}
-    times: dict[str, list[float]] = {name: [] for name in libs}
-    for call in range(calls + 1):  # call 0 warms up
-        order = list(libs) if call % 2 == 0 else list(libs)[::-1]
-        for name in order:
-            start = time.perf_counter()
-            rc = libs[name].tandem_matmul(weight.ctypes.data, int(qtype), rows, k, x.ctypes.data, n_tok,
-                                          outs[name].ctypes.data, threads)
-            if rc != 0:
-                raise RuntimeError(f"{name}: tandem_matmul returned {rc}")
-            if call:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    base, test = outs.values()
-    scale = float(np.abs(base).max()) or 1.0
-    return {
-        "type": kind, "rows": rows, "k": k, "tokens": n_tok, "threads": threads,
-        "max_abs_difference_over_max": float(np.abs(base - test).max()) / scale,
-        **{f"{name}_ms_min": min(t) for name, t in times.items()},
-        **{f"{name}_ms_median": statistics.median(t) for name, t in times.items()},
-    }
+class Case:
+    """One matrix of `kind` times n_tok tokens, each library's output and call times."""
+
+    def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rng: np.random.Generator):
+        self.kind, self.n_tok, self.threads = kind, n_tok, threads
+        self.qtype, self.rows, self.k = SHAPES[kind]
+        self.weight = random_blocks(self.qtype, self.rows * self.k // 256, rng)
+        self.x = rng.standard_normal((n_tok, self.k), dtype=np.float32)
+        self.outs = {name: np.zeros((n_tok, self.rows), np.float32) for name in libs}
+        self.times: dict[str, list[float]] = {name: [] for name in libs}
+
+    def call(self, name: str, lib: ctypes.CDLL, keep: bool) -> None:
+        start = time.perf_counter()
+        rc = lib.tandem_matmul(self.weight.ctypes.data, int(self.qtype), self.rows, self.k,
+                               self.x.ctypes.data, self.n_tok, self.outs[name].ctypes.data, self.threads)
+        if rc != 0:
+            raise RuntimeError(f"{name}: tandem_matmul returned {rc}")
+        if keep:
+            self.times[name].append((time.perf_counter() - start) * 1e3)
+
+    def summary(self) -> dict:
+        base, test = self.outs.values()
+        scale = float(np.abs(base).max()) or 1.0
+        return {
+            "type": self.kind, "rows": self.rows, "k": self.k, "tokens": self.n_tok, "threads": self.threads,
+            "max_abs_difference_over_max": float(np.abs(base - test).max()) / scale,
+            **{f"{name}_ms_min": min(t) for name, t in self.times.items()},
+            **{f"{name}_ms_median": statistics.median(t) for name, t in self.times.items()},
+        }
+
+
+def run_rounds(libs: dict[str, ctypes.CDLL], cases: list[Case], rounds: int) -> None:
+    """Every case once per round, the libraries' order flipped each round: slow spells of the
+    machine fall on all cases and both libraries alike. Round 0 warms up."""
+    for r in range(rounds + 1):
+        names = list(libs) if r % 2 == 0 else list(libs)[::-1]
+        for case in cases:
+            for name in names:
+                case.call(name, libs[name], keep=r > 0)
 
 
 def main() -> None:
@@ -102,7 +116,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=["iq1_s", "iq2_xxs"], choices=sorted(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=30)
+    parser.add_argument("--calls", type=int, default=30, help="rounds: calls per case and library")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     now = datetime.now(UTC)
@@ -112,8 +126,9 @@ def main() -> None:
         libs = {"base": build(sources_at(base_rev), Path(tmp) / "base"),
                 "test": build(sources_here(), Path(tmp) / "test")}
         rng = np.random.default_rng(0)
-        rows = [compare(libs, kind, n, args.threads, args.calls, rng)
-                for kind in args.types for n in args.tokens]
+        cases = [Case(kind, n, args.threads, list(libs), rng) for kind in args.types for n in args.tokens]
+        run_rounds(libs, cases, args.calls)
+        rows = [case.summary() for case in cases]
     print(f"base {base_rev[:10]} vs working tree, {args.threads} thread(s), min of {args.calls} calls each")
     print(f"{'type':8s} {'tokens':>6s} {'base ms':>8s} {'test ms':>8s} {'change':>7s} {'max diff':>9s}")
     for r in rows:
