@@ -934,17 +934,17 @@ typedef struct {
 } tile_config;
 
 /* All 8 tiles 16 x 64 bytes: 0..3 int32 sums (16 rows x 16 tokens), 4, 5 weights (16 rows x
- * 64 values), 6, 7 activations (16 groups of 4 values x 16 tokens). */
-AMX static void amx_configure(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof(cfg));
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
+ * 64 values), 6, 7 activations (16 groups of 4 values x 16 tokens). A constant, not built on
+ * the stack: GCC 12 does not see LDTILECFG read all 64 bytes, and where amx_configure was not
+ * inlined it dropped the part of a memset that zeroed tiles 8..15's fields (garbage there:
+ * #GP, the process killed by SIGSEGV); the inlined copy escaped by luck. */
+static const tile_config amx_tiles = {
+    .palette = 1,
+    .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+    .rows = {16, 16, 16, 16, 16, 16, 16, 16},
+};
+
+AMX static void amx_configure(void) { _tile_loadconfig(&amx_tiles); }
 
 /* B tile (tile 6 or 7) of the panel: groups j0.. of token vector v. */
 #define LOAD_B(tile, pb, j0, v) _tile_loadd(tile, &(pb)->q[j0][v], PANEL_V * 64)
