@@ -24,5 +24,5 @@ def _script_fixture(name: str):
     return script
 
 
-side_by_side, ab, moe_decode, decode_profile = (
-    _script_fixture(name) for name in ("side_by_side", "ab", "moe_decode", "decode_profile"))
+side_by_side, ab, moe_decode, decode_profile, kernel_ab = (
+    _script_fixture(name) for name in ("side_by_side", "ab", "moe_decode", "decode_profile", "kernel_ab"))

@@ -1,0 +1,42 @@
+"""benchmarks/kernel_ab.py: two builds of the CPU kernels in one process, on small matrices,
+against gguf-py's dequantizer (so the harness times the product it claims to)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+
+
+@pytest.fixture(scope="module")
+def libs(kernel_ab, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kernel_ab")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=kernel_ab.ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    return {"base": kernel_ab.build(kernel_ab.sources_at("HEAD"), tmp / "base"),
+            "test": kernel_ab.build(kernel_ab.sources_here(), tmp / "test")}
+
+
+def test_both_builds_compute_the_product_in_rounds(kernel_ab, libs, monkeypatch):
+    monkeypatch.setattr(kernel_ab, "SHAPES", {"iq1_s": (T.IQ1_S, 48, 512), "iq2_xxs": (T.IQ2_XXS, 40, 256)})
+    rng = np.random.default_rng(1)
+    cases = [kernel_ab.Case(kind, n, 2, list(libs), rng) for kind in ("iq1_s", "iq2_xxs") for n in (1, 5)]
+    kernel_ab.run_rounds(libs, cases, rounds=3)
+    for case in cases:
+        weight = quants.dequantize(case.weight.reshape(-1), case.qtype).reshape(case.rows, case.k)
+        expected = case.x.astype(np.float64) @ weight.T.astype(np.float64)
+        for name in libs:
+            got = case.outs[name].astype(np.float64)
+            # the kernels round activations to 8 bits per 256 values (ggml's Q8_K)
+            assert np.abs(got - expected).max() < 0.03 * np.abs(expected).max(), (case.kind, name)
+            assert len(case.times[name]) == 3 and min(case.times[name]) > 0
+        row = case.summary()
+        assert row["max_abs_difference_over_max"] < 1e-5
+        assert row["base_ms_min"] <= row["base_ms_median"]
