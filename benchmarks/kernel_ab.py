@@ -1,6 +1,7 @@
 """The CPU expert kernels of two revisions in ONE process: old against new, call by call.
 
-Builds csrc/experts.c + runner.c of a git revision (--base, default HEAD) and of the working
+Builds csrc/experts.c + runner.c of a git revision (--base, default HEAD; or --base-dir, a
+folder holding the two files, where the tree has no .git, as on the GPU machine) and of the working
 tree into two shared libraries, loads both, and times `tandem_matmul` (one weight matrix times
 1..8 tokens, R1's expert shapes, random valid blocks) in rounds: each round calls every case
 once with each library, the libraries' order flipped round by round, so the machine's drift
@@ -9,7 +10,7 @@ up to +-25% on the dev VM (other tenants); within one process the order held run
 The outputs of the two builds must agree (same integer sums; the float sums may differ in
 the last bits where the summation order changed).
 
-    python benchmarks/kernel_ab.py [--base REV] [--types iq1_s iq2_xxs] [--tokens 1 2 4 8]
+    python benchmarks/kernel_ab.py [--base REV | --base-dir DIR] [--types iq1_s iq2_xxs] [--tokens 1 2 4 8]
                                    [--threads 1] [--calls 30] [--out benchmarks/results]
 
 Prints a table and writes kernel_ab-<host>-<time>.json (min and median ms per variant).
@@ -65,8 +66,8 @@ def sources_at(rev: str) -> dict[str, str]:
                               text=True, check=True).stdout for s in SOURCES}
 
 
-def sources_here() -> dict[str, str]:
-    return {s: (ROOT / CSRC / s).read_text() for s in SOURCES}
+def sources_in(folder: Path) -> dict[str, str]:
+    return {s: (folder / s).read_text() for s in SOURCES}
 
 
 class Case:
@@ -113,6 +114,7 @@ def run_rounds(libs: dict[str, ctypes.CDLL], cases: list[Case], rounds: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the old kernels (default HEAD)")
+    parser.add_argument("--base-dir", type=Path, help="a folder with the old experts.c and runner.c instead")
     parser.add_argument("--types", nargs="+", default=["iq1_s", "iq2_xxs"], choices=sorted(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
@@ -120,16 +122,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     now = datetime.now(UTC)
-    base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+    if args.base_dir is not None:
+        base_rev, base_sources = str(args.base_dir), sources_in(args.base_dir)
+    else:
+        base_rev = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        base_sources = sources_at(base_rev)
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"base": build(sources_at(base_rev), Path(tmp) / "base"),
-                "test": build(sources_here(), Path(tmp) / "test")}
+        libs = {"base": build(base_sources, Path(tmp) / "base"),
+                "test": build(sources_in(ROOT / CSRC), Path(tmp) / "test")}
         rng = np.random.default_rng(0)
         cases = [Case(kind, n, args.threads, list(libs), rng) for kind in args.types for n in args.tokens]
         run_rounds(libs, cases, args.calls)
         rows = [case.summary() for case in cases]
-    print(f"base {base_rev[:10]} vs working tree, {args.threads} thread(s), min of {args.calls} calls each")
+    label = base_rev if args.base_dir else base_rev[:10]
+    print(f"base {label} vs working tree, {args.threads} thread(s), min of {args.calls} calls each")
     print(f"{'type':8s} {'tokens':>6s} {'base ms':>8s} {'test ms':>8s} {'change':>7s} {'max diff':>9s}")
     for r in rows:
         change = r["test_ms_min"] / r["base_ms_min"] - 1
