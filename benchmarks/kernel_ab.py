@@ -3,14 +3,17 @@
 Builds csrc/experts.c + runner.c of a git revision (--base, default HEAD; or --base-dir, a
 folder holding the two files, where the tree has no .git, as on the GPU machine) and of the working
 tree into two shared libraries, loads both, and times `tandem_matmul` (one weight matrix times
-1..8 tokens, R1's expert shapes, random valid blocks) in rounds: each round calls every case
+1..8 tokens, R1's expert shapes, random valid blocks: the tile kernels only) or, with --types
+expert, the MoE op on one UD-IQ1_S expert that all tokens chose (from 4 tokens on the GEMM
+paths, AMX where the CPU has it) in rounds: each round calls every case
 once with each library, the libraries' order flipped round by round, so the machine's drift
 falls on all alike. Between processes the same build moved by
 up to +-25% on the dev VM (other tenants); within one process the order held run after run.
 The outputs of the two builds must agree (same integer sums; the float sums may differ in
 the last bits where the summation order changed).
 
-    python benchmarks/kernel_ab.py [--base REV | --base-dir DIR] [--types iq1_s iq2_xxs] [--tokens 1 2 4 8]
+    python benchmarks/kernel_ab.py [--base REV | --base-dir DIR] [--types iq1_s iq2_xxs expert]
+                                   [--tokens 1 2 4 8]
                                    [--threads 1] [--calls 30] [--out benchmarks/results]
 
 Prints a table and writes kernel_ab-<host>-<time>.json (min and median ms per variant).
@@ -40,9 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = "src/tandem/kernels/csrc"
 SOURCES = ("experts.c", "runner.c")
 CFLAGS = ["-O3", "-fopenmp", "-std=gnu11", "-Wall", "-ffp-contract=off", "-shared", "-fPIC"]
-# (rows, k) of the expert matrices of R1: gate / up, and down
+# (type, rows, k) of the expert matrices of R1: gate / up, and down
 SHAPES = {"iq1_s": (T.IQ1_S, 2048, 7168), "iq2_xxs": (T.IQ2_XXS, 7168, 2048),
           "q4_k": (T.Q4_K, 2048, 7168), "q6_k": (T.Q6_K, 7168, 2048)}
+# --types expert: one routed expert of the UD-IQ1_S recipe (gate, up, down types; n_ff, d)
+EXPERT = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS, 2048, 7168)
 
 
 def build(sources: dict[str, str], out: Path) -> ctypes.CDLL:
@@ -54,8 +59,9 @@ def build(sources: dict[str, str], out: Path) -> ctypes.CDLL:
     subprocess.run(["gcc", *CFLAGS, *(str(out / s) for s in SOURCES), "-o", str(lib), "-lm"], check=True)
     dll = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
     dll.tandem_set_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    dll.tandem_matmul.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 3, ctypes.c_void_p, ctypes.c_int,
-                                  ctypes.c_void_p, ctypes.c_int]
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    dll.tandem_matmul.argtypes = [ptr, i32, i32, i32, ptr, i32, ptr, i32]
+    dll.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
     iq1s, iq2xxs = native._grid_bytes(quants.IQ1_S, 1), native._grid_bytes(quants.IQ2_XXS, 0)
     dll.tandem_set_tables(iq1s.ctypes.data, iq2xxs.ctypes.data)
     return dll
@@ -101,6 +107,37 @@ class Case:
         }
 
 
+class ExpertCase(Case):
+    """EXPERT for n_tok tokens that all chose it, through the MoE op (`tandem_moe`): the tile
+    kernels for a few tokens, the GEMM paths from a few more (on AMX tiles where the CPU has
+    them), as the engine calls it."""
+
+    def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rng: np.random.Generator):
+        self.kind, self.n_tok, self.threads = kind, n_tok, threads
+        *self.types, self.n_ff, self.d = EXPERT
+        self.rows, self.k = self.d, self.n_ff
+        shapes = ((self.n_ff, self.d), (self.n_ff, self.d), (self.d, self.n_ff))
+        self.matrices = [random_blocks(t, rows * k // 256, rng)
+                         for t, (rows, k) in zip(self.types, shapes, strict=True)]
+        self.x = rng.standard_normal((n_tok, self.d), dtype=np.float32)
+        self.ids = np.zeros((n_tok, 1), np.int32)
+        self.weights = np.ones((n_tok, 1), np.float32)
+        self.outs = {name: np.zeros((n_tok, self.d), np.float32) for name in libs}
+        self.times = {name: [] for name in libs}
+
+    def call(self, name: str, lib: ctypes.CDLL, keep: bool) -> None:
+        (gate, up, down), (gt, ut, dt) = self.matrices, self.types
+        start = time.perf_counter()
+        rc = lib.tandem_moe(self.x.ctypes.data, self.n_tok, self.d, self.ids.ctypes.data,
+                            self.weights.ctypes.data, 1, gate.ctypes.data, int(gt), up.ctypes.data, int(ut),
+                            down.ctypes.data, int(dt), 1, self.n_ff, self.outs[name].ctypes.data,
+                            self.threads)
+        if rc != 0:
+            raise RuntimeError(f"{name}: tandem_moe returned {rc}")
+        if keep:
+            self.times[name].append((time.perf_counter() - start) * 1e3)
+
+
 def run_rounds(libs: dict[str, ctypes.CDLL], cases: list[Case], rounds: int) -> None:
     """Every case once per round, the libraries' order flipped each round: slow spells of the
     machine fall on all cases and both libraries alike. Round 0 warms up."""
@@ -115,7 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the old kernels (default HEAD)")
     parser.add_argument("--base-dir", type=Path, help="a folder with the old experts.c and runner.c instead")
-    parser.add_argument("--types", nargs="+", default=["iq1_s", "iq2_xxs"], choices=sorted(SHAPES))
+    parser.add_argument("--types", nargs="+", default=["iq1_s", "iq2_xxs"],
+                        choices=[*sorted(SHAPES), "expert"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=30, help="rounds: calls per case and library")
@@ -132,7 +170,8 @@ def main() -> None:
         libs = {"base": build(base_sources, Path(tmp) / "base"),
                 "test": build(sources_in(ROOT / CSRC), Path(tmp) / "test")}
         rng = np.random.default_rng(0)
-        cases = [Case(kind, n, args.threads, list(libs), rng) for kind in args.types for n in args.tokens]
+        cases = [(ExpertCase if kind == "expert" else Case)(kind, n, args.threads, list(libs), rng)
+                 for kind in args.types for n in args.tokens]
         run_rounds(libs, cases, args.calls)
         rows = [case.summary() for case in cases]
     label = base_rev if args.base_dir else base_rev[:10]

@@ -45,3 +45,20 @@ def test_both_builds_compute_the_product_in_rounds(kernel_ab, libs, monkeypatch)
         row = case.summary()
         assert row["max_abs_difference_over_max"] < 1e-5
         assert row["base_ms_min"] <= row["base_ms_median"]
+
+
+def test_the_expert_case_runs_the_moe_op(kernel_ab, libs, monkeypatch):
+    monkeypatch.setattr(kernel_ab, "EXPERT", (T.IQ1_S, T.IQ1_S, T.IQ2_XXS, 256, 512))
+    rng = np.random.default_rng(2)
+    cases = [kernel_ab.ExpertCase("expert", n, 2, list(libs), rng) for n in (1, 9)]  # 9: the GEMM path
+    kernel_ab.run_rounds(libs, cases, rounds=2)
+    for case in cases:
+        gate, up, down = (quants.dequantize(m.reshape(-1), t).astype(np.float64)
+                          for m, t in zip(case.matrices, case.types, strict=True))
+        x = case.x.astype(np.float64)
+        g, u = x @ gate.reshape(256, 512).T, x @ up.reshape(256, 512).T
+        expected = (g / (1 + np.exp(-g)) * u) @ down.reshape(512, 256).T
+        for name in libs:
+            got = case.outs[name].astype(np.float64)
+            assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max(), (case.n_tok, name)
+        assert case.summary()["max_abs_difference_over_max"] < 1e-5

@@ -26,7 +26,7 @@ from tandem.kernels.tensors import QuantTensor, activation_rows, as_cpu
 BLOCK = 256  # every type here quantizes rows in blocks of 256 values
 # Environment variables that pick kernel variants at load, for A/B benchmarks: TANDEM_AMX=0 keeps
 # the AVX-512 GEMMs on an AMX CPU; TANDEM_TOKEN_BLOCK sets (token, slot) pairs per prefill task;
-# TANDEM_GEMM_MIN_PAIRS the fewest pairs of an expert that take the GEMM path (default 4 on AMX, 16);
+# TANDEM_GEMM_MIN_PAIRS the fewest pairs of an expert that take the GEMM path (default 7 on AMX, 16);
 # TANDEM_PIN_THREADS=1 keeps each worker thread of the kernels on one CPU; TANDEM_RUNNER_SPIN_US
 # how long the runner thread and its caller spin before they sleep (default 2000; 0: at once).
 KERNEL_ENV = ("TANDEM_AMX", "TANDEM_TOKEN_BLOCK", "TANDEM_GEMM_MIN_PAIRS", "TANDEM_PIN_THREADS",
@@ -115,7 +115,7 @@ def set_token_block(pairs: int) -> int:
 
 def set_gemm_min_pairs(pairs: int) -> int:
     """The fewest (token, slot) pairs of one expert in a task that take the GEMM path instead of
-    the per-token tile kernels, 1..16 for every pass, or 0 for the defaults: 4 for a pass on AMX
+    the per-token tile kernels, 1..16 for every pass, or 0 for the defaults: 7 for a pass on AMX
     tiles, 16 on AVX-512 (TANDEM_GEMM_MIN_PAIRS sets it at load, for A/B runs of a few decode
     streams); returns the previous value."""
     return int(_lib().tandem_set_gemm_min_pairs(int(pairs)))

@@ -543,7 +543,7 @@ AVX512 INLINE void q6_k_tile(const block_q6_k *b, const block_q8 *const *x, cons
 #define PANEL_V 8 /* token vectors per panel: TOKEN_BLOCK / 16 */
 #define REG_V 4 /* token vectors whose sums one register block holds */
 #define GEMM_MIN_PAIRS 16 /* fewer pairs per task: the tile kernels (tandem_set_gemm_min_pairs) */
-#define AMX_GEMM_MIN_PAIRS 4 /* ... on AMX tiles, which pay off sooner (8 decode streams: +24%) */
+#define AMX_GEMM_MIN_PAIRS 7 /* ... on AMX tiles, which pay off sooner (see min_pairs) */
 #define GEMM_ROWS 4 /* weight rows per register block */
 
 typedef struct {
@@ -1275,8 +1275,13 @@ static void pin_this_worker(void) {
 /* Fewest pairs of one expert in a task that take the GEMM path rather than the tile kernels.
  * By default it depends on the pass: a pass on AMX tiles takes AMX_GEMM_MIN_PAIRS, since a few
  * decode streams sharing an expert then decode each weight row once and multiply it on tiles
- * (measured on a Sapphire Rapids-class Xeon); AVX-512 GEMMs lose below GEMM_MIN_PAIRS (measured
- * on Zen 4). Set (1..16), one value for both (A/B runs); 0 goes back to the defaults. */
+ * (8 decode streams: +24% against tiles up to 15 pairs, on a Sapphire Rapids-class Xeon). The
+ * AMX path costs about the same from 1 to 16 pairs, ~1.7-2x one token's tile kernels; those
+ * grow per pair, so they win up to 6: a whole UD-IQ1_S expert at 4 pairs 5.7 against 8.3 ms on
+ * one thread of the dev box, 5 pairs 6.9 / 8.4, 6 pairs 8.1 / 8.2, 7 pairs 9.2 / 8.6 (one
+ * process, benchmarks/kernel_ab.py); on the GPU machine 7 pairs ran alike on both (run u).
+ * AVX-512 GEMMs lose below GEMM_MIN_PAIRS (measured on Zen 4). Set (1..16), one value for both
+ * (A/B runs); 0 goes back to the defaults. */
 static int gemm_min_pairs = 0;
 
 static int min_pairs(int amx) {
