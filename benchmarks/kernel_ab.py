@@ -1,20 +1,20 @@
-"""The CPU expert kernels of two revisions in ONE process: old against new, call by call.
+"""The CPU expert kernels of two revisions in ONE process: old against new, in rounds.
 
 Builds csrc/experts.c + runner.c of a git revision (--base, default HEAD; or --base-dir, a
-folder holding the two files, where the tree has no .git, as on the GPU machine) and of the working
-tree into two shared libraries, loads both, and times `tandem_matmul` (one weight matrix times
-1..8 tokens, R1's expert shapes, random valid blocks: the tile kernels only) or, with --types
-expert, the MoE op on one UD-IQ1_S expert that all tokens chose (from 4 tokens on the GEMM
-paths, AMX where the CPU has it) in rounds: each round calls every case
-once with each library, the libraries' order flipped round by round, so the machine's drift
-falls on all alike. Between processes the same build moved by
-up to +-25% on the dev VM (other tenants); within one process the order held run after run.
-The outputs of the two builds must agree (same integer sums; the float sums may differ in
-the last bits where the summation order changed).
+folder holding the two files where the tree has no .git, as on the GPU machine) and of the
+working tree into two shared libraries and loads both. A case is one weight matrix of R1's
+expert shapes times 1..8 tokens (`tandem_matmul`: the tile kernels only), or with --types
+expert the MoE op on one UD-IQ1_S expert that all its tokens chose (`tandem_moe`: the GEMM
+paths, on AMX where the CPU has it, from a few tokens on). Random valid blocks. Each round calls
+every case once with each library, the order flipped round by round, so the machine's drift
+falls on all alike: between processes the same build moved by up to +-25% on the dev VM
+(other tenants), within one process the order held run after run. The two builds' outputs
+must agree (same integer sums; float sums may differ in the last bits where the summation
+order changed).
 
     python benchmarks/kernel_ab.py [--base REV | --base-dir DIR] [--types iq1_s iq2_xxs expert]
-                                   [--tokens 1 2 4 8]
-                                   [--threads 1] [--calls 30] [--out benchmarks/results]
+                                   [--tokens 1 2 4 8] [--threads 1] [--calls 30]
+                                   [--out benchmarks/results]
 
 Prints a table and writes kernel_ab-<host>-<time>.json (min and median ms per variant).
 """
