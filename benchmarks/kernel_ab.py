@@ -77,22 +77,24 @@ def sources_in(folder: Path) -> dict[str, str]:
 
 
 class Case:
-    """One matrix of `kind` times n_tok tokens, each library's output and call times."""
+    """n_tok tokens through one kernel call of each library: their outputs ([n_tok, rows]) and
+    call times. Subclasses set up the operands and make the call (`run`)."""
 
-    def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rng: np.random.Generator):
-        self.kind, self.n_tok, self.threads = kind, n_tok, threads
-        self.qtype, self.rows, self.k = SHAPES[kind]
-        self.weight = random_blocks(self.qtype, self.rows * self.k // 256, rng)
-        self.x = rng.standard_normal((n_tok, self.k), dtype=np.float32)
-        self.outs = {name: np.zeros((n_tok, self.rows), np.float32) for name in libs}
+    op = ""  # the C function `run` calls, for errors
+
+    def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rows: int, k: int):
+        self.kind, self.n_tok, self.threads, self.rows, self.k = kind, n_tok, threads, rows, k
+        self.outs = {name: np.zeros((n_tok, rows), np.float32) for name in libs}
         self.times: dict[str, list[float]] = {name: [] for name in libs}
+
+    def run(self, lib: ctypes.CDLL, out: np.ndarray) -> int:
+        raise NotImplementedError
 
     def call(self, name: str, lib: ctypes.CDLL, keep: bool) -> None:
         start = time.perf_counter()
-        rc = lib.tandem_matmul(self.weight.ctypes.data, int(self.qtype), self.rows, self.k,
-                               self.x.ctypes.data, self.n_tok, self.outs[name].ctypes.data, self.threads)
+        rc = self.run(lib, self.outs[name])
         if rc != 0:
-            raise RuntimeError(f"{name}: tandem_matmul returned {rc}")
+            raise RuntimeError(f"{name}: {self.op} returned {rc}")
         if keep:
             self.times[name].append((time.perf_counter() - start) * 1e3)
 
@@ -107,35 +109,44 @@ class Case:
         }
 
 
+class MatrixCase(Case):
+    """One matrix of `kind` (SHAPES) times n_tok tokens (`tandem_matmul`: the tile kernels)."""
+
+    op = "tandem_matmul"
+
+    def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rng: np.random.Generator):
+        self.qtype, rows, k = SHAPES[kind]
+        super().__init__(kind, n_tok, threads, libs, rows, k)
+        self.weight = random_blocks(self.qtype, rows * k // 256, rng)
+        self.x = rng.standard_normal((n_tok, k), dtype=np.float32)
+
+    def run(self, lib: ctypes.CDLL, out: np.ndarray) -> int:
+        return lib.tandem_matmul(self.weight.ctypes.data, int(self.qtype), self.rows, self.k,
+                                 self.x.ctypes.data, self.n_tok, out.ctypes.data, self.threads)
+
+
 class ExpertCase(Case):
     """EXPERT for n_tok tokens that all chose it, through the MoE op (`tandem_moe`): the tile
     kernels for a few tokens, the GEMM paths from a few more (on AMX tiles where the CPU has
     them), as the engine calls it."""
 
+    op = "tandem_moe"
+
     def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rng: np.random.Generator):
-        self.kind, self.n_tok, self.threads = kind, n_tok, threads
         *self.types, self.n_ff, self.d = EXPERT
-        self.rows, self.k = self.d, self.n_ff
+        super().__init__(kind, n_tok, threads, libs, self.d, self.n_ff)
         shapes = ((self.n_ff, self.d), (self.n_ff, self.d), (self.d, self.n_ff))
         self.matrices = [random_blocks(t, rows * k // 256, rng)
                          for t, (rows, k) in zip(self.types, shapes, strict=True)]
         self.x = rng.standard_normal((n_tok, self.d), dtype=np.float32)
         self.ids = np.zeros((n_tok, 1), np.int32)
         self.weights = np.ones((n_tok, 1), np.float32)
-        self.outs = {name: np.zeros((n_tok, self.d), np.float32) for name in libs}
-        self.times = {name: [] for name in libs}
 
-    def call(self, name: str, lib: ctypes.CDLL, keep: bool) -> None:
+    def run(self, lib: ctypes.CDLL, out: np.ndarray) -> int:
         (gate, up, down), (gt, ut, dt) = self.matrices, self.types
-        start = time.perf_counter()
-        rc = lib.tandem_moe(self.x.ctypes.data, self.n_tok, self.d, self.ids.ctypes.data,
-                            self.weights.ctypes.data, 1, gate.ctypes.data, int(gt), up.ctypes.data, int(ut),
-                            down.ctypes.data, int(dt), 1, self.n_ff, self.outs[name].ctypes.data,
-                            self.threads)
-        if rc != 0:
-            raise RuntimeError(f"{name}: tandem_moe returned {rc}")
-        if keep:
-            self.times[name].append((time.perf_counter() - start) * 1e3)
+        return lib.tandem_moe(self.x.ctypes.data, self.n_tok, self.d, self.ids.ctypes.data,
+                              self.weights.ctypes.data, 1, gate.ctypes.data, int(gt), up.ctypes.data, int(ut),
+                              down.ctypes.data, int(dt), 1, self.n_ff, out.ctypes.data, self.threads)
 
 
 def run_rounds(libs: dict[str, ctypes.CDLL], cases: list[Case], rounds: int) -> None:
@@ -170,7 +181,7 @@ def main() -> None:
         libs = {"base": build(base_sources, Path(tmp) / "base"),
                 "test": build(sources_in(ROOT / CSRC), Path(tmp) / "test")}
         rng = np.random.default_rng(0)
-        cases = [(ExpertCase if kind == "expert" else Case)(kind, n, args.threads, list(libs), rng)
+        cases = [(ExpertCase if kind == "expert" else MatrixCase)(kind, n, args.threads, list(libs), rng)
                  for kind in args.types for n in args.tokens]
         run_rounds(libs, cases, args.calls)
         rows = [case.summary() for case in cases]

@@ -32,7 +32,8 @@ def libs(kernel_ab, tmp_path_factory):
 def test_both_builds_compute_the_product_in_rounds(kernel_ab, libs, monkeypatch):
     monkeypatch.setattr(kernel_ab, "SHAPES", {"iq1_s": (T.IQ1_S, 48, 512), "iq2_xxs": (T.IQ2_XXS, 40, 256)})
     rng = np.random.default_rng(1)
-    cases = [kernel_ab.Case(kind, n, 2, list(libs), rng) for kind in ("iq1_s", "iq2_xxs") for n in (1, 5)]
+    cases = [kernel_ab.MatrixCase(kind, n, 2, list(libs), rng)
+             for kind in ("iq1_s", "iq2_xxs") for n in (1, 5)]
     kernel_ab.run_rounds(libs, cases, rounds=3)
     for case in cases:
         weight = quants.dequantize(case.weight.reshape(-1), case.qtype).reshape(case.rows, case.k)
