@@ -67,7 +67,10 @@ STEP = 0.02  # change of a layer's share per call
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 CUDA_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: kernels may read the pages themselves
-IN_PLACE_ROW_BYTES = 3 * 8 + 8 + 4  # per pair read in place: 3 addresses, token (int64), weight (float32)
+# per pair read in place: 3 matrices' addresses and the token (int64), the weight (float32)
+_IN_PLACE_ADDRESSES = 3 * 8
+_IN_PLACE_TOKEN = 8
+IN_PLACE_ROW_BYTES = _IN_PLACE_ADDRESSES + _IN_PLACE_TOKEN + 4
 RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x expert counts
 # Order of a shared call: by default the CPU's part starts first, on the kernels' runner thread
 # (native.MoeRunner), and the GPU's is launched meanwhile (the launch is ~0.4-1 ms of Python per
@@ -772,9 +775,11 @@ class GpuShare:
 def _in_place_views(buffer: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The in-place launch's inputs in one uint8 buffer (one upload): addresses [3, capacity]
     and tokens [capacity] int64, weights [capacity] float32."""
-    at = buffer[: 24 * capacity].view(torch.int64).view(3, capacity)
-    tokens = buffer[24 * capacity : 32 * capacity].view(torch.int64)
-    return at, tokens, buffer[32 * capacity : 36 * capacity].view(torch.float32)
+    tokens_at = _IN_PLACE_ADDRESSES * capacity
+    weights_at = tokens_at + _IN_PLACE_TOKEN * capacity
+    at = buffer[:tokens_at].view(torch.int64).view(3, capacity)
+    tokens = buffer[tokens_at:weights_at].view(torch.int64)
+    return at, tokens, buffer[weights_at : IN_PLACE_ROW_BYTES * capacity].view(torch.float32)
 
 
 @dataclass
