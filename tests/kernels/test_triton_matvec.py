@@ -21,16 +21,25 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 3, 8])
-def test_matvec_meets_the_dequantized_weights(t, m):
+@pytest.mark.parametrize("n_in, splits", [(512, None), (4864, None), (4864, 1), (4864, 5)],
+                         ids=["whole-rows", "split-k", "one-run", "uneven-runs"])
+def test_matvec_meets_the_dequantized_weights(t, m, n_in, splits):
     rng = np.random.default_rng(int(t) + m)
-    weight, reference = make_weight(t, (40, 512), rng)  # 40 rows: the last tile partly empty
+    weight, reference = make_weight(t, (40, n_in), rng)  # 40 rows: the last tile partly empty
     raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
-    x = torch.randn(m, 512, generator=torch.Generator().manual_seed(m))
-    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40).cpu()
+    x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(m))
+    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, splits).cpu()
     assert y.shape == (m, 40)
     expected = x @ reference.T
     assert relative_error(y, expected) < 1e-5
     assert relative_error(x @ reference.roll(1, dims=0).T, expected) > 0.5  # rows told apart
+
+
+def test_few_rows_split_their_blocks_and_many_rows_do_not():
+    assert triton_matvec.splits_for(40, 4864) == 4864 // 256 // triton_matvec.MIN_SPLIT_BLOCKS  # 19 blocks: 4
+    assert triton_matvec.splits_for(576, 7168) > 1  # R1's kv_a: 36 row programs alone
+    assert triton_matvec.splits_for(129280, 7168) == 1  # the head: rows enough
+    assert triton_matvec.splits_for(40, 512) == 1  # two blocks
 
 
 def test_supports():

@@ -7,6 +7,11 @@ at 21.3 tok/s against 46.9 with bfloat16 copies (run p). Here each program takes
 decodes one 256-weight block of each into registers ([R, 8, 32]: sub-block, value) and
 multiplies it with the block's activations of every input row. Float32 sums, as ggml's
 dequantization (w = d * sc * q - dmin * m for Q4_K, d * sc * (q - 32) for Q6_K).
+
+Matrices with few rows split their blocks too (split-K): R1's kv_a (576 rows) made 36 programs
+on a GPU of 132 SMs, each walking 28 blocks one after another, and the layer's quantized weights
+decoded at ~330 GB/s against bfloat16 copies' ~1.1 TB/s (run v). Then each program sums a run
+of blocks into its own partial row of y, and the partials are added afterwards.
 QuantLinear takes it by default where Triton imports (TANDEM_QUANT_TRITON=0: the compiled one).
 """
 
@@ -21,6 +26,8 @@ from tandem.gguf.types import GGMLType, block_bytes
 TYPES = {GGMLType.Q4_K: 0, GGMLType.Q6_K: 1}  # the kernel's TYPE
 ROWS = 16  # weight rows per program
 MAX_INPUT_ROWS = 8  # x rows a call takes (decode steps of up to 8 sequences)
+PROGRAMS = 1024  # programs a call aims at, splitting blocks where rows alone make fewer
+MIN_SPLIT_BLOCKS = 4  # blocks a program walks at least when split
 
 
 @triton.jit
@@ -69,17 +76,20 @@ def q6_k_values(blk):
 
 
 @triton.jit
-def _matvec_kernel(w, x, y, n_out, n_blocks, row_bytes, n_in, m_rows, TYPE: tl.constexpr, BLOCK: tl.constexpr,
-                   R: tl.constexpr, M: tl.constexpr):
-    """y[m, r] = W[r] . x[m] for R rows r of this program and the m_rows (<= M) rows of x."""
+def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows, TYPE: tl.constexpr,
+                   BLOCK: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
+    """y[k, m, r] = W[r] . x[m] over the k-th run of per_split blocks, for R rows r of this
+    program and the m_rows (<= M) rows of x."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
+    split = tl.program_id(1)
+    first = split * per_split
     inside = rows < n_out
     base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
     s = tl.arange(0, 8)
     i = tl.arange(0, 32)
     ms = tl.arange(0, M)
     total = tl.zeros([M, R], dtype=tl.float32)
-    for b in range(n_blocks):
+    for b in range(first, tl.minimum(first + per_split, n_blocks)):
         blk = base + b * BLOCK
         if TYPE == 0:  # noqa: SIM108 (a statement Triton resolves at compile time)
             values = q4_k_values(blk)
@@ -89,7 +99,8 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, row_bytes, n_in, m_rows, TYPE: tl.c
             xb = tl.load(x + m * n_in + b * 256 + s[:, None] * 32 + i[None, :])  # [8, 32]
             part = tl.sum(tl.sum(values * xb[None, :, :], axis=2), axis=1)  # [R]
             total += tl.where(ms[:, None] == m, part[None, :], 0.0)
-    tl.store(y + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+    out = y + split.to(tl.int64) * m_rows * n_out
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
 
 def supports(t: GGMLType, n_in: int, rows: int) -> bool:
@@ -97,14 +108,29 @@ def supports(t: GGMLType, n_in: int, rows: int) -> bool:
     return t in TYPES and n_in % 256 == 0 and 0 < rows <= MAX_INPUT_ROWS
 
 
-def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int) -> torch.Tensor:
+def splits_for(n_out: int, n_in: int) -> int:
+    """Runs of blocks a row's sum is split into: enough programs for the GPU's SMs where the
+    rows alone make fewer than PROGRAMS, each walking at least MIN_SPLIT_BLOCKS blocks."""
+    row_programs = triton.cdiv(n_out, ROWS)
+    wanted = triton.cdiv(PROGRAMS, row_programs)
+    return max(1, min(wanted, n_in // 256 // MIN_SPLIT_BLOCKS))
+
+
+def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
+           splits: int | None = None) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
-    (uint8, type t) transposed: float32 [M, n_out]."""
+    (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
+    (default: splits_for; 1: none, for A/B runs)."""
     x = x.float().contiguous()
     m_rows, n_in = x.shape
-    y = torch.empty(m_rows, n_out, dtype=torch.float32, device=x.device)
+    n_blocks = n_in // 256
+    splits = min(splits or splits_for(n_out, n_in), n_blocks)
+    per_split = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, per_split)  # no empty runs
+    y = torch.empty(splits, m_rows, n_out, dtype=torch.float32, device=x.device)
     size = block_bytes(t)
     padded = 1 << (m_rows - 1).bit_length()  # the accumulator's rows: a power of two
-    _matvec_kernel[(triton.cdiv(n_out, ROWS),)](raw, x, y, n_out, n_in // 256, n_in // 256 * size, n_in,
-                                               m_rows, TYPE=TYPES[t], BLOCK=size, R=ROWS, M=padded)
-    return y
+    _matvec_kernel[(triton.cdiv(n_out, ROWS), splits)](
+        raw, x, y, n_out, n_blocks, per_split, n_blocks * size, n_in, m_rows,
+        TYPE=TYPES[t], BLOCK=size, R=ROWS, M=padded)
+    return y[0] if splits == 1 else y.sum(0)

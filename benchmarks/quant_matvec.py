@@ -1,0 +1,121 @@
+"""The Triton matvec of GPU weights kept in Q4_K / Q6_K (kernel quant) at DeepSeek R1's shapes,
+with and without splitting rows' blocks over programs (split-K), against cuBLAS on bfloat16
+copies of the same weights: time per call as decode runs them, inside a CUDA graph (no launch
+gaps of the host), and GB/s of the bytes each reads.
+
+    python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--out DIR]
+
+Types as in the ud-iq1_s recipe (tandem.bench.recipes). `layer` sums the shapes one MoE layer
+reads per token (attention and shared expert). Needs a GPU and Triton; writes
+quant_matvec-<host>-<date>.json (device, commit, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tandem.bench import machine
+from tandem.bench.random_blocks import random_blocks
+from tandem.gguf.types import GGMLType, block_size
+from tandem.kernels import torch_dequant, triton_matvec
+
+Q4, Q6 = GGMLType.Q4_K, GGMLType.Q6_K
+# name: (rows out, row length, type, read by every MoE layer)
+SHAPES = {
+    "q_a": (1536, 7168, Q4, True),
+    "q_b": (24576, 1536, Q4, True),
+    "kv_a": (576, 7168, Q4, True),
+    "kv_b": (32768, 512, Q6, True),
+    "o": (7168, 16384, Q4, True),
+    "shexp_gate": (2048, 7168, Q4, True),
+    "shexp_up": (2048, 7168, Q4, True),
+    "shexp_down": (7168, 2048, Q4, True),
+    "dense_up": (18432, 7168, Q4, False),
+    "dense_down": (7168, 18432, Q6, False),
+    "head": (129280, 7168, Q6, False),
+}
+
+
+def per_call_ms(fn, calls: int, reps: int = 20) -> float:
+    """fn()'s time on the GPU, in ms a call: median over reps of a CUDA graph of `calls` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((y - reference).norm() / reference.norm())
+
+
+def measure(n_out: int, n_in: int, t: GGMLType, rows: int, calls: int, rng) -> dict:
+    """One weight shape: ms a call and relative errors (against float64 products of the
+    dequantized weight) of bfloat16 copies, the kernel on whole rows and split."""
+    blocks = random_blocks(t, n_out * n_in // block_size(t), rng)
+    raw = torch.from_numpy(blocks.reshape(-1)).cuda()
+    weight = torch_dequant.dequantize(raw, t, (n_out, n_in), dtype=torch.float32)
+    bf16 = weight.to(torch.bfloat16)
+    x = torch.randn(rows, n_in, device="cuda")
+    reference = (x.double() @ weight.double().T).float()
+    del weight
+    runs = {"bf16": lambda: F.linear(x.to(torch.bfloat16), bf16),
+            "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1),
+            "split": lambda: triton_matvec.matvec(raw, t, x, n_out)}
+    ms = {k: per_call_ms(fn, calls) for k, fn in runs.items()}
+    read = {k: bf16.numel() * 2 if k == "bf16" else raw.numel() for k in runs}
+    return {"type": t.name, "shape": [n_out, n_in], "splits": triton_matvec.splits_for(n_out, n_in),
+            "bytes": read, "ms": ms, "gb_per_s": {k: read[k] / ms[k] / 1e6 for k in runs},
+            "relative_error": {k: relative_error(fn().float(), reference) for k, fn in runs.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1, help="input rows (a decode step's sequences)")
+    parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    rng = np.random.default_rng(0)
+    results, layer = {}, {"bf16": 0.0, "whole_rows": 0.0, "split": 0.0}
+    for name, (n_out, n_in, t, per_layer) in SHAPES.items():
+        row = results[name] = measure(n_out, n_in, t, args.rows, args.calls, rng)
+        if per_layer:
+            for k, ms in row["ms"].items():
+                layer[k] += ms
+        print(f"{name:11s} {t.name} {n_out:6d}x{n_in:<5d} split {row['splits']:2d}: " + " | ".join(
+            f"{k} {ms * 1e3:7.1f} us ({row['gb_per_s'][k]:5.0f} GB/s, err {row['relative_error'][k]:.0e})"
+            for k, ms in row["ms"].items()), flush=True)
+    print("one MoE layer's attention + shared expert: "
+          + ", ".join(f"{k} {ms:.3f} ms" for k, ms in layer.items()))
+    now = datetime.now(UTC)
+    record = {**machine.record_header("quant_matvec", now), "input_rows": args.rows,
+              "calls_per_graph": args.calls, "results": results, "moe_layer_ms": layer}
+    print(f"wrote {machine.write_record(record, args.out, now)}")
+
+
+if __name__ == "__main__":
+    main()
