@@ -4,8 +4,10 @@ on one machine, each a fresh process, into one JSON with every run and each vari
     python benchmarks/ab.py MODEL --variant base= --variant gpufirst=TANDEM_SHARE_CPU_FIRST=0 \\
         [--rounds 2] [--out DIR] -- --prompt-lengths 128 --streams 1 --new-tokens 64
 
-A variant is NAME=SETTINGS, SETTINGS a comma-separated list of VAR=VALUE (empty: as is).
-Everything after `--` goes to every `tandem bench`. Alternating the variants spreads the
+A variant is NAME=SETTINGS, SETTINGS a comma-separated list of VAR=VALUE (empty: as is) and of
+`tandem bench` options of its own, written --OPTION=VALUE (after the common ones, so they win):
+`--variant quant=--rules=benchmarks/rules/gpu-quantized-weights.yaml`. Everything after `--`
+goes to every `tandem bench`. Alternating the variants spreads the
 machine's drift over all of them; on the GPU machine single runs of one setting spread by
 +-15% between processes, so a difference smaller than that needs rounds to show.
 """
@@ -25,18 +27,21 @@ from pathlib import Path
 from tandem.bench import machine
 
 
-def parse_variant(text: str) -> tuple[str, dict[str, str]]:
-    """NAME=VAR=VALUE,VAR=VALUE -> (NAME, {VAR: VALUE})."""
+def parse_variant(text: str) -> tuple[str, dict[str, str], list[str]]:
+    """NAME=VAR=VALUE,--OPTION=VALUE,... -> (NAME, {VAR: VALUE}, [--OPTION=VALUE, ...])."""
     name, sep, settings = text.partition("=")
     if not sep or not name:
         raise SystemExit(f"--variant takes NAME=SETTINGS (e.g. old=TANDEM_SHARE_CPU_FIRST=0), got {text!r}")
-    env = {}
+    env, options = {}, []
     for item in filter(None, settings.split(",")):
+        if item.startswith("--"):
+            options.append(item)
+            continue
         var, sep, value = item.partition("=")
         if not sep or not var:
-            raise SystemExit(f"--variant {name}: {item!r} is not VAR=VALUE")
+            raise SystemExit(f"--variant {name}: {item!r} is neither VAR=VALUE nor --OPTION=VALUE")
         env[var] = value
-    return name, env
+    return name, env, options
 
 
 def run_bench(model: Path, bench_args: list[str], env: dict[str, str], out: Path, timeout: float) -> dict:
@@ -91,15 +96,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(own)
     variants = [parse_variant(v) for v in args.variant]
-    if len({name for name, _ in variants}) != len(variants):
+    if len({name for name, _, _ in variants}) != len(variants):
         raise SystemExit("variant names must differ")
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(1, args.rounds + 1):
-            for name, env in variants:
+            for name, env, options in variants:
                 out = Path(tmp) / f"{name}-{round_}"
-                run = {"variant": name, "round": round_, "env": env,
-                       **run_bench(args.model, bench_args, env, out, args.timeout)}
+                run = {"variant": name, "round": round_, "env": env, "options": options,
+                       **run_bench(args.model, [*bench_args, *options], env, out, args.timeout)}
                 runs.append(run)
                 if "error" in run:
                     print(f"round {round_} {name:12s} failed: {run['error']}", flush=True)
@@ -109,7 +114,8 @@ def main() -> None:
     now = datetime.now(UTC)
     summary = summarize(runs)
     record = {**machine.record_header(args.name, now), "model": str(args.model), "bench_args": bench_args,
-              "variants": {name: env for name, env in variants}, "summary": summary, "runs": runs}
+              "variants": {name: {"env": env, "options": options} for name, env, options in variants},
+              "summary": summary, "runs": runs}
     for name, per in summary.items():
         print(name, {k: round(v["median"], 2) for k, v in per.items()})
     print(f"wrote {machine.write_record(record, args.out, now)}")

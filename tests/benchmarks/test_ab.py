@@ -13,8 +13,9 @@ SCRIPT = Path(__file__).parents[2] / "benchmarks" / "ab.py"
 
 
 def test_variants_parse_and_bad_ones_are_refused(ab):
-    assert ab.parse_variant("base=") == ("base", {})
-    assert ab.parse_variant("x=A=1,B=2") == ("x", {"A": "1", "B": "2"})
+    assert ab.parse_variant("base=") == ("base", {}, [])
+    assert ab.parse_variant("x=A=1,B=2") == ("x", {"A": "1", "B": "2"}, [])
+    assert ab.parse_variant("q=--rules=r.yaml,A=1") == ("q", {"A": "1"}, ["--rules=r.yaml"])
     for bad in ("noequals", "=A=1", "x=A"):
         with pytest.raises(SystemExit):
             ab.parse_variant(bad)
@@ -32,7 +33,7 @@ def test_summary_medians_and_ratios_to_the_first_variant(ab):
 
 def test_runs_alternate_and_land_in_one_json(tiny_q8, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tiny_q8), "--variant", "base=",
-                           "--variant", "block64=TANDEM_TOKEN_BLOCK=64", "--rounds", "1",
+                           "--variant", "block64=TANDEM_TOKEN_BLOCK=64,--prompt-lengths=8", "--rounds", "1",
                            "--out", str(tmp_path), "--", "--prompt-lengths", "16", "--streams", "1",
                            "--new-tokens", "4", "--repetitions", "1"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -44,8 +45,11 @@ def test_runs_alternate_and_land_in_one_json(tiny_q8, tmp_path):
     # the setting reached the bench process: it records the kernel settings it ran with
     assert data["runs"][1]["results"]["kernel_env"].get("TANDEM_TOKEN_BLOCK") == "64"
     assert data["runs"][0]["results"]["kernel_env"].get("TANDEM_TOKEN_BLOCK") is None
+    # the variant's own option came after the common one and won
+    assert [p["prompt_tokens"] for r in data["runs"] for p in r["results"]["prefill"]] == [16, 8]
+    assert data["variants"]["block64"]["options"] == ["--prompt-lengths=8"]
     assert set(data["summary"]) == {"base", "block64"}
-    assert data["summary"]["block64"]["decode_1_streams_ctx16"]["median"] > 0
+    assert data["summary"]["block64"]["decode_1_streams_ctx8"]["median"] > 0
 
 
 def test_a_failing_run_is_recorded_and_the_others_go_on(ab, tiny_q8, tmp_path):
