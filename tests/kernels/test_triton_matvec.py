@@ -40,6 +40,7 @@ def test_few_rows_split_their_blocks_and_many_rows_do_not():
     assert triton_matvec.splits_for(576, 7168) > 1  # R1's kv_a: 36 row programs alone
     assert triton_matvec.splits_for(129280, 7168) == 1  # the head: rows enough
     assert triton_matvec.splits_for(40, 512) == 1  # two blocks
+    assert triton_matvec.splits_for(7168, 2048) == 1  # R1's shared down: 8 blocks, short walks
 
 
 def test_supports():
