@@ -5,7 +5,7 @@ gaps of the host), and GB/s of the bytes each reads.
 
     python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--out DIR]
 
-Types as in the ud-iq1_s recipe (tandem.bench.recipes). `layer` sums the shapes one MoE layer
+Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
 quant_matvec-<host>-<date>.json (device, commit, command).
 """
