@@ -24,5 +24,6 @@ def _script_fixture(name: str):
     return script
 
 
-side_by_side, ab, moe_decode, decode_profile, kernel_ab = (
-    _script_fixture(name) for name in ("side_by_side", "ab", "moe_decode", "decode_profile", "kernel_ab"))
+side_by_side, ab, moe_decode, decode_profile, kernel_ab, quant_matvec = (
+    _script_fixture(name) for name in ("side_by_side", "ab", "moe_decode", "decode_profile", "kernel_ab",
+                                       "quant_matvec"))
