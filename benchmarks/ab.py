@@ -95,10 +95,12 @@ def main() -> None:
     parser.add_argument("--name", default="ab", help="what the JSON's file name starts with")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(own)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     variants = [parse_variant(v) for v in args.variant]
     if len({name for name, _, _ in variants}) != len(variants):
         raise SystemExit("variant names must differ")
-    runs = []
+    runs, now = [], datetime.now(UTC)
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(1, args.rounds + 1):
             for name, env, options in variants:
@@ -111,15 +113,19 @@ def main() -> None:
                     continue
                 decode = [f"{d['streams']}x{d['tok_per_s']:.2f}" for d in run["results"].get("decode", [])]
                 print(f"round {round_} {name:12s} decode {' '.join(decode)} tok/s", flush=True)
-    now = datetime.now(UTC)
-    summary = summarize(runs)
+            # after every round, over the same file: a run cut short keeps its whole rounds
+            path = write(args, bench_args, variants, runs, now)
+    for name, per in summarize(runs).items():
+        print(name, {k: round(v["median"], 2) for k, v in per.items()})
+    print(f"wrote {path}")
+
+
+def write(args, bench_args: list[str], variants: list, runs: list[dict], now: datetime) -> Path:
     record = {**machine.record_header(args.name, now), "model": str(args.model), "bench_args": bench_args,
               "variants": {name: {"env": env, "options": options} for name, env, options in variants},
-              "summary": summary, "runs": runs}
-    for name, per in summary.items():
-        print(name, {k: round(v["median"], 2) for k, v in per.items()})
-    print(f"wrote {machine.write_record(record, args.out, now)}")
-
+              "rounds_done": max((run["round"] for run in runs), default=0),
+              "summary": summarize(runs), "runs": runs}
+    return machine.write_record(record, args.out, now)
 
 if __name__ == "__main__":
     main()

@@ -40,6 +40,7 @@ def test_runs_alternate_and_land_in_one_json(tiny_q8, tmp_path):
     [path] = tmp_path.glob("ab-*.json")
     data = json.loads(path.read_text())
     assert data["commit"] and data["bench_args"][:2] == ["--prompt-lengths", "16"]
+    assert data["rounds_done"] == 1
     assert [(r["variant"], r["round"]) for r in data["runs"]] == [("base", 1), ("block64", 1)]
     assert data["runs"][1]["env"] == {"TANDEM_TOKEN_BLOCK": "64"}
     # the setting reached the bench process: it records the kernel settings it ran with
