@@ -61,11 +61,12 @@ def test_matmul_is_exact_on_rounded_activations(kernel_kind, t, n_tokens, rng):
 
 
 @pytest.mark.parametrize("t", OWN_TYPES, ids=lambda t: t.name)
-def test_vectorized_and_portable_kernels_agree(t, rng):
+@pytest.mark.parametrize("n_tokens", [1, 5])  # one token: IQ1_S rows two at a time, 33 leaves one
+def test_vectorized_and_portable_kernels_agree(t, n_tokens, rng):
     if not all(native.vectorized(t) for t in OWN_TYPES):
         pytest.skip("no vectorized kernels on this CPU")
     weight, _ = make_weight(t, (33, 512), rng)
-    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(n_tokens, 512, generator=torch.Generator().manual_seed(5))
     fast = native.matmul(weight, x, n_threads=1)
     before = native.use_vectorized(False)
     try:
