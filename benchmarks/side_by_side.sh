@@ -25,6 +25,8 @@ python3 -m tandem.cli bench "$q4km" --prompt-lengths 128 --streams 1 --new-token
 $bench -m "$iq1s" -ngl 99 -ot exps=CPU -t "$threads" -p 2048 -n 32 -r 2 -o json > "$out/llamacpp-iq1s.json"
 python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1,8 --new-tokens 32 \
     --repetitions 3 --ctx-size 4096 --threads "$threads" --out "$out/tandem-iq1s"
+# the ratios now (a call's time limit may cut the profiles below short), again at the end
+python3 benchmarks/side_by_side.py "$out" "$moe_layers" --command "bash benchmarks/side_by_side.sh $*"
 # what limits decode (where the ratios fall short): a profile of each file's decode steps,
 # then 8 streams through the server's engine (eager, graphs, graphs + GPU share)
 python3 benchmarks/decode_profile.py "$iq1s" --threads "$threads" --out "$out/decode-profile-iq1s" || true
