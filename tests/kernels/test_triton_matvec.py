@@ -47,3 +47,4 @@ def test_supports():
     assert triton_matvec.supports(T.Q4_K, 7168, 1) and triton_matvec.supports(T.Q6_K, 2048, 8)
     assert not triton_matvec.supports(T.Q8_0, 7168, 1)
     assert not triton_matvec.supports(T.Q4_K, 7168, 9)  # more rows than a decode step's
+    assert not triton_matvec.supports(T.Q4_K, 0, 1)  # no blocks to split

@@ -108,7 +108,7 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
 
 def supports(t: GGMLType, n_in: int, rows: int) -> bool:
     """Whether the kernel takes weights of type t, rows of n_in, and this many input rows."""
-    return t in TYPES and n_in % 256 == 0 and 0 < rows <= MAX_INPUT_ROWS
+    return t in TYPES and n_in > 0 and n_in % 256 == 0 and 0 < rows <= MAX_INPUT_ROWS
 
 
 def splits_for(n_out: int, n_in: int) -> int:
