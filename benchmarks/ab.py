@@ -114,18 +114,22 @@ def main() -> None:
                 decode = [f"{d['streams']}x{d['tok_per_s']:.2f}" for d in run["results"].get("decode", [])]
                 print(f"round {round_} {name:12s} decode {' '.join(decode)} tok/s", flush=True)
             # after every round, over the same file: a run cut short keeps its whole rounds
-            path = write(args, bench_args, variants, runs, now)
-    for name, per in summarize(runs).items():
+            summary = summarize(runs)
+            path = write(args, bench_args, variants, runs, summary, now)
+    for name, per in summary.items():
         print(name, {k: round(v["median"], 2) for k, v in per.items()})
     print(f"wrote {path}")
 
 
-def write(args, bench_args: list[str], variants: list, runs: list[dict], now: datetime) -> Path:
+def write(args, bench_args: list[str], variants: list, runs: list[dict], summary: dict,
+          now: datetime) -> Path:
+    """The A/B record so far, into args.out under the name `now` gives (the same each round)."""
     record = {**machine.record_header(args.name, now), "model": str(args.model), "bench_args": bench_args,
               "variants": {name: {"env": env, "options": options} for name, env, options in variants},
               "rounds_done": max((run["round"] for run in runs), default=0),
-              "summary": summarize(runs), "runs": runs}
+              "summary": summary, "runs": runs}
     return machine.write_record(record, args.out, now)
+
 
 if __name__ == "__main__":
     main()

@@ -50,13 +50,13 @@ SHAPES = {"iq1_s": (T.IQ1_S, 2048, 7168), "iq2_xxs": (T.IQ2_XXS, 7168, 2048),
 EXPERT = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS, 2048, 7168)
 
 
-def build(sources: dict[str, str], out: Path) -> ctypes.CDLL:
+def build(sources: dict[str, str], out: Path, cflags: list[str] = CFLAGS) -> ctypes.CDLL:
     """The kernel library from these sources (name -> text), loaded on its own."""
     out.mkdir(parents=True, exist_ok=True)
     for name, text in sources.items():
         (out / name).write_text(text)
     lib = out / "kernels.so"
-    subprocess.run(["gcc", *CFLAGS, *(str(out / s) for s in SOURCES), "-o", str(lib), "-lm"], check=True)
+    subprocess.run(["gcc", *cflags, *(str(out / s) for s in SOURCES), "-o", str(lib), "-lm"], check=True)
     dll = ctypes.CDLL(str(lib), mode=ctypes.RTLD_LOCAL)
     dll.tandem_set_tables.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
