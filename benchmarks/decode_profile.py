@@ -87,6 +87,10 @@ class TimedWait:
     def __init__(self, event: torch.cuda.Event):
         self.event = event
 
+    @property
+    def cuda_event(self) -> int:  # what an early CPU part's runner polls (TANDEM_SHARE_EARLY)
+        return self.event.cuda_event
+
     def record(self) -> None:
         self.event.record()
 
@@ -208,6 +212,16 @@ def instrument(graphs: DecodeGraphs) -> None:
                       "distinct": chosen[2], "share": round(chosen[3].share, 3)})
         return chosen
     CpuExperts._split = _timed_host("split/combine: split", counted_split)
+    start_early = CpuExperts.start_early
+
+    @functools.wraps(start_early)
+    def counted_start(self, x_host, ids_host, *args):  # TANDEM_SHARE_EARLY: split by count, in advance
+        early = start_early(self, x_host, ids_host, *args)
+        if early is not None:
+            calls.append({"layer": layer_of.setdefault(id(self), len(layer_of)), "gpu": early.n_gpu,
+                          "distinct": ids_host.shape[1], "share": round(early.balance.share, 3)})
+        return early
+    CpuExperts.start_early = _timed_host("CPU op: posted early", counted_start)
 
 
 def segment_bytes(llm: LLM, graphs: DecodeGraphs) -> list[int]:

@@ -154,6 +154,27 @@ class CpuKernels:
             self._count_read(distinct, gate, up, down)
         return running
 
+    def start_moe_after(self, ready: int, event: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                        expert_weights: torch.Tensor, n_skip: int, gate: QuantTensor, up: QuantTensor,
+                        down: QuantTensor, out: torch.Tensor, n_threads: int | None = None
+                        ) -> native.RunningMoe | None:
+        """`start_moe` for one token whose inputs are still being written: the runner waits
+        until `ready(event)` returns 0 (native.MoeRunner.start_after), then leaves the slots of
+        the `n_skip` lowest ids to the GPU share and runs the rest. The buffers (x [1, d],
+        expert_ids [1, k] int64, expert_weights [1, k], out [1, d]; host memory the GPU writes)
+        must stay valid until the result. None when tandem's kernels do not cover the types or
+        the runner is busy."""
+        _check_experts(gate, up, down)
+        if not native.fits(gate, up, down):
+            return None
+        if self._runner is None:
+            self._runner = native.MoeRunner()
+        running = self._runner.start_after(ready, event, x, expert_ids, expert_weights, n_skip, gate, up,
+                                           down, self._threads(n_threads), out)
+        if running is not None:
+            self._count_read(expert_ids.shape[-1] - n_skip, gate, up, down)  # a token's experts are distinct
+        return running
+
     def _count_read(self, distinct: int, *experts: QuantTensor) -> None:
         self.expert_bytes_read += distinct * sum(w.expert_bytes() for w in experts)
 

@@ -1,6 +1,7 @@
 """The CUDA runtime's cudaMemcpyAsync, called directly: ~3 us of host time per copy against
 ~20 us through torch's copy_ (dispatch, pinned-memory checks), for the GPU share's ~3 copies
-per expert; and cudaHostGetDevicePointer, which torch does not bind. Found in the libcudart
+per expert; cudaHostGetDevicePointer, which torch does not bind; and cudaEventQuery's address
+for C threads. Found in the libcudart
 torch loaded; absent (None) where torch links it statically or has no CUDA."""
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class Runtime:
         self._device_pointer.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_uint]
         self._device_pointer.restype = ctypes.c_int
         self.path = path
+        # cudaEventQuery's address, for C threads that poll an event (csrc/runner.c): 0 once
+        # the event's work is done, 600 (cudaErrorNotReady) before
+        self.event_query = ctypes.cast(self._lib.cudaEventQuery, ctypes.c_void_p).value
 
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """Queue nbytes from host address src (page-locked) to device address dst on `stream`

@@ -34,6 +34,17 @@ class _SharedCall:
     balance: ShareBalance  # the one that chose the split, told who finished first
 
 
+@dataclass
+class EarlyStart:
+    """One token's shared call whose CPU part was posted before its routing was in
+    (CpuExperts.start_early): the count of experts the GPU takes (the lowest ids), fixed then,
+    and the CPU's part on the runner (None: the GPU takes them all)."""
+
+    n_gpu: int
+    cpu: native.RunningMoe | None
+    balance: ShareBalance
+
+
 class CpuExperts:
     def __init__(self, kernels: CpuKernels, gate: QuantTensor, up: QuantTensor, down: QuantTensor,
                  own_kernels: bool = True, streamer: ExpertStreamer | None = None,
@@ -46,6 +57,7 @@ class CpuExperts:
         self.balance = balance or ShareBalance()  # this layer's share of experts on the GPU
         # the same for batches of several tokens (other costs on both sides: its own balance)
         self.batch_balance = ShareBalance(self.balance.share, self.balance.fixed)
+        self._early_buffer: torch.Tensor | None = None  # what early CPU parts write (start_early)
 
     def shares(self, n_tokens: int) -> bool:
         """Whether a batch of `n_tokens` splits its experts between the GPU and the CPU."""
@@ -77,15 +89,52 @@ class CpuExperts:
             return self._collect_shared(handle)
         return handle.result() if isinstance(handle, Future | native.RunningMoe) else handle
 
-    def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor,
-                       weights: torch.Tensor, after_launch=None) -> torch.Tensor:
+    def compute_shared(self, x: torch.Tensor, x_host: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       after_launch=None, early: EarlyStart | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """The same with a share on the GPU (when `shares`), waiting for both: x on the share's
-        device and its copy x_host (pinned), ids and weights on the host. Result on the device.
-        `after_launch`: called once the GPU's part is queued, before the CPU's runs."""
-        call = self._submit_shared(x, ids, weights, x_host)
+        device and its copy x_host (pinned), ids and weights on the host. Result on the device,
+        in `out` if given. `after_launch`: called once the GPU's part is queued, before the
+        CPU's runs. `early`: the CPU's part already posted by `start_early` on these buffers."""
+        call = self._submit_shared(x, ids, weights, x_host) if early is None else self._submit_early(
+            x, ids, weights, early)
         if after_launch is not None:
             after_launch()
-        return self._collect_shared(call)
+        return self._collect_shared(call, out)
+
+    def start_early(self, x_host: torch.Tensor, ids_host: torch.Tensor, weights_host: torch.Tensor,
+                    inputs_in: torch.cuda.Event) -> EarlyStart | None:
+        """Post one token's CPU part before its routing is in host memory: the runner waits
+        for `inputs_in` (recorded after the GPU work that writes the pinned buffers x_host,
+        ids_host [1, k] int64, weights_host), then runs the experts the GPU does not take.
+        The split is fixed now, by count: the GPU takes the balance's share of the k experts,
+        the lowest ids (as `split` picks them). Pass the result to `compute_shared` with the
+        same buffers once they are in. None where this does not apply (the share's
+        TANDEM_SHARE_EARLY off, no CUDA runtime to query the event, a layer with experts held
+        in VRAM, whose split depends on the ids, or the runner busy): then call compute_shared
+        without it."""
+        share = self.share
+        query = share.event_query(inputs_in) if share is not None and share.early else None
+        if query is None or ids_host.shape[0] != 1 or not self.shares(1) or any(share.held(self.gate)):
+            return None
+        k = ids_host.shape[1]
+        n_gpu = self.balance.take(k, commit=False)
+        cpu = None
+        if n_gpu < k:
+            cpu = self.kernels.start_moe_after(*query, x_host, ids_host, weights_host, n_gpu, self.gate,
+                                               self.up, self.down, out=self._early_out(x_host),
+                                               n_threads=self._runner_threads())
+            if cpu is None:
+                return None
+        self.balance.take(k)
+        return EarlyStart(n_gpu, cpu, self.balance)
+
+    def _early_out(self, x_host: torch.Tensor) -> torch.Tensor:
+        """The pinned buffer an early CPU part writes, one per layer: its upload is queued
+        before the next token's GPU work, which the next early part waits for."""
+        if self._early_buffer is None or self._early_buffer.shape != x_host.shape:
+            self._early_buffer = self._host_out(x_host)
+        return self._early_buffer
 
     # -- split between the GPU and the CPU ---------------------------------------------------
     def _split(self, ids: torch.Tensor) -> tuple[list[int], torch.Tensor, int, ShareBalance]:
@@ -145,7 +194,13 @@ class CpuExperts:
                 cpu = started or cpu  # the runner busy (another thread's call): run in collect
         return _SharedCall(cpu, self._launch(x, ids, weights, gpu_experts), balance)
 
-    def _collect_shared(self, call: _SharedCall) -> torch.Tensor:
+    def _submit_early(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                      early: EarlyStart) -> _SharedCall:
+        """The GPU's part of an early-started call: the same lowest ids the runner skipped."""
+        gpu_experts = sorted(ids[0].tolist())[: early.n_gpu]
+        return _SharedCall(early.cpu, self._launch(x, ids, weights, gpu_experts), early.balance)
+
+    def _collect_shared(self, call: _SharedCall, out: torch.Tensor | None = None) -> torch.Tensor:
         cpu = None
         if isinstance(call.cpu, native.RunningMoe):
             cpu = call.cpu.result()
@@ -153,14 +208,22 @@ class CpuExperts:
             x_host, cpu_ids, weights = call.cpu
             cpu = self.kernels.moe(x_host, cpu_ids, weights, self.gate, self.up, self.down, own=True,
                                    out=self._host_out(x_host))
-        return self._combine(cpu, call.gpu, call.balance)
+        return self._combine(cpu, call.gpu, call.balance, out)
 
-    def _combine(self, cpu: torch.Tensor | None, gpu: Launched | None, balance: ShareBalance) -> torch.Tensor:
-        """The two parts added on the share's device; the balance learns who finished first."""
+    def _combine(self, cpu: torch.Tensor | None, gpu: Launched | None, balance: ShareBalance,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """The two parts added on the share's device (into `out` if given: one upload and one
+        kernel, where a new sum costs two allocations and its copy a third kernel); the
+        balance learns who finished first."""
         if cpu is None or gpu is None:
             balance.update(gpu_first=gpu is None)  # an idle side asks for more
         else:  # both worked: who was done first? (off CUDA the GPU part ran before the CPU's)
             balance.update(gpu_first=gpu.done is None or gpu.done.query())
+        if out is not None and cpu is not None:
+            out.copy_(cpu, non_blocking=True)  # pinned: an upload, no kernel
+            return out.add_(gpu.out) if gpu is not None else out
+        if out is not None:
+            return out.copy_(gpu.out)
         if gpu is None:
             return cpu.to(self.share.device, non_blocking=True)
         if cpu is None:

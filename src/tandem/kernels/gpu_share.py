@@ -121,9 +121,15 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # (benchmarks/share_in_place.py): off until they keep more loads in flight. UD-IQ1_S and Q4_K_M
 # mixes only; others copy as before.
 TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
+# TANDEM_SHARE_EARLY=1: a one-token decode step posts each MoE layer's CPU part to the kernels'
+# runner before the GPU has computed the layer's routing (experts.CpuExperts.start_early): the
+# runner polls the event after the segment, splits by a count fixed beforehand (the GPU takes
+# the lowest ids) and starts at once, instead of after the caller's wake-up, split and hand-over
+# (run v's profile: split 78 us, start 109 us of host time a call before the CPU's op began).
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
-             "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT")
+             "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT",
+             "TANDEM_SHARE_EARLY")
 
 
 def max_experts_for(k: int) -> int:
@@ -146,11 +152,12 @@ class ShareBalance:
         self._carry = 0.0
         self._run = 0  # updates in a row the same way, signed: + toward the GPU
 
-    def take(self, n: int) -> int:
-        """How many of n experts go to the GPU this time."""
+    def take(self, n: int, commit: bool = True) -> int:
+        """How many of n experts go to the GPU this time (`commit` False: what it would be)."""
         want = self.share * n + self._carry
         taken = min(n, int(want))
-        self._carry = want - taken
+        if commit:
+            self._carry = want - taken
         return taken
 
     def update(self, gpu_first: bool) -> None:
@@ -243,6 +250,7 @@ class GpuShare:
         self.cpu_threads = env_int("TANDEM_SHARE_CPU_THREADS")  # 0: the default
         self.submit_on_runner = os.environ.get("TANDEM_SHARE_SUBMIT_ON_RUNNER") != "0"  # see SHARE_ENV
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
+        self.early = os.environ.get("TANDEM_SHARE_EARLY") == "1"  # see SHARE_ENV
         self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
         if os.environ.get("TANDEM_SHARE_DIRECT") == "1":
             self._direct = triton_module("share_triton", "TANDEM_SHARE_DIRECT", "copies to the device")
@@ -366,9 +374,17 @@ class GpuShare:
     def resident(self, gate: QuantTensor) -> set[int]:
         """The experts of `gate`'s layer held in VRAM now (its cache, and what was prefetched
         for it)."""
-        return _in_vram(*self._held(gate))
+        return _in_vram(*self.held(gate))
 
-    def _held(self, gate: QuantTensor) -> tuple[LayerCache | None, _Ahead | None]:
+    def event_query(self, event: torch.cuda.Event) -> tuple[int, int] | None:
+        """(the CUDA runtime's cudaEventQuery, `event`'s handle) for a C thread that waits on
+        it (CpuKernels.start_moe_after); None off CUDA, without the runtime library, or before
+        the event was recorded."""
+        raw = cudart.runtime() if self.cuda else None
+        handle = getattr(event, "cuda_event", 0)
+        return (raw.event_query, handle) if raw is not None and handle else None
+
+    def held(self, gate: QuantTensor) -> tuple[LayerCache | None, _Ahead | None]:
         """Where `gate`'s layer has experts in VRAM: its cache, and a prefetch made for it."""
         ahead = self._ahead if self._ahead is not None and self._ahead.layer == id(gate) else None
         return self._caches.get(id(gate)), ahead
@@ -534,7 +550,7 @@ class GpuShare:
         at_d, tokens_d, weight_d = _in_place_views(staged, capacity)
         x_in = self._x_input(x, batched)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
-        if stream is not None and any(self._held(tensors[0])):
+        if stream is not None and any(self.held(tensors[0])):
             stream.wait_stream(self._copy_stream)  # a cache swap's or a prefetch's bytes are in
         args = (types, at_d[:, :count], sizes, x_in, weight_d[:count],
                 tokens_d[:count] if batched else None, MAX_TOKENS if batched else 1)
@@ -555,7 +571,7 @@ class GpuShare:
     def _addresses(self, experts: list[int], tensors: Sequence[QuantTensor]) -> dict[int, list[int]]:
         """Where the kernels read each expert's gate, up and down bytes: rows of the layer's
         cache or a prefetch in VRAM, else the file mapping (its device address)."""
-        cache, ahead = self._held(tensors[0])
+        cache, ahead = self.held(tensors[0])
         self._count_sources(experts, cache, ahead)
         where = {}
         for e in experts:
@@ -665,7 +681,7 @@ class GpuShare:
             return []
         self._copy_stream.wait_event(self._consumed)  # the last call's kernels are done with the slots
         # copies within VRAM (from a cache or a prefetch) go through torch: on the copy stream
-        within_vram = any(self._held(tensors[0]))
+        within_vram = any(self.held(tensors[0]))
         with self._on_copy_stream(within_vram):
             for group, group_parts, event in zip(groups, parts, self._copied, strict=False):
                 self._copy(group, tensors, group_parts)
@@ -723,7 +739,7 @@ class GpuShare:
     def _copy(self, experts: list[int], tensors: Sequence[QuantTensor], parts: list[torch.Tensor]) -> None:
         """Each expert's bytes into its slot row: from VRAM where the layer's cache or a
         prefetch holds it, else from the mapped file (one copy per run of consecutive experts)."""
-        cache, ahead = self._held(tensors[0])
+        cache, ahead = self.held(tensors[0])
         row_of = cache.row_of if cache is not None else {}
         in_vram = _in_vram(cache, ahead)
         runs = consecutive_runs(experts)

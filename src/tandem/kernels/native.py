@@ -56,6 +56,8 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_moe.argtypes = [ptr, i32, i32, ptr, ptr, i32, ptr, i32, ptr, i32, ptr, i32, i32, i32, ptr, i32]
     lib.tandem_runner_new.restype = ptr
     lib.tandem_runner_start.argtypes = [ptr, *lib.tandem_moe.argtypes]
+    lib.tandem_runner_start_after.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, i32, ptr, ptr, i32, ptr, i32, ptr,
+                                              i32, ptr, i32, i32, i32, ptr, i32]
     lib.tandem_runner_wait.argtypes = [ptr]
     lib.tandem_runner_free.argtypes = [ptr]
     lib.tandem_runner_seconds.argtypes = [ptr]
@@ -180,6 +182,17 @@ class _MoeCall:
                      down.address, int(down.ggml_type), n_expert, n_ff, self.out.data_ptr(), n_threads)
 
 
+class _AfterCall:
+    """A call started before its inputs are in (MoeRunner.start_after): the tensors the runner
+    reads and writes, kept alive here, and the int32 ids it writes for the op."""
+
+    def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor,
+                 out: torch.Tensor):
+        self.x, self.source_ids, self.weights, self.gate, self.out = x, ids, weights, gate, out
+        self.ids = torch.empty(ids.shape, dtype=torch.int32)
+        self.tokens = 1
+
+
 RUNNER_BUSY = -4  # csrc/runner.c: a call started before the last one was waited for
 
 
@@ -211,6 +224,42 @@ class MoeRunner:
             if call.tokens and _lib().tandem_runner_start(self._handle, *call.args) == RUNNER_BUSY:
                 return None
             running = RunningMoe(self if call.tokens else None, call)
+            self._running = weakref.ref(running)
+            return running
+
+    def start_after(self, ready: int, event: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    n_skip: int, gate: QuantTensor, up: QuantTensor, down: QuantTensor, n_threads: int,
+                    out: torch.Tensor) -> RunningMoe | None:
+        """`moe` of one token started on the runner's thread before its inputs are in: the
+        thread polls `ready(event)` (a C function's address, e.g. the CUDA runtime's
+        cudaEventQuery, and its argument) until it returns 0 (600, cudaErrorNotReady, while
+        waiting; else the call fails), then skips the slots of the `n_skip` lowest ids in `ids`
+        ([1, k] int64: a GPU share's part) and runs. x [1, d] and weights [1, k] float32, out
+        [1, d] float32: contiguous host buffers that the caller keeps valid until the result.
+        None when the runner is still busy."""
+        n_expert, n_ff, d = gate.shape
+        k = ids.shape[-1]
+        for name, t, shape, dtype in (("x", x, (1, d), torch.float32), ("ids", ids, (1, k), torch.int64),
+                                      ("weights", weights, (1, k), torch.float32),
+                                      ("out", out, (1, d), torch.float32)):
+            if (tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu"
+                    or not t.is_contiguous()):
+                raise KernelError(f"{name} must be a contiguous {dtype} {list(shape)} CPU tensor, got "
+                                  f"{t.dtype} {list(t.shape)} on {t.device}")
+        if not 0 <= n_skip <= k:
+            raise KernelError(f"a split in advance skips 0..{k} of {k} slots, got {n_skip}")
+        with self._lock:
+            last = self._running() if self._running is not None else None
+            if last is not None and not last.waited:
+                return None
+            call = _AfterCall(x, ids, weights, gate, out)
+            rc = _lib().tandem_runner_start_after(
+                self._handle, ready, event, ids.data_ptr(), n_skip, x.data_ptr(), d, call.ids.data_ptr(),
+                weights.data_ptr(), k, gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
+                down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
+            if rc == RUNNER_BUSY:
+                return None
+            running = RunningMoe(self, call)
             self._running = weakref.ref(running)
             return running
 
@@ -281,6 +330,8 @@ def _matrix_shape(weight: QuantTensor) -> tuple[int, int]:
 
 def _check(rc: int, op: str, weight: QuantTensor) -> None:
     reasons = {-1: f"unsupported type {weight.ggml_type.name} or shape {list(weight.shape)}",
-               -2: "out of memory", -3: "an expert id out of range"}
+               -2: "out of memory", -3: "an expert id out of range",
+               -5: "a token chose one expert twice (a split fixed in advance takes distinct experts)",
+               -6: "waiting for its inputs failed (the readiness query returned an error)"}
     if rc != 0:
         raise KernelError(f"tandem CPU {op} failed: {reasons.get(rc, f'code {rc}')}")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.kernels.compiling import allow_compiled_variants
-from tandem.kernels.experts import CpuExperts
+from tandem.kernels.experts import CpuExperts, EarlyStart
 from tandem.models.decoder import Decoder
 from tandem.models.deepseek_v3 import MLAttention, MoE
 
@@ -200,15 +200,26 @@ class DecodeGraphs:
                 graphs[i][0].replay()
             if cut.moe is None:
                 continue
+            early = None
             if graphs is None:
                 self._shared(cut)
             else:
                 self._ready.record()  # the host buffers are filled once the segment is done
+                early = self._start_early(cut, rows)
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
                 self._ready.synchronize()
-            self._routed(cut, rows, then=lambda i=i: self._prefetch(i + 1))
+            self._routed(cut, rows, early, then=lambda i=i: self._prefetch(i + 1))
         return self.logits
+
+    def _start_early(self, cut: Cut, rows: list[int]) -> EarlyStart | None:
+        """One sequence's routed experts on the CPU posted before the segment is done: the
+        kernels' runner waits for the `_ready` event itself (CpuExperts.start_early; None where
+        that does not apply). `_ready` is recorded again only after this call was waited for."""
+        if len(rows) != 1 or cut.host["ids"].shape[0] != 1:
+            return None
+        host = cut.host
+        return cut.moe.experts.start_early(host["h"], host["ids"], host["weights"], self._ready)
 
     def _prefetch(self, i: int) -> None:
         """Copy the experts the cut before predicted for MoE i into VRAM (GPU share's prefetch;
@@ -220,23 +231,25 @@ class DecodeGraphs:
             experts = self.cuts[i].moe.experts
             experts.share.prefetch((experts.gate, experts.up, experts.down), ahead[0].tolist())
 
-    def _routed(self, cut: Cut, rows: list[int], then=None) -> None:
+    def _routed(self, cut: Cut, rows: list[int], early: EarlyStart | None = None, then=None) -> None:
         """The routed experts of the active rows into cut.routed (the others keep stale rows).
-        `then`: run once the GPU's part is queued (or at once without one)."""
+        `early`: their CPU part already posted (_start_early). `then`: run once the GPU's part
+        is queued (or at once without one)."""
         experts, host = cut.moe.experts, cut.host
         every = len(rows) == host["h"].shape[0]
         h, ids, weights = (host[k] if every else host[k][rows] for k in ("h", "ids", "weights"))
-        if experts.shares(len(rows)):  # some experts on the GPU, the others on the CPU meanwhile
+        if early is not None or experts.shares(len(rows)):  # some experts on the GPU, the rest on the CPU
             on_device = self.h if every else self.h[rows]
-            out = experts.compute_shared(on_device, h, ids, weights, after_launch=then)
+            out = experts.compute_shared(on_device, h, ids, weights, after_launch=then, early=early,
+                                         out=cut.routed if every else None)
         else:
             if then is not None:
                 then()
             out = experts.compute(h, ids, weights)
-        if every:
-            cut.routed.copy_(out, non_blocking=True)
-        else:
+        if not every:
             cut.routed[rows] = out.to(self.device, non_blocking=True)
+        elif out is not cut.routed:  # a shared call writes it itself
+            cut.routed.copy_(out, non_blocking=True)
 
     def _segment(self, i: int, length: int) -> None:
         cut, model = self.cuts[i], self.model

@@ -11,6 +11,14 @@
  * costs tens of microseconds on a virtual machine. But a spinning side holds a core: with the
  * team on all the others, any other runnable thread takes a worker's, and the op's barriers wait
  * for it. (Timed, not counted: PAUSE takes ~10 cycles on some CPUs and ~140 on recent Intel ones.)
+ *
+ * A call may also be started before its inputs exist (tandem_runner_start_after): the GPU is
+ * still computing the token's routing when the caller posts it, and the helper polls a readiness
+ * function (the CUDA runtime's cudaEventQuery on an event recorded after that work) before it
+ * runs. The GPU share's split of one token is fixed in advance by a count: the slots holding the
+ * n_skip lowest expert ids are the GPU's. So the CPU's experts start as soon as the routing is in
+ * host memory, not after the caller woke up, split in Python and handed them over (~0.2 ms a MoE
+ * layer on the GPU machine).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -32,6 +40,12 @@ int tandem_moe(const float *x, int n_tok, int d, const int32_t *ids, const float
 
 static _Atomic long long spin_ns = 2000000; /* spin this long before sleeping: a decode step's gap */
 #define RUNNER_BUSY -4 /* a call was started while the previous one had not been waited for */
+#define REPEATED_EXPERT -5 /* a split in advance met one expert in two slots of a token */
+#define NOT_READY_FAILED -6 /* the readiness function reported an error */
+#define NOT_READY 600 /* cudaErrorNotReady: what the readiness function returns until the inputs are in */
+#define SKIPPED_SLOT -1 /* experts.c: a slot computed elsewhere */
+
+typedef int (*ready_fn)(void *);
 
 enum { IDLE, POSTED, DONE, QUIT };
 
@@ -42,6 +56,12 @@ typedef struct {
     const void *gate, *up, *down;
     float *out;
     int n_tok, d, k, gate_type, up_type, down_type, n_expert, n_ff, n_threads;
+    /* a call started before its inputs are in (tandem_runner_start_after); ready NULL otherwise */
+    ready_fn ready;
+    void *event;
+    const int64_t *ids64; /* one token's k expert ids as the router wrote them */
+    int32_t *ids32; /* where they go, the GPU's slots skipped: the op's ids */
+    int n_skip;
 } moe_args;
 
 typedef struct {
@@ -83,6 +103,34 @@ static void set_state(runner *r, int s) {
     pthread_mutex_unlock(&r->lock);
 }
 
+/* Spin until ready(event) says the inputs are in: 0, or NOT_READY_FAILED. A query costs about a
+ * microsecond and may take a lock of the driver that the caller's launches need: ask every ~64
+ * pauses, not at every one. */
+static int wait_ready(ready_fn ready, void *event) {
+    for (;;) {
+        const int rc = ready(event);
+        if (rc == 0) return 0;
+        if (rc != NOT_READY) return NOT_READY_FAILED;
+        for (int i = 0; i < 64; i++) PAUSE();
+    }
+}
+
+/* One token's k ids into the op's, the slots of the n_skip lowest ids marked SKIPPED_SLOT (the
+ * GPU's part): 0, REPEATED_EXPERT when two slots hold one expert (a token's top-k never does;
+ * the GPU's part takes whole experts), -3 for an id no int32 holds. */
+static int split_ids(const int64_t *ids, int32_t *out, int k, int n_skip) {
+    for (int j = 0; j < k; j++) {
+        if (ids[j] < 0 || ids[j] > INT32_MAX) return -3;
+        int below = 0;
+        for (int i = 0; i < k; i++) {
+            if (i != j && ids[i] == ids[j]) return REPEATED_EXPERT;
+            below += ids[i] < ids[j];
+        }
+        out[j] = below < n_skip ? SKIPPED_SLOT : (int32_t)ids[j];
+    }
+    return 0;
+}
+
 static void *serve(void *arg) {
     runner *r = arg;
     for (;;) {
@@ -90,7 +138,16 @@ static void *serve(void *arg) {
         while (s != POSTED && s != QUIT) s = wait_while(r, s);
         if (s == QUIT) return NULL;
         const moe_args *a = &r->args;
-        struct timespec t0, t1;
+        if (a->ready) {
+            r->rc = wait_ready(a->ready, a->event);
+            if (r->rc == 0) r->rc = split_ids(a->ids64, a->ids32, a->k, a->n_skip);
+            if (r->rc != 0) {
+                r->seconds = 0.0;
+                set_state(r, DONE);
+                continue;
+            }
+        }
+        struct timespec t0, t1; /* the op alone: a wait for the inputs is not its time */
         clock_gettime(CLOCK_MONOTONIC, &t0);
         r->rc = tandem_moe(a->x, a->n_tok, a->d, a->ids, a->w, a->k, a->gate, a->gate_type, a->up, a->up_type,
                            a->down, a->down_type, a->n_expert, a->n_ff, a->out, a->n_threads);
@@ -127,7 +184,25 @@ int tandem_runner_start(void *handle, const float *x, int n_tok, int d, const in
     const int s = atomic_load_explicit(&r->state, memory_order_acquire);
     if (s == POSTED || s == DONE) return RUNNER_BUSY;
     r->args = (moe_args){x, ids, w, gate, up, down, out, n_tok, d, k, gate_type, up_type, down_type, n_expert, n_ff,
-                         n_threads};
+                         n_threads, NULL, NULL, NULL, NULL, 0};
+    set_state(r, POSTED);
+    return 0;
+}
+
+/* tandem_runner_start for one token whose inputs are still being written (by the GPU): the
+ * helper waits until ready(event) returns 0 (NOT_READY until then; anything else fails the
+ * call), then writes ids64's k ids into ids32 with the slots of the n_skip lowest marked
+ * SKIPPED_SLOT, and runs the op on x, ids32, w. All buffers must stay valid until
+ * tandem_runner_wait returns. */
+int tandem_runner_start_after(void *handle, ready_fn ready, void *event, const int64_t *ids64, int n_skip,
+                              const float *x, int d, int32_t *ids32, const float *w, int k, const void *gate,
+                              int gate_type, const void *up, int up_type, const void *down, int down_type,
+                              int n_expert, int n_ff, float *out, int n_threads) {
+    runner *r = handle;
+    const int s = atomic_load_explicit(&r->state, memory_order_acquire);
+    if (s == POSTED || s == DONE) return RUNNER_BUSY;
+    r->args = (moe_args){x, ids32, w, gate, up, down, out, 1, d, k, gate_type, up_type, down_type, n_expert, n_ff,
+                         n_threads, ready, event, ids64, ids32, n_skip};
     set_state(r, POSTED);
     return 0;
 }

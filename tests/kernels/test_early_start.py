@@ -1,0 +1,196 @@
+"""A decode call's CPU part posted before its routing exists (csrc/runner.c's start_after,
+CpuKernels.start_moe_after, CpuExperts.start_early; TANDEM_SHARE_EARLY).
+
+On the GPU machine the runner polls the CUDA event recorded after the segment that writes the
+routing to pinned memory. Here a C-callable Python function stands in for cudaEventQuery (600,
+"not ready", until the test has written the inputs): the thing under test is the runner's wait,
+its split of the token's slots by count and the op after it, checked against the float oracle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from expert_checks import make_weight, moe_reference
+from logit_checks import relative_error
+from tandem.errors import KernelError
+from tandem.kernels.cpu import CpuKernels
+from tandem.kernels.experts import CpuExperts
+from tandem.kernels.gpu_share import GpuShare, ShareBalance
+
+N_EXPERT, N_FF, D, K = 16, 512, 256, 8
+Q8_ACTIVATION_TOL = 0.03
+NOT_READY = 600  # cudaErrorNotReady
+READY_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+
+
+class Readiness:
+    """A C function pointer that answers like cudaEventQuery: 600 until `set`, then 0 (or
+    `error`), counting how often the runner asked."""
+
+    def __init__(self, error: int = 0):
+        self.done, self.error, self.polls = threading.Event(), error, 0
+        self._fn = READY_FN(self._query)  # kept alive: the runner calls it
+        self.address = ctypes.cast(self._fn, ctypes.c_void_p).value
+
+    def _query(self, _event) -> int:
+        self.polls += 1
+        return self.error if self.done.is_set() else NOT_READY
+
+
+@pytest.fixture(scope="module")
+def experts():
+    rng = np.random.default_rng(5)
+    shapes = [(N_EXPERT, N_FF, D), (N_EXPERT, N_FF, D), (N_EXPERT, D, N_FF)]
+    types = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS)
+    return [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    with CpuKernels(n_threads=2) as k:
+        yield k
+
+
+def inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, D, generator=g), torch.randperm(N_EXPERT, generator=g)[:K].view(1, K),
+            torch.rand(1, K, generator=g))
+
+
+def empty() -> torch.Tensor:
+    return torch.empty(1, D)
+
+
+def lowest_skipped(ids: torch.Tensor, weights: torch.Tensor, n_skip: int) -> torch.Tensor:
+    """The routing weights with the n_skip lowest ids' slots zeroed: what the CPU part computes."""
+    kept = weights.clone()
+    kept[0, ids[0].argsort()[:n_skip]] = 0.0
+    return kept
+
+
+@pytest.mark.parametrize("n_skip", [0, 3, 7])
+def test_the_runner_waits_for_the_inputs_then_computes_the_unskipped_slots(kernels, experts, n_skip):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    x, ids, weights = (torch.zeros(1, D), torch.zeros(1, K, dtype=torch.long), torch.zeros(1, K))
+    out, ready = torch.empty(1, D), Readiness()
+    running = kernels.start_moe_after(ready.address, 0, x, ids, weights, n_skip, gate, up, down, out=out)
+    time.sleep(0.02)
+    assert ready.polls > 0  # asked, and waited: the buffers are still zeros
+    written = inputs(n_skip)
+    for buffer, value in zip((x, ids, weights), written, strict=True):
+        buffer.copy_(value)
+    ready.done.set()
+    ours = running.result()
+    expected = moe_reference(x, ids, lowest_skipped(ids, weights, n_skip), g_ref, u_ref, d_ref)
+    assert ours is out and relative_error(ours, expected) < Q8_ACTIVATION_TOL
+    others = moe_reference(x, ids, lowest_skipped(ids, weights, n_skip + 1), g_ref, u_ref, d_ref)
+    assert relative_error(others, expected) > 0.05  # the oracle tells the splits apart
+
+
+def test_a_failed_wait_or_a_repeated_expert_fails_the_call_and_frees_the_runner(kernels, experts):
+    (gate, _), (up, _), (down, _) = experts
+    x, ids, weights = inputs(1)
+    failing = Readiness(error=719)  # cudaErrorLaunchFailure
+    failing.done.set()
+    running = kernels.start_moe_after(failing.address, 0, x, ids, weights, 2, gate, up, down, out=empty())
+    with pytest.raises(KernelError, match="waiting for its inputs failed"):
+        running.result()
+    twice = ids.clone()
+    twice[0, 1] = twice[0, 0]
+    ready = Readiness()
+    ready.done.set()
+    running = kernels.start_moe_after(ready.address, 0, x, twice, weights, 2, gate, up, down, out=empty())
+    with pytest.raises(KernelError, match="chose one expert twice"):
+        running.result()
+    with pytest.raises(KernelError, match="ids must be"):
+        kernels.start_moe_after(ready.address, 0, x, ids.int(), weights, 2, gate, up, down, out=empty())
+    with pytest.raises(KernelError, match="skips 0..8"):
+        kernels.start_moe_after(ready.address, 0, x, ids, weights, 9, gate, up, down, out=empty())
+
+
+@pytest.mark.parametrize(("share", "counts"), [(0.0, (0, 0)), (0.45, (3, 4)), (1.0, (8, 8))])
+def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, experts, monkeypatch, share,
+                                                                     counts):
+    """CpuExperts.start_early, then compute_shared with it: the GPU share (its kernels run on
+    the CPU here) takes the balance's count of the lowest ids, the runner the others; the sum
+    meets the float oracle, and the balance's carry moves as in an ordinary call."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    ready = Readiness()
+    monkeypatch.setattr(GpuShare, "event_query", lambda self, event: (ready.address, 0))
+    gpu_share = GpuShare("cpu", max_experts=K)
+    gpu_share.early = True
+    moe = CpuExperts(kernels, gate, up, down, share=gpu_share, balance=ShareBalance(share, fixed=True))
+    for seed, count in zip((1, 2), counts, strict=True):
+        x, ids, weights = torch.zeros(1, D), torch.zeros(1, K, dtype=torch.long), torch.zeros(1, K)
+        ready.done.clear()
+        early = moe.start_early(x, ids, weights, inputs_in=None)
+        assert early is not None and early.n_gpu == count  # 0.45 of 8: 3.6 -> 3, then 3.6 + 0.6 -> 4
+        for buffer, value in zip((x, ids, weights), inputs(seed), strict=True):
+            buffer.copy_(value)
+        ready.done.set()
+        ours = moe.compute_shared(x, x, ids, weights, early=early)
+        assert (early.cpu is None) == (count == K)
+        expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
+        assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+
+
+def test_no_early_start_without_the_setting_or_with_experts_held_in_vram(kernels, experts, monkeypatch):
+    (gate, _), (up, _), (down, _) = experts
+    ready = Readiness()
+    monkeypatch.setattr(GpuShare, "event_query", lambda self, event: (ready.address, 0))
+    gpu_share = GpuShare("cpu", max_experts=K)
+    moe = CpuExperts(kernels, gate, up, down, share=gpu_share)
+    x, ids, weights = inputs(3)
+    assert not gpu_share.early and moe.start_early(x, ids, weights, None) is None  # TANDEM_SHARE_EARLY unset
+    gpu_share.early = True
+    two_tokens = torch.zeros(2, D), torch.zeros(2, K, dtype=torch.long), torch.zeros(2, K)
+    assert moe.start_early(*two_tokens, None) is None
+    gpu_share.prefetch_rows = 2
+    gpu_share.prefetch((gate, up, down), [int(ids[0, 0])])  # now held in VRAM: the split depends on the ids
+    assert moe.start_early(x, ids, weights, None) is None
+    monkeypatch.setenv("TANDEM_SHARE_EARLY", "1")
+    assert GpuShare("cpu", max_experts=K).early
+
+
+@pytest.mark.cuda
+def test_the_runner_waits_for_a_cuda_event_before_it_reads_what_the_gpu_wrote(kernels, experts):
+    """The real readiness query: the inputs reach pinned memory by copies queued behind a GPU
+    sleep of ~50 ms, the event after them; the runner, posted at once, computes on the copied
+    values (zeros until then), as the oracle does."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    share = GpuShare("cuda", max_experts=K)
+    x, ids, weights = (torch.zeros(1, D).pin_memory(), torch.zeros(1, K, dtype=torch.long).pin_memory(),
+                       torch.zeros(1, K).pin_memory())
+    written = [t.cuda() for t in inputs(4)]
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # ~50 ms at ~2 GHz
+    for buffer, value in zip((x, ids, weights), written, strict=True):
+        buffer.copy_(value, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    query = share.event_query(event)
+    assert query is not None, "no CUDA runtime library found to query the event"
+    running = kernels.start_moe_after(*query, x, ids, weights, 2, gate, up, down, out=empty().pin_memory())
+    assert not event.query()  # posted while the GPU still sleeps
+    ours = running.result()
+    expected = moe_reference(x, ids, lowest_skipped(ids, weights, 2), g_ref, u_ref, d_ref)
+    assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_a_shared_call_writes_its_sum_into_a_given_buffer(kernels, experts, share):
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=K),
+                     balance=ShareBalance(share, fixed=True))
+    x, ids, weights = inputs(6)
+    out = torch.full((1, D), float("nan"))
+    assert moe.compute_shared(x, x, ids, weights, out=out) is out
+    assert relative_error(out, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
