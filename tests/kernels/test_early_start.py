@@ -116,7 +116,7 @@ def test_a_failed_wait_or_a_repeated_expert_fails_the_call_and_frees_the_runner(
         kernels.start_moe_after(ready.address, 0, x, ids, weights, 9, gate, up, down, out=empty())
 
 
-@pytest.mark.parametrize(("share", "counts"), [(0.0, (0, 0)), (0.45, (3, 4)), (1.0, (8, 8))])
+@pytest.mark.parametrize(("share", "counts"), [(0.0, (0, 0)), (0.45, (3, 4)), (0.5, (4, 4))])
 def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, experts, monkeypatch, share,
                                                                      counts):
     """CpuExperts.start_early, then compute_shared with it: the GPU share (its kernels run on
@@ -137,27 +137,32 @@ def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, exp
             buffer.copy_(value)
         ready.done.set()
         ours = moe.compute_shared(x, x, ids, weights, early=early)
-        assert (early.cpu is None) == (count == K)
         expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
         assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
 
 
-def test_no_early_start_without_the_setting_or_with_experts_held_in_vram(kernels, experts, monkeypatch):
+def test_no_early_start_when_turned_off_above_half_the_experts_or_with_experts_in_vram(kernels, experts,
+                                                                                       monkeypatch):
     (gate, _), (up, _), (down, _) = experts
     ready = Readiness()
     monkeypatch.setattr(GpuShare, "event_query", lambda self, event: (ready.address, 0))
+    monkeypatch.setenv("TANDEM_SHARE_EARLY", "0")
     gpu_share = GpuShare("cpu", max_experts=K)
     moe = CpuExperts(kernels, gate, up, down, share=gpu_share)
     x, ids, weights = inputs(3)
-    assert not gpu_share.early and moe.start_early(x, ids, weights, None) is None  # TANDEM_SHARE_EARLY unset
+    assert not gpu_share.early and moe.start_early(x, ids, weights, None) is None
     gpu_share.early = True
+    moe.balance.share = 0.7  # 5.6 of 8 experts -> 5: the GPU's part would be the longer one
+    assert moe.start_early(x, ids, weights, None) is None
+    assert moe.balance.take(K) == 5  # its carry untouched: 5.6 -> 5 as the first time
+    moe.balance.share = 0.5
     two_tokens = torch.zeros(2, D), torch.zeros(2, K, dtype=torch.long), torch.zeros(2, K)
     assert moe.start_early(*two_tokens, None) is None
     gpu_share.prefetch_rows = 2
     gpu_share.prefetch((gate, up, down), [int(ids[0, 0])])  # now held in VRAM: the split depends on the ids
     assert moe.start_early(x, ids, weights, None) is None
-    monkeypatch.setenv("TANDEM_SHARE_EARLY", "1")
-    assert GpuShare("cpu", max_experts=K).early
+    monkeypatch.delenv("TANDEM_SHARE_EARLY")
+    assert GpuShare("cpu", max_experts=K).early  # the default
 
 
 @pytest.mark.cuda

@@ -128,9 +128,10 @@ def test_decode_shares_iq1_s_experts_with_the_gpu_and_keeps_the_cpu_logits(tmp_p
 
 @pytest.mark.cuda
 def test_decode_with_early_cpu_parts_keeps_the_cpu_tokens(tmp_path, monkeypatch):
-    """TANDEM_SHARE_EARLY under the captured decode graphs: each MoE's CPU part is posted before
-    its segment is done (the runner polls the segment's event), the split fixed by count; the
-    balance still moves and greedy tokens agree with the CPU experts alone."""
+    """Early CPU parts (TANDEM_SHARE_EARLY, the default) under the captured decode graphs: each
+    MoE's CPU part is posted before its segment is done (the runner polls the segment's event),
+    the split fixed by count; the balance still moves and greedy tokens agree with the CPU
+    experts alone."""
     from tandem.bench import synth
 
     path = tmp_path / "iq1.gguf"
@@ -138,7 +139,7 @@ def test_decode_with_early_cpu_parts_keeps_the_cpu_tokens(tmp_path, monkeypatch)
     prompt = tokens(8)
     with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
         reference = llm.generate(prompt, 12)
-    monkeypatch.setenv("TANDEM_SHARE_EARLY", "1")
+    monkeypatch.delenv("TANDEM_SHARE_EARLY", raising=False)
     with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
         assert llm.gpu_share.wait(60) and llm.gpu_share.early, llm.gpu_share.skipped
         ours = llm.generate(prompt, 12)

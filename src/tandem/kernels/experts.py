@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
-from tandem.kernels.gpu_share import GpuShare, Launched, ShareBalance, split
+from tandem.kernels.gpu_share import EARLY_UP_TO, GpuShare, Launched, ShareBalance, split
 from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 
@@ -38,10 +38,10 @@ class _SharedCall:
 class EarlyStart:
     """One token's shared call whose CPU part was posted before its routing was in
     (CpuExperts.start_early): the count of experts the GPU takes (the lowest ids), fixed then,
-    and the CPU's part on the runner (None: the GPU takes them all)."""
+    and the CPU's part on the runner."""
 
     n_gpu: int
-    cpu: native.RunningMoe | None
+    cpu: native.RunningMoe
     balance: ShareBalance
 
 
@@ -109,23 +109,23 @@ class CpuExperts:
         ids_host [1, k] int64, weights_host), then runs the experts the GPU does not take.
         The split is fixed now, by count: the GPU takes the balance's share of the k experts,
         the lowest ids (as `split` picks them). Pass the result to `compute_shared` with the
-        same buffers once they are in. None where this does not apply (the share's
-        TANDEM_SHARE_EARLY off, no CUDA runtime to query the event, a layer with experts held
-        in VRAM, whose split depends on the ids, or the runner busy): then call compute_shared
-        without it."""
+        same buffers once they are in. None where this does not apply (TANDEM_SHARE_EARLY=0, no
+        CUDA runtime to query the event, a layer with experts held in VRAM, whose split depends
+        on the ids, a share above gpu_share.EARLY_UP_TO, or the runner busy): then call
+        compute_shared without it."""
         share = self.share
         query = share.event_query(inputs_in) if share is not None and share.early else None
         if query is None or ids_host.shape[0] != 1 or not self.shares(1) or any(share.held(self.gate)):
             return None
         k = ids_host.shape[1]
         n_gpu = self.balance.take(k, commit=False)
-        cpu = None
-        if n_gpu < k:
-            cpu = self.kernels.start_moe_after(*query, x_host, ids_host, weights_host, n_gpu, self.gate,
-                                               self.up, self.down, out=self._early_out(x_host),
-                                               n_threads=self._runner_threads())
-            if cpu is None:
-                return None
+        if n_gpu > EARLY_UP_TO * k:  # the GPU's part is the longer one: nothing to gain (SHARE_ENV)
+            return None
+        cpu = self.kernels.start_moe_after(*query, x_host, ids_host, weights_host, n_gpu, self.gate, self.up,
+                                           self.down, out=self._early_out(x_host),
+                                           n_threads=self._runner_threads())
+        if cpu is None:
+            return None
         self.balance.take(k)
         return EarlyStart(n_gpu, cpu, self.balance)
 

@@ -70,6 +70,7 @@ STEP = 0.02  # change of a layer's share per call
 # in ~900 updates), so there the step stays 0.02.
 RUN_BEFORE_FASTER = 4
 MAX_STEP = 0.16
+EARLY_UP_TO = 0.5  # the largest fraction of a token's experts the GPU takes in an early call (SHARE_ENV)
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 CUDA_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: kernels may read the pages themselves
@@ -121,11 +122,17 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # (benchmarks/share_in_place.py): off until they keep more loads in flight. UD-IQ1_S and Q4_K_M
 # mixes only; others copy as before.
 TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the team
-# TANDEM_SHARE_EARLY=1: a one-token decode step posts each MoE layer's CPU part to the kernels'
-# runner before the GPU has computed the layer's routing (experts.CpuExperts.start_early): the
-# runner polls the event after the segment, splits by a count fixed beforehand (the GPU takes
-# the lowest ids) and starts at once, instead of after the caller's wake-up, split and hand-over
-# (run v's profile: split 78 us, start 109 us of host time a call before the CPU's op began).
+# TANDEM_SHARE_EARLY (default on; 0: off): a one-token decode step posts each MoE layer's CPU
+# part to the kernels' runner before the GPU has computed the layer's routing
+# (experts.CpuExperts.start_early): the runner polls the event after the segment, splits by a
+# count fixed beforehand (the GPU takes the lowest ids) and starts at once, instead of after the
+# caller's wake-up, split and hand-over (run v's profile: split 78 us and start 109 us of host
+# time a call before the CPU's op began). Run w on the GPU machine, always early: UD-IQ1_S decode
+# 58.0 against 52.9 tok/s (3 rounds, each won), 18.5 against 21.8 ms a token in the profile;
+# Q4_K_M 95-98 tok/s once balanced, against 87-95. But both modes began the first repetition
+# at a share of ~0.9 (the warm-up's climb), and from there early calls recovered slower: their
+# one-expert CPU parts took 0.5-33 ms (a profile stuck at 0.92 for 64 tokens, 32 tok/s). So a
+# call starts early only where the CPU takes at least half of the experts (EARLY_UP_TO).
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
              "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT",
@@ -250,7 +257,7 @@ class GpuShare:
         self.cpu_threads = env_int("TANDEM_SHARE_CPU_THREADS")  # 0: the default
         self.submit_on_runner = os.environ.get("TANDEM_SHARE_SUBMIT_ON_RUNNER") != "0"  # see SHARE_ENV
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
-        self.early = os.environ.get("TANDEM_SHARE_EARLY") == "1"  # see SHARE_ENV
+        self.early = os.environ.get("TANDEM_SHARE_EARLY") != "0"  # see SHARE_ENV
         self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
         if os.environ.get("TANDEM_SHARE_DIRECT") == "1":
             self._direct = triton_module("share_triton", "TANDEM_SHARE_DIRECT", "copies to the device")
