@@ -190,7 +190,6 @@ class _AfterCall:
                  out: torch.Tensor):
         self.x, self.source_ids, self.weights, self.gate, self.out = x, ids, weights, gate, out
         self.ids = torch.empty(ids.shape, dtype=torch.int32)
-        self.tokens = 1
 
 
 RUNNER_BUSY = -4  # csrc/runner.c: a call started before the last one was waited for

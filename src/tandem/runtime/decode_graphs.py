@@ -8,7 +8,9 @@ GPU worked ~0.2 ms of it. Here a step is a few graph replays. The step is cut at
                  h, expert ids and weights copied to pinned host memory
     shared i:    MoE i's shared expert, its own graph, running on the GPU while ...
     CPU:         ... the routed experts of MoE i run on the CPU (GIL released), or a share
-                 of them on the GPU too (kernels.gpu_share: its own graphs, per expert count)
+                 of them on the GPU too (kernels.gpu_share: its own graphs, per expert count);
+                 one sequence's CPU part is posted to the kernels' runner before segment i
+                 ends, and starts as soon as the routing is in (CpuExperts.start_early)
 
 and the last segment ends with the head. Tensors that cross a cut live in static buffers.
 Attention reads the cache up to a bucket length, masked past the current position, so one set
