@@ -21,6 +21,15 @@ def make_weight(t: T, shape: tuple[int, ...], rng) -> tuple[QuantTensor, torch.T
     return QuantTensor(t, shape, raw), torch.from_numpy(reference)
 
 
+def ud_iq1_s_experts(n_expert: int, n_ff: int, d: int, seed: int) -> list[tuple[QuantTensor, torch.Tensor]]:
+    """Gate, up and down experts as Unsloth's UD-IQ1_S quantizes them (IQ1_S, IQ1_S, IQ2_XXS),
+    each with its float reference (make_weight)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(n_expert, n_ff, d), (n_expert, n_ff, d), (n_expert, d, n_ff)]
+    types = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS)
+    return [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
+
+
 def moe_reference(x, ids, weights, gate, up, down):
     """sum_k w[t,k] * down_e(silu(gate_e x_t) * up_e x_t) with float weights, token by token."""
     out = torch.zeros_like(x)

@@ -13,12 +13,10 @@ import ctypes
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 
-from expert_checks import make_weight, moe_reference
+from expert_checks import moe_reference, ud_iq1_s_experts
 from logit_checks import relative_error
 from tandem.errors import KernelError
 from tandem.kernels.cpu import CpuKernels
@@ -47,10 +45,7 @@ class Readiness:
 
 @pytest.fixture(scope="module")
 def experts():
-    rng = np.random.default_rng(5)
-    shapes = [(N_EXPERT, N_FF, D), (N_EXPERT, N_FF, D), (N_EXPERT, D, N_FF)]
-    types = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS)
-    return [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
+    return ud_iq1_s_experts(N_EXPERT, N_FF, D, seed=5)
 
 
 @pytest.fixture(scope="module")

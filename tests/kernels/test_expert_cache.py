@@ -6,12 +6,10 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 
-from expert_checks import make_weight, moe_reference, routing
+from expert_checks import moe_reference, routing, ud_iq1_s_experts
 from logit_checks import relative_error
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.expert_cache import REFRESH_EVERY, SWAPS_PER_REFRESH, LayerCache, layer_capacities
@@ -24,10 +22,7 @@ Q8_ACTIVATION_TOL = 0.03
 
 @pytest.fixture(scope="module")
 def experts():
-    rng = np.random.default_rng(21)
-    shapes = [(N_EXPERT, N_FF, D), (N_EXPERT, N_FF, D), (N_EXPERT, D, N_FF)]
-    types = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS)
-    return [make_weight(t, shape, rng) for t, shape in zip(types, shapes, strict=True)]
+    return ud_iq1_s_experts(N_EXPERT, N_FF, D, seed=21)
 
 
 def _drive(cache: LayerCache, usage: dict[int, int], refreshes: int) -> list[list[tuple[int, int]]]:
