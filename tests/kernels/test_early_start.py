@@ -21,7 +21,7 @@ from logit_checks import relative_error
 from tandem.errors import KernelError
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
-from tandem.kernels.gpu_share import GpuShare, ShareBalance
+from tandem.kernels.gpu_share import GpuShare, Launched, ShareBalance
 
 N_EXPERT, N_FF, D, K = 16, 512, 256, 8
 Q8_ACTIVATION_TOL = 0.03
@@ -194,3 +194,15 @@ def test_a_shared_call_writes_its_sum_into_a_given_buffer(kernels, experts, shar
     out = torch.full((1, D), float("nan"))
     assert moe.compute_shared(x, x, ids, weights, out=out) is out
     assert relative_error(out, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+
+
+def test_a_call_that_captured_a_graph_leaves_the_balance_alone(kernels, experts):
+    """A launch that captured a CUDA graph (a first expert count) waited for the whole GPU: the
+    GPU then looks first whatever the split; the balance learns nothing from it."""
+    (gate, _), (up, _), (down, _) = experts
+    moe = CpuExperts(kernels, gate, up, down, share=GpuShare("cpu", max_experts=K))
+    cpu, gpu_out = torch.zeros(1, D), torch.zeros(1, D)
+    moe._combine(cpu, Launched(gpu_out, done=None, captured=True), moe.balance)
+    assert moe.balance.share == 0.5
+    moe._combine(cpu, Launched(gpu_out, done=None), moe.balance)  # off CUDA: the GPU's part ran first
+    assert moe.balance.share > 0.5

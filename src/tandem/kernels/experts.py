@@ -214,10 +214,12 @@ class CpuExperts:
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """The two parts added on the share's device (into `out` if given: one upload and one
         kernel, where a new sum costs two allocations and its copy a third kernel); the
-        balance learns who finished first."""
-        if cpu is None or gpu is None:
+        balance learns who finished first (not after a graph capture, which waited for the GPU:
+        the first calls of new expert counts voted for the GPU regardless, each moving the share
+        up to a count not captured yet)."""
+        if gpu is None or cpu is None:
             balance.update(gpu_first=gpu is None)  # an idle side asks for more
-        else:  # both worked: who was done first? (off CUDA the GPU part ran before the CPU's)
+        elif not gpu.captured:  # both worked: who was done first? (off CUDA the GPU's part ran first)
             balance.update(gpu_first=gpu.done is None or gpu.done.query())
         if out is not None and cpu is not None:
             out.copy_(cpu, non_blocking=True)  # pinned: an upload, no kernel

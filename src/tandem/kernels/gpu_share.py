@@ -228,11 +228,14 @@ class PinnedMappings:
 
 @dataclass
 class Launched:
-    """The GPU part of one call: its result [T, d] float32 (valid in stream order) and the
-    event that marks it done (None off CUDA)."""
+    """The GPU part of one call: its result [T, d] float32 (valid in stream order), the event
+    that marks it done (None off CUDA), and whether the launch captured a CUDA graph (a first
+    expert count: the capture synchronized the device and emptied torch's caches, so which
+    side finished first says nothing about the split)."""
 
     out: torch.Tensor
     done: torch.cuda.Event | None
+    captured: bool = False
 
 
 class GpuShare:
@@ -263,6 +266,7 @@ class GpuShare:
             self._direct = triton_module("share_triton", "TANDEM_SHARE_DIRECT", "copies to the device")
         self._ahead: _Ahead | None = None  # the experts prefetched for one layer
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.captures = 0  # graphs captured so far (each at its first call)
         self._pool = None  # the graphs' memory pool, shared (they replay one after another)
         self._buffers: dict[str, torch.Tensor] = {}  # fixed ones the graphs use: x, weight, out
         self._caches: dict[int, LayerCache] = {}  # by id(gate): most used experts in VRAM
@@ -496,8 +500,11 @@ class GpuShare:
         tensors = (gate, up, down)
         types = tuple(w.ggml_type for w in tensors)
         sizes = tuple(w.expert_bytes() for w in tensors)
+        captures = self.captures
         if self._reads_in_place(types, sizes, x.shape[-1]):
-            return self._launch_in_place(x, batched, experts, pairs, tensors, types, sizes)
+            launched = self._launch_in_place(x, batched, experts, pairs, tensors, types, sizes)
+            launched.captured = self.captures > captures
+            return launched
         groups = _halves(experts, pair_counts, self._half_capacity)
         if groups is None:
             raise KernelError(f"{sum(pair_counts.values())} pairs of {len(experts)} experts "
@@ -520,7 +527,8 @@ class GpuShare:
             args = (*parts[region], x_in, *(t[region, :n] for t in per_half), *grids)
             outs.append(self._compute(types, batched, (sizes, n, region), args))
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
-        return Launched(out.view(1, -1) if not batched else out[:n_tokens], self._done(stream))
+        return Launched(out.view(1, -1) if not batched else out[:n_tokens], self._done(stream),
+                        captured=self.captures > captures)
 
     def _done(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
         """After a call's kernels on `stream`: mark the slots and rows they read as consumed
@@ -732,6 +740,7 @@ class GpuShare:
             out.copy_(fn(*args))
         self._pool = graph.pool()
         self._graphs[key] = graph
+        self.captures += 1
         return graph
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
