@@ -19,6 +19,7 @@ import torch
 from expert_checks import moe_reference, ud_iq1_s_experts
 from logit_checks import relative_error
 from tandem.errors import KernelError
+from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare, Launched, ShareBalance
@@ -206,3 +207,18 @@ def test_a_call_that_captured_a_graph_leaves_the_balance_alone(kernels, experts)
     assert moe.balance.share == 0.5
     moe._combine(cpu, Launched(gpu_out, done=None), moe.balance)  # off CUDA: the GPU's part ran first
     assert moe.balance.share > 0.5
+
+
+def test_closing_the_runner_gives_up_a_wait_for_inputs_that_never_come(experts):
+    """A call whose inputs never arrive (a GPU step that failed before its event) must not hang
+    the owner's close: the runner gives up the wait when it is freed."""
+    (gate, _), (up, _), (down, _) = experts
+    runner, never = native.MoeRunner(), Readiness()
+    x, ids, weights = inputs(7)
+    running = runner.start_after(never.address, 0, x, ids, weights, 2, gate, up, down, 1, empty())
+    assert running is not None
+    closer = threading.Thread(target=runner.close)
+    closer.start()
+    closer.join(timeout=10)
+    assert not closer.is_alive(), "close() still waits for the call's inputs"
+    assert never.polls > 0

@@ -331,6 +331,7 @@ def _check(rc: int, op: str, weight: QuantTensor) -> None:
     reasons = {-1: f"unsupported type {weight.ggml_type.name} or shape {list(weight.shape)}",
                -2: "out of memory", -3: "an expert id out of range",
                -5: "a token chose one expert twice (a split fixed in advance takes distinct experts)",
-               -6: "waiting for its inputs failed (the readiness query returned an error)"}
+               -6: "waiting for its inputs failed (the readiness query returned an error)",
+               -7: "the runner was closed while it waited for the call's inputs"}
     if rc != 0:
         raise KernelError(f"tandem CPU {op} failed: {reasons.get(rc, f'code {rc}')}")

@@ -42,6 +42,7 @@ static _Atomic long long spin_ns = 2000000; /* spin this long before sleeping: a
 #define RUNNER_BUSY -4 /* a call was started while the previous one had not been waited for */
 #define REPEATED_EXPERT -5 /* a split in advance met one expert in two slots of a token */
 #define NOT_READY_FAILED -6 /* the readiness function reported an error */
+#define CANCELLED -7 /* the runner was freed while a call still waited for its inputs */
 #define NOT_READY 600 /* cudaErrorNotReady: what the readiness function returns until the inputs are in */
 #define SKIPPED_SLOT -1 /* experts.c: a slot computed elsewhere */
 
@@ -69,6 +70,7 @@ typedef struct {
     pthread_mutex_t lock;
     pthread_cond_t changed;
     _Atomic int state;
+    _Atomic int closing; /* set by tandem_runner_free: a wait for inputs gives up */
     moe_args args;
     int rc;
     double seconds; /* how long the last call ran on the thread */
@@ -103,14 +105,16 @@ static void set_state(runner *r, int s) {
     pthread_mutex_unlock(&r->lock);
 }
 
-/* Spin until ready(event) says the inputs are in: 0, or NOT_READY_FAILED. A query costs about a
- * microsecond and may take a lock of the driver that the caller's launches need: ask every ~64
- * pauses, not at every one. */
-static int wait_ready(ready_fn ready, void *event) {
+/* Spin until ready(event) says the inputs are in: 0, NOT_READY_FAILED, or CANCELLED once the
+ * runner is being freed (inputs that never come must not hang its owner's close). A query costs
+ * about a microsecond and may take a lock of the driver that the caller's launches need: ask
+ * every ~64 pauses, not at every one. */
+static int wait_ready(runner *r, ready_fn ready, void *event) {
     for (;;) {
         const int rc = ready(event);
         if (rc == 0) return 0;
         if (rc != NOT_READY) return NOT_READY_FAILED;
+        if (atomic_load_explicit(&r->closing, memory_order_relaxed)) return CANCELLED;
         for (int i = 0; i < 64; i++) PAUSE();
     }
 }
@@ -139,7 +143,7 @@ static void *serve(void *arg) {
         if (s == QUIT) return NULL;
         const moe_args *a = &r->args;
         if (a->ready) {
-            r->rc = wait_ready(a->ready, a->event);
+            r->rc = wait_ready(r, a->ready, a->event);
             if (r->rc == 0) r->rc = split_ids(a->ids64, a->ids32, a->k, a->n_skip);
             if (r->rc != 0) {
                 r->seconds = 0.0;
@@ -167,6 +171,7 @@ void *tandem_runner_new(void) {
     pthread_mutex_init(&r->lock, NULL);
     pthread_cond_init(&r->changed, NULL);
     atomic_init(&r->state, IDLE);
+    atomic_init(&r->closing, 0);
     if (pthread_create(&r->thread, NULL, serve, r) != 0) {
         free(r);
         return NULL;
@@ -225,6 +230,7 @@ double tandem_runner_seconds(void *handle) { return ((runner *)handle)->seconds;
 void tandem_runner_free(void *handle) {
     runner *r = handle;
     if (!r) return;
+    atomic_store(&r->closing, 1);
     tandem_runner_wait(r);
     set_state(r, QUIT);
     pthread_join(r->thread, NULL);
