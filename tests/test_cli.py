@@ -109,7 +109,8 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     assert all(p["tok_per_s"] > 0 and p["ttft_s"] > 0 for p in r["prefill"])
     assert {d["streams"] for d in r["decode"]} == {1, 2}
     assert all(len(d["runs_tok_per_s"]) == 1 for d in r["decode"])  # one per repetition
-    assert all(d["runs_gpu_share"] == [None] for d in r["decode"] if d["streams"] == 1)  # no GPU here
+    assert all(d["runs_gpu_share"] == [None] and d["runs_share_graph_captures"] == [0]  # no GPU here
+               for d in r["decode"] if d["streams"] == 1)
     for d in (d for d in r["decode"] if d["streams"] == 1):  # each repetition: up to 3 steps after the first
         steps = d["runs_step_ms"]
         assert len(steps["max"]) == 1 and steps["max"][0] >= steps["median"][0] >= 0

@@ -131,6 +131,12 @@ def _sharing(llm) -> list:
     return [e for e in llm.routed_experts() if getattr(e, "share", None) is not None]
 
 
+def _share_captures(llm) -> int:
+    """CUDA graphs the GPU share has captured so far (each at the first call of an expert
+    count: a synchronize and emptied caches in the middle of a decode step)."""
+    return llm.gpu_share.captures if llm.gpu_share is not None else 0
+
+
 def _mean_share(llm) -> float | None:
     """The one-token balance's GPU share averaged over the sharing layers (None: no share)."""
     shares = [e.balance.share for e in _sharing(llm)]
@@ -182,14 +188,15 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs, decoded, faults, shares, steps = [], 0, 0, [], []
+        runs, decoded, faults, shares, steps, captures = [], 0, 0, [], [], []
         for _ in range(cfg.repetitions):
             tokens = llm.stream(prompt(n), params)
             next(tokens)  # the prompt is in
-            before = _page_faults()
+            before, captured = _page_faults(), _share_captures(llm)
             steps.append(_step_ms(tokens))
             decoded += len(steps[-1])
             faults += _page_faults() - before
+            captures.append(_share_captures(llm) - captured)
             runs.append(llm.last_timings)
             shares.append(_mean_share(llm))
         prefill = statistics.median(r.prompt_tok_per_s for r in runs)
@@ -202,6 +209,8 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                                   "runs_tok_per_s": [r.decode_tok_per_s for r in runs],  # the spread
                                   # the layers' mean GPU share of experts after each repetition
                                   "runs_gpu_share": shares,
+                                  # the share's graphs captured while decoding (first expert counts)
+                                  "runs_share_graph_captures": captures,
                                   # a slow repetition: all steps slower, or a few long stalls?
                                   "runs_step_ms": _step_summary(steps),
                                   "page_faults_per_token": faults / max(decoded, 1)})
