@@ -150,6 +150,32 @@ def test_decode_with_early_cpu_parts_keeps_the_cpu_tokens(tmp_path, monkeypatch)
 
 
 @pytest.mark.cuda
+def test_one_tokens_share_graphs_captured_ahead_serve_decode(tmp_path, monkeypatch):
+    """TANDEM_SHARE_PRECAPTURE=1: every one-token graph (each expert count of each half) is
+    captured before the share starts; decode captures none of them again, and greedy tokens
+    agree with the CPU experts alone."""
+    from tandem.bench import synth
+
+    path = tmp_path / "iq1.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
+    prompt = tokens(8)
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
+        reference = llm.generate(prompt, 12)
+    monkeypatch.setenv("TANDEM_SHARE_PRECAPTURE", "1")
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
+        share = llm.gpu_share
+        assert share.wait(60) and share.precapture, share.skipped
+
+        def one_token_graphs() -> set:
+            return {key for key in share._graphs if key[1] is False}
+        ahead = one_token_graphs()
+        assert len(ahead) == 2 * len(share._counts(False))  # one mix of types in this file
+        ours = llm.generate(prompt, 12)
+        assert one_token_graphs() == ahead
+    assert sum(a == b for a, b in zip(ours, reference, strict=True)) >= 10
+
+
+@pytest.mark.cuda
 def test_decode_with_next_layer_prefetch_keeps_the_cpu_tokens(tmp_path, monkeypatch):
     """TANDEM_SHARE_PREFETCH under the captured decode graphs: the segments' predictions reach
     the host, the share copies them ahead, and greedy tokens agree with the CPU experts alone."""

@@ -133,10 +133,14 @@ TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the 
 # at a share of ~0.9 (the warm-up's climb), and from there early calls recovered slower: their
 # one-expert CPU parts took 0.5-33 ms (a profile stuck at 0.92 for 64 tokens, 32 tok/s). So a
 # call starts early only where the CPU takes at least half of the experts (EARLY_UP_TO).
+# TANDEM_SHARE_PRECAPTURE=1 (off until measured): one token's graphs, every expert count and
+# half, captured before the share starts instead of at each count's first call, which
+# synchronizes the device and empties torch's caches mid-step (run w's first repetitions: single
+# 240-340 ms steps, shares climbing to ~0.9; see GpuShare._precapture).
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
              "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT",
-             "TANDEM_SHARE_EARLY")
+             "TANDEM_SHARE_EARLY", "TANDEM_SHARE_PRECAPTURE")
 
 
 def max_experts_for(k: int) -> int:
@@ -261,6 +265,7 @@ class GpuShare:
         self.submit_on_runner = os.environ.get("TANDEM_SHARE_SUBMIT_ON_RUNNER") != "0"  # see SHARE_ENV
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
         self.early = os.environ.get("TANDEM_SHARE_EARLY") != "0"  # see SHARE_ENV
+        self.precapture = os.environ.get("TANDEM_SHARE_PRECAPTURE") == "1"  # see SHARE_ENV
         self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
         if os.environ.get("TANDEM_SHARE_DIRECT") == "1":
             self._direct = triton_module("share_triton", "TANDEM_SHARE_DIRECT", "copies to the device")
@@ -304,6 +309,8 @@ class GpuShare:
                          ", read in place by its kernels" if self._direct is not None else "")
                 kinds = _kinds(experts)
                 self._compile(kinds, batched=False)
+                if self.precapture:
+                    self._precapture(kinds)
                 self.ready.set()  # one token's steps share from here on; batches once compiled too
                 self._compile(kinds, batched=True)
                 self.batches_ready.set()
@@ -331,6 +338,34 @@ class GpuShare:
                     parts = [torch.zeros(rows, size, dtype=torch.uint8, device=self.device) for size in sizes]
                     _experts_fn(*types, batched, True)(*parts, *self._zero_inputs(batched, n, d), *grids)
             torch.cuda.current_stream(self.device).synchronize()
+
+    def _precapture(self, kinds: set[tuple]) -> None:
+        """Capture the graphs of one token's calls, every expert count of each half for every
+        mix of types, before the share starts (TANDEM_SHARE_PRECAPTURE=1), on the buffers the
+        calls use (launch, _inputs). Batches' graphs stay captured at their first call: by then
+        one token's calls may run, and two threads must not capture into one pool at once. A
+        failure leaves the rest to those first calls."""
+        copied = [kind for kind in kinds if not self._reads_in_place(*kind)]
+        if not copied:
+            return
+        capacity = self._half_capacity
+        try:
+            with torch.cuda.stream(torch.cuda.Stream(self.device)), torch.inference_mode():
+                slots = self._ensure_slots(max(2 * capacity * sum(sizes) for _, sizes, _ in copied))
+                for types, sizes, d in sorted(copied):
+                    fn = _experts_fn(*types, False, True)
+                    grids = [torch_dequant.grid_table(t, self.device) for t in types]
+                    x_in, weights = self._buffer("x", (d,)), self._buffer("staged", (3, 2, capacity))[0]
+                    for n in self._counts(False):
+                        for region in (0, 1):
+                            key = (types, False, tuple(sizes), n, region)  # as _compute's
+                            if key not in self._graphs:
+                                parts = self._parts(slots, region, n, sizes)
+                                args = (*parts, x_in, weights[region, :n], *grids)
+                                self._capture(key, fn, args, self._out(False, d)[region])
+        except Exception as exc:  # any failure: the first calls capture, as without this
+            log.warning("GPU expert share: capturing its graphs ahead failed (%s); they are "
+                        "captured at their first calls", first_line(exc))
 
     def _counts(self, batched: bool) -> list[int]:
         """The expert counts a half may get: exact for one token, padded up for batches."""
