@@ -1,8 +1,8 @@
 """The CUDA runtime's cudaMemcpyAsync, called directly: ~3 us of host time per copy against
 ~20 us through torch's copy_ (dispatch, pinned-memory checks), for the GPU share's ~3 copies
 per expert; cudaHostGetDevicePointer, which torch does not bind; and cudaEventQuery's address
-for C threads. Found in the libcudart
-torch loaded; absent (None) where torch links it statically or has no CUDA."""
+for C threads. Found in the libcudart torch loaded; absent (None) where torch links it
+statically or has no CUDA."""
 
 from __future__ import annotations
 
