@@ -25,6 +25,20 @@ def tokens(n: int) -> list[int]:
     return torch.randint(1, 500, (n,), generator=torch.Generator().manual_seed(5)).tolist()
 
 
+def tiny_iq1_s(tmp_path) -> tuple:
+    """A tiny R1-shaped file with UD-IQ1_S experts (tandem's own CPU kernels), a prompt, and its
+    12 greedy tokens decoded on the CPU experts alone (no GPU share): the reference."""
+    from tandem.bench import synth
+
+    path = tmp_path / "iq1.gguf"
+    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
+    prompt = tokens(8)
+    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
+        assert llm.gpu_share is None
+        reference = llm.generate(prompt, 12)
+    return path, prompt, reference
+
+
 def test_streamed_prefill_matches_the_cpu_kernels(tiny_q8):
     prompt = tokens(40)
     with tandem.LLM(tiny_q8, rules=CPU_RULES, ctx_size=64) as llm:
@@ -103,14 +117,7 @@ def test_decode_shares_iq1_s_experts_with_the_gpu_and_keeps_the_cpu_logits(tmp_p
     """An R1-shaped tiny model with IQ1_S/IQ2_XXS experts (tandem's own CPU kernels): every MoE
     gets the LLM's GPU share, decode steps use it (the balance moves), and greedy tokens agree
     with decode on the CPU experts alone."""
-    from tandem.bench import synth
-
-    path = tmp_path / "iq1.gguf"
-    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
-    prompt = tokens(8)
-    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
-        assert llm.gpu_share is None
-        reference = llm.generate(prompt, 12)
+    path, prompt, reference = tiny_iq1_s(tmp_path)
     with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
         assert llm.gpu_share is not None and llm.gpu_share.wait(60), llm.gpu_share.skipped
         experts = cpu_experts(llm)
@@ -132,13 +139,7 @@ def test_decode_with_early_cpu_parts_keeps_the_cpu_tokens(tmp_path, monkeypatch)
     MoE's CPU part is posted before its segment is done (the runner polls the segment's event),
     the split fixed by count; the balance still moves and greedy tokens agree with the CPU
     experts alone."""
-    from tandem.bench import synth
-
-    path = tmp_path / "iq1.gguf"
-    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
-    prompt = tokens(8)
-    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
-        reference = llm.generate(prompt, 12)
+    path, prompt, reference = tiny_iq1_s(tmp_path)
     monkeypatch.delenv("TANDEM_SHARE_EARLY", raising=False)
     with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
         assert llm.gpu_share.wait(60) and llm.gpu_share.early, llm.gpu_share.skipped
@@ -154,13 +155,7 @@ def test_one_tokens_share_graphs_captured_ahead_serve_decode(tmp_path, monkeypat
     """TANDEM_SHARE_PRECAPTURE=1: every one-token graph (each expert count of each half) is
     captured before the share starts; decode captures none of them again, and greedy tokens
     agree with the CPU experts alone."""
-    from tandem.bench import synth
-
-    path = tmp_path / "iq1.gguf"
-    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
-    prompt = tokens(8)
-    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
-        reference = llm.generate(prompt, 12)
+    path, prompt, reference = tiny_iq1_s(tmp_path)
     monkeypatch.setenv("TANDEM_SHARE_PRECAPTURE", "1")
     with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
         share = llm.gpu_share
@@ -179,13 +174,7 @@ def test_one_tokens_share_graphs_captured_ahead_serve_decode(tmp_path, monkeypat
 def test_decode_with_next_layer_prefetch_keeps_the_cpu_tokens(tmp_path, monkeypatch):
     """TANDEM_SHARE_PREFETCH under the captured decode graphs: the segments' predictions reach
     the host, the share copies them ahead, and greedy tokens agree with the CPU experts alone."""
-    from tandem.bench import synth
-
-    path = tmp_path / "iq1.gguf"
-    synth.write(synth.plan("tiny", "ud-iq1_s"), path)
-    prompt = tokens(8)
-    with tandem.LLM(path, ctx_size=64, gpu_expert_share=0) as llm:
-        reference = llm.generate(prompt, 12)
+    path, prompt, reference = tiny_iq1_s(tmp_path)
     monkeypatch.setenv("TANDEM_SHARE_PREFETCH", "2")
     with tandem.LLM(path, ctx_size=64, gpu_expert_share="auto") as llm:
         assert llm.gpu_share.wait(60) and llm.gpu_share.prefetch_rows == 2, llm.gpu_share.skipped
