@@ -190,6 +190,7 @@ class _AfterCall:
                  out: torch.Tensor):
         self.x, self.source_ids, self.weights, self.gate, self.out = x, ids, weights, gate, out
         self.ids = torch.empty(ids.shape, dtype=torch.int32)
+        self.tokens = 1  # always one token (MoeRunner._post: a call with tokens is posted)
 
 
 RUNNER_BUSY = -4  # csrc/runner.c: a call started before the last one was waited for
@@ -215,16 +216,9 @@ class MoeRunner:
               out: torch.Tensor | None = None) -> RunningMoe | None:
         """`moe` with these arguments started on the runner's thread; None when the runner is
         still busy with a call not yet waited for (the caller then runs it itself)."""
-        with self._lock:
-            last = self._running() if self._running is not None else None
-            if last is not None and not last.waited:
-                return None
-            call = _MoeCall(x, ids, weights, gate, up, down, n_threads, out)
-            if call.tokens and _lib().tandem_runner_start(self._handle, *call.args) == RUNNER_BUSY:
-                return None
-            running = RunningMoe(self if call.tokens else None, call)
-            self._running = weakref.ref(running)
-            return running
+        def post(call: _MoeCall) -> int:
+            return _lib().tandem_runner_start(self._handle, *call.args) if call.tokens else 0
+        return self._post(lambda: _MoeCall(x, ids, weights, gate, up, down, n_threads, out), post)
 
     def start_after(self, ready: int, event: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                     n_skip: int, gate: QuantTensor, up: QuantTensor, down: QuantTensor, n_threads: int,
@@ -247,18 +241,25 @@ class MoeRunner:
                                   f"{t.dtype} {list(t.shape)} on {t.device}")
         if not 0 <= n_skip <= k:
             raise KernelError(f"a split in advance skips 0..{k} of {k} slots, got {n_skip}")
+        def post(call: _AfterCall) -> int:
+            return _lib().tandem_runner_start_after(
+                self._handle, ready, event, ids.data_ptr(), n_skip, x.data_ptr(), d, call.ids.data_ptr(),
+                weights.data_ptr(), k, gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
+                down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
+        return self._post(lambda: _AfterCall(x, ids, weights, gate, out), post)
+
+    def _post(self, make_call, post) -> RunningMoe | None:
+        """A call made by `make_call()` and handed to the thread by `post(call)` (its return
+        code): None while the last call is not yet waited for, or when the thread says busy.
+        A call of no tokens is not posted (post returns 0 for it) and has nothing to wait for."""
         with self._lock:
             last = self._running() if self._running is not None else None
             if last is not None and not last.waited:
                 return None
-            call = _AfterCall(x, ids, weights, gate, out)
-            rc = _lib().tandem_runner_start_after(
-                self._handle, ready, event, ids.data_ptr(), n_skip, x.data_ptr(), d, call.ids.data_ptr(),
-                weights.data_ptr(), k, gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
-                down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
-            if rc == RUNNER_BUSY:
+            call = make_call()
+            if post(call) == RUNNER_BUSY:
                 return None
-            running = RunningMoe(self, call)
+            running = RunningMoe(self if call.tokens else None, call)
             self._running = weakref.ref(running)
             return running
 
