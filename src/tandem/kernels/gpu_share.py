@@ -358,7 +358,7 @@ class GpuShare:
                     x_in, weights = self._buffer("x", (d,)), self._buffer("staged", (3, 2, capacity))[0]
                     for n in self._counts(False):
                         for region in (0, 1):
-                            key = (types, False, tuple(sizes), n, region)  # as _compute's
+                            key = _graph_key(types, False, (tuple(sizes), n, region))
                             if key not in self._graphs:
                                 parts = self._parts(slots, region, n, sizes)
                                 args = (*parts, x_in, weights[region, :n], *grids)
@@ -746,7 +746,7 @@ class GpuShare:
         try:
             if not self.graphs:
                 return _experts_fn(*types, batched, True)(*args)
-            graph_key, out = (types, batched, *key), self._out(batched, args[3].shape[-1])[key[-1]]
+            graph_key, out = _graph_key(types, batched, key), self._out(batched, args[3].shape[-1])[key[-1]]
             graph = self._graphs.get(graph_key) or self._capture(
                 graph_key, _experts_fn(*types, batched, True), args, out)
             graph.replay()
@@ -848,6 +848,12 @@ class GpuShare:
             self._graphs.clear()  # they read the old slots
             self._parts_cache.clear()
         return self._slots
+
+
+def _graph_key(types: tuple[GGMLType, ...], batched: bool, key: tuple) -> tuple:
+    """Which captured graph a half's call replays: its types, one token or a batch, and `key`
+    (bytes per expert, expert count, half)."""
+    return (types, batched, *key)
 
 
 def _in_place_views(buffer: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
