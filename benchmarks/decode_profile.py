@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tandem.bench import machine
+from tandem.bench import machine, others
 from tandem.kernels import experts as experts_module
 from tandem.kernels import gpu_share as share_module
 from tandem.kernels import native
@@ -38,6 +38,7 @@ from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare
 from tandem.kernels.quant_linear import QuantLinear
+from tandem.runtime import heap
 from tandem.runtime.decode_graphs import DecodeGraphs
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
@@ -50,6 +51,7 @@ host_s: dict[str, list[float]] = defaultdict(list)  # host seconds per call, by 
 calls: list[dict] = []
 layer_of: dict[int, int] = {}  # MoE layers (their CpuExperts) numbered by their first call
 gpu_events: dict[str, list[tuple]] = defaultdict(list)  # (start, end) CUDA events, by part
+gc_pauses = others.GcPauses()  # Python's collections during the instrumented steps
 
 
 def _timed_host(part: str, fn):
@@ -306,7 +308,8 @@ def profile_one(llm: LLM, prompt: list[int], tokens: int):
         print(f"segment kernels not profiled: {exc}")
         one_segment = []
     instrument(llm._graphs)
-    produced = list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=tokens + 1)))
+    with gc_pauses:
+        produced = list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=tokens + 1)))
     n = len(produced) - 1
     return llm._graphs, n, llm.last_timings.decode_s * 1e3 / n, kernels, one_segment
 
@@ -326,7 +329,8 @@ def profile_streams(llm: LLM, prompt: list[int], streams: int, tokens: int):
         if engine.batch_graphs is None:
             raise SystemExit("the engine did not decode in batch graphs here: nothing to profile")
         instrument(engine.batch_graphs)
-        round_of(tokens)
+        with gc_pauses:
+            round_of(tokens)
     finally:
         engine.close()
     steps = host_s["step (all of it)"]
@@ -355,6 +359,7 @@ def main() -> None:
     llm.page_in.wait()
     if llm.gpu_share is not None:
         llm.gpu_share.wait()
+    heap.settle()  # as tandem chat, serve and bench do once loaded
     prompt = torch.randint(10, llm.config.n_vocab, (args.prompt,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     if args.streams > 1:
@@ -412,6 +417,9 @@ def main() -> None:
     print(f"one MoE layer's segment: {len(one_segment)} kernel kinds, "
           f"{sum(r['per_replay'] for r in one_segment):.0f} launches, "
           f"{sum(r['us_per_replay'] for r in one_segment):.0f} us of kernels per replay")
+    collections = gc_pauses.summary()
+    print(f"garbage collections: {collections['collections']}, {collections['full']} full, "
+          f"{collections['total_ms']:.1f} ms in all, longest {collections['max_ms']:.1f} ms")
     now = datetime.now(UTC)
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n, "streams": args.streams,
@@ -426,7 +434,7 @@ def main() -> None:
               "expert_bytes": expert_bytes(llm),
               "share_layers_at_end": [round(e.balance.share, 3) for e in llm.routed_experts()
                                       if getattr(e, "share", None) is not None],
-              "top_gpu_kernels": kernels, "moe_segment_kernels": one_segment}
+              "top_gpu_kernels": kernels, "moe_segment_kernels": one_segment, "gc": collections}
     print(f"wrote {machine.write_record(record, args.out, now)}")
 
 

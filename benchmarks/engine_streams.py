@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from tandem.bench import machine
+from tandem.bench import machine, others
+from tandem.runtime import heap
 from tandem.runtime.engine import Engine
 from tandem.runtime.llm import LLM
 from tandem.runtime.sampler import SamplingParams
@@ -36,19 +37,22 @@ def measure(path: Path, graphs: bool, share, streams: int, new_tokens: int, repe
             llm.gpu_share.wait()  # compiled before the clock starts, as `tandem bench` does
             llm.gpu_share.batches_ready.wait()
         engine = Engine(llm, max_batch=streams)
-        rates = []
+        heap.settle()  # as tandem serve does once loaded
+        rates, pauses = [], []
         try:
             for rep in range(repetitions):
                 prompts = [torch.randint(10, llm.config.n_vocab, (PROMPT_TOKENS,),
                                          generator=torch.Generator().manual_seed(rep * 100 + i)).tolist()
                            for i in range(streams)]
                 start = time.perf_counter()
-                requests = [engine.submit(p, params) for p in prompts]
-                produced = sum(len(list(r.tokens(timeout=600))) for r in requests)
+                with others.GcPauses() as collections:
+                    requests = [engine.submit(p, params) for p in prompts]
+                    produced = sum(len(list(r.tokens(timeout=600))) for r in requests)
                 rates.append(produced / (time.perf_counter() - start))
+                pauses.append(collections.summary())
         finally:
             engine.close()
-        record = {"tok_per_s": rates, "median_tok_per_s": statistics.median(rates),
+        record = {"tok_per_s": rates, "median_tok_per_s": statistics.median(rates), "runs_gc": pauses,
                   "batch_graphs_used": engine.batch_graphs is not None}
         if llm.gpu_share is not None:
             shared = [e for e in llm.routed_experts() if getattr(e, "share", None) is not None]

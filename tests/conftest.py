@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,11 @@ def transformers_from_gguf(hf_tokenizer_from_gguf):
         return cache[path], hf_tokenizer_from_gguf(path)
 
     return load
+
+
+@pytest.fixture(autouse=True)
+def _heap_unfrozen():
+    """Entry points freeze the process's heap for decode (runtime.heap); in one test process the
+    objects frozen would outlive their test, so each test ends with them unfrozen."""
+    yield
+    gc.unfreeze()

@@ -115,6 +115,10 @@ def test_bench_writes_json(tiny_q8, tmp_path):
         steps = d["runs_step_ms"]
         assert len(steps["max"]) == 1 and steps["max"][0] >= steps["median"][0] >= 0
         assert 0 <= steps["slowest_step"][0] < 3
+        [gc_run], [cpu_run] = d["runs_gc"], d["runs_cpu"]  # what else ran meanwhile
+        assert gc_run["collections"] >= gc_run["full"] == len(gc_run["full_ms"]) >= 0
+        assert cpu_run["wall_s"] > 0
+        assert any(t["thread"] == "main" and t["cpu_s"] > 0 for t in cpu_run["threads"])
     # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
     assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32
     # the warm-up prompt's routing: 32 tokens over the tiny preset's 8 experts in 2 MoE layers
@@ -124,6 +128,7 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     assert all(0 < share <= 1 for share in r["routing"]["top8_share_per_layer"])
     assert 0 < r["roofline_fraction"] < 1
     assert r["streamed_chunks"] == {"direct": 0, "staged": 0}  # no GPU: nothing streamed
+    assert r["gc_frozen"] is True  # the warm-up's objects frozen (runtime.heap)
     # paged in up front: decoding faults on no page of the experts (a few from allocations)
     assert r["page_in_method"] in ("populate", "touch") and r["page_in_skipped"] is None
     assert all(0 <= d["page_faults_per_token"] < 50 for d in r["decode"] if d["streams"] == 1)

@@ -223,6 +223,7 @@ def chat(
     from tandem.chat import terminal
     from tandem.chat.session import ChatSession
     from tandem.default_model import default_model_path
+    from tandem.runtime import heap
     from tandem.runtime.llm import LLM
     from tandem.runtime.sampler import SamplingParams
 
@@ -231,6 +232,7 @@ def chat(
     llm = LLM(path, model_path=model_path, rules=rules, ctx_size=ctx_size, n_threads=cpu_infer,
               progress=err_console.is_terminal, gpu_experts_from=gpu_experts_from,
               gpu_expert_share=gpu_expert_share, gpu_expert_cache=gpu_expert_cache, numa=numa)
+    heap.settle(llm.gpu_share)  # no full garbage collection walks the loaded model mid-answer
     params = SamplingParams.defaults_for(llm.file.metadata).updated(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,

@@ -112,7 +112,7 @@ def test_a_failed_wait_or_a_repeated_expert_fails_the_call_and_frees_the_runner(
         kernels.start_moe_after(ready.address, 0, x, ids, weights, 9, gate, up, down, out=empty())
 
 
-@pytest.mark.parametrize(("share", "counts"), [(0.0, (0, 0)), (0.45, (3, 4)), (0.5, (4, 4))])
+@pytest.mark.parametrize(("share", "counts"), [(0.0, (0, 0)), (0.45, (3, 4)), (0.5, (4, 4)), (0.75, (6, 6))])
 def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, experts, monkeypatch, share,
                                                                      counts):
     """CpuExperts.start_early, then compute_shared with it: the GPU share (its kernels run on
@@ -137,8 +137,7 @@ def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, exp
         assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
 
 
-def test_no_early_start_when_turned_off_above_half_the_experts_or_with_experts_in_vram(kernels, experts,
-                                                                                       monkeypatch):
+def test_no_early_start_when_off_above_its_share_or_with_experts_in_vram(kernels, experts, monkeypatch):
     (gate, _), (up, _), (down, _) = experts
     ready = Readiness()
     monkeypatch.setattr(GpuShare, "event_query", lambda self, event: (ready.address, 0))
@@ -148,9 +147,17 @@ def test_no_early_start_when_turned_off_above_half_the_experts_or_with_experts_i
     x, ids, weights = inputs(3)
     assert not gpu_share.early and moe.start_early(x, ids, weights, None) is None
     gpu_share.early = True
-    moe.balance.share = 0.7  # 5.6 of 8 experts -> 5: the GPU's part would be the longer one
+    moe.balance.share = 0.9  # 7.2 of 8 experts -> 7, above 75% (a share climbing: the ordinary path)
     assert moe.start_early(x, ids, weights, None) is None
-    assert moe.balance.take(K) == 5  # its carry untouched: 5.6 -> 5 as the first time
+    assert moe.balance.take(K) == 7  # its carry untouched: 7.2 -> 7 as the first time
+    monkeypatch.setenv("TANDEM_SHARE_EARLY_UP_TO", "50")
+    moe.balance.share = 0.7  # 5.6 -> 5 of 8, above 50%
+    assert GpuShare("cpu", max_experts=K).early_up_to == 0.5
+    gpu_share.early_up_to = 0.5
+    assert moe.start_early(x, ids, weights, None) is None
+    monkeypatch.setenv("TANDEM_SHARE_EARLY_UP_TO", "half")
+    with pytest.raises(KernelError, match="TANDEM_SHARE_EARLY_UP_TO must be a whole number"):
+        GpuShare("cpu", max_experts=K)
     moe.balance.share = 0.5
     two_tokens = torch.zeros(2, D), torch.zeros(2, K, dtype=torch.long), torch.zeros(2, K)
     assert moe.start_early(*two_tokens, None) is None
@@ -158,7 +165,9 @@ def test_no_early_start_when_turned_off_above_half_the_experts_or_with_experts_i
     gpu_share.prefetch((gate, up, down), [int(ids[0, 0])])  # now held in VRAM: the split depends on the ids
     assert moe.start_early(x, ids, weights, None) is None
     monkeypatch.delenv("TANDEM_SHARE_EARLY")
-    assert GpuShare("cpu", max_experts=K).early  # the default
+    monkeypatch.delenv("TANDEM_SHARE_EARLY_UP_TO")
+    default = GpuShare("cpu", max_experts=K)
+    assert default.early and default.early_up_to == 0.75
 
 
 @pytest.mark.cuda

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from tandem.bench import machine
+from tandem.bench import machine, others
 from tandem.kernels import gpu_share, native, quant_linear
 from tandem.models.deepseek_v3 import ROUTE_ENV
 from tandem.placement.planner import expert_bytes_per_layer
-from tandem.runtime import decode_graphs
+from tandem.runtime import decode_graphs, heap
 from tandem.runtime.sampler import SamplingParams
 
 # how the CPU kernels' OpenMP threads wait between calls and where they run (libgomp reads these)
@@ -184,16 +184,20 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     warm = prompt(max([8, *fitting]))
     results["routing"] = routing_spread(llm, warm)  # what the figures below were measured on
     llm.generate(warm, 4)
+    frozen = heap.settle()  # after the warm-up's captures: no full collection walks all that
     for n in cfg.prompt_lengths:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs, decoded, faults, shares, steps, captures = [], 0, 0, [], [], []
+        runs, decoded, faults, shares, steps, captures, pauses, cpu = [], 0, 0, [], [], [], [], []
         for _ in range(cfg.repetitions):
             tokens = llm.stream(prompt(n), params)
             next(tokens)  # the prompt is in
-            before, captured = _page_faults(), _share_captures(llm)
-            steps.append(_step_ms(tokens))
+            before, captured, times = _page_faults(), _share_captures(llm), others.cpu_times()
+            with others.GcPauses() as collections:
+                steps.append(_step_ms(tokens))
+            cpu.append(others.cpu_use(times, others.cpu_times()))
+            pauses.append(collections.summary())
             decoded += len(steps[-1])
             faults += _page_faults() - before
             captures.append(_share_captures(llm) - captured)
@@ -213,9 +217,14 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                                   "runs_share_graph_captures": captures,
                                   # a slow repetition: all steps slower, or a few long stalls?
                                   "runs_step_ms": _step_summary(steps),
+                                  # what else ran: Python's collections (a full one stalls a
+                                  # step), our threads' and other processes' CPU time
+                                  "runs_gc": pauses, "runs_cpu": cpu,
                                   "page_faults_per_token": faults / max(decoded, 1)})
+        full = [ms for p in pauses for ms in p["full_ms"]]
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
-                 f"decode {decode:6.2f} tok/s")
+                 f"decode {decode:6.2f} tok/s"
+                 + (f" ({len(full)} full garbage collections, longest {max(full):.0f} ms)" if full else ""))
     engine = Engine(llm, max_batch=max(cfg.streams))
 
     def expert_bytes_read() -> int:
@@ -250,10 +259,11 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         "gpu_expert_share": {**_share_record(llm), "ready_after_page_in_s": share_wait_s},
         "streamed_chunks": _streamed_chunks(llm),
         "prefill_chunk": llm.prefill_chunk,
+        "gc_frozen": frozen,  # objects alive after the warm-up skipped by collections (runtime.heap)
         # variants of tandem's kernels picked by environment (A/B runs)
         "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,
                                                   decode_graphs.COMPILE_ENV, *quant_linear.QUANT_ENV,
-                                                  ROUTE_ENV, *OPENMP_ENV)
+                                                  ROUTE_ENV, heap.FREEZE_ENV, *OPENMP_ENV)
                        if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,

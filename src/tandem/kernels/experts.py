@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
-from tandem.kernels.gpu_share import EARLY_UP_TO, GpuShare, Launched, ShareBalance, split
+from tandem.kernels.gpu_share import GpuShare, Launched, ShareBalance, split
 from tandem.kernels.streamed import ExpertStreamer
 from tandem.kernels.tensors import QuantTensor
 
@@ -111,7 +111,7 @@ class CpuExperts:
         the lowest ids (as `split` picks them). Pass the result to `compute_shared` with the
         same buffers once they are in. None where this does not apply (TANDEM_SHARE_EARLY=0, no
         CUDA runtime to query the event, a layer with experts held in VRAM, whose split depends
-        on the ids, a share above gpu_share.EARLY_UP_TO, or the runner busy): then call
+        on the ids, a share above the share's early_up_to, or the runner busy): then call
         compute_shared without it."""
         share = self.share
         query = share.event_query(inputs_in) if share is not None and share.early else None
@@ -119,7 +119,7 @@ class CpuExperts:
             return None
         k = ids_host.shape[1]
         n_gpu = self.balance.take(k, commit=False)
-        if n_gpu > EARLY_UP_TO * k:  # the GPU's part is the longer one: nothing to gain (SHARE_ENV)
+        if n_gpu > share.early_up_to * k:  # a share climbing: the ordinary path recovers (SHARE_ENV)
             return None
         cpu = self.kernels.start_moe_after(*query, x_host, ids_host, weights_host, n_gpu, self.gate, self.up,
                                            self.down, out=self._early_out(x_host),

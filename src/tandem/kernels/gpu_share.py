@@ -70,7 +70,7 @@ STEP = 0.02  # change of a layer's share per call
 # in ~900 updates), so there the step stays 0.02.
 RUN_BEFORE_FASTER = 4
 MAX_STEP = 0.16
-EARLY_UP_TO = 0.5  # the largest fraction of a token's experts the GPU takes in an early call (SHARE_ENV)
+EARLY_UP_TO = 75  # the largest percentage of a token's experts the GPU takes in an early call (SHARE_ENV)
 RAM_RESERVE = 8 << 30  # bytes of RAM left unpinned: the process and the system need some
 CUDA_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: the file is mapped read-only
 CUDA_HOST_REGISTER_MAPPED = 2  # cudaHostRegisterMapped: kernels may read the pages themselves
@@ -132,15 +132,21 @@ TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the 
 # Q4_K_M 95-98 tok/s once balanced, against 87-95. But both modes began the first repetition
 # at a share of ~0.9 (the warm-up's climb), and from there early calls recovered slower: their
 # one-expert CPU parts took 0.5-33 ms (a profile stuck at 0.92 for 64 tokens, 32 tok/s). So a
-# call starts early only where the CPU takes at least half of the experts (EARLY_UP_TO).
-# TANDEM_SHARE_PRECAPTURE=1 (off until measured): one token's graphs, every expert count and
-# half, captured before the share starts instead of at each count's first call, which
-# synchronizes the device and empties torch's caches mid-step (run w's first repetitions: single
-# 240-340 ms steps, shares climbing to ~0.9; see GpuShare._precapture).
+# call starts early only where the GPU takes at most EARLY_UP_TO percent of the experts
+# (TANDEM_SHARE_EARLY_UP_TO=N: N percent). Run x had 50: UD-IQ1_S balances at ~0.55, 4 or 5 of 8
+# on the GPU, so its calls of 5 went the ordinary way, whose start costs the CPU's side more,
+# which pushed the share up: decode 51-56 tok/s against run w's 58-62 always early. Q4_K_M
+# balances at ~0.43 (early either way). 75 keeps the climbs' 7 of 8 on the ordinary path and
+# the balanced calls early; not measured on the GPU yet.
+# TANDEM_SHARE_PRECAPTURE=1 (off): one token's graphs, every expert count and half, captured
+# before the share starts instead of at each count's first call, which synchronizes the device
+# and empties torch's caches mid-step (see GpuShare._precapture). Run x: no captures during
+# decode, but the first repetitions as slow as without (a 308-329 ms step, shares at 0.9), and
+# no clear gain (A/B medians 52.3 against 56.0 tok/s UD-IQ1_S, 93.6 against 84.2 Q4_K_M).
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
              "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT",
-             "TANDEM_SHARE_EARLY", "TANDEM_SHARE_PRECAPTURE")
+             "TANDEM_SHARE_EARLY", "TANDEM_SHARE_EARLY_UP_TO", "TANDEM_SHARE_PRECAPTURE")
 
 
 def max_experts_for(k: int) -> int:
@@ -265,6 +271,7 @@ class GpuShare:
         self.submit_on_runner = os.environ.get("TANDEM_SHARE_SUBMIT_ON_RUNNER") != "0"  # see SHARE_ENV
         self.prefetch_rows = env_int("TANDEM_SHARE_PREFETCH")  # see SHARE_ENV
         self.early = os.environ.get("TANDEM_SHARE_EARLY") != "0"  # see SHARE_ENV
+        self.early_up_to = env_int("TANDEM_SHARE_EARLY_UP_TO", default=EARLY_UP_TO) / 100  # see SHARE_ENV
         self.precapture = os.environ.get("TANDEM_SHARE_PRECAPTURE") == "1"  # see SHARE_ENV
         self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
         if os.environ.get("TANDEM_SHARE_DIRECT") == "1":

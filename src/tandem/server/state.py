@@ -64,6 +64,7 @@ class ServerState:
 
     def load(self) -> None:
         """Runs in a background thread; /health answers 503 until it is done."""
+        from tandem.runtime import heap
         from tandem.runtime.engine import Engine
         from tandem.runtime.llm import LLM
 
@@ -78,6 +79,7 @@ class ServerState:
             self.tokenizer = Tokenizer.from_gguf(meta, str(self.llm.file.path))
             self.template = template_for(meta, self.tokenizer)
             self.engine = Engine(self.llm, max_batch=c.max_batch_size, max_waiting=c.max_queue)
+            heap.settle(self.llm.gpu_share)  # no full garbage collection walks the model mid-step
             self.loaded_at = time.time()
             self.load_s = time.perf_counter() - began
             self._ready.set()

@@ -1,0 +1,102 @@
+"""What else ran while a benchmark measured: Python's garbage collections, the CPU time of this
+process's threads, and the CPU time of other processes. A slow repetition then shows whether a
+collection stalled it, a thread of ours competed with the kernels' threads (a compile, a page-in),
+or another process did (compile workers, the system)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")  # /proc's CPU times count these per second
+TOP_THREADS = 6
+
+
+class GcPauses:
+    """Each collection of Python's cyclic garbage collector while open (gc.callbacks): its
+    generation and how long it held the GIL. A full one (generation 2) walks every tracked
+    object: the long stalls."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []  # (generation, ms)
+        self._started = 0.0  # collections never overlap: they run under the GIL
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._note)
+
+    def _note(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self._started) * 1e3))
+
+    def summary(self) -> dict:
+        full = [ms for generation, ms in self.pauses if generation == 2]
+        return {"collections": len(self.pauses), "full": len(full),
+                "total_ms": round(sum(ms for _, ms in self.pauses), 2),
+                "max_ms": round(max((ms for _, ms in self.pauses), default=0.0), 2),
+                "full_ms": [round(ms, 1) for ms in full]}
+
+
+@dataclass
+class CpuTimes:
+    """CPU seconds so far: per thread of this process (by thread id), the process's whole, and
+    the machine's busy time (all CPUs, every process)."""
+
+    threads: dict[int, float]
+    names: dict[int, str]
+    process: float
+    machine_busy: float
+    wall: float
+
+
+def cpu_times() -> CpuTimes:
+    """Read from /proc (Linux); empty where it cannot be read."""
+    threads, names = {}, {}
+    python_names = {t.native_id: t.name for t in threading.enumerate()}
+    tasks = Path("/proc/self/task")
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        tid = int(task.name)
+        comm, fields = stat[stat.index("(") + 1: stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        threads[tid] = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+        names[tid] = "main" if tid == os.getpid() else python_names.get(tid, comm)
+    return CpuTimes(threads, names, time.process_time(), _machine_busy(), time.perf_counter())
+
+
+def _machine_busy() -> float:
+    """Seconds all CPUs spent not idle, since boot (/proc/stat's first line)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user .. steal
+    except (OSError, ValueError):
+        return 0.0
+    idle, iowait = values[3], values[4]
+    return (sum(values) - idle - iowait) / TICK
+
+
+def cpu_use(before: CpuTimes, after: CpuTimes, top: int = TOP_THREADS) -> dict:
+    """Between two readings: the busiest threads of this process (CPU seconds each, and in
+    cores: seconds per second of wall time), the process's whole, and other processes'."""
+    wall = max(after.wall - before.wall, 1e-9)
+    used = {tid: after.threads[tid] - before.threads.get(tid, 0.0) for tid in after.threads}
+    busiest = sorted(used, key=used.get, reverse=True)[:top]
+    process = after.process - before.process
+    others = max(0.0, (after.machine_busy - before.machine_busy) - process)
+    return {"wall_s": round(wall, 3),
+            "threads": [{"thread": after.names[tid], "cpu_s": round(used[tid], 3),
+                         "cores": round(used[tid] / wall, 2)} for tid in busiest if used[tid] > 0],
+            "threads_busy": sum(1 for s in used.values() if s > 0.5 * wall),
+            "process_cores": round(process / wall, 2),
+            "other_processes_cores": round(others / wall, 2)}

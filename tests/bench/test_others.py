@@ -1,0 +1,83 @@
+"""bench.others against what Python and the OS count themselves: gc.get_stats' collections,
+a thread's own CPU clock, and a child process's CPU time from getrusage."""
+
+from __future__ import annotations
+
+import gc
+import resource
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from tandem.bench import others
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _collections() -> list[int]:
+    return [generation["collections"] for generation in gc.get_stats()]
+
+
+def test_gc_pauses_are_the_collections_python_counts():
+    before = _collections()
+    with others.GcPauses() as pauses:
+        kept = []
+        for _ in range(20_000):  # tracked containers: young collections come by themselves
+            pair = [[], []]
+            pair[0].append(pair)  # a cycle only the collector frees
+            kept.append([])
+        gc.collect()
+    after = _collections()
+    counted = Counter(generation for generation, _ in pauses.pauses)
+    assert counted == Counter({g: after[g] - before[g] for g in range(3) if after[g] > before[g]})
+    summary = pauses.summary()
+    assert summary["full"] == after[2] - before[2] >= 1 and len(summary["full_ms"]) == summary["full"]
+    assert summary["collections"] == len(pauses.pauses) > 1
+    assert 0 < summary["max_ms"] <= summary["total_ms"]
+    with others.GcPauses() as later:  # a closed recorder records no more
+        gc.collect()
+    assert len(pauses.pauses) == summary["collections"] and len(later.pauses) == 1
+
+
+def test_cpu_use_names_a_busy_thread_with_its_own_cpu_time():
+    spun, read, own = threading.Event(), threading.Event(), {}
+
+    def spin():
+        began = time.thread_time()
+        end = time.perf_counter() + 0.4
+        while time.perf_counter() < end:
+            pass
+        own["cpu_s"] = time.thread_time() - began
+        spun.set()
+        read.wait()  # alive (listed in /proc) until the reading after
+
+    before = others.cpu_times()
+    thread = threading.Thread(target=spin, name="spinner")
+    thread.start()
+    spun.wait()
+    after = others.cpu_times()
+    read.set()
+    thread.join()
+    use = others.cpu_use(before, after)
+    [spinner] = [t for t in use["threads"] if t["thread"] == "spinner"]
+    assert spinner["cpu_s"] == pytest.approx(own["cpu_s"], abs=0.03)  # /proc counts 10 ms ticks
+    assert spinner["cores"] == pytest.approx(spinner["cpu_s"] / use["wall_s"], abs=0.01)
+    assert use["process_cores"] * use["wall_s"] >= 0.9 * own["cpu_s"]
+
+
+def test_cpu_use_counts_other_processes():
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = others.cpu_times()
+    busy = "import time\nend = time.time() + 0.5\nwhile time.time() < end: pass"
+    subprocess.run([sys.executable, "-c", busy], check=True)
+    after = others.cpu_times()
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_s = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
+    use = others.cpu_use(before, after)
+    # the machine counts every process: the child at least (others may add)
+    assert use["other_processes_cores"] * use["wall_s"] >= 0.8 * child_s - 0.03
+    assert child_s > 0.3
