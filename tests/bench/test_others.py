@@ -4,6 +4,7 @@ a thread's own CPU clock, and a child process's CPU time from getrusage."""
 from __future__ import annotations
 
 import gc
+import mmap
 import resource
 import subprocess
 import sys
@@ -81,3 +82,19 @@ def test_cpu_use_counts_other_processes():
     # the machine counts every process: the child at least (others may add)
     assert use["other_processes_cores"] * use["wall_s"] >= 0.8 * child_s - 0.03
     assert child_s > 0.3
+
+
+
+def test_vm_events_count_the_faults_this_process_takes():
+    """The machine-wide fault counter moves by at least the minor faults getrusage counts for
+    touching fresh pages; only counters that moved are listed."""
+    before, faults = others.vm_events(("pgfault",)), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    region = mmap.mmap(-1, 8 << 20)
+    for offset in range(0, len(region), mmap.PAGESIZE):
+        region[offset] = 1
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    moved = others.vm_events_between(before, others.vm_events(("pgfault",)))
+    region.close()
+    assert faults >= 1 and moved["pgfault"] >= faults
+    assert set(moved) == {"pgfault"}  # a prefix list picks the counters: pgfault's, nothing else
+    assert all(name.startswith(others.VM_EVENTS) for name in others.vm_events())

@@ -1,7 +1,9 @@
 """What else ran while a benchmark measured: Python's garbage collections, the CPU time of this
-process's threads, and the CPU time of other processes. A slow repetition then shows whether a
-collection stalled it, a thread of ours competed with the kernels' threads (a compile, a page-in),
-or another process did (compile workers, the system)."""
+process's threads, the CPU time of other processes, and the kernel's memory events. A slow
+repetition then shows whether a collection stalled it, a thread of ours competed with the
+kernels' threads (a compile, a page-in), another process did (compile workers, the kernel's own
+threads), or the kernel reworked memory under it (huge pages collapsed or split, compaction,
+pages migrated, major faults)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")  # /proc's CPU times count these per second
 TOP_THREADS = 6
+# /proc/vmstat counters of memory work that can stall a process (khugepaged's collapses take the
+# mapping's lock; compaction and migration move pages under it); not allocation counts
+VM_EVENTS = ("thp_", "compact_", "numa_hint_faults", "numa_pages_migrated", "numa_pte_updates",
+             "pgmigrate_", "pgmajfault", "pswpin", "pswpout")
 
 
 class GcPauses:
@@ -100,3 +106,23 @@ def cpu_use(before: CpuTimes, after: CpuTimes, top: int = TOP_THREADS) -> dict:
             "threads_busy": sum(1 for s in used.values() if s > 0.5 * wall),
             "process_cores": round(process / wall, 2),
             "other_processes_cores": round(others / wall, 2)}
+
+
+def vm_events(prefixes: tuple[str, ...] = VM_EVENTS) -> dict[str, int]:
+    """The /proc/vmstat counters so far whose names start with one of `prefixes` (empty where
+    it cannot be read)."""
+    try:
+        lines = Path("/proc/vmstat").read_text().splitlines()
+    except OSError:
+        return {}
+    counters = {}
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name.startswith(prefixes) and value.strip().isdigit():
+            counters[name] = int(value)
+    return counters
+
+
+def vm_events_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The counters that moved between two readings, by how much (machine-wide: every process)."""
+    return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
