@@ -14,6 +14,7 @@ steps by torch.profiler.
 
     python benchmarks/decode_profile.py MODEL.gguf [--tokens 64] [--share auto] [--prompt 128]
         [--streams 8]   # several sequences through the server's engine: per step, no kernel tables
+        [--first]       # the steps right after a 4-token warm-up (a fresh bench's first repetition)
 
 Prints a table and writes benchmarks/results/decode_profile-<host>-<time>.json.
 """
@@ -295,18 +296,21 @@ def segment_kernels(llm: LLM, replays: int = 20) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_replay"])
 
 
-def profile_one(llm: LLM, prompt: list[int], tokens: int):
+def profile_one(llm: LLM, prompt: list[int], tokens: int, first: bool = False):
     """One sequence: the kernel tables, then `tokens` decode steps instrumented. Returns the
-    graphs, the steps, ms a step, the top kernels and one MoE segment's kernels."""
-    list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=32)))  # captures the
-    if llm._graphs is None:  # graphs; the share's balance settles
+    graphs, the steps, ms a step, the top kernels and one MoE segment's kernels. `first`: the
+    steps right after a warm-up of 4 tokens, as `tandem bench` has before its first repetition
+    (which ran slow in every run so far), and no kernel tables."""
+    list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=4 if first else 32)))
+    if llm._graphs is None:  # captured at the first step; the share's balance settles
         raise SystemExit("this model does not decode in CUDA graphs here: nothing to profile")
-    kernels = top_kernels(llm, prompt, steps=8)
-    try:
-        one_segment = segment_kernels(llm)
-    except Exception as exc:  # a profiler that cannot see graph kernels: the rest still runs
-        print(f"segment kernels not profiled: {exc}")
-        one_segment = []
+    kernels, one_segment = [], []
+    if not first:
+        kernels = top_kernels(llm, prompt, steps=8)
+        try:
+            one_segment = segment_kernels(llm)
+        except Exception as exc:  # a profiler that cannot see graph kernels: the rest still runs
+            print(f"segment kernels not profiled: {exc}")
     instrument(llm._graphs)
     with gc_pauses:
         produced = list(llm.stream(prompt, SamplingParams(temperature=0, max_new_tokens=tokens + 1)))
@@ -348,6 +352,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1,
                         help="sequences decoded together (more than 1: through the server's engine, "
                              "its batch graphs; figures per step, no kernel tables)")
+    parser.add_argument("--first", action="store_true",
+                        help="one stream: profile the steps right after a 4-token warm-up, as a "
+                             "fresh `tandem bench` process's first repetition (no kernel tables)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -366,7 +373,7 @@ def main() -> None:
         graphs, n, token_ms = profile_streams(llm, prompt, args.streams, args.tokens)
         kernels, one_segment = [], []
     else:
-        graphs, n, token_ms, kernels, one_segment = profile_one(llm, prompt, args.tokens)
+        graphs, n, token_ms, kernels, one_segment = profile_one(llm, prompt, args.tokens, args.first)
     torch.cuda.synchronize()
 
     per_token = {f"gpu: {part}": sum(s.elapsed_time(e) for s, e in pairs) / n
@@ -423,6 +430,7 @@ def main() -> None:
     now = datetime.now(UTC)
     record = {**machine.record_header("decode_profile", now), "model": str(args.model),
               "share": args.share, "prompt_tokens": args.prompt, "tokens": n, "streams": args.streams,
+              "first_steps_after_load": args.first,
               "ms_per_token": token_ms, "parts_ms_per_token": per_token, "experts_split": experts_split,
               "sides": by_split,
               # every shared call in order (the balance's course: hiccups, drift), as rows
