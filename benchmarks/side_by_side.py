@@ -8,7 +8,8 @@ Targets (issue 7): decode >= 3x llama.cpp and >= 60% of the expert roofline (UD-
 llama.cpp computing experts on the CPU only (-nopo 1; tandem --gpu-experts-from 0); 8 streams
 >= 85% of the bandwidth bound of the distinct experts read. Missed targets get the factor still
 missing (`shortfalls`) and, where side_by_side.sh ran them, the profiles that say what limits
-them (`limits`: benchmarks/decode_profile.py per file, benchmarks/engine_streams.py).
+them (`limits`: benchmarks/decode_profile.py per file and for 8 streams,
+benchmarks/engine_streams.py).
 """
 
 from __future__ import annotations
@@ -123,6 +124,25 @@ def stream_bound(bench: dict, profile: dict) -> dict:
             "roofline_fraction_at_most": min(1.0, (cpu_rate + copy_rate) / ram)}
 
 
+def streams_limits(profile: dict) -> dict:
+    """Where a step of several streams went (decode_profile.py --streams N: its figures are per
+    step of all streams): the CPU op against the GPU share's span (the longer one holds the step
+    up), the GPU segments, and the shared calls' split."""
+    parts = profile.get("parts_ms_per_token") or {}
+    step_ms, streams = profile.get("ms_per_token"), profile.get("streams")
+    segments_ms = parts.get("gpu: segment", 0.0) + parts.get("gpu: last segment + head", 0.0)
+    return {
+        "source": f"decode_profile --streams at {profile.get('commit', '?')[:7]}, {profile.get('date')}",
+        "streams": streams, "ms_per_step": step_ms,
+        "tok_per_s_together": streams * 1e3 / step_ms if streams and step_ms else None,
+        "cpu_op_ms_per_step": parts.get("host: CPU op"),
+        "gpu_share_span_ms_per_step": parts.get("gpu: share span"),
+        "gpu_segments_ms_per_step": segments_ms,
+        "experts_split": profile.get("experts_split"),
+        "sides": profile.get("sides"),
+    }
+
+
 def _expert_paths(profile: dict) -> tuple[float | None, float | None, float]:
     """From a decode profile: the CPU op's ms per expert, the copies' GPU ms per token, and the
     experts copied to the GPU per token (over all MoE layers)."""
@@ -158,6 +178,9 @@ def limits(out: Path, benches: dict, llamacpp_decode: dict) -> dict:
                 benches[name], profile, llamacpp_decode.get(name), target)}
             if name == "iq1s":  # the 8 streams' target is on this file
                 found["streams_bound_iq1s"] = stream_bound(benches[name], profile)
+    runs = sorted((out / "decode-profile-iq1s-8streams").glob("decode_profile-*.json"))
+    if runs:  # what holds the 8 streams back
+        found["decode_iq1s_8streams"] = streams_limits(json.loads(runs[-1].read_text()))
     runs = sorted((out / "engine-streams").glob("engine_streams-*.json"))
     if runs:
         streams = json.loads(runs[-1].read_text())

@@ -28,8 +28,9 @@ python3 -m tandem.cli bench "$iq1s" --prompt-lengths 2048 --streams 1,8 --new-to
 # the ratios now (a call's time limit may cut the profiles below short), again at the end
 python3 benchmarks/side_by_side.py "$out" "$moe_layers" --command "bash benchmarks/side_by_side.sh $*"
 # what limits decode (where the ratios fall short): a profile of each file's decode steps,
-# then 8 streams through the server's engine (eager, graphs, graphs + GPU share)
+# then one of 8 streams' steps, and 8 streams through the server's engine (eager, graphs, graphs + GPU share)
 python3 benchmarks/decode_profile.py "$iq1s" --threads "$threads" --out "$out/decode-profile-iq1s" || true
 python3 benchmarks/decode_profile.py "$q4km" --threads "$threads" --out "$out/decode-profile-q4km" || true
+python3 benchmarks/decode_profile.py "$iq1s" --streams 8 --threads "$threads" --out "$out/decode-profile-iq1s-8streams" || true
 python3 benchmarks/engine_streams.py "$iq1s" --out "$out/engine-streams" || true
 python3 benchmarks/side_by_side.py "$out" "$moe_layers" --command "bash benchmarks/side_by_side.sh $*"

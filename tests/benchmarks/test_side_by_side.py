@@ -72,3 +72,22 @@ def test_the_record_names_the_machine_and_commit_that_ran_the_benches(side_by_si
     assert found["command"] == "cmd"
     here = side_by_side.header("cmd", [{}, {}, {}])  # no tandem record: where it summarizes
     assert here["device"]["cpu"] and here["commit"] != "abc123"
+
+
+def test_limits_name_what_holds_8_streams_back(side_by_side, tmp_path):
+    """decode_profile --streams 8's figures are per step of all streams: the CPU op against the
+    share's span, the segments, tok/s together."""
+    import json
+    folder = tmp_path / "decode-profile-iq1s-8streams"
+    folder.mkdir()
+    step = {**profile(), "streams": 8, "ms_per_token": 100.0, "commit": "abc1234567", "date": "d",
+            "parts_ms_per_token": {"host: CPU op": 90.0, "gpu: share span": 45.0, "gpu: segment": 8.0,
+                                   "gpu: last segment + head": 0.5}}
+    (folder / "decode_profile-x.json").write_text(json.dumps(step))
+    found = side_by_side.limits(tmp_path, {"iq1s": {}, "q4km": {}}, {})["decode_iq1s_8streams"]
+    assert found["tok_per_s_together"] == pytest.approx(80.0)
+    assert (found["cpu_op_ms_per_step"], found["gpu_share_span_ms_per_step"]) == (90.0, 45.0)
+    assert found["gpu_segments_ms_per_step"] == pytest.approx(8.5)
+    assert found["experts_split"] == step["experts_split"]
+    assert found["source"].startswith("decode_profile --streams at abc1234")
+    assert "decode_iq1s_8streams" not in side_by_side.limits(tmp_path / "none", {"iq1s": {}, "q4km": {}}, {})
