@@ -118,6 +118,7 @@ def test_bench_writes_json(tiny_q8, tmp_path):
         [gc_run], [cpu_run], [vm_run] = d["runs_gc"], d["runs_cpu"], d["runs_vm_events"]  # what else ran
         assert gc_run["collections"] >= gc_run["full"] == len(gc_run["full_ms"]) >= 0
         assert cpu_run["wall_s"] > 0 and all(moved != 0 for moved in vm_run.values())
+        assert d["runs_compiles"] == [0]  # everything compiled before the clock starts
         assert any(t["thread"] == "main" and t["cpu_s"] > 0 for t in cpu_run["threads"])
     # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
     assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32

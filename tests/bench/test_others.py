@@ -98,3 +98,19 @@ def test_vm_events_count_the_faults_this_process_takes():
     assert faults >= 1 and moved["pgfault"] >= faults
     assert set(moved) == {"pgfault"}  # a prefix list picks the counters: pgfault's, nothing else
     assert all(name.startswith(others.VM_EVENTS) for name in others.vm_events())
+
+
+def test_compiles_count_each_compile_and_recompile():
+    import torch
+
+    def double(x):
+        return x * 2
+
+    compiled = torch.compile(double, backend="eager", dynamic=False)  # dynamo only: no codegen
+    before = others.compiles()
+    compiled(torch.ones(3))
+    assert others.compiles() == before + 1
+    compiled(torch.ones(3))  # the same guards: no compile
+    assert others.compiles() == before + 1
+    compiled(torch.ones(3, dtype=torch.float64))  # another dtype: a recompile
+    assert others.compiles() == before + 2

@@ -1,14 +1,16 @@
-"""What else ran while a benchmark measured: Python's garbage collections, the CPU time of this
-process's threads, the CPU time of other processes, and the kernel's memory events. A slow
-repetition then shows whether a collection stalled it, a thread of ours competed with the
-kernels' threads (a compile, a page-in), another process did (compile workers, the kernel's own
-threads), or the kernel reworked memory under it (huge pages collapsed or split, compaction,
-pages migrated, major faults)."""
+"""What else ran while a benchmark measured: Python's garbage collections, torch.compile's
+compiles, the CPU time of this process's threads, the CPU time of other processes, and the
+kernel's memory events. A slow repetition then shows whether a collection stalled it, a compile
+did (its worker processes wake after a minute idle: torch's inductor quiesces its pool), a
+thread of ours competed with the kernels' threads (a page-in), another process did (the
+kernel's own threads), or the kernel reworked memory under it (huge pages collapsed or split,
+compaction, pages migrated, major faults)."""
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -50,6 +52,13 @@ class GcPauses:
                 "total_ms": round(sum(ms for _, ms in self.pauses), 2),
                 "max_ms": round(max((ms for _, ms in self.pauses), default=0.0), 2),
                 "full_ms": [round(ms, 1) for ms in full]}
+
+
+def compiles() -> int:
+    """Frames torch.compile has compiled in this process so far (each compile and recompile;
+    0 where it never ran)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["frames"]["ok"]) if utils is not None else 0
 
 
 @dataclass

@@ -189,14 +189,17 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs, decoded, faults, shares, steps, captures, pauses, cpu, memory = [], 0, 0, [], [], [], [], [], []
+        runs, decoded, faults, shares, steps, captures = [], 0, 0, [], [], []
+        pauses, compiles, cpu, memory = [], [], [], []  # what else ran (bench.others)
         for _ in range(cfg.repetitions):
             tokens = llm.stream(prompt(n), params)
             next(tokens)  # the prompt is in
             before, captured, times, events = (_page_faults(), _share_captures(llm), others.cpu_times(),
                                                others.vm_events())
+            compiled = others.compiles()
             with others.GcPauses() as collections:
                 steps.append(_step_ms(tokens))
+            compiles.append(others.compiles() - compiled)
             cpu.append(others.cpu_use(times, others.cpu_times()))
             memory.append(others.vm_events_between(events, others.vm_events()))
             pauses.append(collections.summary())
@@ -220,9 +223,10 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                                   # a slow repetition: all steps slower, or a few long stalls?
                                   "runs_step_ms": _step_summary(steps),
                                   # what else ran: Python's collections (a full one stalls a
-                                  # step), our threads' and other processes' CPU time, the
-                                  # kernel's memory work (huge pages, compaction, migration)
-                                  "runs_gc": pauses, "runs_cpu": cpu, "runs_vm_events": memory,
+                                  # step), torch.compile's compiles, our threads' and other
+                                  # processes' CPU time, the kernel's memory work
+                                  "runs_gc": pauses, "runs_compiles": compiles, "runs_cpu": cpu,
+                                  "runs_vm_events": memory,
                                   "page_faults_per_token": faults / max(decoded, 1)})
         full = [ms for p in pauses for ms in p["full_ms"]]
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
