@@ -1,5 +1,6 @@
-"""bench.others against what Python and the OS count themselves: gc.get_stats' collections,
-a thread's own CPU clock, and a child process's CPU time from getrusage."""
+"""bench.others against what Python, torch and the OS count themselves: gc.get_stats'
+collections, recompiles on a new dtype, a thread's own CPU clock, a child process's CPU time and
+this process's faults from getrusage."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 
 from tandem.bench import others
 
@@ -101,8 +103,6 @@ def test_vm_events_count_the_faults_this_process_takes():
 
 
 def test_compiles_count_each_compile_and_recompile():
-    import torch
-
     def double(x):
         return x * 2
 
