@@ -114,3 +114,17 @@ def test_compiles_count_each_compile_and_recompile():
     assert others.compiles() == before + 1
     compiled(torch.ones(3, dtype=torch.float64))  # another dtype: a recompile
     assert others.compiles() == before + 2
+
+
+def test_what_else_ran_gathers_them_over_one_stretch():
+    compiled = torch.compile(lambda x: x + 1, backend="eager", dynamic=False)
+    with others.WhatElseRan() as seen:
+        gc.collect()
+        compiled(torch.ones(2))
+        end = time.perf_counter() + 0.1
+        while time.perf_counter() < end:
+            pass
+    found = seen.found
+    assert found["gc"]["full"] >= 1 and found["compiles"] == 1
+    assert any(t["thread"] == "main" and t["cpu_s"] > 0 for t in found["cpu"]["threads"])
+    assert isinstance(found["vm_events"], dict)

@@ -135,3 +135,20 @@ def vm_events(prefixes: tuple[str, ...] = VM_EVENTS) -> dict[str, int]:
 def vm_events_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     """The counters that moved between two readings, by how much (machine-wide: every process)."""
     return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+
+class WhatElseRan:
+    """All of the above over one stretch (a `with` block); then `found` holds its collections
+    (`gc`), compiles, CPU use (`cpu`) and memory events (`vm_events`)."""
+
+    def __enter__(self) -> WhatElseRan:
+        self._times, self._events, self._compiles = cpu_times(), vm_events(), compiles()
+        self._collections = GcPauses().__enter__()
+        self.found: dict = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._collections.__exit__()
+        self.found = {"gc": self._collections.summary(), "compiles": compiles() - self._compiles,
+                      "cpu": cpu_use(self._times, cpu_times()),
+                      "vm_events": vm_events_between(self._events, vm_events())}

@@ -189,20 +189,14 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         if n not in fitting:
             progress(f"skip prompt length {n}: the context holds {llm.ctx_size}")
             continue
-        runs, decoded, faults, shares, steps, captures = [], 0, 0, [], [], []
-        pauses, compiles, cpu, memory = [], [], [], []  # what else ran (bench.others)
+        runs, decoded, faults, shares, steps, captures, meanwhile = [], 0, 0, [], [], [], []
         for _ in range(cfg.repetitions):
             tokens = llm.stream(prompt(n), params)
             next(tokens)  # the prompt is in
-            before, captured, times, events = (_page_faults(), _share_captures(llm), others.cpu_times(),
-                                               others.vm_events())
-            compiled = others.compiles()
-            with others.GcPauses() as collections:
+            before, captured = _page_faults(), _share_captures(llm)
+            with others.WhatElseRan() as seen:
                 steps.append(_step_ms(tokens))
-            compiles.append(others.compiles() - compiled)
-            cpu.append(others.cpu_use(times, others.cpu_times()))
-            memory.append(others.vm_events_between(events, others.vm_events()))
-            pauses.append(collections.summary())
+            meanwhile.append(seen.found)
             decoded += len(steps[-1])
             faults += _page_faults() - before
             captures.append(_share_captures(llm) - captured)
@@ -225,10 +219,10 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                                   # what else ran: Python's collections (a full one stalls a
                                   # step), torch.compile's compiles, our threads' and other
                                   # processes' CPU time, the kernel's memory work
-                                  "runs_gc": pauses, "runs_compiles": compiles, "runs_cpu": cpu,
-                                  "runs_vm_events": memory,
+                                  **{f"runs_{part}": [seen[part] for seen in meanwhile]
+                                     for part in ("gc", "compiles", "cpu", "vm_events")},
                                   "page_faults_per_token": faults / max(decoded, 1)})
-        full = [ms for p in pauses for ms in p["full_ms"]]
+        full = [ms for seen in meanwhile for ms in seen["gc"]["full_ms"]]
         progress(f"prompt {n:5d}: prefill {prefill:8.1f} tok/s, first token {ttft:.3f} s, "
                  f"decode {decode:6.2f} tok/s"
                  + (f" ({len(full)} full garbage collections, longest {max(full):.0f} ms)" if full else ""))
