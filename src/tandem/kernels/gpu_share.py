@@ -537,16 +537,22 @@ class GpuShare:
             raise KernelError(f"the GPU share takes 1..{MAX_TOKENS} tokens, got {n_tokens} "
                               f"(ids for {ids.shape[0]})")
         pairs = _pairs(ids, weights, experts)
-        pair_counts = {e: len(p) for e, p in pairs.items()}
-        batched = n_tokens > 1
         tensors = (gate, up, down)
         types = tuple(w.ggml_type for w in tensors)
         sizes = tuple(w.expert_bytes() for w in tensors)
         captures = self.captures
-        if self._reads_in_place(types, sizes, x.shape[-1]):
-            launched = self._launch_in_place(x, batched, experts, pairs, tensors, types, sizes)
-            launched.captured = self.captures > captures
-            return launched
+        in_place = self._reads_in_place(types, sizes, x.shape[-1])
+        launched = (self._launch_in_place if in_place else self._launch_copied)(
+            x, n_tokens > 1, experts, pairs, tensors, types, sizes)
+        launched.captured = self.captures > captures
+        return launched
+
+    def _launch_copied(self, x: torch.Tensor, batched: bool, experts: list[int],
+                       pairs: dict[int, list[tuple[int, float]]], tensors: Sequence[QuantTensor],
+                       types: tuple[GGMLType, ...], sizes: tuple[int, ...]) -> Launched:
+        """launch's GPU part for experts copied into the device slots: the copies in two halves,
+        then each half's kernels once its bytes are in."""
+        pair_counts = {e: len(p) for e, p in pairs.items()}
         groups = _halves(experts, pair_counts, self._half_capacity)
         if groups is None:
             raise KernelError(f"{sum(pair_counts.values())} pairs of {len(experts)} experts "
@@ -569,8 +575,7 @@ class GpuShare:
             args = (*parts[region], x_in, *(t[region, :n] for t in per_half), *grids)
             outs.append(self._compute(types, batched, (sizes, n, region), args))
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
-        return Launched(out.view(1, -1) if not batched else out[:n_tokens], self._done(stream),
-                        captured=self.captures > captures)
+        return Launched(out.view(1, -1) if not batched else out[: x.shape[0]], self._done(stream))
 
     def _done(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
         """After a call's kernels on `stream`: mark the slots and rows they read as consumed
