@@ -48,8 +48,7 @@ import torch.nn.functional as F
 
 from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType
-from tandem.kernels import cudart, torch_dequant
-from tandem.kernels.compiling import allow_compiled_variants
+from tandem.kernels import compiling, cudart, torch_dequant
 from tandem.kernels.cpu import SKIPPED_SLOT
 from tandem.kernels.env import env_int, triton_module
 from tandem.kernels.expert_cache import LayerCache, layer_capacities
@@ -1050,8 +1049,7 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
     # counts (4 IQ1_S experts: 0.34 against 0.81 ms on the GPU machine; dynamic shapes leave
     # the reductions' block sizes unknown). That is more than the 8 variants dynamo keeps of
     # one function by default; past them it would silently run the slow eager ops.
-    allow_compiled_variants(RECOMPILE_LIMIT)
-    compiled_fn = torch.compile(fn, dynamic=False)
+    compiled_fn = compiling.compiled(fn, dynamic=False, variants=RECOMPILE_LIMIT)
     types = (gate_type, up_type, down_type)
     if os.environ.get("TANDEM_SHARE_TRITON") != "1":
         return compiled_fn

@@ -21,8 +21,7 @@ from torch import nn
 
 from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType, tensor_bytes
-from tandem.kernels import torch_dequant
-from tandem.kernels.compiling import allow_compiled_variants
+from tandem.kernels import compiling, torch_dequant
 from tandem.kernels.env import triton_module
 
 MATVEC_ROWS = 16  # input rows up to which the fused dequantize-multiply runs (CUDA)
@@ -106,8 +105,8 @@ def _matvec(ggml_type: GGMLType, raw: torch.Tensor, grid: torch.Tensor | None, x
 
 @functools.cache
 def _compiled_matvec(static: bool):
-    allow_compiled_variants(RECOMPILE_LIMIT)  # one per type, weight shape and row count
-    return torch.compile(_matvec, dynamic=False if static else None)
+    # a variant per type, weight shape and row count
+    return compiling.compiled(_matvec, dynamic=False if static else None, variants=RECOMPILE_LIMIT)
 
 
 _eager_only: set[GGMLType] = set()

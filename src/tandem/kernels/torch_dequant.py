@@ -19,6 +19,7 @@ from gguf import quants
 
 from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType, block_bytes, tensor_bytes
+from tandem.kernels import compiling
 
 log = logging.getLogger(__name__)
 T = GGMLType
@@ -73,7 +74,7 @@ def _decode(t: GGMLType, dtype: torch.dtype, blocks: torch.Tensor, grid: torch.T
 @functools.cache
 def _compiled(t: GGMLType, dtype: torch.dtype):
     # dynamic: one kernel for every block count (chunks hold different numbers of experts)
-    return torch.compile(functools.partial(_decode, t, dtype), dynamic=True)
+    return compiling.compiled(functools.partial(_decode, t, dtype), dynamic=True)
 
 
 _eager_only: set[tuple[GGMLType, torch.dtype]] = set()

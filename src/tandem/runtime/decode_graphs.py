@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.kernels.compiling import allow_compiled_variants
+from tandem.kernels import compiling
 from tandem.kernels.experts import CpuExperts, EarlyStart
 from tandem.models.decoder import Decoder
 from tandem.models.deepseek_v3 import MLAttention, MoE
@@ -92,8 +92,7 @@ class StepPieces:
 
     @classmethod
     def compiled(cls) -> StepPieces:
-        allow_compiled_variants(RECOMPILE_LIMIT)
-        return cls(*(torch.compile(fn, dynamic=False)
+        return cls(*(compiling.compiled(fn, dynamic=False, variants=RECOMPILE_LIMIT)
                      for fn in (_attention_step, _dense_ffn_step, _moe_entry, _head)))
 
 
