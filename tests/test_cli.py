@@ -120,6 +120,8 @@ def test_bench_writes_json(tiny_q8, tmp_path):
         assert cpu_run["wall_s"] > 0 and all(moved != 0 for moved in vm_run.values())
         assert d["runs_compiles"] == [0]  # everything compiled before the clock starts
         assert any(t["thread"] == "main" and t["cpu_s"] > 0 for t in cpu_run["threads"])
+        assert cpu_run["run_queue_ms"] >= 0 and all(t["run_queue_ms"] >= 0 for t in cpu_run["threads"])
+        assert all(p["process"] and p["cores"] > 0 for p in cpu_run["other_processes"])
     # tiny preset: 2 MoE layers x 2 experts x (gate + up + down), Q8_0 (34 bytes per 32 weights)
     assert r["expert_bytes_per_token"] == 2 * 2 * 3 * 256 * 256 * 34 // 32
     # the warm-up prompt's routing: 32 tokens over the tiny preset's 8 experts in 2 MoE layers
@@ -133,4 +135,11 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     # paged in up front: decoding faults on no page of the experts (a few from allocations)
     assert r["page_in_method"] in ("populate", "touch") and r["page_in_skipped"] is None
     assert all(0 <= d["page_faults_per_token"] < 50 for d in r["decode"] if d["streams"] == 1)
+    # 2 streams of 4 tokens: at least one step where both decode (3 after the first token each)
+    [two] = [d for d in r["decode"] if d["streams"] == 2]
+    [steps] = two["runs_decode_steps"]
+    assert 1 <= steps["steps"] <= 3 and steps["tok_per_s"] == two["decode_steps_tok_per_s"] > 0
+    assert r["streams_roofline_fraction"]["2"] == pytest.approx(two["decode_steps_expert_gb_per_s"]
+                                                                / r["ram_read_gb_per_s"])
+    assert r["streams_roofline_fraction_with_prompts"]["2"] > 0
     assert data["device"]["kernel"]

@@ -1,11 +1,13 @@
 """bench.others against what Python, torch and the OS count themselves: gc.get_stats'
-collections, recompiles on a new dtype, a thread's own CPU clock, a child process's CPU time and
-this process's faults from getrusage."""
+collections, recompiles on a new dtype, a thread's own CPU clock (and its wall time off the
+CPU), a child process's CPU time and this process's faults from getrusage."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import mmap
+import os
 import resource
 import subprocess
 import sys
@@ -128,3 +130,57 @@ def test_what_else_ran_gathers_them_over_one_stretch():
     assert found["gc"]["full"] >= 1 and found["compiles"] == 1
     assert any(t["thread"] == "main" and t["cpu_s"] > 0 for t in found["cpu"]["threads"])
     assert isinstance(found["vm_events"], dict)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="a kernel without schedstats")
+def test_run_queue_waits_are_the_time_a_busy_thread_was_off_its_cpu():
+    """Three threads hashing on one CPU (hashlib lets go of the GIL: all runnable at once) take
+    turns: each waits on the run queue for the wall time it did not run (perf_counter against
+    its own thread_time), about twice the time it ran."""
+    cpu, data = min(os.sched_getaffinity(0)), b"x" * 100_000_000
+    ready, read, own = threading.Barrier(4), threading.Event(), {}
+
+    def hash_on_one_cpu():
+        os.sched_setaffinity(threading.get_native_id(), {cpu})
+        ready.wait()
+        wall, began = time.perf_counter(), time.thread_time()
+        hashlib.sha256(data).digest()
+        own[threading.current_thread().name] = (time.perf_counter() - wall) - (time.thread_time() - began)
+        read.wait()  # alive (listed in /proc) until the reading after
+
+    threads = [threading.Thread(target=hash_on_one_cpu, name=f"hasher{i}") for i in range(3)]
+    for thread in threads:
+        thread.start()
+    before = others.cpu_times()
+    ready.wait()
+    while len(own) < 3:
+        time.sleep(0.01)
+    after = others.cpu_times()
+    read.set()
+    for thread in threads:
+        thread.join()
+    use = others.cpu_use(before, after)
+    waits = {t["thread"]: t["run_queue_ms"] for t in use["threads"] if t["thread"].startswith("hasher")}
+    assert sum(own.values()) > 0.2  # they did take turns
+    for name, off_cpu_s in own.items():
+        assert waits[name] == pytest.approx(off_cpu_s * 1e3, abs=15 + 0.1 * off_cpu_s * 1e3)
+    assert use["run_queue_ms"] >= sum(waits.values()) - 0.2
+
+
+def test_cpu_use_names_the_busiest_other_processes():
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = others.cpu_times()
+    child = subprocess.Popen(["bash", "-c", "while :; do :; done"])
+    time.sleep(0.5)
+    after = others.cpu_times()
+    child.kill()
+    child.wait()
+    done = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_s = (done.ru_utime + done.ru_stime) - (children.ru_utime + children.ru_stime)
+    use = others.cpu_use(before, after)
+    [entry] = [p for p in use["other_processes"] if p["pid"] == child.pid]
+    assert entry["process"] == "bash"
+    # it ran on a little between the second reading and the kill; /proc counts 10 ms ticks
+    assert child_s - 0.1 <= entry["cores"] * use["wall_s"] <= child_s + 0.02
+    assert len(use["other_processes"]) <= others.TOP_PROCESSES
+    assert use["other_processes"] == sorted(use["other_processes"], key=lambda p: -p["cores"])

@@ -7,6 +7,7 @@ import torch
 
 import tandem
 from tandem.errors import TandemError
+from tandem.models.deepseek_v3 import MoE
 from tandem.runtime.engine import Engine
 from tandem.runtime.sampler import SamplingParams
 
@@ -54,3 +55,25 @@ def test_a_request_whose_slot_cannot_be_set_up_fails_alone(tiny_q8, monkeypatch)
             assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
         finally:
             engine.close()
+
+
+def test_decode_only_steps_are_counted_by_rows(tiny_q8):
+    """Two requests admitted together: one step reads both prompts (not a decode step), then
+    each of their other tokens comes from a step where both rows decode. The routed experts
+    those steps read: at most k per row and layer, at least one per layer."""
+    greedy = SamplingParams(temperature=0, max_new_tokens=6)
+    with tandem.LLM(tiny_q8, ctx_size=64, sequences=2) as llm:
+        c = llm.config
+        engine = Engine(llm, max_batch=2)
+        try:
+            with engine._cond:  # the engine thread sees both at once
+                reqs = [engine.submit(list(range(5, 21)), greedy), engine.submit(list(range(40, 56)), greedy)]
+            assert all(len(list(r.tokens(timeout=60))) == 6 for r in reqs)
+        finally:
+            engine.close()
+        steps = engine.metrics.decode_steps
+        assert set(steps) == {2} and steps[2].steps == 5 and steps[2].seconds > 0
+        moe_layers = sum(1 for block in llm.model.blocks if isinstance(block.ffn, MoE))
+        per_expert = 3 * c.n_embd * c.n_ff_expert * 34 // 32  # gate, up, down in Q8_0
+        most = 5 * moe_layers * min(2 * c.n_expert_used, c.n_expert) * per_expert
+        assert moe_layers == 2 and 5 * moe_layers * per_expert <= steps[2].expert_bytes <= most

@@ -3,6 +3,7 @@ RAM-bandwidth roofline of the routed experts. Warm-up runs are excluded; medians
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import statistics
@@ -13,10 +14,11 @@ from pathlib import Path
 import torch
 
 from tandem.bench import machine, others
-from tandem.kernels import gpu_share, native, quant_linear
+from tandem.kernels import compiling, gpu_share, native, quant_linear
 from tandem.models.deepseek_v3 import ROUTE_ENV
 from tandem.placement.planner import expert_bytes_per_layer
 from tandem.runtime import decode_graphs, heap
+from tandem.runtime.engine import DecodeSteps, Engine
 from tandem.runtime.sampler import SamplingParams
 
 # how the CPU kernels' OpenMP threads wait between calls and where they run (libgomp reads these)
@@ -91,6 +93,19 @@ def _page_faults() -> int:
     return usage.ru_minflt + usage.ru_majflt
 
 
+def _decode_steps(engine: Engine, rows: int) -> DecodeSteps:
+    """A copy of the engine's tally of decode-only steps with `rows` rows."""
+    return dataclasses.replace(engine.metrics.decode_steps.get(rows, DecodeSteps()))
+
+
+def _rates(after: DecodeSteps, before: DecodeSteps, rows: int) -> dict:
+    """Steps, tok/s and routed experts' GB/s of the decode-only steps between two tallies."""
+    steps, seconds = after.steps - before.steps, after.seconds - before.seconds
+    read = after.expert_bytes - before.expert_bytes
+    return {"steps": steps, "tok_per_s": rows * steps / seconds if seconds else 0.0,
+            "expert_gb_per_s": read / seconds / 1e9 if seconds else 0.0}
+
+
 def _step_ms(tokens) -> list[float]:
     """Milliseconds from each token of `tokens` to the next (one decode step each)."""
     times, last = [], time.perf_counter()
@@ -152,7 +167,6 @@ def _streamed_chunks(llm) -> dict[str, int]:
 
 
 def run(cfg: BenchConfig, progress=print) -> dict:
-    from tandem.runtime.engine import Engine
     from tandem.runtime.llm import LLM
 
     anon_before = _memory_kb("RssAnon")
@@ -235,21 +249,30 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         for streams in cfg.streams:
             if streams == 1:
                 continue
-            tps, expert_rates = [], []
+            tps, expert_rates, decode_steps = [], [], []
             for _ in range(cfg.repetitions):
                 t0 = time.perf_counter()
-                read_before = expert_bytes_read()
+                read_before, steps_before = expert_bytes_read(), _decode_steps(engine, streams)
                 reqs = [engine.submit(prompt(16), params) for _ in range(streams)]  # mostly decode
                 produced = sum(len(list(r.tokens(timeout=600))) for r in reqs)
                 elapsed = time.perf_counter() - t0
                 tps.append(produced / elapsed)
                 read = expert_bytes_read() - read_before
                 expert_rates.append(read / elapsed / 1e9)  # distinct experts' bytes per second
+                decode_steps.append(_rates(_decode_steps(engine, streams), steps_before, streams))
             rate = statistics.median(tps)
+            # the steps in which all streams decoded (no prompt in them): what the streams'
+            # roofline counts; the whole run's figures include the prompts' steps and the ramp
+            steps_rate = statistics.median(r["tok_per_s"] for r in decode_steps)
             results["decode"].append({"streams": streams, "context": 16, "tok_per_s": rate,
                                       "runs_tok_per_s": tps,
-                                      "expert_gb_per_s": statistics.median(expert_rates)})
-            progress(f"{streams} streams: {rate:.2f} tok/s together")
+                                      "expert_gb_per_s": statistics.median(expert_rates),
+                                      "decode_steps_tok_per_s": steps_rate,
+                                      "decode_steps_expert_gb_per_s": statistics.median(
+                                          r["expert_gb_per_s"] for r in decode_steps),
+                                      "runs_decode_steps": decode_steps})
+            progress(f"{streams} streams: {rate:.2f} tok/s together, {steps_rate:.2f} in the steps "
+                     f"where all {streams} decode")
     finally:
         engine.close()
     bandwidth = machine.ram_read_gbps()
@@ -264,17 +287,21 @@ def run(cfg: BenchConfig, progress=print) -> dict:
         # variants of tandem's kernels picked by environment (A/B runs)
         "kernel_env": {k: os.environ[k] for k in (*native.KERNEL_ENV, *gpu_share.SHARE_ENV,
                                                   decode_graphs.COMPILE_ENV, *quant_linear.QUANT_ENV,
-                                                  ROUTE_ENV, heap.FREEZE_ENV, *OPENMP_ENV)
+                                                  ROUTE_ENV, heap.FREEZE_ENV, compiling.THREADS_ENV,
+                                                  *OPENMP_ENV)
                        if k in os.environ},
         "ram_read_gb_per_s": bandwidth,
         "expert_bytes_per_token": per_token,
         "expert_gb_per_s_batch1": per_token * single / 1e9,
         "roofline_tok_per_s": bandwidth * 1e9 / per_token if per_token else None,
         "roofline_fraction": (per_token * single / 1e9) / bandwidth if per_token else None,
-        # Several streams: the distinct experts' bytes the steps read (prompts included), per
-        # second, against the RAM bandwidth.
-        "streams_roofline_fraction": {d["streams"]: d["expert_gb_per_s"] / bandwidth
-                                      for d in results["decode"] if "expert_gb_per_s" in d},
+        # Several streams: the distinct experts' bytes the steps in which all of them decode
+        # read, per second of those steps, against the RAM bandwidth; and over the whole run
+        # (the prompts' steps included: a 16-token prompt reads most experts of every layer)
+        "streams_roofline_fraction": {d["streams"]: d["decode_steps_expert_gb_per_s"] / bandwidth
+                                      for d in results["decode"] if "decode_steps_expert_gb_per_s" in d},
+        "streams_roofline_fraction_with_prompts": {d["streams"]: d["expert_gb_per_s"] / bandwidth
+                                                   for d in results["decode"] if "expert_gb_per_s" in d},
         "peak_rss_anon_beyond_start_bytes": max(_memory_kb("RssAnon") - anon_before, 0) * 1024,
         "peak_vram_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
     }

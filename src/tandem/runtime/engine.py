@@ -66,12 +66,24 @@ class Request:
 
 
 @dataclass
+class DecodeSteps:
+    """Steps in which every row decoded one token (no prompt in them) of one row count: how
+    many, their seconds, and the routed experts' bytes they read (each call's distinct experts
+    once: what the decode roofline counts)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    expert_bytes: int = 0
+
+
+@dataclass
 class Metrics:
     requests: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
     busy_s: float = 0.0
+    decode_steps: dict[int, DecodeSteps] = field(default_factory=dict)  # by rows
 
 
 class Engine:
@@ -194,7 +206,8 @@ class Engine:
             tokens += chunk
             segments.append(Segment(self.slot_caches[seq.slot], start, len(chunk)))
             plan.append((req, chunk))
-        began = time.perf_counter()
+        decode_only = not any(seq.prefilling for seq, _ in step.work)
+        began, read_before = time.perf_counter(), self._expert_bytes_read()
         try:
             with torch.inference_mode():
                 logits = self._decode_with_graphs(step.work, tokens, segments)
@@ -207,8 +220,16 @@ class Engine:
                     _send(req, "error", exc)
                     self._finish(req, None)
             return
-        self.metrics.busy_s += time.perf_counter() - began
+        if decode_only and logits.is_cuda:  # the head's GPU work in the step's time (sampling waits anyway)
+            torch.cuda.synchronize(logits.device)
+        took = time.perf_counter() - began
+        self.metrics.busy_s += took
         self.metrics.steps += 1
+        if decode_only:
+            steps = self.metrics.decode_steps.setdefault(len(step.work), DecodeSteps())
+            steps.steps += 1
+            steps.seconds += took
+            steps.expert_bytes += self._expert_bytes_read() - read_before
         with self._cond:
             for row, (req, chunk) in enumerate(plan):
                 seq = req.state
@@ -247,6 +268,10 @@ class Engine:
         for slot, token, segment in zip(slots, tokens, segments, strict=True):
             all_tokens[slot], positions[slot] = token, segment.start
         return self.batch_graphs.step(all_tokens, positions, active=slots)[slots]
+
+    def _expert_bytes_read(self) -> int:
+        kernels = self.llm.kernels
+        return kernels.expert_bytes_read if kernels is not None else 0
 
     def _emit(self, req: Request, logits: torch.Tensor) -> None:
         token = req.sampler(logits, req.prompt + req.generated)
