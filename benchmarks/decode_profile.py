@@ -318,16 +318,21 @@ def profile_one(llm: LLM, prompt: list[int], tokens: int, first: bool = False):
     return llm._graphs, n, llm.last_timings.decode_s * 1e3 / n, kernels, one_segment
 
 
-def profile_streams(llm: LLM, prompt: list[int], streams: int, tokens: int):
+def profile_streams(llm: LLM, streams: int, tokens: int):
     """`streams` sequences through the server's engine (its batch decode graphs, the batch
-    balance of the GPU share): a warm-up round, then one instrumented. Prompts of 16 tokens, as
-    `tandem bench` has for streams: their one eager step adds little to the host parts. Returns
-    the graphs, the decode steps and ms a step (the graph steps' own time)."""
+    balance of the GPU share): a warm-up round, then one instrumented. Prompts of 16 random
+    tokens, one per stream, as `tandem bench` has for streams (one prompt for all made every
+    stream decode the same tokens, their steps reading a third of the distinct experts, run `y`):
+    their one eager step adds little to the host parts. Returns the graphs, the decode steps and
+    ms a step (the graph steps' own time)."""
     engine = Engine(llm, max_batch=streams)
+    draw = torch.Generator().manual_seed(1)
     try:
         def round_of(new_tokens: int) -> None:
             params = SamplingParams(temperature=0, max_new_tokens=new_tokens)
-            for req in [engine.submit(prompt[:16], params) for _ in range(streams)]:
+            prompts = [torch.randint(10, llm.config.n_vocab, (16,), generator=draw).tolist()
+                       for _ in range(streams)]
+            for req in [engine.submit(p, params) for p in prompts]:
                 list(req.tokens(timeout=600))
         round_of(32)  # captures the batch graphs; the batch balance settles
         if engine.batch_graphs is None:
@@ -370,7 +375,7 @@ def main() -> None:
     prompt = torch.randint(10, llm.config.n_vocab, (args.prompt,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     if args.streams > 1:
-        graphs, n, token_ms = profile_streams(llm, prompt, args.streams, args.tokens)
+        graphs, n, token_ms = profile_streams(llm, args.streams, args.tokens)
         kernels, one_segment = [], []
     else:
         graphs, n, token_ms, kernels, one_segment = profile_one(llm, prompt, args.tokens, args.first)
