@@ -242,9 +242,6 @@ def run(cfg: BenchConfig, progress=print) -> dict:
                  + (f" ({len(full)} full garbage collections, longest {max(full):.0f} ms)" if full else ""))
     engine = Engine(llm, max_batch=max(cfg.streams))
 
-    def expert_bytes_read() -> int:
-        return llm.kernels.expert_bytes_read if llm.kernels else 0
-
     try:
         for streams in cfg.streams:
             if streams == 1:
@@ -252,12 +249,12 @@ def run(cfg: BenchConfig, progress=print) -> dict:
             tps, expert_rates, decode_steps = [], [], []
             for _ in range(cfg.repetitions):
                 t0 = time.perf_counter()
-                read_before, steps_before = expert_bytes_read(), _decode_steps(engine, streams)
+                read_before, steps_before = llm.expert_bytes_read, _decode_steps(engine, streams)
                 reqs = [engine.submit(prompt(16), params) for _ in range(streams)]  # mostly decode
                 produced = sum(len(list(r.tokens(timeout=600))) for r in reqs)
                 elapsed = time.perf_counter() - t0
                 tps.append(produced / elapsed)
-                read = expert_bytes_read() - read_before
+                read = llm.expert_bytes_read - read_before
                 expert_rates.append(read / elapsed / 1e9)  # distinct experts' bytes per second
                 decode_steps.append(_rates(_decode_steps(engine, streams), steps_before, streams))
             rate = statistics.median(tps)

@@ -207,10 +207,10 @@ class Engine:
             segments.append(Segment(self.slot_caches[seq.slot], start, len(chunk)))
             plan.append((req, chunk))
         decode_only = not any(seq.prefilling for seq, _ in step.work)
-        began, read_before = time.perf_counter(), self._expert_bytes_read()
+        began, read_before = time.perf_counter(), self.llm.expert_bytes_read
         try:
             with torch.inference_mode():
-                logits = self._decode_with_graphs(step.work, tokens, segments)
+                logits = self._decode_with_graphs(step.work, tokens, segments) if decode_only else None
                 if logits is None:
                     logits = self.llm.model(torch.tensor(tokens), segments, last_only=True)
         except Exception as exc:  # a failed step fails its requests, not the server
@@ -229,7 +229,7 @@ class Engine:
             steps = self.metrics.decode_steps.setdefault(len(step.work), DecodeSteps())
             steps.steps += 1
             steps.seconds += took
-            steps.expert_bytes += self._expert_bytes_read() - read_before
+            steps.expert_bytes += self.llm.expert_bytes_read - read_before
         with self._cond:
             for row, (req, chunk) in enumerate(plan):
                 seq = req.state
@@ -250,9 +250,9 @@ class Engine:
                     self._finish(req, None)
 
     def _decode_with_graphs(self, work, tokens: list[int], segments: list[Segment]) -> torch.Tensor | None:
-        """Logits [len(work), vocab] of a step that only decodes, through graph replays;
-        None for steps with prompt chunks, or where the model decodes eagerly."""
-        if not self.llm.decodes_in_graphs or any(seq.prefilling for seq, _ in work):
+        """Logits [len(work), vocab] of a step that only decodes, through graph replays; None
+        where the model decodes eagerly."""
+        if not self.llm.decodes_in_graphs:
             return None
         slots = [seq.slot for seq, _ in work]
         if len(slots) == 1:
@@ -268,10 +268,6 @@ class Engine:
         for slot, token, segment in zip(slots, tokens, segments, strict=True):
             all_tokens[slot], positions[slot] = token, segment.start
         return self.batch_graphs.step(all_tokens, positions, active=slots)[slots]
-
-    def _expert_bytes_read(self) -> int:
-        kernels = self.llm.kernels
-        return kernels.expert_bytes_read if kernels is not None else 0
 
     def _emit(self, req: Request, logits: torch.Tensor) -> None:
         token = req.sampler(logits, req.prompt + req.generated)

@@ -272,6 +272,12 @@ class LLM:
         """The routed-expert backends of the model's MoE blocks (kernels.experts)."""
         return [b.ffn.experts for b in self.model.blocks if hasattr(getattr(b, "ffn", None), "experts")]
 
+    @property
+    def expert_bytes_read(self) -> int:
+        """Weight bytes of the distinct routed experts each MoE call used, summed so far (0
+        without the CPU kernels)."""
+        return self.kernels.expert_bytes_read if self.kernels is not None else 0
+
     def close(self) -> None:
         self.page_in.close()
         if self.gpu_share is not None:
