@@ -3,7 +3,11 @@ with and without splitting rows' blocks over programs (split-K), against cuBLAS 
 copies of the same weights: time per call as decode runs them, inside a CUDA graph (no launch
 gaps of the host), and GB/s of the bytes each reads.
 
-    python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--out DIR]
+    python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--sweep] [--out DIR]
+
+Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` (kernel `sums`,
+split as `split`); --sweep adds `sums-r<R>-w<W>` for tile heights R and warps W (SWEEP) and
+names the fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
@@ -13,6 +17,7 @@ quant_matvec-<host>-<date>.json (device, commit, command).
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +46,7 @@ SHAPES = {
     "dense_down": (7168, 18432, Q6, False),
     "head": (129280, 7168, Q6, False),
 }
+SWEEP = [(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]  # (rows per program, warps)
 
 
 def per_call_ms(fn, calls: int, reps: int = 20) -> float:
@@ -71,9 +77,21 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return float((y - reference).norm() / reference.norm())
 
 
-def measure(n_out: int, n_in: int, t: GGMLType, rows: int, calls: int, rng) -> dict:
+def variants(raw, t: GGMLType, x: torch.Tensor, n_out: int, bf16: torch.Tensor, sweep: bool) -> dict:
+    """name: a call of that variant."""
+    runs = {"bf16": lambda: F.linear(x.to(torch.bfloat16), bf16),
+            "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1, kernel="values"),
+            "split": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="values"),
+            "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums")}
+    for r, w in SWEEP if sweep else ():
+        runs[f"sums-r{r}-w{w}"] = functools.partial(triton_matvec.matvec, raw, t, x, n_out, kernel="sums",
+                                                    rows_per_program=r, warps=w)
+    return runs
+
+
+def measure(n_out: int, n_in: int, t: GGMLType, rows: int, calls: int, rng, sweep: bool = False) -> dict:
     """One weight shape: ms a call and relative errors (against float64 products of the
-    dequantized weight) of bfloat16 copies, the kernel on whole rows and split."""
+    dequantized weight) of each variant."""
     blocks = random_blocks(t, n_out * n_in // block_size(t), rng)
     raw = torch.from_numpy(blocks.reshape(-1)).cuda()
     weight = torch_dequant.dequantize(raw, t, (n_out, n_in), dtype=torch.float32)
@@ -81,34 +99,37 @@ def measure(n_out: int, n_in: int, t: GGMLType, rows: int, calls: int, rng) -> d
     x = torch.randn(rows, n_in, device="cuda")
     reference = (x.double() @ weight.double().T).float()
     del weight
-    runs = {"bf16": lambda: F.linear(x.to(torch.bfloat16), bf16),
-            "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1),
-            "split": lambda: triton_matvec.matvec(raw, t, x, n_out)}
+    runs = variants(raw, t, x, n_out, bf16, sweep)
     ms = {k: per_call_ms(fn, calls) for k, fn in runs.items()}
     read = {k: bf16.numel() * 2 if k == "bf16" else raw.numel() for k in runs}
-    return {"type": t.name, "shape": [n_out, n_in], "splits": triton_matvec.splits_for(n_out, n_in),
-            "bytes": read, "ms": ms, "gb_per_s": {k: read[k] / ms[k] / 1e6 for k in runs},
-            "relative_error": {k: relative_error(fn().float(), reference) for k, fn in runs.items()}}
+    row = {"type": t.name, "shape": [n_out, n_in], "splits": triton_matvec.splits_for(n_out, n_in),
+           "bytes": read, "ms": ms, "gb_per_s": {k: read[k] / ms[k] / 1e6 for k in runs},
+           "relative_error": {k: relative_error(fn().float(), reference) for k, fn in runs.items()}}
+    if sweep:
+        row["fastest_sums"] = min((k for k in ms if k.startswith("sums")), key=ms.get)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1, help="input rows (a decode step's sequences)")
     parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph")
+    parser.add_argument("--sweep", action="store_true", help="the sums kernel at each of SWEEP's tiles")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     rng = np.random.default_rng(0)
-    results, layer = {}, {"bf16": 0.0, "whole_rows": 0.0, "split": 0.0}
+    results, layer = {}, {}
     for name, (n_out, n_in, t, per_layer) in SHAPES.items():
-        row = results[name] = measure(n_out, n_in, t, args.rows, args.calls, rng)
+        row = results[name] = measure(n_out, n_in, t, args.rows, args.calls, rng, args.sweep)
         if per_layer:
             for k, ms in row["ms"].items():
-                layer[k] += ms
+                layer[k] = layer.get(k, 0.0) + ms
         print(f"{name:11s} {t.name} {n_out:6d}x{n_in:<5d} split {row['splits']:2d}: " + " | ".join(
             f"{k} {ms * 1e3:7.1f} us ({row['gb_per_s'][k]:5.0f} GB/s, err {row['relative_error'][k]:.0e})"
-            for k, ms in row["ms"].items()), flush=True)
+            for k, ms in row["ms"].items()) + (f" | fastest {row['fastest_sums']}" if args.sweep else ""),
+            flush=True)
     print("one MoE layer's attention + shared expert: "
           + ", ".join(f"{k} {ms:.3f} ms" for k, ms in layer.items()))
     now = datetime.now(UTC)

@@ -15,7 +15,14 @@ pytestmark = pytest.mark.cuda
 def test_one_shape_is_timed_and_every_variant_meets_the_float_products(quant_matvec, t):
     row = quant_matvec.measure(96, 4096, t, rows=2, calls=3, rng=np.random.default_rng(0))
     assert row["splits"] > 1  # 16 blocks, 6 row programs: the split path is the one timed
-    assert set(row["ms"]) == {"bf16", "whole_rows", "split"} and min(row["ms"].values()) > 0
-    assert row["relative_error"]["whole_rows"] < 1e-5 and row["relative_error"]["split"] < 1e-5
+    assert set(row["ms"]) == {"bf16", "whole_rows", "split", "sums"} and min(row["ms"].values()) > 0
+    assert max(row["relative_error"][k] for k in ("whole_rows", "split", "sums")) < 1e-5
     assert 1e-4 < row["relative_error"]["bf16"] < 1e-2  # bfloat16 weights round; ours do not
     assert row["bytes"]["bf16"] == 96 * 4096 * 2 > row["bytes"]["split"]
+
+
+def test_the_sweep_names_the_fastest_tile(quant_matvec):
+    row = quant_matvec.measure(96, 4096, T.Q4_K, rows=1, calls=3, rng=np.random.default_rng(1), sweep=True)
+    swept = {f"sums-r{r}-w{w}" for r, w in quant_matvec.SWEEP}
+    assert swept <= set(row["ms"]) and row["fastest_sums"] in swept | {"sums"}
+    assert max(row["relative_error"][k] for k in swept) < 1e-5

@@ -19,16 +19,17 @@ pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTER
                                 reason="needs an NVIDIA GPU or TRITON_INTERPRET=1")
 
 
+@pytest.mark.parametrize("kernel", triton_matvec.KERNELS)
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n_in, splits", [(512, None), (4864, None), (4864, 1), (4864, 5)],
                          ids=["whole-rows", "split-k", "one-run", "uneven-runs"])
-def test_matvec_meets_the_dequantized_weights(t, m, n_in, splits):
+def test_matvec_meets_the_dequantized_weights(kernel, t, m, n_in, splits):
     rng = np.random.default_rng(int(t) + m)
     weight, reference = make_weight(t, (40, n_in), rng)  # 40 rows: the last tile partly empty
     raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
     x = torch.randn(m, n_in, generator=torch.Generator().manual_seed(m))
-    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, splits).cpu()
+    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, splits, kernel).cpu()
     assert y.shape == (m, 40)
     expected = x @ reference.T
     assert relative_error(y, expected) < 1e-5
@@ -48,3 +49,21 @@ def test_supports():
     assert not triton_matvec.supports(T.Q8_0, 7168, 1)
     assert not triton_matvec.supports(T.Q4_K, 7168, 9)  # more rows than a decode step's
     assert not triton_matvec.supports(T.Q4_K, 0, 1)  # no blocks to split
+
+
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows_per_program", [8, 32])
+def test_sums_kernel_with_other_tile_heights(t, rows_per_program):
+    rng = np.random.default_rng(7)
+    weight, reference = make_weight(t, (40, 1024), rng)
+    raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(3))
+    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, kernel="sums",
+                             rows_per_program=rows_per_program).cpu()
+    assert relative_error(y, x @ reference.T) < 1e-5
+
+
+def test_an_unknown_kernel_is_named():
+    with pytest.raises(ValueError, match="'bytes' is not one of values, sums"):
+        triton_matvec.matvec(torch.zeros(144, dtype=torch.uint8), T.Q4_K, torch.zeros(1, 256), 1,
+                             kernel="bytes")

@@ -17,6 +17,8 @@ QuantLinear takes it by default where Triton imports (TANDEM_QUANT_TRITON=0: the
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,13 @@ MIN_SPLIT_BLOCKS = 4  # blocks a program walks at least when split
 # Rows of fewer blocks are not split: their walk is short, and the partials' sum costs more
 # (the shared expert's down projection, 8 blocks: 11.4 us whole, 12.7 split; run v)
 SPLIT_FROM_BLOCKS = 16
+# Two kernels, TANDEM_QUANT_MATVEC=values (the default) or sums: `values` dequantizes every
+# weight of R rows' blocks ([R, 8, 32] bytes, each qs byte loaded once per nibble, Q6_K's scales
+# once per value) and multiplies; `sums` loads each byte once (Q4_K as 32-bit words), sums the
+# products per sub-block and scales the sums. Run w measured `values` at 0.1-1.1 TB/s of the
+# quantized bytes against cuBLAS's 1.1-4.5 TB/s on bfloat16 copies; `sums` is unmeasured on a GPU.
+KERNELS = ("values", "sums")
+KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
 
 
 @triton.jit
@@ -106,37 +115,142 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
 
+@triton.jit
+def q4_k_scale_min(blk, n: tl.constexpr):
+    """Scales and mins of sub-blocks 2c + n (c = 0..3) of Q4_K blocks at byte pointers blk [R],
+    as float32 [R, 4] (ggml's get_scale_min_k4)."""
+    s = 2 * tl.arange(0, 4) + n
+    low = s < 4
+    at = blk[:, None] + 4
+    a = tl.load(at + s[None, :]).to(tl.int32)  # scales[s]
+    b = tl.load(at + s[None, :] + 4).to(tl.int32)  # scales[s + 4]
+    c = tl.load(at + tl.where(low, s, s - 4)[None, :]).to(tl.int32)  # scales[s - 4] (s >= 4)
+    sc = tl.where(low[None, :], a & 63, (b & 15) | ((c >> 6) << 4))
+    m = tl.where(low[None, :], b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
+def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
+                       R: tl.constexpr, M: tl.constexpr):
+    """Kernel _matvec_kernel's sums for Q4_K, the weights read as 32-bit words: word j of the
+    8 that hold qs bytes 32c .. 32c + 31 carries values 64c + 4j + k (byte k's low nibble) and
+    64c + 32 + 4j + k (its high one). So each byte is loaded once, 16 at a time, and each
+    sub-block's scale multiplies its 32 products' sum instead of every weight."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    split = tl.program_id(1)
+    first = split * per_split
+    inside = rows < n_out
+    base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
+    c = tl.arange(0, 4)
+    j = tl.arange(0, 8)
+    k = tl.arange(0, 4)
+    ms = tl.arange(0, M)
+    word_at = 4 + 8 * c[:, None] + j[None, :]  # [4, 8]: qs words after d, dmin and scales
+    value_at = 64 * c[:, None, None] + 4 * j[None, :, None] + k[None, None, :]  # [4, 8, 4]
+    total = tl.zeros([M, R], dtype=tl.float32)
+    for b in range(first, tl.minimum(first + per_split, n_blocks)):
+        blk = base + b * 144
+        words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, None, None] + word_at[None, :, :])  # [R, 4, 8]
+        d = f16_at(blk)[:, None]
+        dmin = f16_at(blk + 2)[:, None]
+        for n in tl.static_range(2):
+            q = ((words[:, :, :, None] >> (8 * k + 4 * n)[None, None, None, :]) & 15).to(tl.float32)
+            sc, mn = q4_k_scale_min(blk, n)  # [R, 4]
+            for m in range(m_rows):
+                xb = tl.load(x + m * n_in + b * 256 + 32 * n + value_at)  # [4, 8, 4]
+                dots = tl.sum(tl.sum(q * xb[None], axis=3), axis=2)  # [R, 4]
+                sums = tl.sum(tl.sum(xb, axis=2), axis=1)  # [4]
+                part = tl.sum(d * sc * dots - dmin * mn * sums[None, :], axis=1)  # [R]
+                total += tl.where(ms[:, None] == m, part[None, :], 0.0)
+    out = y + split.to(tl.int64) * m_rows * n_out
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+
+
+@triton.jit
+def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
+                       R: tl.constexpr, M: tl.constexpr):
+    """Kernel _matvec_kernel's sums for Q6_K, each byte loaded once (Q6_K's 210-byte blocks
+    allow no wider loads): ql byte 64h + 32(k % 2) + 16g + t and qh byte 32h + 16g + t make
+    value 128h + 32k + 16g + t (nibble k // 2 of the one, bits 2k of the other), whose scale is
+    scales[8h + 2k + g]; the scales multiply 16-value sums, the -32 offset the activations'."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    split = tl.program_id(1)
+    first = split * per_split
+    inside = rows < n_out
+    base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
+    h = tl.arange(0, 2)
+    g = tl.arange(0, 2)
+    t = tl.arange(0, 16)
+    ms = tl.arange(0, M)
+    at = 16 * g[None, :, None] + t[None, None, :]  # [1, 2, 16]
+    total = tl.zeros([M, R], dtype=tl.float32)
+    for b in range(first, tl.minimum(first + per_split, n_blocks)):
+        blk = base + b * 210
+        row = blk[:, None, None, None]
+        ql_even = tl.load(row + (64 * h[:, None, None] + at)[None]).to(tl.int32)  # [R, 2, 2, 16]
+        ql_odd = tl.load(row + (64 * h[:, None, None] + 32 + at)[None]).to(tl.int32)
+        qh = tl.load(row + (128 + 32 * h[:, None, None] + at)[None]).to(tl.int32)
+        d = f16_at(blk + 208)[:, None, None]
+        for k in tl.static_range(4):
+            if k % 2 == 0:  # noqa: SIM108 (resolved at compile time)
+                ql = ql_even
+            else:
+                ql = ql_odd
+            q = (((ql >> (4 * (k // 2))) & 15) | (((qh >> (2 * k)) & 3) << 4)).to(tl.float32)
+            sc = tl.load(blk[:, None, None] + 192 + 8 * h[None, :, None] + 2 * k + g[None, None, :])
+            sc = d * sc.to(tl.int8).to(tl.float32)  # [R, 2, 2]
+            for m in range(m_rows):
+                xb = tl.load(x + m * n_in + b * 256 + 128 * h[:, None, None] + 32 * k + at)  # [2, 2, 16]
+                dots = tl.sum(q * xb[None], axis=3) - 32.0 * tl.sum(xb, axis=2)[None]  # [R, 2, 2]
+                part = tl.sum(tl.sum(sc * dots, axis=2), axis=1)  # [R]
+                total += tl.where(ms[:, None] == m, part[None, :], 0.0)
+    out = y + split.to(tl.int64) * m_rows * n_out
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+
+
 def supports(t: GGMLType, n_in: int, rows: int) -> bool:
     """Whether the kernel takes weights of type t, rows of n_in, and this many input rows."""
     return t in TYPES and n_in > 0 and n_in % 256 == 0 and 0 < rows <= MAX_INPUT_ROWS
 
 
-def splits_for(n_out: int, n_in: int) -> int:
+def splits_for(n_out: int, n_in: int, rows_per_program: int = ROWS) -> int:
     """Runs of blocks a row's sum is split into: enough programs for the GPU's SMs where the
     rows alone make fewer than PROGRAMS, each walking at least MIN_SPLIT_BLOCKS blocks; rows
     of fewer than SPLIT_FROM_BLOCKS blocks whole."""
     n_blocks = n_in // 256
     if n_blocks < SPLIT_FROM_BLOCKS:
         return 1
-    wanted = triton.cdiv(PROGRAMS, triton.cdiv(n_out, ROWS))
+    wanted = triton.cdiv(PROGRAMS, triton.cdiv(n_out, rows_per_program))
     return max(1, min(wanted, n_blocks // MIN_SPLIT_BLOCKS))
 
 
 def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
-           splits: int | None = None) -> torch.Tensor:
+           splits: int | None = None, kernel: str | None = None, rows_per_program: int = ROWS,
+           warps: int = 4) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
-    (default: splits_for; 1: none, for A/B runs)."""
+    (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default: KERNEL);
+    `rows_per_program` (a power of two) and `warps` for sweeps (benchmarks/quant_matvec.py)."""
+    kernel = kernel or KERNEL
+    if kernel not in KERNELS:
+        raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
     x = x.float().contiguous()
     m_rows, n_in = x.shape
     n_blocks = n_in // 256
-    splits = min(splits or splits_for(n_out, n_in), n_blocks)
+    splits = min(splits or splits_for(n_out, n_in, rows_per_program), n_blocks)
     per_split = triton.cdiv(n_blocks, splits)
     splits = triton.cdiv(n_blocks, per_split)  # no empty runs
     y = torch.empty(splits, m_rows, n_out, dtype=torch.float32, device=x.device)
     size = block_bytes(t)
     padded = 1 << (m_rows - 1).bit_length()  # the accumulator's rows: a power of two
-    _matvec_kernel[(triton.cdiv(n_out, ROWS), splits)](
-        raw, x, y, n_out, n_blocks, per_split, n_blocks * size, n_in, m_rows,
-        TYPE=TYPES[t], BLOCK=size, R=ROWS, M=padded)
+    grid = (triton.cdiv(n_out, rows_per_program), splits)
+    args = (raw, x, y, n_out, n_blocks, per_split, n_blocks * size, n_in, m_rows)
+    if kernel == "values":
+        _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded,
+                             num_warps=warps)
+    elif t == GGMLType.Q4_K:
+        _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, num_warps=warps)
+    else:
+        _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, num_warps=warps)
     return y[0] if splits == 1 else y.sum(0)
