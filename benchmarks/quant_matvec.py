@@ -6,8 +6,8 @@ gaps of the host), and GB/s of the bytes each reads.
     python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--sweep] [--out DIR]
 
 Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` (kernel `sums`,
-split as `split`); --sweep adds `sums-r<R>-w<W>` for tile heights R and warps W (SWEEP) and
-names the fastest per shape.
+split as `split`); --sweep adds `sums-r<R>-w<W>-s<S>` for tile heights R, warps W and pipeline
+stages S (SWEEP) and names the fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
@@ -46,7 +46,8 @@ SHAPES = {
     "dense_down": (7168, 18432, Q6, False),
     "head": (129280, 7168, Q6, False),
 }
-SWEEP = [(r, w) for r in (8, 16, 32) for w in (2, 4, 8)]  # (rows per program, warps)
+# (rows per program, warps, pipeline stages)
+SWEEP = [(r, w, st) for r in (8, 16, 32) for w in (4, 8) for st in (1, 3)]
 
 
 def per_call_ms(fn, calls: int, reps: int = 20) -> float:
@@ -83,9 +84,9 @@ def variants(raw, t: GGMLType, x: torch.Tensor, n_out: int, bf16: torch.Tensor, 
             "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1, kernel="values"),
             "split": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="values"),
             "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums")}
-    for r, w in SWEEP if sweep else ():
-        runs[f"sums-r{r}-w{w}"] = functools.partial(triton_matvec.matvec, raw, t, x, n_out, kernel="sums",
-                                                    rows_per_program=r, warps=w)
+    for r, w, st in SWEEP if sweep else ():
+        runs[f"sums-r{r}-w{w}-s{st}"] = functools.partial(
+            triton_matvec.matvec, raw, t, x, n_out, kernel="sums", rows_per_program=r, warps=w, stages=st)
     return runs
 
 

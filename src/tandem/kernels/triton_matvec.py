@@ -227,11 +227,12 @@ def splits_for(n_out: int, n_in: int, rows_per_program: int = ROWS) -> int:
 
 def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
            splits: int | None = None, kernel: str | None = None, rows_per_program: int = ROWS,
-           warps: int = 4) -> torch.Tensor:
+           warps: int = 4, stages: int | None = None) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
     (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default: KERNEL);
-    `rows_per_program` (a power of two) and `warps` for sweeps (benchmarks/quant_matvec.py)."""
+    `rows_per_program` (a power of two), `warps` and `stages` (the loop's software pipelining;
+    None: Triton's default) for sweeps (benchmarks/quant_matvec.py)."""
     kernel = kernel or KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
@@ -246,11 +247,11 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
     padded = 1 << (m_rows - 1).bit_length()  # the accumulator's rows: a power of two
     grid = (triton.cdiv(n_out, rows_per_program), splits)
     args = (raw, x, y, n_out, n_blocks, per_split, n_blocks * size, n_in, m_rows)
+    launch = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
     if kernel == "values":
-        _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded,
-                             num_warps=warps)
+        _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded, **launch)
     elif t == GGMLType.Q4_K:
-        _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, num_warps=warps)
+        _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, **launch)
     else:
-        _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, num_warps=warps)
+        _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, **launch)
     return y[0] if splits == 1 else y.sum(0)
