@@ -6,8 +6,8 @@ gaps of the host), and GB/s of the bytes each reads.
     python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--sweep] [--out DIR]
 
 Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` (kernel `sums`,
-split as `split`); --sweep adds `sums-r<R>-w<W>-s<S>` for tile heights R, warps W and pipeline
-stages S (SWEEP) and names the fastest per shape.
+split as `split`); --sweep adds `sums-r<R>-w<W>-b<B>` for tile heights R, warps W and blocks a
+step B, and `sums-s<S>` for pipeline stages S (SWEEP), and names the fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
@@ -46,8 +46,14 @@ SHAPES = {
     "dense_down": (7168, 18432, Q6, False),
     "head": (129280, 7168, Q6, False),
 }
-# (rows per program, warps, pipeline stages)
-SWEEP = [(r, w, st) for r in (8, 16, 32) for w in (4, 8) for st in (1, 3)]
+# kernel sums' settings: tile heights x warps x blocks a step, and pipeline stages at the default tile
+SWEEP = [{"rows_per_program": r, "warps": w, "blocks_per_step": kb}
+         for r in (8, 16, 32) for w in (4, 8) for kb in (1, 2, 4)] + [{"stages": st} for st in (1, 2, 4)]
+SHORT = {"rows_per_program": "r", "warps": "w", "blocks_per_step": "b", "stages": "s"}
+
+
+def sweep_name(settings: dict) -> str:
+    return "sums-" + "-".join(f"{SHORT[k]}{v}" for k, v in settings.items())
 
 
 def per_call_ms(fn, calls: int, reps: int = 20) -> float:
@@ -84,9 +90,9 @@ def variants(raw, t: GGMLType, x: torch.Tensor, n_out: int, bf16: torch.Tensor, 
             "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1, kernel="values"),
             "split": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="values"),
             "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums")}
-    for r, w, st in SWEEP if sweep else ():
-        runs[f"sums-r{r}-w{w}-s{st}"] = functools.partial(
-            triton_matvec.matvec, raw, t, x, n_out, kernel="sums", rows_per_program=r, warps=w, stages=st)
+    for settings in SWEEP if sweep else ():
+        runs[sweep_name(settings)] = functools.partial(triton_matvec.matvec, raw, t, x, n_out,
+                                                       kernel="sums", **settings)
     return runs
 
 
@@ -127,10 +133,11 @@ def main() -> None:
         if per_layer:
             for k, ms in row["ms"].items():
                 layer[k] = layer.get(k, 0.0) + ms
+        shown = ["bf16", "whole_rows", "split", "sums"] + ([row["fastest_sums"]] if args.sweep else [])
+        ms, rate, err = row["ms"], row["gb_per_s"], row["relative_error"]
         print(f"{name:11s} {t.name} {n_out:6d}x{n_in:<5d} split {row['splits']:2d}: " + " | ".join(
-            f"{k} {ms * 1e3:7.1f} us ({row['gb_per_s'][k]:5.0f} GB/s, err {row['relative_error'][k]:.0e})"
-            for k, ms in row["ms"].items()) + (f" | fastest {row['fastest_sums']}" if args.sweep else ""),
-            flush=True)
+            f"{k} {ms[k] * 1e3:7.1f} us ({rate[k]:5.0f} GB/s, err {err[k]:.0e})"
+            for k in dict.fromkeys(shown)), flush=True)
     print("one MoE layer's attention + shared expert: "
           + ", ".join(f"{k} {ms:.3f} ms" for k, ms in layer.items()))
     now = datetime.now(UTC)

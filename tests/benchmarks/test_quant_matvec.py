@@ -23,6 +23,7 @@ def test_one_shape_is_timed_and_every_variant_meets_the_float_products(quant_mat
 
 def test_the_sweep_names_the_fastest_tile(quant_matvec):
     row = quant_matvec.measure(96, 4096, T.Q4_K, rows=1, calls=3, rng=np.random.default_rng(1), sweep=True)
-    swept = {f"sums-r{r}-w{w}-s{st}" for r, w, st in quant_matvec.SWEEP}
+    swept = {quant_matvec.sweep_name(settings) for settings in quant_matvec.SWEEP}
+    assert "sums-r32-w8-b4" in swept and "sums-s1" in swept
     assert swept <= set(row["ms"]) and row["fastest_sums"] in swept | {"sums"}
     assert max(row["relative_error"][k] for k in swept) < 1e-5

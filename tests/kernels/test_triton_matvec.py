@@ -52,14 +52,18 @@ def test_supports():
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("rows_per_program", [8, 32])
-def test_sums_kernel_with_other_tile_heights(t, rows_per_program):
+@pytest.mark.parametrize("rows_per_program, blocks_per_step, n_in, splits",
+                         [(8, 1, 1024, None), (32, 1, 1024, None), (16, 2, 1280, 1), (16, 4, 4864, 5)],
+                         ids=["8-rows", "32-rows", "2-blocks-odd-run", "4-blocks-uneven-runs"])
+def test_sums_kernel_tiles(t, rows_per_program, blocks_per_step, n_in, splits):
+    """Other tile heights, and several blocks a step where runs do not divide by them (5 blocks
+    by 2; runs of 4, 4, 4, 4, 3 by 4): the last step's lanes past the run add nothing."""
     rng = np.random.default_rng(7)
-    weight, reference = make_weight(t, (40, 1024), rng)
+    weight, reference = make_weight(t, (40, n_in), rng)
     raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
-    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(3))
-    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, kernel="sums",
-                             rows_per_program=rows_per_program).cpu()
+    x = torch.randn(2, n_in, generator=torch.Generator().manual_seed(3))
+    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, splits, kernel="sums",
+                             rows_per_program=rows_per_program, blocks_per_step=blocks_per_step).cpu()
     assert relative_error(y, x @ reference.T) < 1e-5
 
 

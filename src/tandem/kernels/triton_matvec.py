@@ -116,12 +116,10 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
 
 
 @triton.jit
-def q4_k_scale_min(blk, n: tl.constexpr):
-    """Scales and mins of sub-blocks 2c + n (c = 0..3) of Q4_K blocks at byte pointers blk [R],
-    as float32 [R, 4] (ggml's get_scale_min_k4)."""
-    s = 2 * tl.arange(0, 4) + n
+def q4_k_scale_min(at, s):
+    """Scales and mins of sub-blocks s [U] of the Q4_K blocks whose 12 scale bytes are at byte
+    pointers at [R, U], as float32 [R, U] (ggml's get_scale_min_k4)."""
     low = s < 4
-    at = blk[:, None] + 4
     a = tl.load(at + s[None, :]).to(tl.int32)  # scales[s]
     b = tl.load(at + s[None, :] + 4).to(tl.int32)  # scales[s + 4]
     c = tl.load(at + tl.where(low, s, s - 4)[None, :]).to(tl.int32)  # scales[s - 4] (s >= 4)
@@ -132,35 +130,42 @@ def q4_k_scale_min(blk, n: tl.constexpr):
 
 @triton.jit
 def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
-                       R: tl.constexpr, M: tl.constexpr):
-    """Kernel _matvec_kernel's sums for Q4_K, the weights read as 32-bit words: word j of the
-    8 that hold qs bytes 32c .. 32c + 31 carries values 64c + 4j + k (byte k's low nibble) and
-    64c + 32 + 4j + k (its high one). So each byte is loaded once, 16 at a time, and each
-    sub-block's scale multiplies its 32 products' sum instead of every weight."""
+                       R: tl.constexpr, M: tl.constexpr, KB: tl.constexpr):
+    """Kernel _matvec_kernel's sums for Q4_K, KB blocks a step, the weights read as 32-bit
+    words: word j of the 8 that hold qs bytes 32c .. 32c + 31 carries values 64c + 4j + k (byte
+    k's low nibble) and 64c + 32 + 4j + k (its high one). So each byte is loaded once, 16 at a
+    time, and each sub-block's scale multiplies its 32 products' sum instead of every weight.
+    Lane u of a step is group c = u % 4 of its block u // 4; a last step's lanes past the run
+    read its last block again, with d and dmin zero."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     split = tl.program_id(1)
     first = split * per_split
+    end = tl.minimum(first + per_split, n_blocks)
     inside = rows < n_out
     base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
-    c = tl.arange(0, 4)
+    u = tl.arange(0, 4 * KB)
+    c = u % 4
     j = tl.arange(0, 8)
     k = tl.arange(0, 4)
     ms = tl.arange(0, M)
-    word_at = 4 + 8 * c[:, None] + j[None, :]  # [4, 8]: qs words after d, dmin and scales
-    value_at = 64 * c[:, None, None] + 4 * j[None, :, None] + k[None, None, :]  # [4, 8, 4]
+    lane_at = 4 * j[None, :, None] + k[None, None, :]  # [1, 8, 4]: value 4j + k of a group
     total = tl.zeros([M, R], dtype=tl.float32)
-    for b in range(first, tl.minimum(first + per_split, n_blocks)):
-        blk = base + b * 144
-        words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, None, None] + word_at[None, :, :])  # [R, 4, 8]
-        d = f16_at(blk)[:, None]
-        dmin = f16_at(blk + 2)[:, None]
+    for b0 in range(first, end, KB):
+        valid = b0 + u // 4 < end
+        block = tl.minimum(b0 + u // 4, end - 1)  # [U]
+        blk = base[:, None] + block[None, :] * 144  # [R, U]
+        word_at = (4 + 8 * c)[None, :, None] + j[None, None, :]  # qs words after d, dmin, scales
+        words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, :, None] + word_at)  # [R, U, 8]
+        d = tl.where(valid[None, :], f16_at(blk), 0.0)
+        dmin = tl.where(valid[None, :], f16_at(blk + 2), 0.0)
         for n in tl.static_range(2):
             q = ((words[:, :, :, None] >> (8 * k + 4 * n)[None, None, None, :]) & 15).to(tl.float32)
-            sc, mn = q4_k_scale_min(blk, n)  # [R, 4]
+            sc, mn = q4_k_scale_min(blk + 4, 2 * c + n)  # [R, U]
+            value_at = (block * 256 + 64 * c + 32 * n)[:, None, None] + lane_at
             for m in range(m_rows):
-                xb = tl.load(x + m * n_in + b * 256 + 32 * n + value_at)  # [4, 8, 4]
-                dots = tl.sum(tl.sum(q * xb[None], axis=3), axis=2)  # [R, 4]
-                sums = tl.sum(tl.sum(xb, axis=2), axis=1)  # [4]
+                xb = tl.load(x + m * n_in + value_at)  # [U, 8, 4]
+                dots = tl.sum(tl.sum(q * xb[None], axis=3), axis=2)  # [R, U]
+                sums = tl.sum(tl.sum(xb, axis=2), axis=1)  # [U]
                 part = tl.sum(d * sc * dots - dmin * mn * sums[None, :], axis=1)  # [R]
                 total += tl.where(ms[:, None] == m, part[None, :], 0.0)
     out = y + split.to(tl.int64) * m_rows * n_out
@@ -169,40 +174,46 @@ def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
 
 @triton.jit
 def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
-                       R: tl.constexpr, M: tl.constexpr):
-    """Kernel _matvec_kernel's sums for Q6_K, each byte loaded once (Q6_K's 210-byte blocks
-    allow no wider loads): ql byte 64h + 32(k % 2) + 16g + t and qh byte 32h + 16g + t make
-    value 128h + 32k + 16g + t (nibble k // 2 of the one, bits 2k of the other), whose scale is
-    scales[8h + 2k + g]; the scales multiply 16-value sums, the -32 offset the activations'."""
+                       R: tl.constexpr, M: tl.constexpr, KB: tl.constexpr):
+    """Kernel _matvec_kernel's sums for Q6_K, KB blocks a step, each byte loaded once (Q6_K's
+    210-byte blocks allow no wider loads): ql byte 64h + 32(k % 2) + 16g + t and qh byte
+    32h + 16g + t make value 128h + 32k + 16g + t (nibble k // 2 of the one, bits 2k of the
+    other), whose scale is scales[8h + 2k + g]; the scales multiply 16-value sums, the -32
+    offset the activations'. Lane u of a step is half h = u % 2 of its block u // 2."""
     rows = tl.program_id(0) * R + tl.arange(0, R)
     split = tl.program_id(1)
     first = split * per_split
+    end = tl.minimum(first + per_split, n_blocks)
     inside = rows < n_out
     base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
-    h = tl.arange(0, 2)
+    u = tl.arange(0, 2 * KB)
+    h = u % 2
     g = tl.arange(0, 2)
     t = tl.arange(0, 16)
     ms = tl.arange(0, M)
-    at = 16 * g[None, :, None] + t[None, None, :]  # [1, 2, 16]
+    at = (16 * g[:, None] + t[None, :])[None]  # [1, 2, 16]: value 16g + t of a 32-value run
     total = tl.zeros([M, R], dtype=tl.float32)
-    for b in range(first, tl.minimum(first + per_split, n_blocks)):
-        blk = base + b * 210
-        row = blk[:, None, None, None]
-        ql_even = tl.load(row + (64 * h[:, None, None] + at)[None]).to(tl.int32)  # [R, 2, 2, 16]
-        ql_odd = tl.load(row + (64 * h[:, None, None] + 32 + at)[None]).to(tl.int32)
-        qh = tl.load(row + (128 + 32 * h[:, None, None] + at)[None]).to(tl.int32)
-        d = f16_at(blk + 208)[:, None, None]
+    for b0 in range(first, end, KB):
+        valid = b0 + u // 2 < end
+        block = tl.minimum(b0 + u // 2, end - 1)  # [U]
+        blk = base[:, None] + block[None, :] * 210  # [R, U]
+        row = blk[:, :, None, None]
+        ql_even = tl.load(row + (64 * h)[None, :, None, None] + at[None]).to(tl.int32)  # [R, U, 2, 16]
+        ql_odd = tl.load(row + (64 * h + 32)[None, :, None, None] + at[None]).to(tl.int32)
+        qh = tl.load(row + (128 + 32 * h)[None, :, None, None] + at[None]).to(tl.int32)
+        d = tl.where(valid[None, :], f16_at(blk + 208), 0.0)[:, :, None]  # [R, U, 1]
         for k in tl.static_range(4):
             if k % 2 == 0:  # noqa: SIM108 (resolved at compile time)
                 ql = ql_even
             else:
                 ql = ql_odd
             q = (((ql >> (4 * (k // 2))) & 15) | (((qh >> (2 * k)) & 3) << 4)).to(tl.float32)
-            sc = tl.load(blk[:, None, None] + 192 + 8 * h[None, :, None] + 2 * k + g[None, None, :])
-            sc = d * sc.to(tl.int8).to(tl.float32)  # [R, 2, 2]
+            sc = tl.load(blk[:, :, None] + (192 + 8 * h + 2 * k)[None, :, None] + g[None, None, :])
+            sc = d * sc.to(tl.int8).to(tl.float32)  # [R, U, 2]
+            value_at = (block * 256 + 128 * h + 32 * k)[:, None, None] + at  # [U, 2, 16]
             for m in range(m_rows):
-                xb = tl.load(x + m * n_in + b * 256 + 128 * h[:, None, None] + 32 * k + at)  # [2, 2, 16]
-                dots = tl.sum(q * xb[None], axis=3) - 32.0 * tl.sum(xb, axis=2)[None]  # [R, 2, 2]
+                xb = tl.load(x + m * n_in + value_at)
+                dots = tl.sum(q * xb[None], axis=3) - 32.0 * tl.sum(xb, axis=2)[None]  # [R, U, 2]
                 part = tl.sum(tl.sum(sc * dots, axis=2), axis=1)  # [R]
                 total += tl.where(ms[:, None] == m, part[None, :], 0.0)
     out = y + split.to(tl.int64) * m_rows * n_out
@@ -227,12 +238,13 @@ def splits_for(n_out: int, n_in: int, rows_per_program: int = ROWS) -> int:
 
 def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
            splits: int | None = None, kernel: str | None = None, rows_per_program: int = ROWS,
-           warps: int = 4, stages: int | None = None) -> torch.Tensor:
+           warps: int = 4, stages: int | None = None, blocks_per_step: int = 1) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
     (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default: KERNEL);
-    `rows_per_program` (a power of two), `warps` and `stages` (the loop's software pipelining;
-    None: Triton's default) for sweeps (benchmarks/quant_matvec.py)."""
+    `rows_per_program` (a power of two), `warps`, `stages` (the loop's software pipelining;
+    None: Triton's default) and `blocks_per_step` (kernel sums; a power of two) for sweeps
+    (benchmarks/quant_matvec.py)."""
     kernel = kernel or KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
@@ -251,7 +263,7 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
     if kernel == "values":
         _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded, **launch)
     elif t == GGMLType.Q4_K:
-        _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, **launch)
+        _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
     else:
-        _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, **launch)
+        _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
     return y[0] if splits == 1 else y.sum(0)
