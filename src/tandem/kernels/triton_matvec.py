@@ -88,20 +88,27 @@ def q6_k_values(blk):
 
 
 @triton.jit
+def program_rows(w, n_out, n_blocks, per_split, row_bytes, R: tl.constexpr):
+    """This program's R weight rows (indices, which exist, their byte pointers) and its run of
+    blocks [first, end): split tl.program_id(1) of per_split blocks each."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    first = tl.program_id(1) * per_split
+    inside = rows < n_out
+    return rows, inside, w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes, first, \
+        tl.minimum(first + per_split, n_blocks)
+
+
+@triton.jit
 def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows, TYPE: tl.constexpr,
                    BLOCK: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
     """y[k, m, r] = W[r] . x[m] over the k-th run of per_split blocks, for R rows r of this
     program and the m_rows (<= M) rows of x."""
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    split = tl.program_id(1)
-    first = split * per_split
-    inside = rows < n_out
-    base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
+    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     s = tl.arange(0, 8)
     i = tl.arange(0, 32)
     ms = tl.arange(0, M)
     total = tl.zeros([M, R], dtype=tl.float32)
-    for b in range(first, tl.minimum(first + per_split, n_blocks)):
+    for b in range(first, end):
         blk = base + b * BLOCK
         if TYPE == 0:  # noqa: SIM108 (a statement Triton resolves at compile time)
             values = q4_k_values(blk)
@@ -111,7 +118,7 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
             xb = tl.load(x + m * n_in + b * 256 + s[:, None] * 32 + i[None, :])  # [8, 32]
             part = tl.sum(tl.sum(values * xb[None, :, :], axis=2), axis=1)  # [R]
             total += tl.where(ms[:, None] == m, part[None, :], 0.0)
-    out = y + split.to(tl.int64) * m_rows * n_out
+    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
 
@@ -137,12 +144,7 @@ def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
     time, and each sub-block's scale multiplies its 32 products' sum instead of every weight.
     Lane u of a step is group c = u % 4 of its block u // 4; a last step's lanes past the run
     read its last block again, with d and dmin zero."""
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    split = tl.program_id(1)
-    first = split * per_split
-    end = tl.minimum(first + per_split, n_blocks)
-    inside = rows < n_out
-    base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
+    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     u = tl.arange(0, 4 * KB)
     c = u % 4
     j = tl.arange(0, 8)
@@ -168,7 +170,7 @@ def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
                 sums = tl.sum(tl.sum(xb, axis=2), axis=1)  # [U]
                 part = tl.sum(d * sc * dots - dmin * mn * sums[None, :], axis=1)  # [R]
                 total += tl.where(ms[:, None] == m, part[None, :], 0.0)
-    out = y + split.to(tl.int64) * m_rows * n_out
+    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
 
@@ -180,12 +182,7 @@ def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
     32h + 16g + t make value 128h + 32k + 16g + t (nibble k // 2 of the one, bits 2k of the
     other), whose scale is scales[8h + 2k + g]; the scales multiply 16-value sums, the -32
     offset the activations'. Lane u of a step is half h = u % 2 of its block u // 2."""
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    split = tl.program_id(1)
-    first = split * per_split
-    end = tl.minimum(first + per_split, n_blocks)
-    inside = rows < n_out
-    base = w + tl.where(inside, rows, 0).to(tl.int64) * row_bytes
+    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     u = tl.arange(0, 2 * KB)
     h = u % 2
     g = tl.arange(0, 2)
@@ -216,7 +213,7 @@ def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
                 dots = tl.sum(q * xb[None], axis=3) - 32.0 * tl.sum(xb, axis=2)[None]  # [R, U, 2]
                 part = tl.sum(tl.sum(sc * dots, axis=2), axis=1)  # [R]
                 total += tl.where(ms[:, None] == m, part[None, :], 0.0)
-    out = y + split.to(tl.int64) * m_rows * n_out
+    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
 
