@@ -5,9 +5,10 @@ gaps of the host), and GB/s of the bytes each reads.
 
     python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--sweep] [--out DIR]
 
-Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` (kernel `sums`,
-split as `split`); --sweep adds `sums-r<R>-w<W>-b<B>` for tile heights R, warps W and blocks a
-step B, and `sums-s<S>` for pipeline stages S (SWEEP), and names the fastest per shape.
+Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` and `q8` (those
+kernels, split as `split`; q8's error includes its 8-bit activations'); --sweep adds
+`sums-r<R>-w<W>-b<B>` for tile heights R, warps W and blocks a step B, and `sums-s<S>` for
+pipeline stages S (SWEEP), and names the fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
@@ -89,7 +90,8 @@ def variants(raw, t: GGMLType, x: torch.Tensor, n_out: int, bf16: torch.Tensor, 
     runs = {"bf16": lambda: F.linear(x.to(torch.bfloat16), bf16),
             "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1, kernel="values"),
             "split": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="values"),
-            "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums")}
+            "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums"),
+            "q8": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="q8")}
     for settings in SWEEP if sweep else ():
         runs[sweep_name(settings)] = functools.partial(triton_matvec.matvec, raw, t, x, n_out,
                                                        kernel="sums", **settings)
@@ -133,7 +135,7 @@ def main() -> None:
         if per_layer:
             for k, ms in row["ms"].items():
                 layer[k] = layer.get(k, 0.0) + ms
-        shown = ["bf16", "whole_rows", "split", "sums"] + ([row["fastest_sums"]] if args.sweep else [])
+        shown = ["bf16", "whole_rows", "split", "sums", "q8"] + ([row["fastest_sums"]] if args.sweep else [])
         ms, rate, err = row["ms"], row["gb_per_s"], row["relative_error"]
         print(f"{name:11s} {t.name} {n_out:6d}x{n_in:<5d} split {row['splits']:2d}: " + " | ".join(
             f"{k} {ms[k] * 1e3:7.1f} us ({rate[k]:5.0f} GB/s, err {err[k]:.0e})"

@@ -38,8 +38,12 @@ SPLIT_FROM_BLOCKS = 16
 # once per value) and multiplies; `sums` loads each byte once (Q4_K as 32-bit words), sums the
 # products per sub-block and scales the sums. Run w measured `values` at 0.1-1.1 TB/s of the
 # quantized bytes against cuBLAS's 1.1-4.5 TB/s on bfloat16 copies; `sums` is unmeasured on a GPU.
-KERNELS = ("values", "sums")
+# `q8` quantizes the activations too, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do,
+# and takes Q4_K's products as integer dot products of 4 bytes (dp4a): no per-weight
+# arithmetic at all (Q6_K: as `sums`).
+KERNELS = ("values", "sums", "q8")
 KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
 
 
 @triton.jit
@@ -175,6 +179,68 @@ def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
 
 
 @triton.jit
+def dot4(a, b, acc, INTERPRET: tl.constexpr):
+    """acc plus, per int32 lane, the dot product of a's 4 unsigned bytes and b's 4 signed ones
+    (PTX dp4a; spelled out in Triton's interpreter, which runs no PTX)."""
+    if INTERPRET:
+        for k in tl.static_range(4):
+            acc += ((a >> (8 * k)) & 255) * ((b << (24 - 8 * k)) >> 24)
+        return acc
+    else:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def q8_words(xb):
+    """Activations xb [G, 32] float32 in 8-bit blocks of 32, as gguf's Q8_0 quantizes them
+    (d = max |x| / 127, q = x / d rounded half away from zero) but with d kept in float32:
+    the bytes 4 at a time as int32 words [G, 8] (4w + i in byte i of word w), d [G] and the
+    sums of q [G]."""
+    d = tl.max(tl.abs(xb), axis=1) / 127.0
+    inverse = tl.where(d == 0.0, 0.0, 1.0 / d)
+    v = tl.abs(xb * inverse[:, None])
+    whole = tl.floor(v)
+    q = (whole + tl.floor(2.0 * (v - whole))).to(tl.int32)
+    q = tl.where(xb < 0.0, -q, q)
+    packed = tl.reshape(q & 255, [xb.shape[0], 8, 4]) << (8 * tl.arange(0, 4))[None, None, :]
+    return tl.sum(packed, axis=2), d, tl.sum(q, axis=1)
+
+
+@triton.jit
+def _q4_k_q8_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
+                    R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
+    """y[k, m, r] = W[r] . q8(x[m]) over the k-th run of blocks, for Q4_K: each block's
+    activations in 8-bit blocks of 32 (q8_words), matching Q4_K's sub-blocks, so a sub-block's
+    products are integer dot products of 8 weight words (one nibble of each byte: values
+    64c + 32n + 4j .. + 3 in word j of group c, as _q4_k_words_kernel reads them) with 8
+    activation words (dp4a), scaled once: d sc dx sum(q qx) - dmin m dx sum(qx)."""
+    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
+    c = tl.arange(0, 4)
+    j = tl.arange(0, 8)
+    ms = tl.arange(0, M)
+    word_at = (4 + 8 * c[:, None] + j[None, :])[None]  # [1, 4, 8]: qs words after d, dmin, scales
+    group_at = 64 * c[:, None] + tl.arange(0, 32)[None, :]  # [4, 32]: value 64c + i of a block
+    total = tl.zeros([M, R], dtype=tl.float32)
+    for b in range(first, end):
+        blk = base + b * 144
+        words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, None, None] + word_at)  # [R, 4, 8]
+        d = f16_at(blk)[:, None]
+        dmin = f16_at(blk + 2)[:, None]
+        for n in tl.static_range(2):
+            nibbles = (words >> (4 * n)) & 0x0F0F0F0F
+            sc, mn = q4_k_scale_min((blk + 4)[:, None], 2 * c + n)  # [R, 4]
+            for m in range(m_rows):
+                qx, dx, qsum = q8_words(tl.load(x + m * n_in + b * 256 + 32 * n + group_at))  # [4, 8], [4]
+                dots = tl.sum(dot4(nibbles, qx[None], tl.zeros_like(nibbles), INTERPRET), axis=2)  # [R, 4]
+                mins = dmin * mn * qsum.to(tl.float32)[None, :]
+                part = tl.sum(dx[None, :] * (d * sc * dots.to(tl.float32) - mins), axis=1)
+                total += tl.where(ms[:, None] == m, part[None, :], 0.0)
+    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+
+
+@triton.jit
 def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
                        R: tl.constexpr, M: tl.constexpr, KB: tl.constexpr):
     """Kernel _matvec_kernel's sums for Q6_K, KB blocks a step, each byte loaded once (Q6_K's
@@ -259,6 +325,8 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
     launch = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
     if kernel == "values":
         _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded, **launch)
+    elif t == GGMLType.Q4_K and kernel == "q8":
+        _q4_k_q8_kernel[grid](*args, R=rows_per_program, M=padded, INTERPRET=INTERPRET, **launch)
     elif t == GGMLType.Q4_K:
         _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
     else:
