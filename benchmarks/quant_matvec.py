@@ -7,8 +7,8 @@ gaps of the host), and GB/s of the bytes each reads.
 
 Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` and `q8` (those
 kernels, split as `split`; q8's error includes its 8-bit activations'); --sweep adds
-`sums-r<R>-w<W>-b<B>` for tile heights R, warps W and blocks a step B, and `sums-s<S>` for
-pipeline stages S (SWEEP), and names the fastest per shape.
+`sums-r<R>-w<W>-b<B>` for tile heights R, warps W and blocks a step B, `sums-s<S>` for pipeline
+stages S and `q8-r<R>-w<W>` (SWEEP), and names each kernel's fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
@@ -47,14 +47,17 @@ SHAPES = {
     "dense_down": (7168, 18432, Q6, False),
     "head": (129280, 7168, Q6, False),
 }
-# kernel sums' settings: tile heights x warps x blocks a step, and pipeline stages at the default tile
-SWEEP = [{"rows_per_program": r, "warps": w, "blocks_per_step": kb}
-         for r in (8, 16, 32) for w in (4, 8) for kb in (1, 2, 4)] + [{"stages": st} for st in (1, 2, 4)]
+# (kernel, settings): sums at tile heights x warps x blocks a step, and pipeline stages at the
+# default tile; q8 at tile heights x warps
+SWEEP = ([("sums", {"rows_per_program": r, "warps": w, "blocks_per_step": kb})
+          for r in (8, 16, 32) for w in (4, 8) for kb in (1, 2, 4)]
+         + [("sums", {"stages": st}) for st in (1, 2, 4)]
+         + [("q8", {"rows_per_program": r, "warps": w}) for r in (16, 32, 64) for w in (2, 4, 8)])
 SHORT = {"rows_per_program": "r", "warps": "w", "blocks_per_step": "b", "stages": "s"}
 
 
-def sweep_name(settings: dict) -> str:
-    return "sums-" + "-".join(f"{SHORT[k]}{v}" for k, v in settings.items())
+def sweep_name(kernel: str, settings: dict) -> str:
+    return kernel + "-" + "-".join(f"{SHORT[k]}{v}" for k, v in settings.items())
 
 
 def per_call_ms(fn, calls: int, reps: int = 20) -> float:
@@ -92,9 +95,9 @@ def variants(raw, t: GGMLType, x: torch.Tensor, n_out: int, bf16: torch.Tensor, 
             "split": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="values"),
             "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums"),
             "q8": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="q8")}
-    for settings in SWEEP if sweep else ():
-        runs[sweep_name(settings)] = functools.partial(triton_matvec.matvec, raw, t, x, n_out,
-                                                       kernel="sums", **settings)
+    for kernel, settings in SWEEP if sweep else ():
+        runs[sweep_name(kernel, settings)] = functools.partial(triton_matvec.matvec, raw, t, x, n_out,
+                                                               kernel=kernel, **settings)
     return runs
 
 
@@ -115,7 +118,8 @@ def measure(n_out: int, n_in: int, t: GGMLType, rows: int, calls: int, rng, swee
            "bytes": read, "ms": ms, "gb_per_s": {k: read[k] / ms[k] / 1e6 for k in runs},
            "relative_error": {k: relative_error(fn().float(), reference) for k, fn in runs.items()}}
     if sweep:
-        row["fastest_sums"] = min((k for k in ms if k.startswith("sums")), key=ms.get)
+        for kernel in ("sums", "q8"):
+            row[f"fastest_{kernel}"] = min((k for k in ms if k.startswith(kernel)), key=ms.get)
     return row
 
 
@@ -123,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1, help="input rows (a decode step's sequences)")
     parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph")
-    parser.add_argument("--sweep", action="store_true", help="the sums kernel at each of SWEEP's tiles")
+    parser.add_argument("--sweep", action="store_true", help="kernels sums and q8 at SWEEP's settings")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -135,7 +139,8 @@ def main() -> None:
         if per_layer:
             for k, ms in row["ms"].items():
                 layer[k] = layer.get(k, 0.0) + ms
-        shown = ["bf16", "whole_rows", "split", "sums", "q8"] + ([row["fastest_sums"]] if args.sweep else [])
+        fastest = [row["fastest_sums"], row["fastest_q8"]] if args.sweep else []
+        shown = ["bf16", "whole_rows", "split", "sums", "q8", *fastest]
         ms, rate, err = row["ms"], row["gb_per_s"], row["relative_error"]
         print(f"{name:11s} {t.name} {n_out:6d}x{n_in:<5d} split {row['splits']:2d}: " + " | ".join(
             f"{k} {ms[k] * 1e3:7.1f} us ({rate[k]:5.0f} GB/s, err {err[k]:.0e})"
