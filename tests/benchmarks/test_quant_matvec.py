@@ -17,8 +17,7 @@ def test_one_shape_is_timed_and_every_variant_meets_the_float_products(quant_mat
     assert row["splits"] > 1  # 16 blocks, 6 row programs: the split path is the one timed
     assert set(row["ms"]) == {"bf16", "whole_rows", "split", "sums", "q8"} and min(row["ms"].values()) > 0
     assert max(row["relative_error"][k] for k in ("whole_rows", "split", "sums")) < 1e-5
-    # q8's 8-bit activations (Q4_K; Q6_K takes the sums kernel)
-    assert row["relative_error"]["q8"] < (2e-2 if t == T.Q4_K else 1e-5)
+    assert 1e-3 < row["relative_error"]["q8"] < 2e-2  # its 8-bit activations
     assert 1e-4 < row["relative_error"]["bf16"] < 1e-2  # bfloat16 weights round; ours do not
     assert row["bytes"]["bf16"] == 96 * 4096 * 2 > row["bytes"]["split"]
 

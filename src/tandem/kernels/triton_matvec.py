@@ -39,8 +39,8 @@ SPLIT_FROM_BLOCKS = 16
 # products per sub-block and scales the sums. Run w measured `values` at 0.1-1.1 TB/s of the
 # quantized bytes against cuBLAS's 1.1-4.5 TB/s on bfloat16 copies; `sums` is unmeasured on a GPU.
 # `q8` quantizes the activations too, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do,
-# and takes Q4_K's products as integer dot products of 4 bytes (dp4a): no per-weight
-# arithmetic at all (Q6_K: as `sums`).
+# and takes the products as integer dot products of 4 bytes (dp4a): no per-weight float
+# arithmetic at all.
 KERNELS = ("values", "sums", "q8")
 KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
@@ -195,16 +195,17 @@ def dot4(a, b, acc, INTERPRET: tl.constexpr):
 def q8_words(xb):
     """Activations xb [G, 32] float32 in 8-bit blocks of 32, as gguf's Q8_0 quantizes them
     (d = max |x| / 127, q = x / d rounded half away from zero) but with d kept in float32:
-    the bytes 4 at a time as int32 words [G, 8] (4w + i in byte i of word w), d [G] and the
-    sums of q [G]."""
+    the bytes 4 at a time as int32 words [G, 8] (4w + i in byte i of word w), d [G] and each
+    word's sum of q [G, 8]."""
     d = tl.max(tl.abs(xb), axis=1) / 127.0
     inverse = tl.where(d == 0.0, 0.0, 1.0 / d)
     v = tl.abs(xb * inverse[:, None])
     whole = tl.floor(v)
     q = (whole + tl.floor(2.0 * (v - whole))).to(tl.int32)
     q = tl.where(xb < 0.0, -q, q)
-    packed = tl.reshape(q & 255, [xb.shape[0], 8, 4]) << (8 * tl.arange(0, 4))[None, None, :]
-    return tl.sum(packed, axis=2), d, tl.sum(q, axis=1)
+    q = tl.reshape(q, [xb.shape[0], 8, 4])
+    packed = (q & 255) << (8 * tl.arange(0, 4))[None, None, :]
+    return tl.sum(packed, axis=2), d, tl.sum(q, axis=2)
 
 
 @triton.jit
@@ -231,11 +232,62 @@ def _q4_k_q8_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows
             nibbles = (words >> (4 * n)) & 0x0F0F0F0F
             sc, mn = q4_k_scale_min((blk + 4)[:, None], 2 * c + n)  # [R, 4]
             for m in range(m_rows):
-                qx, dx, qsum = q8_words(tl.load(x + m * n_in + b * 256 + 32 * n + group_at))  # [4, 8], [4]
+                qx, dx, word_sums = q8_words(tl.load(x + m * n_in + b * 256 + 32 * n + group_at))
+                qsum = tl.sum(word_sums, axis=1)  # [4]
                 dots = tl.sum(dot4(nibbles, qx[None], tl.zeros_like(nibbles), INTERPRET), axis=2)  # [R, 4]
                 mins = dmin * mn * qsum.to(tl.float32)[None, :]
                 part = tl.sum(dx[None, :] * (d * sc * dots.to(tl.float32) - mins), axis=1)
                 total += tl.where(ms[:, None] == m, part[None, :], 0.0)
+    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+
+
+@triton.jit
+def words_at(p):
+    """The little-endian int32 words at 2-aligned byte pointers p (Q6_K's 210-byte blocks allow
+    no 4-aligned loads), from two 16-bit loads each."""
+    half = p.to(tl.pointer_type(tl.int16))
+    return (tl.load(half).to(tl.int32) & 0xFFFF) | (tl.load(half + 1).to(tl.int32) << 16)
+
+
+@triton.jit
+def _q6_k_q8_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
+                    R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
+    """Kernel q8 for Q6_K: per 32-value run 128h + 32k + 4w + i (half h, k = 0..3), the 6-bit
+    weights 4 at a time as words (nibble k // 2 of ql word 64h + 32(k % 2) + 4w, bits 2k of
+    qh word 128 + 32h + 4w, each byte's), dp4a with the run's activation words; a 16-value
+    group g = w // 4 scaled by scales[8h + 2k + g], the -32 offset against its activations' sum."""
+    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
+    h = tl.arange(0, 2)
+    word = tl.arange(0, 8)
+    ms = tl.arange(0, M)
+    low_at = (64 * h[:, None] + 4 * word[None, :])[None]  # [1, 2, 8]
+    high_at = (128 + 32 * h[:, None] + 4 * word[None, :])[None]
+    run_at = 128 * h[:, None] + tl.arange(0, 32)[None, :]  # [2, 32]: value 128h + i of a block
+    g = tl.arange(0, 2)
+    total = tl.zeros([M, R], dtype=tl.float32)
+    for b in range(first, end):
+        blk = base + b * 210
+        row = blk[:, None, None]
+        low_even = words_at(row + low_at)  # [R, 2, 8]
+        low_odd = words_at(row + low_at + 32)
+        high = words_at(row + high_at)
+        d = f16_at(blk + 208)[:, None, None]
+        for k in tl.static_range(4):
+            if k % 2 == 0:  # noqa: SIM108 (resolved at compile time)
+                low = low_even
+            else:
+                low = low_odd
+            q = ((low >> (4 * (k // 2))) & 0x0F0F0F0F) | (((high >> (2 * k)) & 0x03030303) << 4)
+            sc = tl.load(blk[:, None, None] + 192 + 8 * h[None, :, None] + 2 * k + g[None, None, :])
+            sc = d * sc.to(tl.int8).to(tl.float32)  # [R, 2, 2]: half, group
+            for m in range(m_rows):
+                qx, dx, word_sums = q8_words(tl.load(x + m * n_in + b * 256 + 32 * k + run_at))  # [2, 8]
+                dots = dot4(q, qx[None], tl.zeros_like(q), INTERPRET)  # [R, 2, 8]
+                dots = tl.sum(tl.reshape(dots, [R, 2, 2, 4]), axis=3)  # [R, 2, 2]
+                offsets = 32 * tl.sum(tl.reshape(word_sums, [2, 2, 4]), axis=2)  # [2, 2]
+                part = dx[None, :, None] * sc * (dots - offsets[None]).to(tl.float32)
+                total += tl.where(ms[:, None] == m, tl.sum(tl.sum(part, axis=2), axis=1)[None, :], 0.0)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
@@ -329,6 +381,8 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
         _q4_k_q8_kernel[grid](*args, R=rows_per_program, M=padded, INTERPRET=INTERPRET, **launch)
     elif t == GGMLType.Q4_K:
         _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
+    elif kernel == "q8":
+        _q6_k_q8_kernel[grid](*args, R=rows_per_program, M=padded, INTERPRET=INTERPRET, **launch)
     else:
         _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
     return y[0] if splits == 1 else y.sum(0)
