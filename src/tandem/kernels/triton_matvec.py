@@ -44,6 +44,7 @@ SPLIT_FROM_BLOCKS = 16
 KERNELS = ("values", "sums", "q8")
 KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
+Q8_GROUPS = 32  # activation blocks a program of _q8_activations_kernel quantizes
 
 
 @triton.jit
@@ -198,7 +199,7 @@ def q8_words(xb):
     the bytes 4 at a time as int32 words [G, 8] (4w + i in byte i of word w), d [G] and each
     word's sum of q [G, 8]."""
     d = tl.max(tl.abs(xb), axis=1) / 127.0
-    inverse = tl.where(d == 0.0, 0.0, 1.0 / d)
+    inverse = tl.where(d == 0.0, 0.0, 1.0 / tl.where(d == 0.0, 1.0, d))  # all-zero blocks: q = 0
     v = tl.abs(xb * inverse[:, None])
     whole = tl.floor(v)
     q = (whole + tl.floor(2.0 * (v - whole))).to(tl.int32)
@@ -209,37 +210,84 @@ def q8_words(xb):
 
 
 @triton.jit
-def _q4_k_q8_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
+def _q8_activations_kernel(x, qx, dx, qsum16, n_groups, G: tl.constexpr):
+    """The rows of x (float32, contiguous) in 8-bit blocks of 32 (q8_words), G blocks a program:
+    qx their bytes as int32 words (8 a block), dx their scales, qsum16 the sums of q per 16
+    values (2 a block)."""
+    group = tl.program_id(0) * G + tl.arange(0, G)
+    inside = group < n_groups
+    xb = tl.load(x + group[:, None] * 32 + tl.arange(0, 32)[None, :], mask=inside[:, None], other=0.0)
+    words, d, word_sums = q8_words(xb)
+    tl.store(qx + group[:, None] * 8 + tl.arange(0, 8)[None, :], words, mask=inside[:, None])
+    tl.store(dx + group, d, mask=inside)
+    halves = tl.sum(tl.reshape(word_sums, [G, 2, 4]), axis=2)
+    tl.store(qsum16 + group[:, None] * 2 + tl.arange(0, 2)[None, :], halves, mask=inside[:, None])
+
+
+@triton.jit
+def exact_float(i):
+    """Integers |i| < 2^22 as float32 by two full-rate operations (int-to-float conversion runs
+    at a quarter of the rate): i + 1.5 * 2^23 has i in its mantissa."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def q4_k_header(blk):
+    """d, dmin [R] and the sub-blocks' scales and mins as bytes of words [R] (scales 0-3,
+    scales 4-7, mins 0-3, mins 4-7) of Q4_K blocks at 16-aligned byte pointers blk [R], from
+    their first 16 bytes as 4 words (ggml's unpacking of the 12 packed 6-bit fields)."""
+    head = blk.to(tl.pointer_type(tl.int32))
+    w0 = tl.load(head)
+    w1 = tl.load(head + 1)
+    w2 = tl.load(head + 2)
+    w3 = tl.load(head + 3)
+    d = (w0 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    low6, low4, top2 = 0x3F3F3F3F, 0x0F0F0F0F, 0x03030303
+    scales_high = (w3 & low4) | (((w1 >> 6) & top2) << 4)
+    mins_high = ((w3 >> 4) & low4) | (((w2 >> 6) & top2) << 4)
+    return d, dmin, w1 & low6, scales_high, w2 & low6, mins_high
+
+
+@triton.jit
+def _q4_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
                     R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
-    """y[k, m, r] = W[r] . q8(x[m]) over the k-th run of blocks, for Q4_K: each block's
-    activations in 8-bit blocks of 32 (q8_words), matching Q4_K's sub-blocks, so a sub-block's
-    products are integer dot products of 8 weight words (one nibble of each byte: values
-    64c + 32n + 4j .. + 3 in word j of group c, as _q4_k_words_kernel reads them) with 8
-    activation words (dp4a), scaled once: d sc dx sum(q qx) - dmin m dx sum(qx)."""
+    """y[k, m, r] = W[r] . q8(x[m]) over the k-th run of blocks, for Q4_K, the activations
+    quantized beforehand (_q8_activations_kernel) in blocks of 32 that match Q4_K's
+    sub-blocks: word j of group c (one nibble n of each byte: values 64c + 32n + 4j .. + 3, as
+    _q4_k_words_kernel reads them) times activation word j of block 2c + n by dp4a, scaled by
+    d sc dx; the mins by dmin m dx sum(qx). Sums stay per word and row until after the loop."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     c = tl.arange(0, 4)
     j = tl.arange(0, 8)
     ms = tl.arange(0, M)
+    live = ms < m_rows
     word_at = (4 + 8 * c[:, None] + j[None, :])[None]  # [1, 4, 8]: qs words after d, dmin, scales
-    group_at = 64 * c[:, None] + tl.arange(0, 32)[None, :]  # [4, 32]: value 64c + i of a block
-    total = tl.zeros([M, R], dtype=tl.float32)
+    low_half = (c < 2)[None, :]  # sub-blocks 2c + n below 4
+    acc = tl.zeros([M, R, 4, 8], dtype=tl.float32)
+    mins = tl.zeros([M, R, 4], dtype=tl.float32)
     for b in range(first, end):
         blk = base + b * 144
         words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, None, None] + word_at)  # [R, 4, 8]
-        d = f16_at(blk)[:, None]
-        dmin = f16_at(blk + 2)[:, None]
+        d, dmin, sc_low, sc_high, m_low, m_high = q4_k_header(blk)
         for n in tl.static_range(2):
             nibbles = (words >> (4 * n)) & 0x0F0F0F0F
-            sc, mn = q4_k_scale_min((blk + 4)[:, None], 2 * c + n)  # [R, 4]
-            for m in range(m_rows):
-                qx, dx, word_sums = q8_words(tl.load(x + m * n_in + b * 256 + 32 * n + group_at))
-                qsum = tl.sum(word_sums, axis=1)  # [4]
-                dots = tl.sum(dot4(nibbles, qx[None], tl.zeros_like(nibbles), INTERPRET), axis=2)  # [R, 4]
-                mins = dmin * mn * qsum.to(tl.float32)[None, :]
-                part = tl.sum(dx[None, :] * (d * sc * dots.to(tl.float32) - mins), axis=1)
-                total += tl.where(ms[:, None] == m, part[None, :], 0.0)
+            shift = (8 * ((2 * c + n) % 4))[None, :]  # sub-block 2c + n's byte in its word
+            sc = (tl.where(low_half, sc_low[:, None], sc_high[:, None]) >> shift) & 0xFF  # [R, 4]
+            mn = (tl.where(low_half, m_low[:, None], m_high[:, None]) >> shift) & 0xFF
+            group = b * 8 + 2 * c + n  # [4]: the activations' 32-blocks of these sub-blocks
+            xw = tl.load(qx + ms[:, None, None] * (n_in // 4) + 8 * group[None, :, None] + j[None, None, :],
+                         mask=live[:, None, None], other=0)  # [M, 4, 8]
+            scale = tl.load(dx + ms[:, None] * (n_in // 32) + group[None, :], mask=live[:, None], other=0.0)
+            at = qsum16 + ms[:, None] * (n_in // 16) + 2 * group[None, :]
+            qsum = tl.load(at, mask=live[:, None], other=0) + tl.load(at + 1, mask=live[:, None], other=0)
+            dots = dot4(nibbles[None], xw[:, None], tl.zeros([M, R, 4, 8], dtype=tl.int32), INTERPRET)
+            per_word = (d[:, None] * exact_float(sc))[None] * scale[:, None, :]  # [M, R, 4]
+            acc += per_word[:, :, :, None] * exact_float(dots)
+            mins += (dmin[:, None] * exact_float(mn))[None] * (scale * exact_float(qsum))[:, None, :]
+    total = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(mins, axis=2)  # [M, R]
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
-    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
 
 
 @triton.jit
@@ -251,27 +299,36 @@ def words_at(p):
 
 
 @triton.jit
-def _q6_k_q8_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
+def signed_byte(words, i):
+    """Byte i of each int32 word, as a signed value in float32."""
+    return exact_float(((words >> (8 * i)) << 24) >> 24)
+
+
+@triton.jit
+def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
                     R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
     """Kernel q8 for Q6_K: per 32-value run 128h + 32k + 4w + i (half h, k = 0..3), the 6-bit
     weights 4 at a time as words (nibble k // 2 of ql word 64h + 32(k % 2) + 4w, bits 2k of
-    qh word 128 + 32h + 4w, each byte's), dp4a with the run's activation words; a 16-value
-    group g = w // 4 scaled by scales[8h + 2k + g], the -32 offset against its activations' sum."""
+    qh word 128 + 32h + 4w, each byte's), dp4a with the run's activation words, scaled by d,
+    scales[8h + 2k + w // 4] and dx; the -32 offset against each 16-value group's sum of qx."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     h = tl.arange(0, 2)
     word = tl.arange(0, 8)
+    g = tl.arange(0, 2)
     ms = tl.arange(0, M)
+    live = ms < m_rows
     low_at = (64 * h[:, None] + 4 * word[None, :])[None]  # [1, 2, 8]
     high_at = (128 + 32 * h[:, None] + 4 * word[None, :])[None]
-    run_at = 128 * h[:, None] + tl.arange(0, 32)[None, :]  # [2, 32]: value 128h + i of a block
-    g = tl.arange(0, 2)
-    total = tl.zeros([M, R], dtype=tl.float32)
+    acc = tl.zeros([M, R, 2, 8], dtype=tl.float32)
+    offsets = tl.zeros([M, R, 2, 2], dtype=tl.float32)
     for b in range(first, end):
         blk = base + b * 210
         row = blk[:, None, None]
         low_even = words_at(row + low_at)  # [R, 2, 8]
         low_odd = words_at(row + low_at + 32)
         high = words_at(row + high_at)
+        scales_low = words_at(blk[:, None] + 192 + 8 * h[None, :])  # [R, 2]: scales 8h .. 8h + 3
+        scales_high = words_at(blk[:, None] + 196 + 8 * h[None, :])  # scales 8h + 4 .. 8h + 7
         d = f16_at(blk + 208)[:, None, None]
         for k in tl.static_range(4):
             if k % 2 == 0:  # noqa: SIM108 (resolved at compile time)
@@ -279,17 +336,25 @@ def _q6_k_q8_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows
             else:
                 low = low_odd
             q = ((low >> (4 * (k // 2))) & 0x0F0F0F0F) | (((high >> (2 * k)) & 0x03030303) << 4)
-            sc = tl.load(blk[:, None, None] + 192 + 8 * h[None, :, None] + 2 * k + g[None, None, :])
-            sc = d * sc.to(tl.int8).to(tl.float32)  # [R, 2, 2]: half, group
-            for m in range(m_rows):
-                qx, dx, word_sums = q8_words(tl.load(x + m * n_in + b * 256 + 32 * k + run_at))  # [2, 8]
-                dots = dot4(q, qx[None], tl.zeros_like(q), INTERPRET)  # [R, 2, 8]
-                dots = tl.sum(tl.reshape(dots, [R, 2, 2, 4]), axis=3)  # [R, 2, 2]
-                offsets = 32 * tl.sum(tl.reshape(word_sums, [2, 2, 4]), axis=2)  # [2, 2]
-                part = dx[None, :, None] * sc * (dots - offsets[None]).to(tl.float32)
-                total += tl.where(ms[:, None] == m, tl.sum(tl.sum(part, axis=2), axis=1)[None, :], 0.0)
+            if k < 2:  # noqa: SIM108 (resolved at compile time)
+                scale_words = scales_low
+            else:
+                scale_words = scales_high
+            per_word = d * signed_byte(scale_words[:, :, None], 2 * (k % 2) + word[None, None, :] // 4)
+            per_group = d * signed_byte(scale_words[:, :, None], 2 * (k % 2) + g[None, None, :])  # [R, 2, 2]
+            # per_word [R, 2, 8]: group g = word // 4's scale
+            group = b * 8 + 4 * h + k  # [2]: the activations' 32-blocks of these runs
+            xw_at = qx + ms[:, None, None] * (n_in // 4) + 8 * group[None, :, None] + word[None, None, :]
+            xw = tl.load(xw_at, mask=live[:, None, None], other=0)  # [M, 2, 8]
+            scale = tl.load(dx + ms[:, None] * (n_in // 32) + group[None, :], mask=live[:, None], other=0.0)
+            sum_at = qsum16 + ms[:, None, None] * (n_in // 16) + 2 * group[None, :, None] + g[None, None, :]
+            qsum = tl.load(sum_at, mask=live[:, None, None], other=0)  # [M, 2, 2]
+            dots = dot4(q[None], xw[:, None], tl.zeros([M, R, 2, 8], dtype=tl.int32), INTERPRET)
+            acc += per_word[None] * scale[:, None, :, None] * exact_float(dots)
+            offsets += per_group[None] * (scale[:, :, None] * qsum.to(tl.float32))[:, None]
+    total = tl.sum(tl.sum(acc, axis=3), axis=2) - 32.0 * tl.sum(tl.sum(offsets, axis=3), axis=2)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
-    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
 
 
 @triton.jit
@@ -335,6 +400,22 @@ def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_r
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
 
 
+def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 (contiguous) for kernel q8: its 8-bit blocks' bytes as int32 words
+    [M, K / 4], their scales [M, K / 32] and sums of q per 16 values [M, K / 16]."""
+    m_rows, n_in = x.shape
+    qx = torch.empty(m_rows, n_in // 4, dtype=torch.int32, device=x.device)
+    dx = torch.empty(m_rows, n_in // 32, dtype=torch.float32, device=x.device)
+    qsum16 = torch.empty(m_rows, n_in // 16, dtype=torch.int32, device=x.device)
+    n_groups = m_rows * n_in // 32
+    _q8_activations_kernel[(triton.cdiv(n_groups, Q8_GROUPS),)](x, qx, dx, qsum16, n_groups, G=Q8_GROUPS)
+    return qx, dx, qsum16
+
+
+def _q8_kernel(t: GGMLType):
+    return _q4_k_q8_kernel if t == GGMLType.Q4_K else _q6_k_q8_kernel
+
+
 def supports(t: GGMLType, n_in: int, rows: int) -> bool:
     """Whether the kernel takes weights of type t, rows of n_in, and this many input rows."""
     return t in TYPES and n_in > 0 and n_in % 256 == 0 and 0 < rows <= MAX_INPUT_ROWS
@@ -377,12 +458,12 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
     launch = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
     if kernel == "values":
         _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded, **launch)
-    elif t == GGMLType.Q4_K and kernel == "q8":
-        _q4_k_q8_kernel[grid](*args, R=rows_per_program, M=padded, INTERPRET=INTERPRET, **launch)
+    elif kernel == "q8":
+        q8 = _q8_kernel(t)
+        q8[grid](raw, *q8_activations(x), *args[2:], R=rows_per_program, M=padded, INTERPRET=INTERPRET,
+                 **launch)
     elif t == GGMLType.Q4_K:
         _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
-    elif kernel == "q8":
-        _q6_k_q8_kernel[grid](*args, R=rows_per_program, M=padded, INTERPRET=INTERPRET, **launch)
     else:
         _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
     return y[0] if splits == 1 else y.sum(0)
