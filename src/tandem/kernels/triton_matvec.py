@@ -256,7 +256,8 @@ def _q4_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
     quantized beforehand (_q8_activations_kernel) in blocks of 32 that match Q4_K's
     sub-blocks: word j of group c (one nibble n of each byte: values 64c + 32n + 4j .. + 3, as
     _q4_k_words_kernel reads them) times activation word j of block 2c + n by dp4a, scaled by
-    d sc dx; the mins by dmin m dx sum(qx). Sums stay per word and row until after the loop."""
+    d sc dx; the mins by dmin m dx sum(qx). Sums stay per sub-block and row until after the
+    loop (summing across threads once, not per block)."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     c = tl.arange(0, 4)
     j = tl.arange(0, 8)
@@ -264,8 +265,7 @@ def _q4_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
     live = ms < m_rows
     word_at = (4 + 8 * c[:, None] + j[None, :])[None]  # [1, 4, 8]: qs words after d, dmin, scales
     low_half = (c < 2)[None, :]  # sub-blocks 2c + n below 4
-    acc = tl.zeros([M, R, 4, 8], dtype=tl.float32)
-    mins = tl.zeros([M, R, 4], dtype=tl.float32)
+    acc = tl.zeros([M, R, 4], dtype=tl.float32)
     for b in range(first, end):
         blk = base + b * 144
         words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, None, None] + word_at)  # [R, 4, 8]
@@ -282,10 +282,10 @@ def _q4_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
             at = qsum16 + ms[:, None] * (n_in // 16) + 2 * group[None, :]
             qsum = tl.load(at, mask=live[:, None], other=0) + tl.load(at + 1, mask=live[:, None], other=0)
             dots = dot4(nibbles[None], xw[:, None], tl.zeros([M, R, 4, 8], dtype=tl.int32), INTERPRET)
-            per_word = (d[:, None] * exact_float(sc))[None] * scale[:, None, :]  # [M, R, 4]
-            acc += per_word[:, :, :, None] * exact_float(dots)
-            mins += (dmin[:, None] * exact_float(mn))[None] * (scale * exact_float(qsum))[:, None, :]
-    total = tl.sum(tl.sum(acc, axis=3), axis=2) - tl.sum(mins, axis=2)  # [M, R]
+            per_group = (d[:, None] * exact_float(sc))[None] * scale[:, None, :]  # [M, R, 4]
+            mins = (dmin[:, None] * exact_float(mn))[None] * (scale * exact_float(qsum))[:, None, :]
+            acc += per_group * exact_float(tl.sum(dots, axis=3)) - mins
+    total = tl.sum(acc, axis=2)  # [M, R]
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
 
@@ -309,8 +309,9 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
                     R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
     """Kernel q8 for Q6_K: per 32-value run 128h + 32k + 4w + i (half h, k = 0..3), the 6-bit
     weights 4 at a time as words (nibble k // 2 of ql word 64h + 32(k % 2) + 4w, bits 2k of
-    qh word 128 + 32h + 4w, each byte's), dp4a with the run's activation words, scaled by d,
-    scales[8h + 2k + w // 4] and dx; the -32 offset against each 16-value group's sum of qx."""
+    qh word 128 + 32h + 4w, each byte's), dp4a with the run's activation words; per 16-value
+    group g = w // 4 the sum less 32 times its activations' sum, scaled by d, scales[8h + 2k + g]
+    and dx, kept per group and row until after the loop."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     h = tl.arange(0, 2)
     word = tl.arange(0, 8)
@@ -319,8 +320,7 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
     live = ms < m_rows
     low_at = (64 * h[:, None] + 4 * word[None, :])[None]  # [1, 2, 8]
     high_at = (128 + 32 * h[:, None] + 4 * word[None, :])[None]
-    acc = tl.zeros([M, R, 2, 8], dtype=tl.float32)
-    offsets = tl.zeros([M, R, 2, 2], dtype=tl.float32)
+    acc = tl.zeros([M, R, 2, 2], dtype=tl.float32)
     for b in range(first, end):
         blk = base + b * 210
         row = blk[:, None, None]
@@ -340,9 +340,7 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
                 scale_words = scales_low
             else:
                 scale_words = scales_high
-            per_word = d * signed_byte(scale_words[:, :, None], 2 * (k % 2) + word[None, None, :] // 4)
             per_group = d * signed_byte(scale_words[:, :, None], 2 * (k % 2) + g[None, None, :])  # [R, 2, 2]
-            # per_word [R, 2, 8]: group g = word // 4's scale
             group = b * 8 + 4 * h + k  # [2]: the activations' 32-blocks of these runs
             xw_at = qx + ms[:, None, None] * (n_in // 4) + 8 * group[None, :, None] + word[None, None, :]
             xw = tl.load(xw_at, mask=live[:, None, None], other=0)  # [M, 2, 8]
@@ -350,9 +348,9 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
             sum_at = qsum16 + ms[:, None, None] * (n_in // 16) + 2 * group[None, :, None] + g[None, None, :]
             qsum = tl.load(sum_at, mask=live[:, None, None], other=0)  # [M, 2, 2]
             dots = dot4(q[None], xw[:, None], tl.zeros([M, R, 2, 8], dtype=tl.int32), INTERPRET)
-            acc += per_word[None] * scale[:, None, :, None] * exact_float(dots)
-            offsets += per_group[None] * (scale[:, :, None] * qsum.to(tl.float32))[:, None]
-    total = tl.sum(tl.sum(acc, axis=3), axis=2) - 32.0 * tl.sum(tl.sum(offsets, axis=3), axis=2)
+            dots = tl.sum(tl.reshape(dots, [M, R, 2, 2, 4]), axis=4) - 32 * qsum[:, None]  # [M, R, 2, 2]
+            acc += per_group[None] * scale[:, None, :, None] * exact_float(dots)
+    total = tl.sum(tl.sum(acc, axis=3), axis=2)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
 
