@@ -13,6 +13,7 @@ on a GPU of 132 SMs, each walking 28 blocks one after another, and the layer's q
 decoded at ~330 GB/s against bfloat16 copies' ~1.1 TB/s (run v). Then each program sums a run
 of blocks into its own partial row of y, and the partials are added afterwards.
 QuantLinear takes it by default where Triton imports (TANDEM_QUANT_TRITON=0: the compiled one).
+Two more kernels do the same sums with less work per weight (KERNELS, below).
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ MIN_SPLIT_BLOCKS = 4  # blocks a program walks at least when split
 # Rows of fewer blocks are not split: their walk is short, and the partials' sum costs more
 # (the shared expert's down projection, 8 blocks: 11.4 us whole, 12.7 split; run v)
 SPLIT_FROM_BLOCKS = 16
-# Two kernels, TANDEM_QUANT_MATVEC=values (the default) or sums: `values` dequantizes every
-# weight of R rows' blocks ([R, 8, 32] bytes, each qs byte loaded once per nibble, Q6_K's scales
-# once per value) and multiplies; `sums` loads each byte once (Q4_K as 32-bit words), sums the
-# products per sub-block and scales the sums. Run w measured `values` at 0.1-1.1 TB/s of the
-# quantized bytes against cuBLAS's 1.1-4.5 TB/s on bfloat16 copies; `sums` is unmeasured on a GPU.
-# `q8` quantizes the activations too, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do,
-# and takes the products as integer dot products of 4 bytes (dp4a): no per-weight float
-# arithmetic at all.
+# Three kernels, TANDEM_QUANT_MATVEC=values (the default), sums or q8: `values` dequantizes
+# every weight of R rows' blocks ([R, 8, 32] bytes, each qs byte loaded once per nibble, Q6_K's
+# scales once per value) and multiplies; `sums` loads each byte once (Q4_K as 32-bit words),
+# sums the products per sub-block and scales the sums; `q8` quantizes the activations too, once
+# a call, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do, and takes the products as
+# integer dot products of 4 bytes (dp4a): no weight is turned into a float. Run w measured
+# `values` at 0.1-1.1 TB/s of the quantized bytes against cuBLAS's 1.1-4.5 TB/s on bfloat16
+# copies. In the sm_90 SASS of a loop iteration (tests/kernels/test_triton_compile.py compiles
+# them without a GPU) values spends 13 instructions a Q4_K weight and 35 a Q6_K one, q8 5.7
+# (4.1 with 32 rows) and 7.4, where 4.8 TB/s leaves an SM ~3.9 and ~5.7; sums and q8 are not
+# yet measured on a GPU.
 KERNELS = ("values", "sums", "q8")
 KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
