@@ -82,6 +82,18 @@ def test_sums_kernel_tiles(t, rows_per_program, blocks_per_step, n_in, splits):
     assert relative_error(y, x @ reference.T) < 1e-5
 
 
+@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows_per_program, m", [(32, 1), (64, 3)])
+def test_q8_kernel_tiles(t, rows_per_program, m):
+    """Kernel q8 at the sweep's taller tiles (40 rows: one program, partly empty)."""
+    rng = np.random.default_rng(11)
+    weight, reference = make_weight(t, (40, 1024), rng)
+    raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(5))
+    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, kernel="q8", rows_per_program=rows_per_program).cpu()
+    assert relative_error(y, q8_0(x) @ reference.T) < 1e-5
+
+
 def test_an_unknown_kernel_is_named():
     with pytest.raises(ValueError, match="'bytes' is not one of values, sums"):
         triton_matvec.matvec(torch.zeros(144, dtype=torch.uint8), T.Q4_K, torch.zeros(1, 256), 1,
