@@ -49,6 +49,10 @@ KERNELS = ("values", "sums", "q8")
 KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
 Q8_GROUPS = 32  # activation blocks a program of _q8_activations_kernel quantizes
+# Kernel q8's rows a program: per loop iteration 5.7 instructions a Q4_K weight with 16 rows, 4.1
+# with 32, 3.8 with 64 (Q6_K: 7.4, 5.5, 5.4 with 8 warps), the activations' words and the blocks'
+# headers shared by more rows (sm_90 SASS); 32 until a GPU sweep says otherwise.
+Q8_ROWS = 32
 
 
 @triton.jit
@@ -435,17 +439,18 @@ def splits_for(n_out: int, n_in: int, rows_per_program: int = ROWS) -> int:
 
 
 def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
-           splits: int | None = None, kernel: str | None = None, rows_per_program: int = ROWS,
+           splits: int | None = None, kernel: str | None = None, rows_per_program: int | None = None,
            warps: int = 4, stages: int | None = None, blocks_per_step: int = 1) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
     (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default: KERNEL);
-    `rows_per_program` (a power of two), `warps`, `stages` (the loop's software pipelining;
-    None: Triton's default) and `blocks_per_step` (kernel sums; a power of two) for sweeps
-    (benchmarks/quant_matvec.py)."""
+    `rows_per_program` (a power of two; default ROWS, Q8_ROWS for q8), `warps`, `stages` (the
+    loop's software pipelining; None: Triton's default) and `blocks_per_step` (kernel sums; a
+    power of two) for sweeps (benchmarks/quant_matvec.py)."""
     kernel = kernel or KERNEL
     if kernel not in KERNELS:
         raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
+    rows_per_program = rows_per_program or (Q8_ROWS if kernel == "q8" else ROWS)
     x = x.float().contiguous()
     m_rows, n_in = x.shape
     n_blocks = n_in // 256
