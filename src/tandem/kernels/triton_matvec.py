@@ -63,21 +63,28 @@ def f16_at(p):
 
 
 @triton.jit
+def q4_k_scale_min(at, s):
+    """Scales and mins of sub-blocks s [U] of the Q4_K blocks whose 12 scale bytes are at byte
+    pointers at [R, U], as float32 [R, U] (ggml's get_scale_min_k4)."""
+    low = s < 4
+    a = tl.load(at + s[None, :]).to(tl.int32)  # scales[s]
+    b = tl.load(at + s[None, :] + 4).to(tl.int32)  # scales[s + 4]
+    c = tl.load(at + tl.where(low, s, s - 4)[None, :]).to(tl.int32)  # scales[s - 4] (s >= 4)
+    sc = tl.where(low[None, :], a & 63, (b & 15) | ((c >> 6) << 4))
+    m = tl.where(low[None, :], b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
 def q4_k_values(blk):
     """Q4_K blocks at byte pointers blk [R] as float32 weights [R, 8, 32]: value 32 s + i of a
     block is nibble s % 2 of byte 32 (s // 2) + i of qs; sub-block s has a 6-bit scale and
     min packed in 12 bytes (ggml's get_scale_min_k4)."""
     s = tl.arange(0, 8)
     i = tl.arange(0, 32)
-    low = s < 4
-    at = blk[:, None] + 4
-    a = tl.load(at + s[None, :]).to(tl.int32)  # scales[s]
-    b = tl.load(at + s[None, :] + 4).to(tl.int32)  # scales[s + 4]
-    c = tl.load(at + tl.where(low, s, s - 4)[None, :]).to(tl.int32)  # scales[s - 4] (s >= 4)
-    sc = tl.where(low[None, :], a & 63, (b & 15) | ((c >> 6) << 4))
-    m = tl.where(low[None, :], b & 63, (b >> 4) | ((a >> 6) << 4))
-    scale = f16_at(blk)[:, None] * sc.to(tl.float32)  # [R, 8]
-    minimum = f16_at(blk + 2)[:, None] * m.to(tl.float32)
+    sc, m = q4_k_scale_min(blk[:, None] + 4, s)
+    scale = f16_at(blk)[:, None] * sc  # [R, 8]
+    minimum = f16_at(blk + 2)[:, None] * m
     byte = tl.load(blk[:, None, None] + 16 + 32 * (s[None, :, None] // 2) + i[None, None, :]).to(tl.int32)
     q = (byte >> (4 * (s[None, :, None] % 2))) & 15
     return scale[:, :, None] * q.to(tl.float32) - minimum[:, :, None]
@@ -133,19 +140,6 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
             total += tl.where(ms[:, None] == m, part[None, :], 0.0)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
-
-
-@triton.jit
-def q4_k_scale_min(at, s):
-    """Scales and mins of sub-blocks s [U] of the Q4_K blocks whose 12 scale bytes are at byte
-    pointers at [R, U], as float32 [R, U] (ggml's get_scale_min_k4)."""
-    low = s < 4
-    a = tl.load(at + s[None, :]).to(tl.int32)  # scales[s]
-    b = tl.load(at + s[None, :] + 4).to(tl.int32)  # scales[s + 4]
-    c = tl.load(at + tl.where(low, s, s - 4)[None, :]).to(tl.int32)  # scales[s - 4] (s >= 4)
-    sc = tl.where(low[None, :], a & 63, (b & 15) | ((c >> 6) << 4))
-    m = tl.where(low[None, :], b & 63, (b >> 4) | ((a >> 6) << 4))
-    return sc.to(tl.float32), m.to(tl.float32)
 
 
 @triton.jit
