@@ -382,3 +382,33 @@ def test_the_triton_setting_without_triton_keeps_the_compiled_kernels(monkeypatc
         assert "Triton is missing" in caplog.text
     finally:
         gpu_share._experts_fn.cache_clear()
+
+
+def test_the_triton_kernels_are_the_default_and_0_turns_them_off(monkeypatch):
+    pytest.importorskip("triton")
+    types = RECIPES["ud-iq1_s"]
+    try:
+        for setting, written in (("", True), ("1", True), ("0", False)):
+            monkeypatch.setenv("TANDEM_SHARE_TRITON", setting)
+            gpu_share._experts_fn.cache_clear()
+            fn = gpu_share._experts_fn(*types, False, True)
+            assert (fn.__name__ == "triton_where_it_fits") == written, f"TANDEM_SHARE_TRITON={setting!r}"
+    finally:
+        gpu_share._experts_fn.cache_clear()
+
+
+def test_the_default_without_triton_keeps_the_compiled_kernels_quietly(monkeypatch, caplog):
+    import sys
+
+    import tandem.kernels
+    monkeypatch.delenv("TANDEM_SHARE_TRITON", raising=False)
+    monkeypatch.setitem(sys.modules, "tandem.kernels.share_triton", None)
+    monkeypatch.delattr(tandem.kernels, "share_triton", raising=False)
+    gpu_share._experts_fn.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            fn = gpu_share._experts_fn(*RECIPES["ud-iq1_s"], False, True)
+        assert fn.__name__ != "triton_where_it_fits"
+        assert "Triton is missing" not in caplog.text
+    finally:
+        gpu_share._experts_fn.cache_clear()

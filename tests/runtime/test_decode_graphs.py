@@ -79,6 +79,15 @@ def test_compiled_pieces_equal_the_eager_steps_and_compile_once_for_all_layers(t
     assert n_layers >= 3 and 0 < graphs <= 4, f"{graphs} graphs for {n_layers} layers"  # a piece each
 
 
+def test_decode_pieces_are_compiled_on_cuda_unless_0_and_eager_elsewhere_unless_1(monkeypatch):
+    """The default of TANDEM_COMPILE_DECODE by device (no GPU needed: compiling is lazy)."""
+    eager, cuda, cpu = StepPieces(), torch.device("cuda"), torch.device("cpu")
+    for setting, on_cuda, on_cpu in (("", False, True), ("0", True, True), ("1", False, False)):
+        monkeypatch.setenv(decode_graphs.COMPILE_ENV, setting)
+        assert (decode_graphs.pieces_for(cuda) == eager) == on_cuda, f"cuda, {setting!r}"
+        assert (decode_graphs.pieces_for(cpu) == eager) == on_cpu, f"cpu, {setting!r}"
+
+
 def test_steps_prefetch_the_next_layers_predicted_experts_and_keep_the_logits(tmp_path):
     """TANDEM_SHARE_PREFETCH in the steps (uncaptured, the share's "GPU" on the CPU): each MoE
     segment predicts the next MoE's experts, the step copies them ahead, and the logits stay

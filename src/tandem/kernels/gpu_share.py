@@ -94,8 +94,12 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
 # copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
 # TANDEM_SHARE_MAX_EXPERTS=N: slots for a batch's GPU part (default: half of MAX_TOKENS tokens'
-# experts, see max_experts_for). TANDEM_SHARE_TRITON=1: UD-IQ1_S and Q4_K_M experts through
-# hand-written Triton kernels (kernels.share_triton) instead of the torch.compile'd decoders.
+# experts, see max_experts_for). TANDEM_SHARE_TRITON (default on; 0: off): UD-IQ1_S and Q4_K_M
+# experts through hand-written Triton kernels (kernels.share_triton) instead of the
+# torch.compile'd decoders. Run A on the GPU machine, A/B rounds (tok/s, each a median of 3):
+# alone, Q4_K_M 96.6 against 95.2 and 95.7 against 87.3, UD-IQ1_S mixed (59.5 against 56.8,
+# 56.9 against 58.4, 53.3 against 51.4); with the compiled decode segments (their default too)
+# UD-IQ1_S 62.2 against 58.4 and 56.6 against 51.4, Q4_K_M 95.0 against 92.7, 94.4 against 87.7.
 # TANDEM_SHARE_TORCH_THREADS=N: once loaded, torch's OpenMP team on the loading thread resized to
 # N threads (default TORCH_THREADS_WITH_SHARE; 0 leaves torch's count): torch's CPU ops then
 # use N threads (kernels.cpu.resize_openmp_team). libgomp counts every team's threads; once
@@ -1051,9 +1055,11 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
     # one function by default; past them it would silently run the slow eager ops.
     compiled_fn = compiling.compiled(fn, dynamic=False, variants=RECOMPILE_LIMIT)
     types = (gate_type, up_type, down_type)
-    if os.environ.get("TANDEM_SHARE_TRITON") != "1":
+    setting = os.environ.get("TANDEM_SHARE_TRITON", "")
+    if setting == "0":
         return compiled_fn
-    share_triton = triton_module("share_triton", "TANDEM_SHARE_TRITON", "the compiled kernels")
+    share_triton = triton_module("share_triton", "TANDEM_SHARE_TRITON", "the compiled kernels",
+                                 asked=setting == "1")
     if share_triton is None or types not in share_triton.MIXES:
         return compiled_fn
     written = share_triton.expert_rows if batched else share_triton.experts

@@ -39,11 +39,16 @@ from tandem.models.decoder import Decoder
 from tandem.models.deepseek_v3 import MLAttention, MoE
 
 BUCKET = 512
-# TANDEM_COMPILE_DECODE=1 (A/B knob, off by default): each block's pieces of a step through
-# torch.compile, fusing the small elementwise kernels (norms, rope, masks, dtype conversions:
-# about half of a ~0.41 ms MoE-layer segment on the GPU machine) before the graphs capture them.
-# One compile per piece, bucket and batch size serves every layer (their modules differ only in
-# their tensors).
+# TANDEM_COMPILE_DECODE (default on CUDA; 0: off, 1: on anywhere): each block's pieces of a
+# step through torch.compile, fusing the small elementwise kernels (norms, rope, masks, dtype
+# conversions: about half of a ~0.41 ms MoE-layer segment on the GPU machine) before the graphs
+# capture them. One compile per piece, bucket and batch size serves every layer (their modules
+# differ only in their tensors). Run z: segments 0.22-0.27 ms against 0.38. Run A, A/B rounds
+# (tok/s, each a median of 3) with the share's Triton kernels (their default too): UD-IQ1_S
+# 62.2 against 58.4 and 56.6 against 51.4, Q4_K_M 95.0 against 92.7 and 94.4 against 87.7;
+# alone, UD-IQ1_S 59.6 against 56.8. Each process compiles them at its first steps (inductor's
+# cache on disk shortens it after the first).
+# Off the GPU the eager pieces: nothing measured says compiling pays there.
 COMPILE_ENV = "TANDEM_COMPILE_DECODE"
 RECOMPILE_LIMIT = 64  # buckets x batch sizes x piece kinds
 # Other threads may use CUDA during a capture (the GPU share pins and compiles on its own):
@@ -96,8 +101,11 @@ class StepPieces:
                      for fn in (_attention_step, _dense_ffn_step, _moe_entry, _head)))
 
 
-def pieces_from_env() -> StepPieces:
-    return StepPieces.compiled() if os.environ.get(COMPILE_ENV) == "1" else StepPieces()
+def pieces_for(device: torch.device) -> StepPieces:
+    """The compiled pieces on CUDA (or anywhere with COMPILE_ENV=1), unless COMPILE_ENV=0."""
+    setting = os.environ.get(COMPILE_ENV, "")
+    compiled = setting == "1" or (setting != "0" and device.type == "cuda")
+    return StepPieces.compiled() if compiled else StepPieces()
 
 
 def _prefetches(moe: MoE) -> bool:
@@ -134,9 +142,9 @@ class DecodeGraphs:
     def __init__(self, model: Decoder, sequences: Sequence[Sequence], device: torch.device,
                  capture: bool = True, bucket: int = BUCKET, pieces: StepPieces | None = None):
         """`sequences`: each sequence's caches (one per layer), B >= 1 of them. `pieces`: the
-        segments' building blocks (default: compiled where COMPILE_ENV says so)."""
+        segments' building blocks (default: pieces_for(device))."""
         self.model = model
-        self.pieces = pieces or pieces_from_env()
+        self.pieces = pieces or pieces_for(device)
         self.caches = [list(layer) for layer in zip(*sequences, strict=True)]  # per layer: B caches
         self.capture = capture
         d, b = model.norm.weight.shape[0], len(sequences)
