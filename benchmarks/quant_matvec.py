@@ -5,10 +5,10 @@ gaps of the host), and GB/s of the bytes each reads.
 
     python benchmarks/quant_matvec.py [--rows 1] [--calls 20] [--sweep] [--out DIR]
 
-Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `sums` and `q8` (those
-kernels, split as `split`; q8's error includes its 8-bit activations'); --sweep adds
-`sums-r<R>-w<W>-b<B>` for tile heights R, warps W and blocks a step B, `sums-s<S>` for pipeline
-stages S and `q8-r<R>-w<W>` (SWEEP), and names each kernel's fastest per shape.
+Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `q8` (that kernel,
+split as `split`; its error includes its 8-bit activations') and `default` (each type's kernel,
+triton_matvec.DEFAULT_KERNELS); --sweep adds `<kernel>-r<R>-w<W>` for tile heights R and warps
+W and `q8-s<S>` for pipeline stages S (SWEEP), and names each kernel's fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
@@ -47,13 +47,12 @@ SHAPES = {
     "dense_down": (7168, 18432, Q6, False),
     "head": (129280, 7168, Q6, False),
 }
-# (kernel, settings): sums at tile heights x warps x blocks a step, and pipeline stages at the
-# default tile; q8 at tile heights x warps
-SWEEP = ([("sums", {"rows_per_program": r, "warps": w, "blocks_per_step": kb})
-          for r in (8, 16, 32) for w in (4, 8) for kb in (1, 2, 4)]
-         + [("sums", {"stages": st}) for st in (1, 2, 4)]
-         + [("q8", {"rows_per_program": r, "warps": w}) for r in (16, 32, 64) for w in (2, 4, 8)])
-SHORT = {"rows_per_program": "r", "warps": "w", "blocks_per_step": "b", "stages": "s"}
+# (kernel, settings): each kernel at tile heights x warps, q8 at pipeline stages too (its
+# default tile)
+SWEEP = ([("values", {"rows_per_program": r, "warps": w}) for r in (8, 16, 32) for w in (2, 4, 8)]
+         + [("q8", {"rows_per_program": r, "warps": w}) for r in (16, 32, 64) for w in (2, 4, 8)]
+         + [("q8", {"stages": st}) for st in (1, 2, 3, 4)])
+SHORT = {"rows_per_program": "r", "warps": "w", "stages": "s"}
 
 
 def sweep_name(kernel: str, settings: dict) -> str:
@@ -93,8 +92,8 @@ def variants(raw, t: GGMLType, x: torch.Tensor, n_out: int, bf16: torch.Tensor, 
     runs = {"bf16": lambda: F.linear(x.to(torch.bfloat16), bf16),
             "whole_rows": lambda: triton_matvec.matvec(raw, t, x, n_out, splits=1, kernel="values"),
             "split": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="values"),
-            "sums": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="sums"),
-            "q8": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="q8")}
+            "q8": lambda: triton_matvec.matvec(raw, t, x, n_out, kernel="q8"),
+            "default": lambda: triton_matvec.matvec(raw, t, x, n_out)}
     for kernel, settings in SWEEP if sweep else ():
         runs[sweep_name(kernel, settings)] = functools.partial(triton_matvec.matvec, raw, t, x, n_out,
                                                                kernel=kernel, **settings)
@@ -118,7 +117,7 @@ def measure(n_out: int, n_in: int, t: GGMLType, rows: int, calls: int, rng, swee
            "bytes": read, "ms": ms, "gb_per_s": {k: read[k] / ms[k] / 1e6 for k in runs},
            "relative_error": {k: relative_error(fn().float(), reference) for k, fn in runs.items()}}
     if sweep:
-        for kernel in ("sums", "q8"):
+        for kernel in triton_matvec.KERNELS:
             row[f"fastest_{kernel}"] = min((k for k in ms if k.startswith(kernel)), key=ms.get)
     return row
 
@@ -127,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1, help="input rows (a decode step's sequences)")
     parser.add_argument("--calls", type=int, default=20, help="calls per CUDA graph")
-    parser.add_argument("--sweep", action="store_true", help="kernels sums and q8 at SWEEP's settings")
+    parser.add_argument("--sweep", action="store_true", help="the kernels at SWEEP's settings")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -139,8 +138,8 @@ def main() -> None:
         if per_layer:
             for k, ms in row["ms"].items():
                 layer[k] = layer.get(k, 0.0) + ms
-        fastest = [row["fastest_sums"], row["fastest_q8"]] if args.sweep else []
-        shown = ["bf16", "whole_rows", "split", "sums", "q8", *fastest]
+        fastest = [row[f"fastest_{k}"] for k in triton_matvec.KERNELS] if args.sweep else []
+        shown = ["bf16", "whole_rows", "split", "q8", "default", *fastest]
         ms, rate, err = row["ms"], row["gb_per_s"], row["relative_error"]
         print(f"{name:11s} {t.name} {n_out:6d}x{n_in:<5d} split {row['splits']:2d}: " + " | ".join(
             f"{k} {ms[k] * 1e3:7.1f} us ({rate[k]:5.0f} GB/s, err {err[k]:.0e})"

@@ -75,4 +75,6 @@ def test_on_the_gpu_the_compiled_matvec_and_the_prompt_path_agree_with_gguf_py(r
         ours = layer(x.cuda()).cpu().double()
         expected = x.double() @ reference.T
         tol = 1e-4 if rows <= quant_linear.MATVEC_ROWS else 2e-2  # float32 sums; bf16 products
+        if kind == "triton" and rows <= 8 and t == T.Q4_K:  # kernel q8 (triton_matvec.DEFAULT_KERNELS)
+            tol = 2e-2  # its activations in 8-bit blocks, as llama.cpp's CUDA matvecs take them
         assert (ours - expected).abs().max() <= tol * expected.abs().max(), t.name

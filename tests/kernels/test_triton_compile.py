@@ -16,8 +16,6 @@ POINTERS = {"w": "*u8", "x": "*fp32", "y": "*fp32", "qx": "*i32", "dx": "*fp32",
 CASES = [
     (tm._matvec_kernel, {"TYPE": 0, "BLOCK": 144, "R": 16, "M": 1}),
     (tm._matvec_kernel, {"TYPE": 1, "BLOCK": 210, "R": 16, "M": 8}),
-    (tm._q4_k_words_kernel, {"R": 32, "M": 8, "KB": 4}),
-    (tm._q6_k_bytes_kernel, {"R": 16, "M": 1, "KB": 2}),
     (tm._q8_activations_kernel, {"G": tm.Q8_GROUPS}),
     (tm._q4_k_q8_kernel, {"R": 32, "M": 1, "INTERPRET": False}),
     (tm._q6_k_q8_kernel, {"R": 16, "M": 8, "INTERPRET": False}),

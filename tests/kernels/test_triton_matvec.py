@@ -67,22 +67,6 @@ def test_supports():
 
 
 @pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
-@pytest.mark.parametrize("rows_per_program, blocks_per_step, n_in, splits",
-                         [(8, 1, 1024, None), (32, 1, 1024, None), (16, 2, 1280, 1), (16, 4, 4864, 5)],
-                         ids=["8-rows", "32-rows", "2-blocks-odd-run", "4-blocks-uneven-runs"])
-def test_sums_kernel_tiles(t, rows_per_program, blocks_per_step, n_in, splits):
-    """Other tile heights, and several blocks a step where runs do not divide by them (5 blocks
-    by 2; runs of 4, 4, 4, 4, 3 by 4): the last step's lanes past the run add nothing."""
-    rng = np.random.default_rng(7)
-    weight, reference = make_weight(t, (40, n_in), rng)
-    raw = torch.from_numpy(np.asarray(weight.data)).reshape(-1).to(DEVICE)
-    x = torch.randn(2, n_in, generator=torch.Generator().manual_seed(3))
-    y = triton_matvec.matvec(raw, t, x.to(DEVICE), 40, splits, kernel="sums",
-                             rows_per_program=rows_per_program, blocks_per_step=blocks_per_step).cpu()
-    assert relative_error(y, x @ reference.T) < 1e-5
-
-
-@pytest.mark.parametrize("t", [T.Q4_K, T.Q6_K], ids=lambda t: t.name)
 @pytest.mark.parametrize("rows_per_program, m", [(16, 1), (64, 3)])
 def test_q8_kernel_tiles(t, rows_per_program, m):
     """Kernel q8 at other tile heights than its default (40 rows: 3 programs, or 1 partly empty)."""
@@ -94,7 +78,14 @@ def test_q8_kernel_tiles(t, rows_per_program, m):
     assert relative_error(y, q8_0(x) @ reference.T) < 1e-5
 
 
+def test_each_type_takes_its_faster_kernel_unless_one_is_set(monkeypatch):
+    monkeypatch.setattr(triton_matvec, "KERNEL", None)
+    assert triton_matvec.kernel_for(T.Q4_K) == "q8" and triton_matvec.kernel_for(T.Q6_K) == "values"
+    monkeypatch.setattr(triton_matvec, "KERNEL", "values")  # TANDEM_QUANT_MATVEC=values
+    assert triton_matvec.kernel_for(T.Q4_K) == triton_matvec.kernel_for(T.Q6_K) == "values"
+
+
 def test_an_unknown_kernel_is_named():
-    with pytest.raises(ValueError, match="'bytes' is not one of values, sums"):
+    with pytest.raises(ValueError, match="'bytes' is not one of values, q8"):
         triton_matvec.matvec(torch.zeros(144, dtype=torch.uint8), T.Q4_K, torch.zeros(1, 256), 1,
                              kernel="bytes")

@@ -13,7 +13,7 @@ on a GPU of 132 SMs, each walking 28 blocks one after another, and the layer's q
 decoded at ~330 GB/s against bfloat16 copies' ~1.1 TB/s (run v). Then each program sums a run
 of blocks into its own partial row of y, and the partials are added afterwards.
 QuantLinear takes it by default where Triton imports (TANDEM_QUANT_TRITON=0: the compiled one).
-Two more kernels do the same sums with less work per weight (KERNELS, below).
+A second kernel takes the products as 8-bit integer dot products (KERNELS, below).
 """
 
 from __future__ import annotations
@@ -34,24 +34,32 @@ MIN_SPLIT_BLOCKS = 4  # blocks a program walks at least when split
 # Rows of fewer blocks are not split: their walk is short, and the partials' sum costs more
 # (the shared expert's down projection, 8 blocks: 11.4 us whole, 12.7 split; run v)
 SPLIT_FROM_BLOCKS = 16
-# Three kernels, TANDEM_QUANT_MATVEC=values (the default), sums or q8: `values` dequantizes
-# every weight of R rows' blocks ([R, 8, 32] bytes, each qs byte loaded once per nibble, Q6_K's
-# scales once per value) and multiplies; `sums` loads each byte once (Q4_K as 32-bit words),
-# sums the products per sub-block and scales the sums; `q8` quantizes the activations too, once
-# a call, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do, and takes the products as
-# integer dot products of 4 bytes (dp4a): no weight is turned into a float. Run w measured
-# `values` at 0.1-1.1 TB/s of the quantized bytes against cuBLAS's 1.1-4.5 TB/s on bfloat16
-# copies. In the sm_90 SASS of a loop iteration (tests/kernels/test_triton_compile.py compiles
-# them without a GPU) values spends 13 instructions a Q4_K weight and 35 a Q6_K one, q8 5.7
-# (4.1 with 32 rows) and 7.4, where 4.8 TB/s leaves an SM ~3.9 and ~5.7; sums and q8 are not
-# yet measured on a GPU.
-KERNELS = ("values", "sums", "q8")
-KERNEL = os.environ.get("TANDEM_QUANT_MATVEC", "values")
+# Two kernels: `values` dequantizes every weight of R rows' blocks ([R, 8, 32] bytes, each qs
+# byte loaded once per nibble, Q6_K's scales once per value) and multiplies; `q8` quantizes the
+# activations too, once a call, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do, and takes
+# the products as integer dot products of 4 bytes (dp4a): no weight is turned into a float. In
+# the sm_90 SASS of a loop iteration (tests/kernels/test_triton_compile.py compiles them without
+# a GPU) values spends 13 instructions a Q4_K weight and 35 a Q6_K one, q8 4.1 and 5.5. Run A on
+# the GPU machine (benchmarks/results/quant_matvec-*-20261129A.*), R1's shapes, one input row:
+# Q4_K through q8 1.2-1.45x faster than values on the large matrices (dense up 55.8 against 81.1
+# us, attention out 54.8 against 72.0; faster than cuBLAS on their bfloat16 copies, 69.3 and
+# 61.0), level on the small ones; Q6_K through q8 slower (the head 806 against 669 us, dense down
+# 142 against 128); at 8 input rows q8 was faster for both (the head 1822 against 2784 us). Both
+# read far below the bandwidth (q8 0.9-1.4 TB/s of quantized bytes): what the instruction count
+# allowed is not what they reach. So each type takes its faster kernel (DEFAULT_KERNELS);
+# TANDEM_QUANT_MATVEC=values or q8 sends every type through one (A/B runs). A third kernel,
+# `sums` (each byte loaded once, sub-block scales on sums), was slower than values on every
+# shape but one in run A's sweep (Q6_K dense down, 125 against 128 us) and was removed.
+KERNELS = ("values", "q8")
+DEFAULT_KERNELS = {GGMLType.Q4_K: "q8", GGMLType.Q6_K: "values"}
+KERNEL = os.environ.get("TANDEM_QUANT_MATVEC") or None  # None: DEFAULT_KERNELS
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
 Q8_GROUPS = 32  # activation blocks a program of _q8_activations_kernel quantizes
 # Kernel q8's rows a program: per loop iteration 5.7 instructions a Q4_K weight with 16 rows, 4.1
 # with 32, 3.8 with 64 (Q6_K: 7.4, 5.5, 5.4 with 8 warps), the activations' words and the blocks'
-# headers shared by more rows (sm_90 SASS); 32 until a GPU sweep says otherwise.
+# headers shared by more rows (sm_90 SASS). Run A's sweep (4 warps): 32 within 3% of the fastest
+# tile on every Q4_K shape (64 rows 53.4 against 55.8 us on dense up, 16 rows 11.1 against 11.4
+# on the shared expert's gate).
 Q8_ROWS = 32
 
 
@@ -143,45 +151,6 @@ def _matvec_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
 
 
 @triton.jit
-def _q4_k_words_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
-                       R: tl.constexpr, M: tl.constexpr, KB: tl.constexpr):
-    """Kernel _matvec_kernel's sums for Q4_K, KB blocks a step, the weights read as 32-bit
-    words: word j of the 8 that hold qs bytes 32c .. 32c + 31 carries values 64c + 4j + k (byte
-    k's low nibble) and 64c + 32 + 4j + k (its high one). So each byte is loaded once, 16 at a
-    time, and each sub-block's scale multiplies its 32 products' sum instead of every weight.
-    Lane u of a step is group c = u % 4 of its block u // 4; a last step's lanes past the run
-    read its last block again, with d and dmin zero."""
-    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
-    u = tl.arange(0, 4 * KB)
-    c = u % 4
-    j = tl.arange(0, 8)
-    k = tl.arange(0, 4)
-    ms = tl.arange(0, M)
-    lane_at = 4 * j[None, :, None] + k[None, None, :]  # [1, 8, 4]: value 4j + k of a group
-    total = tl.zeros([M, R], dtype=tl.float32)
-    for b0 in range(first, end, KB):
-        valid = b0 + u // 4 < end
-        block = tl.minimum(b0 + u // 4, end - 1)  # [U]
-        blk = base[:, None] + block[None, :] * 144  # [R, U]
-        word_at = (4 + 8 * c)[None, :, None] + j[None, None, :]  # qs words after d, dmin, scales
-        words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, :, None] + word_at)  # [R, U, 8]
-        d = tl.where(valid[None, :], f16_at(blk), 0.0)
-        dmin = tl.where(valid[None, :], f16_at(blk + 2), 0.0)
-        for n in tl.static_range(2):
-            q = ((words[:, :, :, None] >> (8 * k + 4 * n)[None, None, None, :]) & 15).to(tl.float32)
-            sc, mn = q4_k_scale_min(blk + 4, 2 * c + n)  # [R, U]
-            value_at = (block * 256 + 64 * c + 32 * n)[:, None, None] + lane_at
-            for m in range(m_rows):
-                xb = tl.load(x + m * n_in + value_at)  # [U, 8, 4]
-                dots = tl.sum(tl.sum(q * xb[None], axis=3), axis=2)  # [R, U]
-                sums = tl.sum(tl.sum(xb, axis=2), axis=1)  # [U]
-                part = tl.sum(d * sc * dots - dmin * mn * sums[None, :], axis=1)  # [R]
-                total += tl.where(ms[:, None] == m, part[None, :], 0.0)
-    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
-    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
-
-
-@triton.jit
 def dot4(a, b, acc, INTERPRET: tl.constexpr):
     """acc plus, per int32 lane, the dot product of a's 4 unsigned bytes and b's 4 signed ones
     (PTX dp4a; spelled out in Triton's interpreter, which runs no PTX)."""
@@ -256,8 +225,9 @@ def _q4_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
                     R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
     """y[k, m, r] = W[r] . q8(x[m]) over the k-th run of blocks, for Q4_K, the activations
     quantized beforehand (_q8_activations_kernel) in blocks of 32 that match Q4_K's
-    sub-blocks: word j of group c (one nibble n of each byte: values 64c + 32n + 4j .. + 3, as
-    _q4_k_words_kernel reads them) times activation word j of block 2c + n by dp4a, scaled by
+    sub-blocks: the qs bytes 32c .. 32c + 31 read as 8 words (group c), whose word j holds
+    values 64c + 4j .. + 3 in its bytes' low nibbles and 64c + 32 + 4j .. + 3 in their high
+    ones; nibble n of word j times activation word j of block 2c + n by dp4a, scaled by
     d sc dx; the mins by dmin m dx sum(qx). Sums stay per sub-block and row until after the
     loop (summing across threads once, not per block)."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
@@ -357,49 +327,6 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
 
 
-@triton.jit
-def _q6_k_bytes_kernel(w, x, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
-                       R: tl.constexpr, M: tl.constexpr, KB: tl.constexpr):
-    """Kernel _matvec_kernel's sums for Q6_K, KB blocks a step, each byte loaded once (Q6_K's
-    210-byte blocks allow no wider loads): ql byte 64h + 32(k % 2) + 16g + t and qh byte
-    32h + 16g + t make value 128h + 32k + 16g + t (nibble k // 2 of the one, bits 2k of the
-    other), whose scale is scales[8h + 2k + g]; the scales multiply 16-value sums, the -32
-    offset the activations'. Lane u of a step is half h = u % 2 of its block u // 2."""
-    rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
-    u = tl.arange(0, 2 * KB)
-    h = u % 2
-    g = tl.arange(0, 2)
-    t = tl.arange(0, 16)
-    ms = tl.arange(0, M)
-    at = (16 * g[:, None] + t[None, :])[None]  # [1, 2, 16]: value 16g + t of a 32-value run
-    total = tl.zeros([M, R], dtype=tl.float32)
-    for b0 in range(first, end, KB):
-        valid = b0 + u // 2 < end
-        block = tl.minimum(b0 + u // 2, end - 1)  # [U]
-        blk = base[:, None] + block[None, :] * 210  # [R, U]
-        row = blk[:, :, None, None]
-        ql_even = tl.load(row + (64 * h)[None, :, None, None] + at[None]).to(tl.int32)  # [R, U, 2, 16]
-        ql_odd = tl.load(row + (64 * h + 32)[None, :, None, None] + at[None]).to(tl.int32)
-        qh = tl.load(row + (128 + 32 * h)[None, :, None, None] + at[None]).to(tl.int32)
-        d = tl.where(valid[None, :], f16_at(blk + 208), 0.0)[:, :, None]  # [R, U, 1]
-        for k in tl.static_range(4):
-            if k % 2 == 0:  # noqa: SIM108 (resolved at compile time)
-                ql = ql_even
-            else:
-                ql = ql_odd
-            q = (((ql >> (4 * (k // 2))) & 15) | (((qh >> (2 * k)) & 3) << 4)).to(tl.float32)
-            sc = tl.load(blk[:, :, None] + (192 + 8 * h + 2 * k)[None, :, None] + g[None, None, :])
-            sc = d * sc.to(tl.int8).to(tl.float32)  # [R, U, 2]
-            value_at = (block * 256 + 128 * h + 32 * k)[:, None, None] + at  # [U, 2, 16]
-            for m in range(m_rows):
-                xb = tl.load(x + m * n_in + value_at)
-                dots = tl.sum(q * xb[None], axis=3) - 32.0 * tl.sum(xb, axis=2)[None]  # [R, U, 2]
-                part = tl.sum(tl.sum(sc * dots, axis=2), axis=1)  # [R]
-                total += tl.where(ms[:, None] == m, part[None, :], 0.0)
-    out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
-    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms[:, None] < m_rows) & inside[None, :])
-
-
 def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] float32 (contiguous) for kernel q8: its 8-bit blocks' bytes as int32 words
     [M, K / 4], their scales [M, K / 32] and sums of q per 16 values [M, K / 16]."""
@@ -432,16 +359,21 @@ def splits_for(n_out: int, n_in: int, rows_per_program: int = ROWS) -> int:
     return max(1, min(wanted, n_blocks // MIN_SPLIT_BLOCKS))
 
 
+def kernel_for(t: GGMLType) -> str:
+    """The kernel that type t's weights take: TANDEM_QUANT_MATVEC's, else DEFAULT_KERNELS'."""
+    return KERNEL or DEFAULT_KERNELS[t]
+
+
 def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
            splits: int | None = None, kernel: str | None = None, rows_per_program: int | None = None,
-           warps: int = 4, stages: int | None = None, blocks_per_step: int = 1) -> torch.Tensor:
+           warps: int = 4, stages: int | None = None) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
-    (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default: KERNEL);
-    `rows_per_program` (a power of two; default ROWS, Q8_ROWS for q8), `warps`, `stages` (the
-    loop's software pipelining; None: Triton's default) and `blocks_per_step` (kernel sums; a
-    power of two) for sweeps (benchmarks/quant_matvec.py)."""
-    kernel = kernel or KERNEL
+    (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default:
+    kernel_for(t)); `rows_per_program` (a power of two; default ROWS, Q8_ROWS for q8), `warps`
+    and `stages` (the loop's software pipelining; None: Triton's default) for sweeps
+    (benchmarks/quant_matvec.py)."""
+    kernel = kernel or kernel_for(t)
     if kernel not in KERNELS:
         raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
     rows_per_program = rows_per_program or (Q8_ROWS if kernel == "q8" else ROWS)
@@ -459,12 +391,7 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
     launch = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
     if kernel == "values":
         _matvec_kernel[grid](*args, TYPE=TYPES[t], BLOCK=size, R=rows_per_program, M=padded, **launch)
-    elif kernel == "q8":
-        q8 = _q8_kernel(t)
-        q8[grid](raw, *q8_activations(x), *args[2:], R=rows_per_program, M=padded, INTERPRET=INTERPRET,
-                 **launch)
-    elif t == GGMLType.Q4_K:
-        _q4_k_words_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
     else:
-        _q6_k_bytes_kernel[grid](*args, R=rows_per_program, M=padded, KB=blocks_per_step, **launch)
+        _q8_kernel(t)[grid](raw, *q8_activations(x), *args[2:], R=rows_per_program, M=padded,
+                            INTERPRET=INTERPRET, **launch)
     return y[0] if splits == 1 else y.sum(0)
