@@ -50,7 +50,7 @@ SHAPES = {
 # (kernel, settings): each kernel at tile heights x warps, q8 at pipeline stages too (its
 # default tile)
 SWEEP = ([("values", {"rows_per_program": r, "warps": w}) for r in (8, 16, 32) for w in (2, 4, 8)]
-         + [("q8", {"rows_per_program": r, "warps": w}) for r in (16, 32, 64) for w in (2, 4, 8)]
+         + [("q8", {"rows_per_program": r, "warps": w}) for r in (16, 32, 64, 128) for w in (2, 4, 8)]
          + [("q8", {"stages": st}) for st in (1, 2, 3, 4)])
 SHORT = {"rows_per_program": "r", "warps": "w", "stages": "s"}
 

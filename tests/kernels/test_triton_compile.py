@@ -18,7 +18,7 @@ CASES = [
     (tm._matvec_kernel, {"TYPE": 1, "BLOCK": 210, "R": 16, "M": 8}),
     (tm._q8_activations_kernel, {"G": tm.Q8_GROUPS}),
     (tm._q4_k_q8_kernel, {"R": 32, "M": 1, "INTERPRET": False}),
-    (tm._q6_k_q8_kernel, {"R": 16, "M": 8, "INTERPRET": False}),
+    (tm._q6_k_q8_kernel, {"R": 64, "M": 8, "INTERPRET": False}),
 ]
 
 

@@ -46,21 +46,26 @@ SPLIT_FROM_BLOCKS = 16
 # 61.0), level on the small ones; Q6_K through q8 slower (the head 806 against 669 us, dense down
 # 142 against 128); at 8 input rows q8 was faster for both (the head 1822 against 2784 us). Both
 # read far below the bandwidth (q8 0.9-1.4 TB/s of quantized bytes): what the instruction count
-# allowed is not what they reach. So each type takes its faster kernel (DEFAULT_KERNELS);
-# TANDEM_QUANT_MATVEC=values or q8 sends every type through one (A/B runs). A third kernel,
-# `sums` (each byte loaded once, sub-block scales on sums), was slower than values on every
-# shape but one in run A's sweep (Q6_K dense down, 125 against 128 us) and was removed.
+# allowed is not what they reach. Their SASS showed why in part: q8 summed its dp4a products
+# across threads every block (48 shuffles, 4 barriers and shared-memory stores an iteration).
+# After run A each thread chains its dp4a over the words it loads (as llama.cpp's MMVQ) and sums
+# across threads only after the loop: 165 instructions an iteration of 32 rows against 275 (2.6
+# a Q4_K weight), 32 registers against 56, no barrier; Q6_K (64 rows) 3.2 a weight against 5.5.
+# Not yet timed on a GPU. So far each type takes the kernel that was faster in run A
+# (DEFAULT_KERNELS); TANDEM_QUANT_MATVEC=values or q8 sends every type through one (A/B runs).
+# A third kernel, `sums` (each byte loaded once, sub-block scales on sums), was slower than
+# values on every shape but one in run A's sweep (Q6_K dense down, 125 against 128 us) and was
+# removed.
 KERNELS = ("values", "q8")
 DEFAULT_KERNELS = {GGMLType.Q4_K: "q8", GGMLType.Q6_K: "values"}
 KERNEL = os.environ.get("TANDEM_QUANT_MATVEC") or None  # None: DEFAULT_KERNELS
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
 Q8_GROUPS = 32  # activation blocks a program of _q8_activations_kernel quantizes
-# Kernel q8's rows a program: per loop iteration 5.7 instructions a Q4_K weight with 16 rows, 4.1
-# with 32, 3.8 with 64 (Q6_K: 7.4, 5.5, 5.4 with 8 warps), the activations' words and the blocks'
-# headers shared by more rows (sm_90 SASS). Run A's sweep (4 warps): 32 within 3% of the fastest
-# tile on every Q4_K shape (64 rows 53.4 against 55.8 us on dense up, 16 rows 11.1 against 11.4
-# on the shared expert's gate).
-Q8_ROWS = 32
+# Kernel q8's rows a program: a thread takes (row, 32-byte group) pairs of Q4_K, 4 a block, and
+# (row, half) pairs of Q6_K, 2 a block, so 32 and 64 rows give 4 warps one pair a thread. Run A's
+# sweep (the kernel before the chains, 4 warps): 32 rows within 3% of the fastest tile on every
+# Q4_K shape.
+Q8_ROWS = {GGMLType.Q4_K: 32, GGMLType.Q6_K: 64}
 
 
 @triton.jit
@@ -225,38 +230,48 @@ def _q4_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
                     R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
     """y[k, m, r] = W[r] . q8(x[m]) over the k-th run of blocks, for Q4_K, the activations
     quantized beforehand (_q8_activations_kernel) in blocks of 32 that match Q4_K's
-    sub-blocks: the qs bytes 32c .. 32c + 31 read as 8 words (group c), whose word j holds
-    values 64c + 4j .. + 3 in its bytes' low nibbles and 64c + 32 + 4j .. + 3 in their high
-    ones; nibble n of word j times activation word j of block 2c + n by dp4a, scaled by
-    d sc dx; the mins by dmin m dx sum(qx). Sums stay per sub-block and row until after the
-    loop (summing across threads once, not per block)."""
+    sub-blocks. Each thread takes (row, group c) pairs: group c's qs bytes 32c .. 32c + 31 as 8
+    words, word j holding values 64c + 4j .. + 3 in its bytes' low nibbles (sub-block 2c) and
+    64c + 32 + 4j .. + 3 in their high ones (2c + 1), each nibble set times activation word j of
+    its block by dp4a, chained in the thread over j (as llama.cpp's MMVQ): no sums across
+    threads inside the loop. The sub-block's sum is scaled by d sc dx, the mins taken off as
+    dmin m dx sum(qx); float sums stay per group and row until after the loop."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     c = tl.arange(0, 4)
-    j = tl.arange(0, 8)
     ms = tl.arange(0, M)
     live = ms < m_rows
-    word_at = (4 + 8 * c[:, None] + j[None, :])[None]  # [1, 4, 8]: qs words after d, dmin, scales
+    x_live = live[:, None, None]
     low_half = (c < 2)[None, :]  # sub-blocks 2c + n below 4
+    in_layout = (rows * 0)[None, :, None]  # [1, R, 1]: activations loaded per thread, no shuffles
     acc = tl.zeros([M, R, 4], dtype=tl.float32)
     for b in range(first, end):
         blk = base + b * 144
-        words = tl.load(blk.to(tl.pointer_type(tl.int32))[:, None, None] + word_at)  # [R, 4, 8]
+        word0 = blk.to(tl.pointer_type(tl.int32))[:, None] + 4 + 8 * c[None, :]  # [R, 4]: qs words
         d, dmin, sc_low, sc_high, m_low, m_high = q4_k_header(blk)
+        block = b * 8 + 2 * c  # [4]: the activations' 32-block of sub-block 2c
+        x0 = qx + ms[:, None, None] * (n_in // 4) + 8 * block[None, None, :] + in_layout  # [M, R, 4]
+        dots_low = tl.zeros([M, R, 4], dtype=tl.int32)
+        dots_high = tl.zeros([M, R, 4], dtype=tl.int32)
+        for j in tl.static_range(8):
+            word = tl.load(word0 + j)[None]
+            dots_low = dot4(word & 0x0F0F0F0F, tl.load(x0 + j, mask=x_live, other=0), dots_low, INTERPRET)
+            dots_high = dot4((word >> 4) & 0x0F0F0F0F, tl.load(x0 + 8 + j, mask=x_live, other=0), dots_high,
+                             INTERPRET)
         for n in tl.static_range(2):
-            nibbles = (words >> (4 * n)) & 0x0F0F0F0F
+            if n == 0:  # noqa: SIM108 (resolved at compile time)
+                dots = dots_low
+            else:
+                dots = dots_high
             shift = (8 * ((2 * c + n) % 4))[None, :]  # sub-block 2c + n's byte in its word
             sc = (tl.where(low_half, sc_low[:, None], sc_high[:, None]) >> shift) & 0xFF  # [R, 4]
             mn = (tl.where(low_half, m_low[:, None], m_high[:, None]) >> shift) & 0xFF
-            group = b * 8 + 2 * c + n  # [4]: the activations' 32-blocks of these sub-blocks
-            xw = tl.load(qx + ms[:, None, None] * (n_in // 4) + 8 * group[None, :, None] + j[None, None, :],
-                         mask=live[:, None, None], other=0)  # [M, 4, 8]
-            scale = tl.load(dx + ms[:, None] * (n_in // 32) + group[None, :], mask=live[:, None], other=0.0)
-            at = qsum16 + ms[:, None] * (n_in // 16) + 2 * group[None, :]
+            scale_at = dx + ms[:, None] * (n_in // 32) + block[None, :] + n
+            scale = tl.load(scale_at, mask=live[:, None], other=0.0)  # [M, 4]
+            at = qsum16 + ms[:, None] * (n_in // 16) + 2 * (block[None, :] + n)
             qsum = tl.load(at, mask=live[:, None], other=0) + tl.load(at + 1, mask=live[:, None], other=0)
-            dots = dot4(nibbles[None], xw[:, None], tl.zeros([M, R, 4, 8], dtype=tl.int32), INTERPRET)
             per_group = (d[:, None] * exact_float(sc))[None] * scale[:, None, :]  # [M, R, 4]
             mins = (dmin[:, None] * exact_float(mn))[None] * (scale * exact_float(qsum))[:, None, :]
-            acc += per_group * exact_float(tl.sum(dots, axis=3)) - mins
+            acc += per_group * exact_float(dots) - mins
     total = tl.sum(acc, axis=2)  # [M, R]
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
@@ -277,54 +292,79 @@ def signed_byte(words, i):
 
 
 @triton.jit
+def q6_k_quads(low, high, k: tl.constexpr):
+    """Four 6-bit weights of run k (of 4) of a Q6_K half from a ql word `low` (nibble k // 2)
+    and a qh word `high` (bits 2k), one a byte."""
+    return ((low >> (4 * (k // 2))) & 0x0F0F0F0F) | (((high >> (2 * k)) & 0x03030303) << 4)
+
+
+@triton.jit
+def q6_k_dot(low, high, k: tl.constexpr, x_at, x_live, acc, INTERPRET: tl.constexpr):
+    """acc plus the dp4a of run k's four weights (q6_k_quads) with the activation word at x_at."""
+    return dot4(q6_k_quads(low, high, k), tl.load(x_at, mask=x_live, other=0), acc, INTERPRET)
+
+
+@triton.jit
+def q6_k_group_sums(dots, k: tl.constexpr, g: tl.constexpr, d, scales_low, scales_high, x_scale_at, x_sum_at,
+                    x_live):
+    """Float sums [M, R, 2] of 16-value group g of run k in each half: the products' sum `dots`
+    less 32 times the activations' sum, times d, the group's scale scales[8h + 2k + g] and the
+    activations' dx (x_scale_at, x_sum_at: run 0's dx and first qsum16 per half)."""
+    if k < 2:  # noqa: SIM108 (resolved at compile time)
+        scale_words = scales_low
+    else:
+        scale_words = scales_high
+    weight_scale = d * signed_byte(scale_words, 2 * (k % 2) + g)  # [R, 2]
+    x_scale = tl.load(x_scale_at + k, mask=x_live, other=0.0)
+    x_sum = tl.load(x_sum_at + 2 * k + g, mask=x_live, other=0)
+    return weight_scale[None] * x_scale * exact_float(dots - 32 * x_sum)
+
+
+@triton.jit
 def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes, n_in, m_rows,
                     R: tl.constexpr, M: tl.constexpr, INTERPRET: tl.constexpr):
-    """Kernel q8 for Q6_K: per 32-value run 128h + 32k + 4w + i (half h, k = 0..3), the 6-bit
-    weights 4 at a time as words (nibble k // 2 of ql word 64h + 32(k % 2) + 4w, bits 2k of
-    qh word 128 + 32h + 4w, each byte's), dp4a with the run's activation words; per 16-value
-    group g = w // 4 the sum less 32 times its activations' sum, scaled by d, scales[8h + 2k + g]
-    and dx, kept per group and row until after the loop."""
+    """Kernel q8 for Q6_K: each thread takes (row, half h) pairs. Run k (of 4) of half h holds
+    values 128h + 32k + 4w + i for words w = 0..7: nibble k // 2 of ql word 64h + 32(k % 2) + 4w
+    and bits 2k of qh word 128 + 32h + 4w, each byte's, make 4 weights at once; their dp4a with
+    activation word w of block 8b + 4h + k is chained in the thread over a 16-value group's 4
+    words (g = w // 4), then the group sum less 32 times its activations' sum is scaled by d,
+    scales[8h + 2k + g] and dx. Float sums per half and row until after the loop."""
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     h = tl.arange(0, 2)
-    word = tl.arange(0, 8)
-    g = tl.arange(0, 2)
     ms = tl.arange(0, M)
-    live = ms < m_rows
-    low_at = (64 * h[:, None] + 4 * word[None, :])[None]  # [1, 2, 8]
-    high_at = (128 + 32 * h[:, None] + 4 * word[None, :])[None]
-    acc = tl.zeros([M, R, 2, 2], dtype=tl.float32)
+    x_live = (ms < m_rows)[:, None, None]
+    in_layout = (rows * 0)[None, :, None]  # [1, R, 1]: activations loaded per thread
+    acc = tl.zeros([M, R, 2], dtype=tl.float32)
     for b in range(first, end):
         blk = base + b * 210
-        row = blk[:, None, None]
-        low_even = words_at(row + low_at)  # [R, 2, 8]
-        low_odd = words_at(row + low_at + 32)
-        high = words_at(row + high_at)
-        scales_low = words_at(blk[:, None] + 192 + 8 * h[None, :])  # [R, 2]: scales 8h .. 8h + 3
-        scales_high = words_at(blk[:, None] + 196 + 8 * h[None, :])  # scales 8h + 4 .. 8h + 7
-        d = f16_at(blk + 208)[:, None, None]
-        for k in tl.static_range(4):
-            if k % 2 == 0:  # noqa: SIM108 (resolved at compile time)
-                low = low_even
-            else:
-                low = low_odd
-            q = ((low >> (4 * (k // 2))) & 0x0F0F0F0F) | (((high >> (2 * k)) & 0x03030303) << 4)
-            if k < 2:  # noqa: SIM108 (resolved at compile time)
-                scale_words = scales_low
-            else:
-                scale_words = scales_high
-            per_group = d * signed_byte(scale_words[:, :, None], 2 * (k % 2) + g[None, None, :])  # [R, 2, 2]
-            group = b * 8 + 4 * h + k  # [2]: the activations' 32-blocks of these runs
-            xw_at = qx + ms[:, None, None] * (n_in // 4) + 8 * group[None, :, None] + word[None, None, :]
-            xw = tl.load(xw_at, mask=live[:, None, None], other=0)  # [M, 2, 8]
-            scale = tl.load(dx + ms[:, None] * (n_in // 32) + group[None, :], mask=live[:, None], other=0.0)
-            sum_at = qsum16 + ms[:, None, None] * (n_in // 16) + 2 * group[None, :, None] + g[None, None, :]
-            qsum = tl.load(sum_at, mask=live[:, None, None], other=0)  # [M, 2, 2]
-            dots = dot4(q[None], xw[:, None], tl.zeros([M, R, 2, 8], dtype=tl.int32), INTERPRET)
-            dots = tl.sum(tl.reshape(dots, [M, R, 2, 2, 4]), axis=4) - 32 * qsum[:, None]  # [M, R, 2, 2]
-            acc += per_group[None] * scale[:, None, :, None] * exact_float(dots)
-    total = tl.sum(tl.sum(acc, axis=3), axis=2)
+        row = blk[:, None]  # [R, 1]
+        scales_low = words_at(row + 192 + 8 * h[None, :])  # [R, 2]: scales 8h .. 8h + 3
+        scales_high = words_at(row + 196 + 8 * h[None, :])  # scales 8h + 4 .. 8h + 7
+        d = f16_at(blk + 208)[:, None]
+        block = (b * 8 + 4 * h)[None, None, :] + in_layout  # [1, R, 2]: the activations' 32-block of run 0
+        x0 = qx + ms[:, None, None] * (n_in // 4) + 8 * block  # [M, R, 2]
+        x_scale_at = dx + ms[:, None, None] * (n_in // 32) + block
+        x_sum_at = qsum16 + ms[:, None, None] * (n_in // 16) + 2 * block
+        for g in tl.static_range(2):
+            dots0 = tl.zeros([M, R, 2], dtype=tl.int32)
+            dots1 = tl.zeros([M, R, 2], dtype=tl.int32)
+            dots2 = tl.zeros([M, R, 2], dtype=tl.int32)
+            dots3 = tl.zeros([M, R, 2], dtype=tl.int32)
+            for i in tl.static_range(4):
+                word = 4 * g + i
+                low_even = words_at(row + 64 * h[None, :] + 4 * word)[None]  # [1, R, 2]
+                low_odd = words_at(row + 64 * h[None, :] + 32 + 4 * word)[None]
+                high = words_at(row + 128 + 32 * h[None, :] + 4 * word)[None]
+                dots0 = q6_k_dot(low_even, high, 0, x0 + word, x_live, dots0, INTERPRET)
+                dots1 = q6_k_dot(low_odd, high, 1, x0 + 8 + word, x_live, dots1, INTERPRET)
+                dots2 = q6_k_dot(low_even, high, 2, x0 + 16 + word, x_live, dots2, INTERPRET)
+                dots3 = q6_k_dot(low_odd, high, 3, x0 + 24 + word, x_live, dots3, INTERPRET)
+            scales = (d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
+            acc += q6_k_group_sums(dots0, 0, g, *scales) + q6_k_group_sums(dots1, 1, g, *scales)
+            acc += q6_k_group_sums(dots2, 2, g, *scales) + q6_k_group_sums(dots3, 3, g, *scales)
+    total = tl.sum(acc, axis=2)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
-    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms < m_rows)[:, None] & inside[None, :])
 
 
 def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -370,13 +410,13 @@ def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
     (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default:
-    kernel_for(t)); `rows_per_program` (a power of two; default ROWS, Q8_ROWS for q8), `warps`
+    kernel_for(t)); `rows_per_program` (a power of two; default ROWS, Q8_ROWS[t] for q8), `warps`
     and `stages` (the loop's software pipelining; None: Triton's default) for sweeps
     (benchmarks/quant_matvec.py)."""
     kernel = kernel or kernel_for(t)
     if kernel not in KERNELS:
         raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
-    rows_per_program = rows_per_program or (Q8_ROWS if kernel == "q8" else ROWS)
+    rows_per_program = rows_per_program or (Q8_ROWS[t] if kernel == "q8" else ROWS)
     x = x.float().contiguous()
     m_rows, n_in = x.shape
     n_blocks = n_in // 256
