@@ -212,6 +212,22 @@ def test_cuda_graph_steps_equal_the_eager_forward(tiny_q8, compiled):
 
 
 @pytest.mark.cuda
+def test_pieces_that_fail_to_compile_give_way_to_eager_ones(tiny_q8, caplog):
+    """A compiled piece that fails (no compiler, say) in the warm-up before the first capture:
+    a warning, and every graph captured again from the eager pieces."""
+    def no_compiler(*args):
+        raise RuntimeError("no C compiler found")
+
+    sequence = tokens(PROMPT + STEPS)
+    with tandem.LLM(tiny_q8, rules=GPU_F32_RULES, ctx_size=48) as llm:
+        eager = eager_steps(llm, sequence)
+        with caplog.at_level("WARNING"):
+            ours = stepwise(llm, sequence, capture=True, bucket=16, pieces=StepPieces(attention=no_compiler))
+    assert "compiling the decode steps' pieces failed (no C compiler found)" in caplog.text
+    assert relative_error(ours, eager) < 1e-3
+
+
+@pytest.mark.cuda
 def test_generate_with_and_without_graphs_agree(tiny_q8):
     prompt = tokens(PROMPT)
     with tandem.LLM(tiny_q8, ctx_size=128) as llm:

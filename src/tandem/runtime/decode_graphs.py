@@ -27,12 +27,14 @@ With `capture=False` the same segments run eagerly (CPU tests of the step logic)
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from tandem.errors import first_line
 from tandem.kernels import compiling
 from tandem.kernels.experts import CpuExperts, EarlyStart
 from tandem.models.decoder import Decoder
@@ -51,6 +53,7 @@ BUCKET = 512
 # Off the GPU the eager pieces: nothing measured says compiling pays there.
 COMPILE_ENV = "TANDEM_COMPILE_DECODE"
 RECOMPILE_LIMIT = 64  # buckets x batch sizes x piece kinds
+log = logging.getLogger(__name__)
 # Other threads may use CUDA during a capture (the GPU share pins and compiles on its own):
 # only this thread's unsafe calls break it
 CAPTURE_MODE = "thread_local"
@@ -199,8 +202,7 @@ class DecodeGraphs:
         self.position.copy_(torch.tensor(list(positions)))
         length = next(b for b in self.buckets if b > max(positions[r] for r in rows))
         if self.capture and not self._graphs:
-            for b in self.buckets:
-                self._capture(b)
+            self._capture_all()
         graphs = self._graphs.get(length)
         for i, cut in enumerate(self.cuts):
             if graphs is None:
@@ -293,6 +295,21 @@ class DecodeGraphs:
         return self.model.blocks[cut.last].ffn_norm(self.x)
 
     # -- capture ---------------------------------------------------------------------------
+    def _capture_all(self) -> None:
+        """Every bucket's graphs; from eager pieces where compiling the pieces fails (their
+        first calls, in the warm-up before each capture: no compiler, an unsupported GPU ...)."""
+        try:
+            for b in self.buckets:
+                self._capture(b)
+        except Exception as exc:
+            if self.pieces == StepPieces():
+                raise
+            log.warning("compiling the decode steps' pieces failed (%s): eager pieces from now on "
+                        "(%s=0 skips compiling)", first_line(exc), COMPILE_ENV)
+            self.pieces, self._graphs, self._pool = StepPieces(), {}, None
+            for b in self.buckets:
+                self._capture(b)
+
     def _capture(self, length: int) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
