@@ -412,3 +412,29 @@ def test_the_default_without_triton_keeps_the_compiled_kernels_quietly(monkeypat
         assert "Triton is missing" not in caplog.text
     finally:
         gpu_share._experts_fn.cache_clear()
+
+
+def test_triton_kernels_that_fail_give_way_to_the_compiled_ones(monkeypatch, caplog):
+    """The dispatch alone (both kernels stand-ins): a failure of the written kernels warns once
+    and sends this and every later call to the compiled ones."""
+    share_triton = pytest.importorskip("tandem.kernels.share_triton", exc_type=ImportError)
+    calls = []
+
+    def written(*args):
+        calls.append("written")
+        raise RuntimeError("PTX .version 9.4 not supported by this driver")
+
+    monkeypatch.setenv("TANDEM_SHARE_TRITON", "1")
+    monkeypatch.setattr(gpu_share.compiling, "compiled", lambda fn, **_: lambda *a: calls.append("compiled"))
+    monkeypatch.setattr(share_triton, "experts", written)
+    monkeypatch.setattr(share_triton, "fits", lambda *_: True)
+    gpu_share._experts_fn.cache_clear()
+    try:
+        fn = gpu_share._experts_fn(*RECIPES["ud-iq1_s"], False, True)
+        with caplog.at_level("WARNING"):
+            for _ in range(3):
+                fn(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    finally:
+        gpu_share._experts_fn.cache_clear()
+    assert calls == ["written", "compiled", "compiled", "compiled"]
+    assert caplog.text.count("its Triton kernels failed (PTX .version 9.4 not supported") == 1

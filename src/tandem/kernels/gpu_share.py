@@ -1063,9 +1063,15 @@ def _experts_fn(gate_type: GGMLType, up_type: GGMLType, down_type: GGMLType, bat
     if share_triton is None or types not in share_triton.MIXES:
         return compiled_fn
     written = share_triton.expert_rows if batched else share_triton.experts
+    failed = []  # the written kernels failed here once: the compiled ones from then on
 
     def triton_where_it_fits(gate_raw, up_raw, down_raw, x, *rest):
-        if share_triton.fits(types, gate_raw, x):
-            return written(types, gate_raw, up_raw, down_raw, x, *rest)
+        if not failed and share_triton.fits(types, gate_raw, x):
+            try:
+                return written(types, gate_raw, up_raw, down_raw, x, *rest)
+            except Exception as exc:  # Triton's compiler failed here (an old driver, ...)
+                failed.append(exc)
+                log.warning("GPU expert share: its Triton kernels failed (%s); the compiled ones "
+                            "instead (TANDEM_SHARE_TRITON=0 skips them)", first_line(exc))
         return compiled_fn(gate_raw, up_raw, down_raw, x, *rest)
     return triton_where_it_fits
