@@ -132,6 +132,7 @@ def test_bench_writes_json(tiny_q8, tmp_path):
     assert 0 < r["roofline_fraction"] < 1
     assert r["streamed_chunks"] == {"direct": 0, "staged": 0}  # no GPU: nothing streamed
     assert r["gc_frozen"] is True  # the warm-up's objects frozen (runtime.heap)
+    assert r["warmup_s"] > 0  # timed: a cold process's compiles and captures show there
     # paged in up front: decoding faults on no page of the experts (a few from allocations)
     assert r["page_in_method"] in ("populate", "touch") and r["page_in_skipped"] is None
     assert all(0 <= d["page_faults_per_token"] < 50 for d in r["decode"] if d["streams"] == 1)

@@ -197,7 +197,11 @@ def run(cfg: BenchConfig, progress=print) -> dict:
     fitting = [n for n in cfg.prompt_lengths if n + cfg.new_tokens <= llm.ctx_size]
     warm = prompt(max([8, *fitting]))
     results["routing"] = routing_spread(llm, warm)  # what the figures below were measured on
+    began = time.perf_counter()
     llm.generate(warm, 4)
+    # a cold process compiles its decode pieces and captures every context bucket's graphs here
+    results["warmup_s"] = time.perf_counter() - began
+    progress(f"warm-up (first prompt and decode steps, graphs captured) {results['warmup_s']:.1f} s")
     frozen = heap.settle()  # after the warm-up's captures: no full collection walks all that
     for n in cfg.prompt_lengths:
         if n not in fitting:
