@@ -359,9 +359,10 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
                 dots1 = q6_k_dot(low_odd, high, 1, x0 + 8 + word, x_live, dots1, INTERPRET)
                 dots2 = q6_k_dot(low_even, high, 2, x0 + 16 + word, x_live, dots2, INTERPRET)
                 dots3 = q6_k_dot(low_odd, high, 3, x0 + 24 + word, x_live, dots3, INTERPRET)
-            scales = (d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
-            acc += q6_k_group_sums(dots0, 0, g, *scales) + q6_k_group_sums(dots1, 1, g, *scales)
-            acc += q6_k_group_sums(dots2, 2, g, *scales) + q6_k_group_sums(dots3, 3, g, *scales)
+            acc += q6_k_group_sums(dots0, 0, g, d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
+            acc += q6_k_group_sums(dots1, 1, g, d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
+            acc += q6_k_group_sums(dots2, 2, g, d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
+            acc += q6_k_group_sums(dots3, 3, g, d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
     total = tl.sum(acc, axis=2)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
     tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms < m_rows)[:, None] & inside[None, :])
