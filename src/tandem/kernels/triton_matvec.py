@@ -332,7 +332,8 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
     rows, inside, base, first, end = program_rows(w, n_out, n_blocks, per_split, row_bytes, R)
     h = tl.arange(0, 2)
     ms = tl.arange(0, M)
-    x_live = (ms < m_rows)[:, None, None]
+    live = ms < m_rows
+    x_live = live[:, None, None]
     in_layout = (rows * 0)[None, :, None]  # [1, R, 1]: activations loaded per thread
     acc = tl.zeros([M, R, 2], dtype=tl.float32)
     for b in range(first, end):
@@ -365,7 +366,7 @@ def _q6_k_q8_kernel(w, qx, dx, qsum16, y, n_out, n_blocks, per_split, row_bytes,
             acc += q6_k_group_sums(dots3, 3, g, d, scales_low, scales_high, x_scale_at, x_sum_at, x_live)
     total = tl.sum(acc, axis=2)
     out = y + tl.program_id(1).to(tl.int64) * m_rows * n_out
-    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=(ms < m_rows)[:, None] & inside[None, :])
+    tl.store(out + ms[:, None] * n_out + rows[None, :], total, mask=live[:, None] & inside[None, :])
 
 
 def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
