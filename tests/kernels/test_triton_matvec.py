@@ -78,11 +78,13 @@ def test_q8_kernel_tiles(t, rows_per_program, m):
     assert relative_error(y, q8_0(x) @ reference.T) < 1e-5
 
 
-def test_each_type_takes_its_faster_kernel_unless_one_is_set(monkeypatch):
+def test_one_row_takes_q8_where_its_rows_are_long_enough_unless_a_kernel_is_set(monkeypatch):
     monkeypatch.setattr(triton_matvec, "KERNEL", None)
-    assert triton_matvec.kernel_for(T.Q4_K) == "q8" and triton_matvec.kernel_for(T.Q6_K) == "values"
+    assert triton_matvec.kernel_for(T.Q4_K, 512) == triton_matvec.kernel_for(T.Q6_K, 7168) == "q8"
+    assert triton_matvec.kernel_for(T.Q6_K, 512) == "values"  # kv_b's rows: 2 blocks
+    assert triton_matvec.kernel_for(T.Q4_K, 7168, rows=8) == "values"
     monkeypatch.setattr(triton_matvec, "KERNEL", "values")  # TANDEM_QUANT_MATVEC=values
-    assert triton_matvec.kernel_for(T.Q4_K) == triton_matvec.kernel_for(T.Q6_K) == "values"
+    assert triton_matvec.kernel_for(T.Q4_K, 7168) == triton_matvec.kernel_for(T.Q6_K, 7168) == "values"
 
 
 def test_an_unknown_kernel_is_named():

@@ -34,8 +34,8 @@ RECOMPILE_LIMIT = 64
 # Triton imports, for up to its MAX_INPUT_ROWS rows: at R1's shapes on the GPU machine 4-15x
 # faster than the compiled one and within 1.6x of cuBLAS on bfloat16 copies (run r,
 # benchmarks/results/logs/quant-matvec-20261128r.log). TANDEM_QUANT_TRITON=0: the compiled one;
-# TANDEM_QUANT_MATVEC sends every type through one Triton kernel (default: each type its own,
-# kernels.triton_matvec.DEFAULT_KERNELS).
+# TANDEM_QUANT_MATVEC sends every call through one Triton kernel (default: by type, row length
+# and input rows, kernels.triton_matvec.kernel_for).
 QUANT_ENV = ("TANDEM_QUANT_STATIC", "TANDEM_QUANT_TRITON", "TANDEM_QUANT_MATVEC")
 STATIC = os.environ.get("TANDEM_QUANT_STATIC") == "1"
 TRITON = os.environ.get("TANDEM_QUANT_TRITON") != "0"

@@ -39,33 +39,33 @@ SPLIT_FROM_BLOCKS = 16
 # activations too, once a call, in 8-bit blocks of 32 as llama.cpp's CUDA matvecs do, and takes
 # the products as integer dot products of 4 bytes (dp4a): no weight is turned into a float. In
 # the sm_90 SASS of a loop iteration (tests/kernels/test_triton_compile.py compiles them without
-# a GPU) values spends 13 instructions a Q4_K weight and 35 a Q6_K one, q8 4.1 and 5.5. Run A on
-# the GPU machine (benchmarks/results/quant_matvec-*-20261129A.*), R1's shapes, one input row:
-# Q4_K through q8 1.2-1.45x faster than values on the large matrices (dense up 55.8 against 81.1
-# us, attention out 54.8 against 72.0; faster than cuBLAS on their bfloat16 copies, 69.3 and
-# 61.0), level on the small ones; Q6_K through q8 slower (the head 806 against 669 us, dense down
-# 142 against 128); at 8 input rows q8 was faster for both (the head 1822 against 2784 us). Both
-# read far below the bandwidth (q8 0.9-1.4 TB/s of quantized bytes): what the instruction count
-# allowed is not what they reach. Their SASS showed why in part: q8 summed its dp4a products
-# across threads every block (48 shuffles, 4 barriers and shared-memory stores an iteration).
-# After run A each thread chains its dp4a over the words it loads (as llama.cpp's MMVQ) and sums
-# across threads only after the loop: 165 instructions an iteration of 32 rows against 275 (2.6
-# a Q4_K weight), 32 registers against 56, no barrier; Q6_K (64 rows) 3.2 a weight against 5.5.
-# Not yet timed on a GPU. So far each type takes the kernel that was faster in run A
-# (DEFAULT_KERNELS); TANDEM_QUANT_MATVEC=values or q8 sends every type through one (A/B runs).
-# A third kernel, `sums` (each byte loaded once, sub-block scales on sums), was slower than
-# values on every shape but one in run A's sweep (Q6_K dense down, 125 against 128 us) and was
-# removed.
+# a GPU) values spends 13 instructions a Q4_K weight and 35 a Q6_K one, q8 4.1 and 5.5. In run A
+# (benchmarks/results/quant_matvec-*-20261129A.*) q8 summed its dp4a products across threads
+# every block (48 shuffles, 4 barriers and shared-memory stores an iteration); now each thread
+# chains its dp4a over the words it loads (as llama.cpp's MMVQ) and sums across threads only
+# after the loop (165 instructions an iteration of 32 Q4_K rows against 275, no barrier). Run
+# B's sweep (quant_matvec-sweep-*-20261129B.*, R1's shapes, one input row) timed that kernel
+# fastest at one (row, group) pair a thread in few warps (Q8_TILES): Q4_K at 16 rows and 2 warps
+# 49.5 us for the dense up projection (bfloat16 cuBLAS 70.0, values 81.5) and 68.5 for the
+# attention output (60.9, 72.1); Q6_K at 64 rows and 4 warps 106.6 us for the dense down (70.5,
+# 128.1) and 645 for the head (409, 669), but behind values on rows of few blocks (kv_b, 512
+# inputs: 16.3 against 14.0: the activations' extra pass costs more than the short walk saves).
+# At 8 input rows values was faster on every shape (the head 2785 against 3022 us). So
+# `kernel_for` picks q8 for one input row of Q4_K, and of Q6_K from Q8_FROM_BLOCKS blocks a row,
+# values otherwise; TANDEM_QUANT_MATVEC=values or q8 sends every call through one
+# (A/B runs). A third kernel, `sums` (each byte loaded once, sub-block scales on sums), was
+# slower than values on every shape but one in run A's sweep and was removed.
 KERNELS = ("values", "q8")
-DEFAULT_KERNELS = {GGMLType.Q4_K: "q8", GGMLType.Q6_K: "values"}
-KERNEL = os.environ.get("TANDEM_QUANT_MATVEC") or None  # None: DEFAULT_KERNELS
+KERNEL = os.environ.get("TANDEM_QUANT_MATVEC") or None  # None: kernel_for's choice
+Q8_MAX_INPUT_ROWS = 1  # more take values (run B timed 1 and 8 rows: values faster at 8 on every shape)
+Q8_FROM_BLOCKS = {GGMLType.Q4_K: 1, GGMLType.Q6_K: 16}  # blocks a row from which q8 is taken
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's interpreter runs no PTX
 Q8_GROUPS = 32  # activation blocks a program of _q8_activations_kernel quantizes
-# Kernel q8's rows a program: a thread takes (row, 32-byte group) pairs of Q4_K, 4 a block, and
-# (row, half) pairs of Q6_K, 2 a block, so 32 and 64 rows give 4 warps one pair a thread. Run A's
-# sweep (the kernel before the chains, 4 warps): 32 rows within 3% of the fastest tile on every
-# Q4_K shape.
-Q8_ROWS = {GGMLType.Q4_K: 32, GGMLType.Q6_K: 64}
+# Kernel q8's (rows, warps) a program: a thread takes (row, 32-byte group) pairs of Q4_K, 4 a
+# block, and (row, half) pairs of Q6_K, 2 a block, so both tiles give each thread one pair
+# (run B's sweep, above; values keeps ROWS rows and 4 warps).
+Q8_TILES = {GGMLType.Q4_K: (16, 2), GGMLType.Q6_K: (64, 4)}
+VALUES_WARPS = 4
 
 
 @triton.jit
@@ -401,24 +401,29 @@ def splits_for(n_out: int, n_in: int, rows_per_program: int = ROWS) -> int:
     return max(1, min(wanted, n_blocks // MIN_SPLIT_BLOCKS))
 
 
-def kernel_for(t: GGMLType) -> str:
-    """The kernel that type t's weights take: TANDEM_QUANT_MATVEC's, else DEFAULT_KERNELS'."""
-    return KERNEL or DEFAULT_KERNELS[t]
+def kernel_for(t: GGMLType, n_in: int, rows: int = 1) -> str:
+    """The kernel for type t's weights with rows of n_in times `rows` input rows:
+    TANDEM_QUANT_MATVEC's, else q8 for up to Q8_MAX_INPUT_ROWS rows of at least
+    Q8_FROM_BLOCKS[t] blocks, else values (run B's sweep, above)."""
+    if KERNEL:
+        return KERNEL
+    return "q8" if rows <= Q8_MAX_INPUT_ROWS and n_in // 256 >= Q8_FROM_BLOCKS[t] else "values"
 
 
 def matvec(raw: torch.Tensor, t: GGMLType, x: torch.Tensor, n_out: int,
            splits: int | None = None, kernel: str | None = None, rows_per_program: int | None = None,
-           warps: int = 4, stages: int | None = None) -> torch.Tensor:
+           warps: int | None = None, stages: int | None = None) -> torch.Tensor:
     """x [M, K] float32 (M <= MAX_INPUT_ROWS) times the [n_out, K] weight stored as `raw`
     (uint8, type t) transposed: float32 [M, n_out]. `splits`: runs of blocks per row
     (default: splits_for; 1: none, for A/B runs). `kernel`: one of KERNELS (default:
-    kernel_for(t)); `rows_per_program` (a power of two; default ROWS, Q8_ROWS[t] for q8), `warps`
-    and `stages` (the loop's software pipelining; None: Triton's default) for sweeps
-    (benchmarks/quant_matvec.py)."""
-    kernel = kernel or kernel_for(t)
+    kernel_for's); `rows_per_program` (a power of two) and `warps` (default: Q8_TILES[t] for q8,
+    ROWS and VALUES_WARPS for values) and `stages` (the loop's software pipelining; None:
+    Triton's default) for sweeps (benchmarks/quant_matvec.py)."""
+    kernel = kernel or kernel_for(t, x.shape[-1], x.shape[0])
     if kernel not in KERNELS:
         raise ValueError(f"matvec kernel {kernel!r} is not one of {', '.join(KERNELS)}")
-    rows_per_program = rows_per_program or (Q8_ROWS[t] if kernel == "q8" else ROWS)
+    tile_rows, tile_warps = Q8_TILES[t] if kernel == "q8" else (ROWS, VALUES_WARPS)
+    rows_per_program, warps = rows_per_program or tile_rows, warps or tile_warps
     x = x.float().contiguous()
     m_rows, n_in = x.shape
     n_blocks = n_in // 256
