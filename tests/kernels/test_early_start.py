@@ -13,6 +13,7 @@ import ctypes
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,11 +24,16 @@ from tandem.kernels import native
 from tandem.kernels.cpu import CpuKernels
 from tandem.kernels.experts import CpuExperts
 from tandem.kernels.gpu_share import GpuShare, Launched, ShareBalance
+from tandem.kernels.tensors import QuantTensor
 
 N_EXPERT, N_FF, D, K = 16, 512, 256, 8
 Q8_ACTIVATION_TOL = 0.03
 NOT_READY = 600  # cudaErrorNotReady
 READY_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+COPY_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                           ctypes.c_void_p)
+RECORD_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+SET_DEVICE_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)
 
 
 class Readiness:
@@ -42,6 +48,47 @@ class Readiness:
     def _query(self, _event) -> int:
         self.polls += 1
         return self.error if self.done.is_set() else NOT_READY
+
+
+class HostRuntime:
+    """Host stand-ins for the three CUDA runtime functions the runner queues a GPU share's copies
+    with (cudaMemcpyAsync as a memmove, cudaEventRecord, cudaSetDevice), each call logged in
+    order; `copy_error`: what every copy returns instead."""
+
+    def __init__(self, copy_error: int = 0):
+        self.copy_error, self.calls = copy_error, []
+        self._fns = (COPY_FN(self._copy), RECORD_FN(self._record), SET_DEVICE_FN(self._set_device))
+        self.addresses = [ctypes.cast(fn, ctypes.c_void_p).value for fn in self._fns]
+
+    def _copy(self, dst, src, n, kind, stream) -> int:
+        if self.copy_error:
+            return self.copy_error
+        ctypes.memmove(dst, src, n)
+        self.calls.append(("copy", n, kind, stream))
+        return 0
+
+    def _record(self, event, stream) -> int:
+        self.calls.append(("record", event, stream))
+        return 0
+
+    def _set_device(self, device) -> int:
+        self.calls.append(("device", device))
+        return 0
+
+
+SIZES = (96, 64, 80)  # bytes of one expert's gate, up, down in the copies' test
+
+
+def share_copies(runtime: HostRuntime, capacity: int = 4) -> tuple[native.ShareCopies, list, list]:
+    """A plan over host arrays: each matrix's N_EXPERT experts of distinct bytes, and each
+    half's slots (zeros)."""
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(0, 256, N_EXPERT * size, dtype=np.uint8) for size in SIZES]
+    slots = [[np.zeros(capacity * size, dtype=np.uint8) for size in SIZES] for _ in range(2)]
+    plan = native.ShareCopies(*runtime.addresses, 0x42, (0x1000, 0x2000),
+                              tuple(a.ctypes.data for a in sources), SIZES,
+                              tuple(tuple(a.ctypes.data for a in half) for half in slots), 3)
+    return plan, sources, slots
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +159,67 @@ def test_a_failed_wait_or_a_repeated_expert_fails_the_call_and_frees_the_runner(
         kernels.start_moe_after(ready.address, 0, x, ids, weights, 9, gate, up, down, out=empty())
 
 
+def test_the_runner_queues_the_gpu_experts_copies_in_halves_before_its_op(kernels, experts):
+    """A call started with share copies: once the inputs are in, the runner copies the n_skip
+    lowest experts' gate, up and down bytes into the two halves' slot rows (the first ceil(n/2)
+    experts, then the rest; runs of consecutive ids as one copy, host to device, on the plan's
+    stream and device), records each half's event after its copies, and still computes the
+    other slots' experts."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    runtime = HostRuntime()
+    plan, sources, slots = share_copies(runtime)
+    x, _, weights = inputs(9)
+    ids = torch.tensor([[9, 2, 3, 14, 4, 11, 7, 0]])  # the 5 lowest: 0, 2, 3 | 4, 7
+    ready = Readiness()
+    out = empty()
+    running = kernels.start_moe_after(ready.address, 0, x, ids, weights, 5, gate, up, down, out=out,
+                                      copies=plan)
+    time.sleep(0.02)
+    assert not runtime.calls  # nothing before the inputs are in
+    ready.done.set()
+    assert running.copies_queued() == 0
+    for half, experts_of_half in enumerate(([0, 2, 3], [4, 7])):
+        for m, size in enumerate(SIZES):
+            for row, e in enumerate(experts_of_half):
+                slot = slots[half][m][row * size : (row + 1) * size]
+                assert (slot == sources[m][e * size : (e + 1) * size]).all()
+    assert not slots[1][0][2 * SIZES[0]:].any()  # no third row in the second half
+    copies = [("copy", n * size, 1, 0x42) for size in SIZES for n in (1, 2)]  # 0 | 2, 3 per matrix
+    second = [("copy", size, 1, 0x42) for size in SIZES for _ in range(2)]  # 4 | 7 per matrix
+    assert runtime.calls == [("device", 3), *copies, ("record", 0x1000, 0x42),
+                             *second, ("record", 0x2000, 0x42)]
+    ours = running.result()
+    expected = moe_reference(x, ids, lowest_skipped(ids, weights, 5), g_ref, u_ref, d_ref)
+    assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+
+
+def test_failed_copies_are_reported_and_a_failed_wait_fails_both(kernels, experts):
+    """A copy that fails: its CUDA code from copies_queued, the op computed all the same (the
+    caller copies instead). A failed wait for the inputs: no copies, its code from both."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    x, ids, weights = inputs(10)
+    ready = Readiness()
+    ready.done.set()
+    plan, _, _ = share_copies(HostRuntime(copy_error=2))  # cudaErrorMemoryAllocation
+    running = kernels.start_moe_after(ready.address, 0, x, ids, weights, 3, gate, up, down, out=empty(),
+                                      copies=plan)
+    assert running.copies_queued() == 2
+    expected = moe_reference(x, ids, lowest_skipped(ids, weights, 3), g_ref, u_ref, d_ref)
+    assert relative_error(running.result(), expected) < Q8_ACTIVATION_TOL
+    failing, runtime = Readiness(error=719), HostRuntime()
+    failing.done.set()
+    plan, _, _ = share_copies(runtime)
+    running = kernels.start_moe_after(failing.address, 0, x, ids, weights, 3, gate, up, down, out=empty(),
+                                      copies=plan)
+    assert running.copies_queued() == -6 and not runtime.calls
+    with pytest.raises(KernelError, match="waiting for its inputs failed"):
+        running.result()
+    running = kernels.start_moe_after(ready.address, 0, x, ids, weights, 3, gate, up, down, out=empty())
+    with pytest.raises(KernelError, match="carries no GPU share copies"):
+        running.copies_queued()
+    running.result()
+
+
 @pytest.mark.parametrize(("share", "counts"), [(0.0, (0, 0)), (0.45, (3, 4)), (0.5, (4, 4)), (0.75, (6, 6))])
 def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, experts, monkeypatch, share,
                                                                      counts):
@@ -129,6 +237,7 @@ def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, exp
         ready.done.clear()
         early = moe.start_early(x, ids, weights, inputs_in=None)
         assert early is not None and early.n_gpu == count  # 0.45 of 8: 3.6 -> 3, then 3.6 + 0.6 -> 4
+        assert not early.copies  # off CUDA the share copies when it launches
         for buffer, value in zip((x, ids, weights), inputs(seed), strict=True):
             buffer.copy_(value)
         ready.done.set()
@@ -193,6 +302,49 @@ def test_the_runner_waits_for_a_cuda_event_before_it_reads_what_the_gpu_wrote(ke
     ours = running.result()
     expected = moe_reference(x, ids, lowest_skipped(ids, weights, 2), g_ref, u_ref, d_ref)
     assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("on_runner", [True, False], ids=["runner-copies", "caller-copies"])
+def test_early_calls_whose_runner_copies_the_gpu_experts_meet_the_oracle(kernels, experts, tmp_path,
+                                                                        monkeypatch, on_runner):
+    """On the GPU: early calls of 2..6 GPU experts whose copies the runner queues from the
+    pinned file mapping once the routing is in (TANDEM_SHARE_RUNNER_COPIES; the caller's when
+    0), the inputs written behind a GPU sleep; the sums meet the float oracle."""
+    monkeypatch.setenv("TANDEM_SHARE_RUNNER_COPIES", "1" if on_runner else "0")
+    mapped = []
+    for i, (q, _) in enumerate(experts):
+        path = tmp_path / f"w{i}.bin"
+        q.data.tofile(path)
+        mapped.append(QuantTensor(q.ggml_type, q.shape, np.memmap(path, dtype=np.uint8, mode="r")))
+    refs = [ref for _, ref in experts]
+    share = GpuShare("cuda", max_experts=K)
+    share.pin([q.data for q in mapped], [mapped])
+    assert share.wait(120), share.skipped
+    moe = CpuExperts(kernels, *mapped, share=share, balance=ShareBalance(0.5, fixed=True))
+    try:
+        x, ids, weights = inputs(20)
+        moe.compute_shared(x.cuda(), x.pin_memory(), ids, weights)  # an ordinary call makes the copy events
+        buffers = (torch.zeros(1, D).pin_memory(), torch.zeros(1, K, dtype=torch.long).pin_memory(),
+                   torch.zeros(1, K).pin_memory())
+        for seed, fraction in enumerate([0.25, 0.5, 0.75, 0.375, 0.625] * 2):
+            moe.balance = ShareBalance(fraction, fixed=True)
+            written = [t.cuda() for t in inputs(30 + seed)]
+            torch.cuda.synchronize()
+            torch.cuda._sleep(20_000_000)  # ~10 ms: the call is posted before its inputs are in
+            for buffer, value in zip(buffers, written, strict=True):
+                buffer.copy_(value, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            early = moe.start_early(*buffers, inputs_in=event)
+            assert early is not None and early.n_gpu == round(fraction * K) and early.copies == on_runner
+            event.synchronize()
+            ours = moe.compute_shared(written[0], *buffers, early=early)
+            expected = moe_reference(*(b.clone() for b in buffers), *refs)
+            assert ours.is_cuda and relative_error(ours.cpu(), expected) < Q8_ACTIVATION_TOL
+        assert share.copies_on_runner == on_runner  # no copy failed
+    finally:
+        share.close()
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])

@@ -156,21 +156,22 @@ class CpuKernels:
 
     def start_moe_after(self, ready: int, event: int, x: torch.Tensor, expert_ids: torch.Tensor,
                         expert_weights: torch.Tensor, n_skip: int, gate: QuantTensor, up: QuantTensor,
-                        down: QuantTensor, out: torch.Tensor, n_threads: int | None = None
-                        ) -> native.RunningMoe | None:
+                        down: QuantTensor, out: torch.Tensor, n_threads: int | None = None,
+                        copies: native.ShareCopies | None = None) -> native.RunningMoe | None:
         """`start_moe` for one token whose inputs are still being written: the runner waits
         until `ready(event)` returns 0 (native.MoeRunner.start_after), then leaves the slots of
         the `n_skip` lowest ids to the GPU share and runs the rest. The buffers (x [1, d],
         expert_ids [1, k] int64, expert_weights [1, k], out [1, d]; host memory the GPU writes)
         must stay valid until the result. None when tandem's kernels do not cover the types or
-        the runner is busy."""
+        the runner is busy. `copies`: a GPU share's copies the runner queues first
+        (native.MoeRunner.start_after)."""
         _check_experts(gate, up, down)
         if not native.fits(gate, up, down):
             return None
         if self._runner is None:
             self._runner = native.MoeRunner()
         running = self._runner.start_after(ready, event, x, expert_ids, expert_weights, n_skip, gate, up,
-                                           down, self._threads(n_threads), out)
+                                           down, self._threads(n_threads), out, copies)
         if running is not None:
             self._count_read(expert_ids.shape[-1] - n_skip, gate, up, down)  # a token's experts are distinct
         return running

@@ -1,8 +1,8 @@
 """The CUDA runtime's cudaMemcpyAsync, called directly: ~3 us of host time per copy against
 ~20 us through torch's copy_ (dispatch, pinned-memory checks), for the GPU share's ~3 copies
-per expert; cudaHostGetDevicePointer, which torch does not bind; and cudaEventQuery's address
-for C threads. Found in the libcudart torch loaded; absent (None) where torch links it
-statically or has no CUDA."""
+per expert; cudaHostGetDevicePointer, which torch does not bind; and the addresses of
+cudaEventQuery, cudaMemcpyAsync, cudaEventRecord and cudaSetDevice for C threads. Found in
+the libcudart torch loaded; absent (None) where torch links it statically or has no CUDA."""
 
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ class Runtime:
         self._device_pointer.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_uint]
         self._device_pointer.restype = ctypes.c_int
         self.path = path
-        # cudaEventQuery's address, for C threads that poll an event (csrc/runner.c): 0 once
-        # the event's work is done, 600 (cudaErrorNotReady) before
-        self.event_query = ctypes.cast(self._lib.cudaEventQuery, ctypes.c_void_p).value
+        # addresses for C threads (csrc/runner.c): cudaEventQuery (0 once the event's work is
+        # done, 600, cudaErrorNotReady, before), and what queues a GPU share's copies
+        address = functools.partial(_address, self._lib)
+        self.event_query = address("cudaEventQuery")
+        self.memcpy_async, self.event_record, self.set_device = (
+            address("cudaMemcpyAsync"), address("cudaEventRecord"), address("cudaSetDevice"))
 
     def copy_to_device(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """Queue nbytes from host address src (page-locked) to device address dst on `stream`
@@ -45,6 +48,10 @@ class Runtime:
             self._clear_error()
             raise RuntimeError(f"cudaHostGetDevicePointer of {host:#x} failed: CUDA error {rc}")
         return pointer.value or 0
+
+
+def _address(lib: ctypes.CDLL, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
 
 
 @functools.cache

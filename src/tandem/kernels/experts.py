@@ -43,6 +43,7 @@ class EarlyStart:
     n_gpu: int
     cpu: native.RunningMoe
     balance: ShareBalance
+    copies: bool = False  # the runner queues the GPU's copies too (GpuShare.runner_copies)
 
 
 class CpuExperts:
@@ -121,13 +122,14 @@ class CpuExperts:
         n_gpu = self.balance.take(k, commit=False)
         if n_gpu > share.early_up_to * k:  # a share climbing: the ordinary path recovers (SHARE_ENV)
             return None
+        copies = share.runner_copies((self.gate, self.up, self.down), x_host.shape[-1]) if n_gpu else None
         cpu = self.kernels.start_moe_after(*query, x_host, ids_host, weights_host, n_gpu, self.gate, self.up,
                                            self.down, out=self._early_out(x_host),
-                                           n_threads=self._runner_threads())
+                                           n_threads=self._runner_threads(), copies=copies)
         if cpu is None:
             return None
         self.balance.take(k)
-        return EarlyStart(n_gpu, cpu, self.balance)
+        return EarlyStart(n_gpu, cpu, self.balance, copies is not None)
 
     def _early_out(self, x_host: torch.Tensor) -> torch.Tensor:
         """The pinned buffer an early CPU part writes, one per layer: its upload is queued
@@ -164,12 +166,12 @@ class CpuExperts:
         return self.share.cpu_threads or self.kernels.n_threads - 1
 
     def _launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                gpu_experts: list[int]) -> Launched | None:
+                gpu_experts: list[int], premade: native.RunningMoe | None = None) -> Launched | None:
         if not gpu_experts:
             return None
         self.kernels.expert_bytes_read += len(gpu_experts) * sum(
             w.expert_bytes() for w in (self.gate, self.up, self.down))
-        return self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down)
+        return self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down, premade)
 
     def _host_out(self, x_host: torch.Tensor) -> torch.Tensor:
         """Where the CPU's part goes: pinned memory when it is uploaded to a GPU."""
@@ -198,7 +200,8 @@ class CpuExperts:
                       early: EarlyStart) -> _SharedCall:
         """The GPU's part of an early-started call: the same lowest ids the runner skipped."""
         gpu_experts = sorted(ids[0].tolist())[: early.n_gpu]
-        return _SharedCall(early.cpu, self._launch(x, ids, weights, gpu_experts), early.balance)
+        launched = self._launch(x, ids, weights, gpu_experts, early.cpu if early.copies else None)
+        return _SharedCall(early.cpu, launched, early.balance)
 
     def _collect_shared(self, call: _SharedCall, out: torch.Tensor | None = None) -> torch.Tensor:
         cpu = None

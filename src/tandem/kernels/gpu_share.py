@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from tandem.errors import KernelError, first_line
 from tandem.gguf.types import GGMLType
-from tandem.kernels import compiling, cudart, torch_dequant
+from tandem.kernels import compiling, cudart, native, torch_dequant
 from tandem.kernels.cpu import SKIPPED_SLOT
 from tandem.kernels.env import env_int, triton_module
 from tandem.kernels.expert_cache import LayerCache, layer_capacities
@@ -146,10 +146,17 @@ TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the 
 # and empties torch's caches mid-step (see GpuShare._precapture). Run x: no captures during
 # decode, but the first repetitions as slow as without (a 308-329 ms step, shares at 0.9), and
 # no clear gain (A/B medians 52.3 against 56.0 tok/s UD-IQ1_S, 93.6 against 84.2 Q4_K_M).
+# TANDEM_SHARE_RUNNER_COPIES (default on; 0: off): an early call's GPU experts are copied by
+# the kernels' runner thread (csrc/runner.c) as soon as the routing is in, before its CPU op,
+# instead of by the caller after its wake-up and the launch's Python. In run B's UD-IQ1_S
+# profile the balance settled at 3.6 GPU experts of 8 where the two sides' measured rates cross
+# at 4.1: the GPU's side starts ~0.2 ms after the CPU's (the caller's latency), and each call
+# pays it.
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
              "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT",
-             "TANDEM_SHARE_EARLY", "TANDEM_SHARE_EARLY_UP_TO", "TANDEM_SHARE_PRECAPTURE")
+             "TANDEM_SHARE_EARLY", "TANDEM_SHARE_EARLY_UP_TO", "TANDEM_SHARE_PRECAPTURE",
+             "TANDEM_SHARE_RUNNER_COPIES")
 
 
 def max_experts_for(k: int) -> int:
@@ -276,6 +283,8 @@ class GpuShare:
         self.early = os.environ.get("TANDEM_SHARE_EARLY") != "0"  # see SHARE_ENV
         self.early_up_to = env_int("TANDEM_SHARE_EARLY_UP_TO", default=EARLY_UP_TO) / 100  # see SHARE_ENV
         self.precapture = os.environ.get("TANDEM_SHARE_PRECAPTURE") == "1"  # see SHARE_ENV
+        self.copies_on_runner = os.environ.get("TANDEM_SHARE_RUNNER_COPIES") != "0"  # see SHARE_ENV
+        self._runner_plans: dict[tuple[int, int], native.ShareCopies] = {}  # by layer and slots
         self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
         if os.environ.get("TANDEM_SHARE_DIRECT") == "1":
             self._direct = triton_module("share_triton", "TANDEM_SHARE_DIRECT", "copies to the device")
@@ -440,6 +449,31 @@ class GpuShare:
         handle = getattr(event, "cuda_event", 0)
         return (raw.event_query, handle) if raw is not None and handle else None
 
+    def runner_copies(self, tensors: Sequence[QuantTensor], d: int) -> native.ShareCopies | None:
+        """The copies of an early call (one token; gate, up, down of a layer, rows of d) for the
+        kernels' runner to queue once the routing is in (csrc/runner.c's share_copies; launch
+        with the call as `premade` then). None where the share does not copy so: off CUDA or
+        TANDEM_SHARE_RUNNER_COPIES=0, no runtime library, experts read in place or held in VRAM,
+        or before the first call made the copy events. Queues the copy stream's wait for the
+        last call's kernels, which the runner's copies follow."""
+        raw = cudart.runtime() if self.cuda and self.copies_on_runner else None
+        types, sizes = tuple(w.ggml_type for w in tensors), tuple(w.expert_bytes() for w in tensors)
+        events = [event.cuda_event for event in self._copied] if raw is not None else []
+        if (raw is None or not all(events) or self._reads_in_place(types, sizes, d)
+                or any(self.held(tensors[0]))):
+            return None
+        slots = self._ensure_slots(2 * self._half_capacity * sum(sizes))
+        key = (id(tensors[0]), slots.data_ptr())
+        plan = self._runner_plans.get(key)
+        if plan is None:
+            parts = [self._parts(slots, region, self._half_capacity, sizes) for region in (0, 1)]
+            plan = self._runner_plans[key] = native.ShareCopies(
+                raw.memcpy_async, raw.event_record, raw.set_device, self._copy_stream_handle, tuple(events),
+                tuple(w.address for w in tensors), sizes,
+                tuple(tuple(part.data_ptr() for part in half) for half in parts), self.device.index)
+        self._copy_stream.wait_event(self._consumed)
+        return plan
+
     def held(self, gate: QuantTensor) -> tuple[LayerCache | None, _Ahead | None]:
         """Where `gate`'s layer has experts in VRAM: its cache, and a prefetch made for it."""
         ahead = self._ahead if self._ahead is not None and self._ahead.layer == id(gate) else None
@@ -525,13 +559,15 @@ class GpuShare:
     # -- one call --------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: list[int],
-               gate: QuantTensor, up: QuantTensor, down: QuantTensor) -> Launched:
+               gate: QuantTensor, up: QuantTensor, down: QuantTensor,
+               premade: native.RunningMoe | None = None) -> Launched:
         """Queue, for each token t, the sum over its slots j with ids[t, j] in `experts` of
         weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) on the device: x [T, d] there, ids
         and weights [T, k] on the host. Returns without waiting.
 
         Two halves: the second half's bytes cross PCIe while the first half is computed. Each
-        expert's bytes are copied once; in a batch its (token, slot) pairs index them."""
+        expert's bytes are copied once; in a batch its (token, slot) pairs index them.
+        `premade`: the early CPU call whose runner queues these copies (runner_copies)."""
         experts = sorted(experts)
         n_tokens = x.shape[0]
         if not experts or len(experts) > self.max_experts:
@@ -545,16 +581,20 @@ class GpuShare:
         sizes = tuple(w.expert_bytes() for w in tensors)
         captures = self.captures
         in_place = self._reads_in_place(types, sizes, x.shape[-1])
-        launched = (self._launch_in_place if in_place else self._launch_copied)(
-            x, n_tokens > 1, experts, pairs, tensors, types, sizes)
+        if in_place:
+            launched = self._launch_in_place(x, n_tokens > 1, experts, pairs, tensors, types, sizes)
+        else:
+            launched = self._launch_copied(x, n_tokens > 1, experts, pairs, tensors, types, sizes, premade)
         launched.captured = self.captures > captures
         return launched
 
     def _launch_copied(self, x: torch.Tensor, batched: bool, experts: list[int],
                        pairs: dict[int, list[tuple[int, float]]], tensors: Sequence[QuantTensor],
-                       types: tuple[GGMLType, ...], sizes: tuple[int, ...]) -> Launched:
-        """launch's GPU part for experts copied into the device slots: the copies in two halves,
-        then each half's kernels once its bytes are in."""
+                       types: tuple[GGMLType, ...], sizes: tuple[int, ...],
+                       premade: native.RunningMoe | None = None) -> Launched:
+        """launch's GPU part for experts copied into the device slots: the copies in two halves
+        (queued here, or by the runner of a `premade` call), then each half's kernels once its
+        bytes are in."""
         pair_counts = {e: len(p) for e, p in pairs.items()}
         groups = _halves(experts, pair_counts, self._half_capacity)
         if groups is None:
@@ -568,7 +608,9 @@ class GpuShare:
         rows = [self._half_capacity if batched else n for n in counts]
         parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(rows)]
         # the copies first: the GPU's part ends after them, the inputs are staged meanwhile
-        copied = self._upload(groups, tensors, parts)
+        copied = self._premade_copies(premade, experts) if premade is not None else None
+        if copied is None:
+            copied = self._upload(groups, tensors, parts)
         x_in, per_half = self._inputs(x, groups, pairs, batched)
         stream = torch.cuda.current_stream(self.device) if self.cuda else None
         outs = []
@@ -579,6 +621,21 @@ class GpuShare:
             outs.append(self._compute(types, batched, (sizes, n, region), args))
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
         return Launched(out.view(1, -1) if not batched else out[: x.shape[0]], self._done(stream))
+
+    def _premade_copies(self, premade: native.RunningMoe,
+                        experts: list[int]) -> list[torch.cuda.Event] | None:
+        """The copy events of the halves the runner of `premade` queued (the same halves as
+        _halves for one token's experts: runner_copies), once it has; None where it failed (a
+        CUDA error turns runner copies off, with a warning) and the caller copies instead."""
+        rc = premade.copies_queued()
+        if rc == 0:
+            self._count_sources(experts, None, None)
+            return self._copied[: 1 if len(experts) == 1 else 2]
+        if rc > 0:  # a CUDA error code; negative ones are the call's own failure, raised at its result
+            self.copies_on_runner = False
+            log.warning("GPU expert share: the CPU runner's copies failed (CUDA error %d); the caller "
+                        "copies from now on", rc)
+        return None
 
     def _done(self, stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
         """After a call's kernels on `stream`: mark the slots and rows they read as consumed

@@ -57,7 +57,8 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_runner_new.restype = ptr
     lib.tandem_runner_start.argtypes = [ptr, *lib.tandem_moe.argtypes]
     lib.tandem_runner_start_after.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, i32, ptr, ptr, i32, ptr, i32, ptr,
-                                              i32, ptr, i32, i32, i32, ptr, i32]
+                                              i32, ptr, i32, i32, i32, ptr, i32, ptr]
+    lib.tandem_runner_wait_copies.argtypes = [ptr]
     lib.tandem_runner_wait.argtypes = [ptr]
     lib.tandem_runner_free.argtypes = [ptr]
     lib.tandem_runner_seconds.argtypes = [ptr]
@@ -182,13 +183,25 @@ class _MoeCall:
                      down.address, int(down.ggml_type), n_expert, n_ff, self.out.data_ptr(), n_threads)
 
 
+class ShareCopies(ctypes.Structure):
+    """csrc/runner.c's share_copies: a GPU share's copies that the runner queues for a call
+    started in advance, through CUDA runtime functions given by address (gpu_share builds it).
+    Matrix m (gate, up, down) of expert e lies at src[m] + e * size[m]; half h's slot row i at
+    dst[h][m] + i * size[m]; events[h] is recorded on `stream` after half h's copies."""
+
+    _fields_ = [("copy", ctypes.c_void_p), ("record", ctypes.c_void_p), ("set_device", ctypes.c_void_p),
+                ("stream", ctypes.c_void_p), ("events", ctypes.c_void_p * 2), ("src", ctypes.c_void_p * 3),
+                ("size", ctypes.c_longlong * 3), ("dst", (ctypes.c_void_p * 3) * 2), ("device", ctypes.c_int)]
+
+
 class _AfterCall:
     """A call started before its inputs are in (MoeRunner.start_after): the tensors the runner
     reads and writes, kept alive here, and the int32 ids it writes for the op."""
 
     def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor,
-                 out: torch.Tensor):
+                 out: torch.Tensor, copies: ShareCopies | None = None):
         self.x, self.source_ids, self.weights, self.gate, self.out = x, ids, weights, gate, out
+        self.copies = copies
         self.ids = torch.empty(ids.shape, dtype=torch.int32)
         self.tokens = 1  # always one token (MoeRunner._post: a call with tokens is posted)
 
@@ -222,14 +235,15 @@ class MoeRunner:
 
     def start_after(self, ready: int, event: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                     n_skip: int, gate: QuantTensor, up: QuantTensor, down: QuantTensor, n_threads: int,
-                    out: torch.Tensor) -> RunningMoe | None:
+                    out: torch.Tensor, copies: ShareCopies | None = None) -> RunningMoe | None:
         """`moe` of one token started on the runner's thread before its inputs are in: the
         thread polls `ready(event)` (a C function's address, e.g. the CUDA runtime's
         cudaEventQuery, and its argument) until it returns 0 (600, cudaErrorNotReady, while
         waiting; else the call fails), then skips the slots of the `n_skip` lowest ids in `ids`
-        ([1, k] int64: a GPU share's part) and runs. x [1, d] and weights [1, k] float32, out
-        [1, d] float32: contiguous host buffers that the caller keeps valid until the result.
-        None when the runner is still busy."""
+        ([1, k] int64: a GPU share's part), queues `copies` of those experts (if given; then
+        RunningMoe.copies_queued says how that went) and runs. x [1, d] and weights [1, k]
+        float32, out [1, d] float32: contiguous host buffers that the caller keeps valid until
+        the result. None when the runner is still busy."""
         n_expert, n_ff, d = gate.shape
         k = ids.shape[-1]
         for name, t, shape, dtype in (("x", x, (1, d), torch.float32), ("ids", ids, (1, k), torch.int64),
@@ -245,8 +259,9 @@ class MoeRunner:
             return _lib().tandem_runner_start_after(
                 self._handle, ready, event, ids.data_ptr(), n_skip, x.data_ptr(), d, call.ids.data_ptr(),
                 weights.data_ptr(), k, gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
-                down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads)
-        return self._post(lambda: _AfterCall(x, ids, weights, gate, out), post)
+                down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads,
+                ctypes.byref(call.copies) if call.copies is not None else None)
+        return self._post(lambda: _AfterCall(x, ids, weights, gate, out, copies), post)
 
     def _post(self, make_call, post) -> RunningMoe | None:
         """A call made by `make_call()` and handed to the thread by `post(call)` (its return
@@ -270,6 +285,11 @@ class MoeRunner:
     def seconds(self) -> float:
         return _lib().tandem_runner_seconds(self._handle) if self._finalizer.alive else 0.0
 
+    def wait_copies(self) -> int:
+        """Wait until the share copies of the call last started are queued: 0, or why not
+        (csrc/runner.c; -7 once the runner is closed)."""
+        return _lib().tandem_runner_wait_copies(self._handle) if self._finalizer.alive else -7
+
     def close(self) -> None:
         self._finalizer()
 
@@ -286,6 +306,15 @@ class RunningMoe:
         # dropped unwaited (an exception between start and result): the runner waits for the
         # call then, its buffers kept until it ends, and takes the next one
         self._dropped = None if self.waited else weakref.finalize(self, _wait_dropped, runner, call)
+
+    def copies_queued(self) -> int:
+        """For a call started with share copies: wait until the runner has queued them (it
+        does before the op; microseconds once the inputs are in) and return 0, or the code of
+        what failed (a CUDA error, or the call's own failure before them)."""
+        copies = getattr(self._call, "copies", None)
+        if copies is None or self._runner is None:
+            raise KernelError("this CPU call carries no GPU share copies")
+        return self._runner.wait_copies()
 
     def result(self) -> torch.Tensor:
         if not self.waited:

@@ -19,6 +19,14 @@
  * n_skip lowest expert ids are the GPU's. So the CPU's experts start as soon as the routing is in
  * host memory, not after the caller woke up, split in Python and handed them over (~0.2 ms a MoE
  * layer on the GPU machine).
+ *
+ * Such a call may also carry the GPU share's copies (share_copies): the GPU's experts' bytes from
+ * the file mapping into the share's device slots, queued by this thread through the CUDA runtime
+ * right after the routing is in and before the op. Queued by the caller, they started ~0.2 ms
+ * later (its wake-up and the Python before them: run B's profile put the split's crossing 0.5 of
+ * an expert below where the two sides' rates put it), the GPU's side of every call that much
+ * longer. The caller waits for them to be queued (tandem_runner_wait_copies) before it queues
+ * the kernels that read them.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -43,10 +51,35 @@ static _Atomic long long spin_ns = 2000000; /* spin this long before sleeping: a
 #define REPEATED_EXPERT -5 /* a split in advance met one expert in two slots of a token */
 #define NOT_READY_FAILED -6 /* the readiness function reported an error */
 #define CANCELLED -7 /* the runner was freed while a call still waited for its inputs */
+#define NO_COPIES -8 /* tandem_runner_wait_copies for a call that carried none */
+#define TOO_MANY_SLOTS -9 /* share copies for more than MAX_K slots */
 #define NOT_READY 600 /* cudaErrorNotReady: what the readiness function returns until the inputs are in */
 #define SKIPPED_SLOT -1 /* experts.c: a slot computed elsewhere */
+#define HOST_TO_DEVICE 1 /* cudaMemcpyHostToDevice */
+#define MAX_K 64 /* a token's experts a call with share copies may have */
 
 typedef int (*ready_fn)(void *);
+typedef int (*copy_fn)(void *dst, const void *src, size_t n, int kind, void *stream); /* cudaMemcpyAsync */
+typedef int (*record_fn)(void *event, void *stream); /* cudaEventRecord */
+typedef int (*set_device_fn)(int device); /* cudaSetDevice */
+
+/* The GPU share's copies for a call started in advance (gpu_share.GpuShare.runner_copies builds
+ * it; the layout is native.ShareCopies'). Its n_skip lowest ids, ascending, in two halves as
+ * the share splits one token's experts (the first ceil(n/2), then the rest); half h's expert i
+ * goes to row i of each matrix's slots: matrix m of expert e lies at src[m] + e * size[m], its
+ * slot row at dst[h][m] + i * size[m]. Runs of consecutive ids go as one copy; events[h] is
+ * recorded on the stream after half h's copies. */
+typedef struct {
+    copy_fn copy;
+    record_fn record;
+    set_device_fn set_device;
+    void *stream;
+    void *events[2];
+    const char *src[3];
+    long long size[3];
+    char *dst[2][3];
+    int device;
+} share_copies;
 
 enum { IDLE, POSTED, DONE, QUIT };
 
@@ -63,6 +96,7 @@ typedef struct {
     const int64_t *ids64; /* one token's k expert ids as the router wrote them */
     int32_t *ids32; /* where they go, the GPU's slots skipped: the op's ids */
     int n_skip;
+    const share_copies *copies; /* the GPU share's copies to queue first, or NULL */
 } moe_args;
 
 typedef struct {
@@ -72,6 +106,8 @@ typedef struct {
     _Atomic int state;
     _Atomic int closing; /* set by tandem_runner_free: a wait for inputs gives up */
     moe_args args;
+    _Atomic int copies_done; /* the share copies of the call posted last are queued (or failed) */
+    int copies_rc; /* their result: 0, a CUDA error code, or one of the codes above */
     int rc;
     double seconds; /* how long the last call ran on the thread */
 } runner;
@@ -135,6 +171,38 @@ static int split_ids(const int64_t *ids, int32_t *out, int k, int n_skip) {
     return 0;
 }
 
+/* Queue the share copies `c` of the n lowest of a token's k distinct ids: 0 or the first
+ * failing call's code. */
+static int queue_copies(const share_copies *c, const int64_t *ids, int k, int n) {
+    if (k > MAX_K) return TOO_MANY_SLOTS;
+    int64_t e[MAX_K];
+    for (int j = 0; j < k; j++) { /* insertion sort: k is 8 for R1 */
+        int i = j;
+        for (; i > 0 && e[i - 1] > ids[j]; i--) e[i] = e[i - 1];
+        e[i] = ids[j];
+    }
+    int rc = c->set_device(c->device); /* this thread's current device: the stream's */
+    const int cut = n > 1 ? (n + 1) / 2 : n;
+    for (int h = 0; h < 2 && rc == 0; h++) {
+        const int first = h ? cut : 0, last = h ? n : cut;
+        if (first == last) break;
+        for (int m = 0; m < 3 && rc == 0; m++)
+            for (int i = first, j; i < last && rc == 0; i = j) {
+                for (j = i + 1; j < last && e[j] == e[j - 1] + 1; j++) {
+                }
+                rc = c->copy(c->dst[h][m] + (i - first) * c->size[m], c->src[m] + e[i] * c->size[m],
+                             (size_t)(j - i) * (size_t)c->size[m], HOST_TO_DEVICE, c->stream);
+            }
+        if (rc == 0) rc = c->record(c->events[h], c->stream);
+    }
+    return rc;
+}
+
+static void copies_finished(runner *r, int rc) {
+    r->copies_rc = rc;
+    atomic_store_explicit(&r->copies_done, 1, memory_order_release);
+}
+
 static void *serve(void *arg) {
     runner *r = arg;
     for (;;) {
@@ -145,6 +213,8 @@ static void *serve(void *arg) {
         if (a->ready) {
             r->rc = wait_ready(r, a->ready, a->event);
             if (r->rc == 0) r->rc = split_ids(a->ids64, a->ids32, a->k, a->n_skip);
+            if (a->copies) /* the GPU's part starts first: its copies, then this op */
+                copies_finished(r, r->rc != 0 ? r->rc : queue_copies(a->copies, a->ids64, a->k, a->n_skip));
             if (r->rc != 0) {
                 r->seconds = 0.0;
                 set_state(r, DONE);
@@ -172,6 +242,8 @@ void *tandem_runner_new(void) {
     pthread_cond_init(&r->changed, NULL);
     atomic_init(&r->state, IDLE);
     atomic_init(&r->closing, 0);
+    atomic_init(&r->copies_done, 1);
+    r->copies_rc = NO_COPIES;
     if (pthread_create(&r->thread, NULL, serve, r) != 0) {
         free(r);
         return NULL;
@@ -189,7 +261,9 @@ int tandem_runner_start(void *handle, const float *x, int n_tok, int d, const in
     const int s = atomic_load_explicit(&r->state, memory_order_acquire);
     if (s == POSTED || s == DONE) return RUNNER_BUSY;
     r->args = (moe_args){x, ids, w, gate, up, down, out, n_tok, d, k, gate_type, up_type, down_type, n_expert, n_ff,
-                         n_threads, NULL, NULL, NULL, NULL, 0};
+                         n_threads, NULL, NULL, NULL, NULL, 0, NULL};
+    r->copies_rc = NO_COPIES;
+    atomic_store(&r->copies_done, 1);
     set_state(r, POSTED);
     return 0;
 }
@@ -197,19 +271,31 @@ int tandem_runner_start(void *handle, const float *x, int n_tok, int d, const in
 /* tandem_runner_start for one token whose inputs are still being written (by the GPU): the
  * helper waits until ready(event) returns 0 (NOT_READY until then; anything else fails the
  * call), then writes ids64's k ids into ids32 with the slots of the n_skip lowest marked
- * SKIPPED_SLOT, and runs the op on x, ids32, w. All buffers must stay valid until
- * tandem_runner_wait returns. */
+ * SKIPPED_SLOT, queues `copies` (NULL: none) of those n_skip experts, and runs the op on x,
+ * ids32, w. All buffers, and `copies`, must stay valid until tandem_runner_wait returns. */
 int tandem_runner_start_after(void *handle, ready_fn ready, void *event, const int64_t *ids64, int n_skip,
                               const float *x, int d, int32_t *ids32, const float *w, int k, const void *gate,
                               int gate_type, const void *up, int up_type, const void *down, int down_type,
-                              int n_expert, int n_ff, float *out, int n_threads) {
+                              int n_expert, int n_ff, float *out, int n_threads, const share_copies *copies) {
     runner *r = handle;
     const int s = atomic_load_explicit(&r->state, memory_order_acquire);
     if (s == POSTED || s == DONE) return RUNNER_BUSY;
     r->args = (moe_args){x, ids32, w, gate, up, down, out, 1, d, k, gate_type, up_type, down_type, n_expert, n_ff,
-                         n_threads, ready, event, ids64, ids32, n_skip};
+                         n_threads, ready, event, ids64, ids32, n_skip, copies};
+    r->copies_rc = NO_COPIES;
+    atomic_store(&r->copies_done, copies == NULL);
     set_state(r, POSTED);
     return 0;
+}
+
+/* Wait until the share copies of the call last started on `r` are queued: 0, the failing CUDA
+ * call's code, the call's own failure code if it failed before them (its inputs' wait, its ids),
+ * or NO_COPIES when it carried none. Spins: the caller asks once the inputs are in (it read the
+ * routing), when the copies take microseconds. */
+int tandem_runner_wait_copies(void *handle) {
+    runner *r = handle;
+    while (!atomic_load_explicit(&r->copies_done, memory_order_acquire)) PAUSE();
+    return r->copies_rc;
 }
 
 /* Wait for the call last started on `r`: tandem_moe's return code (0 when none was started). */
