@@ -277,6 +277,9 @@ def test_no_early_start_when_off_above_its_share_or_with_experts_in_vram(kernels
     monkeypatch.delenv("TANDEM_SHARE_EARLY_UP_TO")
     default = GpuShare("cpu", max_experts=K)
     assert default.early and default.early_up_to == 0.75
+    assert not default.copies_on_runner  # the caller copies unless TANDEM_SHARE_RUNNER_COPIES=1
+    monkeypatch.setenv("TANDEM_SHARE_RUNNER_COPIES", "1")
+    assert GpuShare("cpu", max_experts=K).copies_on_runner
 
 
 @pytest.mark.cuda

@@ -146,12 +146,15 @@ TORCH_THREADS_WITH_SHARE = 2  # 2, not 1: a one-thread op would not release the 
 # and empties torch's caches mid-step (see GpuShare._precapture). Run x: no captures during
 # decode, but the first repetitions as slow as without (a 308-329 ms step, shares at 0.9), and
 # no clear gain (A/B medians 52.3 against 56.0 tok/s UD-IQ1_S, 93.6 against 84.2 Q4_K_M).
-# TANDEM_SHARE_RUNNER_COPIES (default on; 0: off): an early call's GPU experts are copied by
-# the kernels' runner thread (csrc/runner.c) as soon as the routing is in, before its CPU op,
-# instead of by the caller after its wake-up and the launch's Python. In run B's UD-IQ1_S
-# profile the balance settled at 3.6 GPU experts of 8 where the two sides' measured rates cross
-# at 4.1: the GPU's side starts ~0.2 ms after the CPU's (the caller's latency), and each call
-# pays it.
+# TANDEM_SHARE_RUNNER_COPIES=1 (off): an early call's GPU experts are copied by the kernels'
+# runner thread (csrc/runner.c) as soon as the routing is in, before its CPU op, instead of by
+# the caller after its wake-up and the launch's Python. In run B's UD-IQ1_S profile the balance
+# settled at 3.6 GPU experts of 8 where the two sides' measured rates cross at 4.1: the GPU's
+# side started ~0.2 ms after the CPU's. Run C (65d6b0e) on: the balance moved to 5.1 GPU
+# experts, the routed calls took 10.3 ms a token against 11.5, but the CPU op 0.32 ms an expert
+# against 0.26 (the copies now overlap all of it, both reading the same RAM) and the GPU's part
+# became the later one that the next segment waits for: 17.8 ms a token either way, A/B 60.7 and
+# 59.9 tok/s against 60.0 and 61.6 (2 rounds). No gain measured, so off.
 SHARE_ENV = ("TANDEM_SHARE_CPU_FIRST", "TANDEM_SHARE_CPU_THREADS", "TANDEM_SHARE_PREFETCH",
              "TANDEM_SHARE_MAX_EXPERTS", "TANDEM_SHARE_TRITON", "TANDEM_SHARE_TORCH_THREADS",
              "TANDEM_SHARE_SUBMIT_ON_RUNNER", "TANDEM_SHARE_BATCH_PAIRS", "TANDEM_SHARE_DIRECT",
@@ -283,7 +286,7 @@ class GpuShare:
         self.early = os.environ.get("TANDEM_SHARE_EARLY") != "0"  # see SHARE_ENV
         self.early_up_to = env_int("TANDEM_SHARE_EARLY_UP_TO", default=EARLY_UP_TO) / 100  # see SHARE_ENV
         self.precapture = os.environ.get("TANDEM_SHARE_PRECAPTURE") == "1"  # see SHARE_ENV
-        self.copies_on_runner = os.environ.get("TANDEM_SHARE_RUNNER_COPIES") != "0"  # see SHARE_ENV
+        self.copies_on_runner = os.environ.get("TANDEM_SHARE_RUNNER_COPIES") == "1"  # see SHARE_ENV
         self._runner_plans: dict[tuple[int, int], native.ShareCopies] = {}  # by layer and slots
         self._direct = None  # kernels.share_triton where the kernels read experts in place (SHARE_ENV)
         if os.environ.get("TANDEM_SHARE_DIRECT") == "1":
@@ -452,10 +455,10 @@ class GpuShare:
     def runner_copies(self, tensors: Sequence[QuantTensor], d: int) -> native.ShareCopies | None:
         """The copies of an early call (one token; gate, up, down of a layer, rows of d) for the
         kernels' runner to queue once the routing is in (csrc/runner.c's share_copies; launch
-        with the call as `premade` then). None where the share does not copy so: off CUDA or
-        TANDEM_SHARE_RUNNER_COPIES=0, no runtime library, experts read in place or held in VRAM,
-        or before the first call made the copy events. Queues the copy stream's wait for the
-        last call's kernels, which the runner's copies follow."""
+        with the call as `premade` then). None where the share does not copy so: off CUDA,
+        without TANDEM_SHARE_RUNNER_COPIES=1, no runtime library, experts read in place or held
+        in VRAM, or before the first call made the copy events. Queues the copy stream's wait
+        for the last call's kernels, which the runner's copies follow."""
         raw = cudart.runtime() if self.cuda and self.copies_on_runner else None
         types, sizes = tuple(w.ggml_type for w in tensors), tuple(w.expert_bytes() for w in tensors)
         events = [event.cuda_event for event in self._copied] if raw is not None else []
