@@ -7,8 +7,9 @@ gaps of the host), and GB/s of the bytes each reads.
 
 Variants: `bf16` (cuBLAS), `whole_rows` and `split` (kernel `values`), `q8` (that kernel,
 split as `split`; its error includes its 8-bit activations') and `default` (the kernel and tile
-triton_matvec.kernel_for and Q8_TILES choose); --sweep adds `<kernel>-r<R>-w<W>` for tile heights R and warps
-W and `q8-s<S>` for pipeline stages S (SWEEP), and names each kernel's fastest per shape.
+triton_matvec.kernel_for and Q8_TILES choose); --sweep adds `<kernel>-r<R>-w<W>` for tile
+heights R and warps W and `q8-s<S>` for pipeline stages S (SWEEP), and names each kernel's
+fastest per shape.
 
 Types as in the ud-iq1_s recipe (tandem.bench.recipes). `moe_layer_ms` sums the shapes one MoE layer
 reads per token (attention and shared expert). Needs a GPU and Triton; writes
