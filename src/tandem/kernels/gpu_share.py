@@ -611,7 +611,7 @@ class GpuShare:
         rows = [self._half_capacity if batched else n for n in counts]
         parts = [self._parts(slots, region, n, sizes) for region, n in enumerate(rows)]
         # the copies first: the GPU's part ends after them, the inputs are staged meanwhile
-        copied = self._premade_copies(premade, experts) if premade is not None else None
+        copied = self._premade_copies(premade, experts, len(groups)) if premade is not None else None
         if copied is None:
             copied = self._upload(groups, tensors, parts)
         x_in, per_half = self._inputs(x, groups, pairs, batched)
@@ -625,15 +625,16 @@ class GpuShare:
         out = outs[0] + outs[1] if len(outs) == 2 else outs[0].clone()  # the outputs get reused
         return Launched(out.view(1, -1) if not batched else out[: x.shape[0]], self._done(stream))
 
-    def _premade_copies(self, premade: native.RunningMoe,
-                        experts: list[int]) -> list[torch.cuda.Event] | None:
-        """The copy events of the halves the runner of `premade` queued (the same halves as
-        _halves for one token's experts: runner_copies), once it has; None where it failed (a
-        CUDA error turns runner copies off, with a warning) and the caller copies instead."""
+    def _premade_copies(self, premade: native.RunningMoe, experts: list[int],
+                        n_groups: int) -> list[torch.cuda.Event] | None:
+        """The copy events of the n_groups halves the runner of `premade` queued (the same
+        halves as _halves makes of one token's experts: runner_copies), once it has; None where
+        it failed (a CUDA error turns runner copies off, with a warning) and the caller copies
+        instead."""
         rc = premade.copies_queued()
         if rc == 0:
             self._count_sources(experts, None, None)
-            return self._copied[: 1 if len(experts) == 1 else 2]
+            return self._copied[:n_groups]
         if rc > 0:  # a CUDA error code; negative ones are the call's own failure, raised at its result
             self.copies_on_runner = False
             log.warning("GPU expert share: the CPU runner's copies failed (CUDA error %d); the caller "
