@@ -5,14 +5,15 @@ folder holding the two files where the tree has no .git, as on the GPU machine) 
 working tree into two shared libraries and loads both. A case is one weight matrix of R1's
 expert shapes times 1..8 tokens (`tandem_matmul`: the tile kernels only), or with --types
 expert the MoE op on one UD-IQ1_S expert that all its tokens chose (`tandem_moe`: the GEMM
-paths, on AMX where the CPU has it, from a few tokens on). Random valid blocks. Each round calls
-every case once with each library, the order flipped round by round, so the machine's drift
-falls on all alike: between processes the same build moved by up to +-25% on the dev VM
-(other tenants), within one process the order held run after run. The two builds' outputs
-must agree (same integer sums; float sums may differ in the last bits where the summation
-order changed).
+paths, on AMX where the CPU has it, from a few tokens on), or with --types layer a decode
+step's op: each token chooses 8 such experts from a pool past the L3 cache (weights from RAM).
+Random valid blocks. Each round calls every case once with each library, the order flipped
+round by round, so the machine's drift falls on all alike: between processes the same build
+moved by up to +-25% on the dev VM (other tenants), within one process the order held run after
+run. The two builds' outputs must agree (same integer sums; float sums may differ in the last
+bits where the summation order changed).
 
-    python benchmarks/kernel_ab.py [--base REV | --base-dir DIR] [--types iq1_s iq2_xxs expert]
+    python benchmarks/kernel_ab.py [--base REV | --base-dir DIR] [--types iq1_s iq2_xxs expert layer]
                                    [--tokens 1 2 4 8] [--threads 1] [--calls 30]
                                    [--out benchmarks/results]
 
@@ -48,6 +49,8 @@ SHAPES = {"iq1_s": (T.IQ1_S, 2048, 7168), "iq2_xxs": (T.IQ2_XXS, 7168, 2048),
           "q4_k": (T.Q4_K, 2048, 7168), "q6_k": (T.Q6_K, 7168, 2048)}
 # --types expert: one routed expert of the UD-IQ1_S recipe (gate, up, down types; n_ff, d)
 EXPERT = (T.IQ1_S, T.IQ1_S, T.IQ2_XXS, 2048, 7168)
+# --types layer: a pool of that expert past the L3 cache; each token chooses K_ROUTED of them
+POOL_EXPERTS, K_ROUTED = 38, 8
 
 
 def build(sources: dict[str, str], out: Path, cflags: list[str] = CFLAGS) -> ctypes.CDLL:
@@ -149,6 +152,33 @@ class ExpertCase(Case):
                               down.ctypes.data, int(dt), 1, self.n_ff, out.ctypes.data, self.threads)
 
 
+class LayerCase(ExpertCase):
+    """One decode step's CPU op as the engine makes it: n_tok tokens, each choosing K_ROUTED
+    experts of EXPERT's types out of a pool of POOL_EXPERTS (362 MB), the next call choosing the
+    next ones: an expert comes back after 361 MB of others, past the GPU machine's 300 MB L3, so
+    the weights come from RAM, not from the cache that holds one expert's 9.5 MB between the
+    calls of `expert`. The pool repeats one random expert's bytes (the kernels' time depends on
+    where the bytes lie, not on their values; and every expert gives the same result)."""
+
+    def __init__(self, kind: str, n_tok: int, threads: int, libs: list[str], rng: np.random.Generator):
+        super().__init__(kind, n_tok, threads, libs, rng)
+        self.matrices = [np.tile(m, (POOL_EXPERTS, 1)) for m in self.matrices]
+        self.ids = np.zeros((n_tok, K_ROUTED), np.int32)
+        self.weights = np.full((n_tok, K_ROUTED), 1.0 / K_ROUTED, np.float32)
+        self.step = 0
+
+    def run(self, lib: ctypes.CDLL, out: np.ndarray) -> int:
+        # every library call reads experts the calls before did not touch for a while
+        first = (self.step * K_ROUTED * self.n_tok) % POOL_EXPERTS
+        self.ids[:] = (first + np.arange(self.ids.size).reshape(self.ids.shape)) % POOL_EXPERTS
+        self.step += 1
+        (gate, up, down), (gt, ut, dt) = self.matrices, self.types
+        return lib.tandem_moe(self.x.ctypes.data, self.n_tok, self.d, self.ids.ctypes.data,
+                              self.weights.ctypes.data, K_ROUTED, gate.ctypes.data, int(gt), up.ctypes.data,
+                              int(ut), down.ctypes.data, int(dt), POOL_EXPERTS, self.n_ff, out.ctypes.data,
+                              self.threads)
+
+
 def run_rounds(libs: dict[str, ctypes.CDLL], cases: list[Case], rounds: int) -> None:
     """Every case once per round, the libraries' order flipped each round: slow spells of the
     machine fall on all cases and both libraries alike. Round 0 warms up."""
@@ -164,7 +194,7 @@ def main() -> None:
     parser.add_argument("--base", default="HEAD", help="git revision of the old kernels (default HEAD)")
     parser.add_argument("--base-dir", type=Path, help="a folder with the old experts.c and runner.c instead")
     parser.add_argument("--types", nargs="+", default=["iq1_s", "iq2_xxs"],
-                        choices=[*sorted(SHAPES), "expert"])
+                        choices=[*sorted(SHAPES), "expert", "layer"])
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--calls", type=int, default=30, help="rounds: calls per case and library")
@@ -181,7 +211,8 @@ def main() -> None:
         libs = {"base": build(base_sources, Path(tmp) / "base"),
                 "test": build(sources_in(ROOT / CSRC), Path(tmp) / "test")}
         rng = np.random.default_rng(0)
-        cases = [(ExpertCase if kind == "expert" else MatrixCase)(kind, n, args.threads, list(libs), rng)
+        kinds = {"expert": ExpertCase, "layer": LayerCase}
+        cases = [kinds.get(kind, MatrixCase)(kind, n, args.threads, list(libs), rng)
                  for kind in args.types for n in args.tokens]
         run_rounds(libs, cases, args.calls)
         rows = [case.summary() for case in cases]

@@ -5,8 +5,8 @@ against DMA copies of the same bytes (what the share does by default before its 
     python benchmarks/share_in_place.py [--recipe ud-iq1_s] [--experts 1 2 4 6] [--rows 16 4]
                                         [--out DIR]
 
---rows: weight rows per program of the in-place kernels, each in turn (fewer rows, more
-programs: more loads in flight over PCIe). Also timed: `gather` (share_triton's coalesced copy
+--rows: weight rows per program of the kernels, in place and in VRAM, each in turn (fewer rows,
+more programs: more loads in flight). Also timed: `gather` (share_triton's coalesced copy
 kernel) from the mapping into VRAM alone, and followed by the kernels there (`staged`): one
 graph-capturable launch sequence that needs no host copies either.
 
@@ -112,6 +112,7 @@ def main() -> None:
                 "experts": n,
                 "in_place_ms_by_rows": {r: median_ms(kernels, at_file, r) for r in args.rows},
                 "vram_ms": median_ms(kernels, at_vram),
+                "vram_ms_by_rows": {r: median_ms(kernels, at_vram, r) for r in args.rows},
                 "dma_copies_ms": median_ms(copies),
                 "gather_ms": median_ms(share_triton.gather, at_file, sizes, slots),
                 "staged_ms": median_ms(staged, at_file),
@@ -123,8 +124,10 @@ def main() -> None:
             row["gather_gb_per_s"] = n * per / row["gather_ms"] / 1e6
             rows.append(row)
             by_rows = ", ".join(f"{r} rows {ms:.3f}" for r, ms in row["in_place_ms_by_rows"].items())
+            by_rows_vram = ", ".join(f"{r} rows {ms:.3f}" for r, ms in row["vram_ms_by_rows"].items())
             print(f"{n} experts: in place {by_rows} ms ({row['in_place_gb_per_s']:.1f} GB/s at best); "
-                  f"in VRAM {row['vram_ms']:.3f} ms; DMA copies {row['dma_copies_ms']:.3f} ms "
+                  f"in VRAM {row['vram_ms']:.3f} ms ({by_rows_vram}); "
+                  f"DMA copies {row['dma_copies_ms']:.3f} ms "
                   f"({row['dma_gb_per_s']:.1f} GB/s); gather {row['gather_ms']:.3f} ms "
                   f"({row['gather_gb_per_s']:.1f} GB/s), then the kernels: {row['staged_ms']:.3f} ms; "
                   f"same result: {same}", flush=True)
