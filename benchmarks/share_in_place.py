@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="ud-iq1_s", choices=list(RECIPES))
     parser.add_argument("--experts", nargs="+", type=int, default=[1, 2, 4, 6])
-    parser.add_argument("--rows", nargs="+", type=int, default=[share_triton.ROWS, 4])
+    parser.add_argument("--rows", nargs="+", type=int, default=[16, 8, 4])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -102,7 +102,7 @@ def main() -> None:
                     runtime.copy_to_device(slots.data_ptr() + i * per, host + e * per, per,
                                            stream.cuda_stream)
 
-            def kernels(at: torch.Tensor, rows: int = share_triton.ROWS, weight=weight) -> None:
+            def kernels(at: torch.Tensor, rows: int | None = None, weight=weight) -> None:
                 share_triton.experts_at(types, at, sizes, x, weight, rows=rows)
 
             def staged(at: torch.Tensor, weight=weight) -> None:
