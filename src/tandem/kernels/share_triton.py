@@ -5,11 +5,10 @@ profiles), a few percent of its bandwidth, and so leave ~0.25 ms of kernels per 
 after the last copy.
 
 Each program takes R weight rows of one expert and walks their 256-weight blocks. IQ types:
-per 8 weights one int32 of a grid table (`packed_codes`: the row's 8 values as 2-bit codes;
-IQ1_S 2048 rows, IQ2_XXS 256, both L1-resident), unpacked by shifts and multiplied with the
-matching 8 activations, scaled per 32 weights (IQ1_S's delta through the activations' 8-sums,
-IQ2_XXS's 7-bit sign fields by bit tests); k-quants: the block decoded into registers
-(kernels.triton_matvec). Float32 throughout, as the compiled path.
+per 8 weights one row of a small grid table (L1-resident: IQ1_S 4096 rows with the delta
+folded in, 128 KB, torch_dequant's; IQ2_XXS 256 unsigned rows, 8 KB, its 7-bit sign fields
+applied by bit tests), times the matching 8 activations, scaled per 32 weights; k-quants: the block decoded
+into registers (kernels.triton_matvec). Float32 throughout, as the compiled path.
 
 The kernels find each expert's bytes through a table of addresses (one per expert and
 matrix), not as rows of one tensor: the same kernels read the share's device slots, rows of
@@ -24,7 +23,6 @@ the share (A/B runs).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +31,7 @@ import triton.language as tl
 from gguf import quants
 
 from tandem.gguf.types import GGMLType, block_bytes
+from tandem.kernels import torch_dequant
 from tandem.kernels.triton_matvec import f16_at, q4_k_values, q6_k_values
 
 MIXES = {  # gate, up, down types -> the kernels' TYPE for gate/up and for down
@@ -40,39 +39,39 @@ MIXES = {  # gate, up, down types -> the kernels' TYPE for gate/up and for down
     (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): (2, 3),
 }
 ROWS = 16  # weight rows per program, at most (shapes must come in whole tiles of it)
-# ... by default per mix: run D's sweep in VRAM (share_in_place, old table kernels) had the
-# UD-IQ1_S mix fastest at 8 (2/4/6 experts 0.140/0.237/0.304 ms against 0.160/0.272/0.385 at
-# 16), Q4_K_M at 16
+# ... by default per mix: run D's sweeps in VRAM (share_in_place, two machines) had the UD-IQ1_S
+# mix fastest at 8 (2/4/6 experts 0.140/0.237/0.304 and 0.129/0.250/0.319 ms against
+# 0.160/0.272/0.385 and 0.141/0.290/0.352 at 16), Q4_K_M at 16. Also tried in run D: IQ1_S and
+# IQ2_XXS grid rows as 2-bit codes in one int32 (8 KB tables, unpacked by shifts) instead of 8
+# floats (128 KB): 0.106 against 0.130 ms for 1 expert, but 0.167/0.301/0.368 against
+# 0.129/0.250/0.319 for 2/4/6, so the float rows stay
 DEFAULT_ROWS = {(GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS): 8,
                 (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): 16}
 GATHER_WORDS = 4096  # int64 words a program of `gather` copies
 
 
 @triton.jit
-def _iq1_s_dots(blk, xb, codes):
+def _iq1_s_dots(blk, xb, table):
     """One IQ1_S block of R rows (byte pointers `blk` [R]) times its 256 activations xb [32, 8]:
     [R] float32. Group g (8 weights) of sub-block g // 4: grid row qs[g] | 3 high bits from
-    qh[g // 4], its 8 values g + 1 in {0, 1, 2} packed 2 bits each in codes[row]; delta +-1/8
-    from qh's top bit; scale d * (2 s + 1). sum (g + delta) x = sum (g + 1) x + (delta - 1) sum x."""
+    qh[g // 4], + 2048 where the sub-block's delta is negative; scale d * (2 s + 1)."""
     g = tl.arange(0, 32)
     j = tl.arange(0, 8)
     qs = tl.load(blk[:, None] + 2 + g[None, :]).to(tl.int32)
     at = blk[:, None] + 34 + 2 * (g[None, :] // 4)
     qh = tl.load(at).to(tl.int32) | (tl.load(at + 1).to(tl.int32) << 8)
-    code = tl.load(codes + (qs | (((qh >> (3 * (g[None, :] % 4))) & 7) << 8)))  # [R, 32]
-    unsigned = ((code[:, :, None] >> (2 * j[None, None, :])) & 3).to(tl.float32)  # [R, 32, 8]
-    offset = tl.where(((qh >> 15) & 1) != 0, -1.125, -0.875)  # delta - 1
-    dots = tl.sum(unsigned * xb[None, :, :], axis=2) + offset * tl.sum(xb, axis=1)[None, :]
+    index = qs | (((qh >> (3 * (g[None, :] % 4))) & 7) << 8)
+    index += ((qh >> 15) & 1) * 2048
     scale = f16_at(blk)[:, None] * (2 * ((qh >> 12) & 7) + 1).to(tl.float32)  # [R, 32]
-    return tl.sum(scale * dots, axis=1)
+    rows = tl.load(table + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
+    return tl.sum(scale * tl.sum(rows * xb[None, :, :], axis=2), axis=1)
 
 
 @triton.jit
-def _iq2_xxs_dots(blk, hb, codes, ksigns):
+def _iq2_xxs_dots(blk, hb, grid, ksigns):
     """One IQ2_XXS block of R rows times its 256 activations hb [32, 8]: [R] float32. Per 32
     weights 4 grid bytes, then a word of four 7-bit sign fields and a 4-bit scale s:
-    w = d (0.5 + s) / 4 * grid * sign; the grid's values 8, 25, 43 as codes 0, 1, 2, packed
-    2 bits each in codes[row] (value = 8 + 17 c + c // 2)."""
+    w = d (0.5 + s) / 4 * grid * sign."""
     g = tl.arange(0, 32)
     j = tl.arange(0, 8)
     word = blk[:, None] + 2 + 8 * (g[None, :] // 4)
@@ -81,8 +80,7 @@ def _iq2_xxs_dots(blk, hb, codes, ksigns):
             | (tl.load(word + 6).to(tl.int64) << 16) | (tl.load(word + 7).to(tl.int64) << 24))
     signs = tl.load(ksigns + ((meta >> (7 * (g[None, :] % 4))) & 127))  # [R, 32], 8 bits
     scale = f16_at(blk)[:, None] * (0.5 + (meta >> 28).to(tl.float32)) * 0.25
-    c = (tl.load(codes + index)[:, :, None] >> (2 * j[None, None, :])) & 3  # [R, 32, 8]
-    values = (8 + 17 * c + (c >> 1)).to(tl.float32)
+    values = tl.load(grid + index[:, :, None] * 8 + j[None, None, :])  # [R, 32, 8]
     negative = (signs[:, :, None] >> j[None, None, :]) & 1
     values = tl.where(negative != 0, -values, values)
     return tl.sum(scale * tl.sum(values * hb[None, :, :], axis=2), axis=1)
@@ -160,28 +158,15 @@ def _down_kernel(down_at, h, weight, tokens, grid, ksigns, y, n_experts, row_byt
     tl.store(y + tl.arange(0, T)[:, None] * n_rows + rows[None, :], total)
 
 
-def packed_codes(values: np.ndarray, levels: Sequence[float]) -> np.ndarray:
-    """Grid rows [n, 8] of values from `levels` as int32 [n]: value j's index in `levels` at
-    bits 2j, 2j+1. The kernels unpack a row from one 4-byte load (8 KB for IQ1_S's 2048 rows,
-    L1-resident), not from 8 floats of a 128 KB table (run D: those loads bounded the kernels
-    at ~190 GB/s of weights on an H200)."""
-    index = np.searchsorted(np.asarray(levels, dtype=values.dtype), values)
-    if not np.array_equal(np.asarray(levels)[index], values):
-        raise ValueError(f"grid values {np.unique(values)} are not all among {list(levels)}")
-    return (index.astype(np.int32) << (2 * np.arange(8, dtype=np.int32))).sum(axis=1, dtype=np.int32)
-
-
 @functools.cache
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """IQ1_S's grid rows (2048, values -1, 0, 1) and IQ2_XXS's (256, values 8, 25, 43;
-    unsigned: the signs come by bit tests) as packed_codes, and IQ2_XXS's 128 sign bytes
-    (7 bits + parity), on `device`."""
-    quants.IQ1_S.init_grid()
+def _iq2_xxs_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """IQ2_XXS grid rows ([256, 8], unsigned: the signs come by bit tests) and its 128 sign
+    bytes (7 bits + parity), on `device`. (IQ1_S reads torch_dequant's table: its rows with the
+    delta folded in.)"""
     quants.IQ2_XXS.init_grid()
-    iq1_s = packed_codes(quants.IQ1_S.grid.reshape(quants.IQ1_S.grid_shape), (-1, 0, 1))
-    iq2_xxs = packed_codes(quants.IQ2_XXS.grid.reshape(quants.IQ2_XXS.grid_shape), (8, 25, 43))
+    grid = quants.IQ2_XXS.grid.reshape(quants.IQ2_XXS.grid_shape).astype(np.float32)
     ksigns = np.frombuffer(quants.IQ2_XXS.ksigns, dtype=np.uint8).astype(np.int32)
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (iq1_s, iq2_xxs, ksigns))
+    return torch.from_numpy(np.ascontiguousarray(grid)).to(device), torch.from_numpy(ksigns).to(device)
 
 
 def addresses(raw: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -205,7 +190,7 @@ def gate_up_at(types: tuple[GGMLType, GGMLType, GGMLType], gate_at: torch.Tensor
     row_bytes = d // 256 * size
     n_rows = expert_bytes // row_bytes
     h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
-    table = _tables(x.device)[0]
+    table = torch_dequant.grid_table(GGMLType.IQ1_S, x.device)  # [4096, 8]: +delta rows, then -delta
     batch = tokens is not None
     _gate_up_kernel[(n, n_rows // rows)](gate_at, up_at, x, tokens if batch else x, table, h,
                                         row_bytes, n_rows, d // 256, d,
@@ -225,7 +210,7 @@ def down_at(types: tuple[GGMLType, GGMLType, GGMLType], at: torch.Tensor, expert
     row_bytes = n_in // 256 * size
     n_rows = expert_bytes // row_bytes
     y = torch.empty(n_tokens, n_rows, dtype=torch.float32, device=h.device)
-    _, grid, ksigns = _tables(h.device)
+    grid, ksigns = _iq2_xxs_tables(h.device)
     _down_kernel[(n_rows // rows,)](at, h, weight.float().contiguous(),
                                    tokens if tokens is not None else weight, grid, ksigns, y, n,
                                    row_bytes, n_in // 256, n_in, n_rows,
