@@ -2,15 +2,13 @@
 from a pinned, mapped file over PCIe, against the same kernels reading them in VRAM and
 against DMA copies of the same bytes (what the share does by default before its kernels).
 
-    python benchmarks/share_in_place.py [--recipe ud-iq1_s] [--experts 1 2 4 6] [--rows 16 8 4]
-                                        [--splits 1 2 4 7] [--out DIR]
+    python benchmarks/share_in_place.py [--recipe ud-iq1_s] [--experts 1 2 4 6] [--rows 16 4]
+                                        [--out DIR]
 
 --rows: weight rows per program of the kernels, in place and in VRAM, each in turn (fewer rows,
-more programs: more loads in flight). --splits: in VRAM, with each --rows, gate/up's blocks
-split over that many programs per row tile (share_triton's split-K). Also timed: `gather`
-(share_triton's coalesced copy kernel) from the mapping into VRAM alone, and followed by the
-kernels there (`staged`): one graph-capturable launch sequence that needs no host copies
-either.
+more programs: more loads in flight). Also timed: `gather` (share_triton's coalesced copy
+kernel) from the mapping into VRAM alone, and followed by the kernels there (`staged`): one
+graph-capturable launch sequence that needs no host copies either.
 
 The file (64 experts of random valid blocks) goes to /dev/shm and is registered with CUDA as
 gpu_share registers a model's mapping. Needs a GPU and Triton. Prints a line per expert count
@@ -72,8 +70,6 @@ def main() -> None:
     parser.add_argument("--recipe", default="ud-iq1_s", choices=list(RECIPES))
     parser.add_argument("--experts", nargs="+", type=int, default=[1, 2, 4, 6])
     parser.add_argument("--rows", nargs="+", type=int, default=[16, 8, 4])
-    parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 7],
-                        help="gate/up programs per row tile, swept with each --rows in VRAM")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -106,9 +102,8 @@ def main() -> None:
                     runtime.copy_to_device(slots.data_ptr() + i * per, host + e * per, per,
                                            stream.cuda_stream)
 
-            def kernels(at: torch.Tensor, rows: int | None = None, split: int | None = None,
-                        weight=weight) -> None:
-                share_triton.experts_at(types, at, sizes, x, weight, rows=rows, split=split)
+            def kernels(at: torch.Tensor, rows: int | None = None, weight=weight) -> None:
+                share_triton.experts_at(types, at, sizes, x, weight, rows=rows)
 
             def staged(at: torch.Tensor, weight=weight) -> None:
                 kernels(share_triton.gather(at, sizes, slots), weight=weight)
@@ -118,8 +113,6 @@ def main() -> None:
                 "in_place_ms_by_rows": {r: median_ms(kernels, at_file, r) for r in args.rows},
                 "vram_ms": median_ms(kernels, at_vram),
                 "vram_ms_by_rows": {r: median_ms(kernels, at_vram, r) for r in args.rows},
-                "vram_ms_by_rows_split": {f"{r}x{p}": median_ms(kernels, at_vram, r, p)
-                                          for r in args.rows for p in args.splits},
                 "dma_copies_ms": median_ms(copies),
                 "gather_ms": median_ms(share_triton.gather, at_file, sizes, slots),
                 "staged_ms": median_ms(staged, at_file),
@@ -132,8 +125,6 @@ def main() -> None:
             rows.append(row)
             by_rows = ", ".join(f"{r} rows {ms:.3f}" for r, ms in row["in_place_ms_by_rows"].items())
             by_rows_vram = ", ".join(f"{r} rows {ms:.3f}" for r, ms in row["vram_ms_by_rows"].items())
-            fastest = min(row["vram_ms_by_rows_split"], key=row["vram_ms_by_rows_split"].get)
-            by_rows_vram += f"; fastest rows x split {fastest}: {row['vram_ms_by_rows_split'][fastest]:.3f}"
             print(f"{n} experts: in place {by_rows} ms ({row['in_place_gb_per_s']:.1f} GB/s at best); "
                   f"in VRAM {row['vram_ms']:.3f} ms ({by_rows_vram}); "
                   f"DMA copies {row['dma_copies_ms']:.3f} ms "

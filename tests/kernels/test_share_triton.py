@@ -93,8 +93,7 @@ def test_a_batch_adds_each_expert_to_its_own_tokens_row(mix):
 def test_gather_copies_experts_back_to_back_and_the_kernels_read_them_there(mix):
     """gather: experts 2 and 0 (addresses of their three matrices) into one scratch, each
     expert's bytes back to back; the kernels read the copies as the originals, in tiles of 16
-    rows or of 4 (more programs, for reads over PCIe), and with gate/up's blocks split over
-    programs."""
+    rows or of 4 (more programs, for reads over PCIe)."""
     types, ((gate, g_ref), (up, u_ref), (down, d_ref)) = mix
     raws = [_raw(w) for w in (gate, up, down)]
     chosen = torch.tensor([2, 0], device=DEVICE)
@@ -114,9 +113,5 @@ def test_gather_copies_experts_back_to_back_and_the_kernels_read_them_there(mix)
                     for e, w in zip(chosen.tolist(), weight.tolist(), strict=True))
     assert relative_error(share_triton.experts_at(types, copied, sizes, x, weight, rows=4)[0].cpu(),
                           reference) < 1e-5
-    # gate/up split over programs: D's 2 blocks in 2 parts, and in 3 (the last part gets none)
-    for split in (2, 3):
-        assert relative_error(share_triton.experts_at(types, copied, sizes, x, weight, split=split)[0].cpu(),
-                              reference) < 1e-5
     with pytest.raises(ValueError, match="whole int64 words"):
         share_triton.gather(at, sizes, scratch[: sum(sizes)])  # room for one expert only

@@ -47,12 +47,6 @@ ROWS = 16  # weight rows per program, at most (shapes must come in whole tiles o
 # 0.129/0.250/0.319 for 2/4/6, so the float rows stay
 DEFAULT_ROWS = {(GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS): 8,
                 (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): 16}
-# Programs per gate/up row tile (split-K): one program walks a row's 28 blocks (R1's d) one
-# after another, each step waiting on its loads, and 1-2 experts make only a few hundred
-# programs: run D timed 1 and 2 experts alike (0.130 / 0.129 ms in VRAM), latency, not bytes.
-DEFAULT_SPLIT = {(GGMLType.IQ1_S, GGMLType.IQ1_S, GGMLType.IQ2_XXS): 1,
-                 (GGMLType.Q4_K, GGMLType.Q4_K, GGMLType.Q6_K): 1}
-FINISH_BLOCK = 1024  # values a program of _finish_kernel adds up
 GATHER_WORDS = 4096  # int64 words a program of `gather` copies
 
 
@@ -122,12 +116,9 @@ def _expert_at(addresses, e):
 
 @triton.jit
 def _gate_up_kernel(gate_at, up_at, x, tokens, table, h, row_bytes, n_rows, n_blocks, d,
-                    TYPE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, BATCH: tl.constexpr,
-                    SPLIT: tl.constexpr):
+                    TYPE: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, BATCH: tl.constexpr):
     """h[e, r] = silu(gate_e[r] . x_e) * (up_e[r] . x_e) for rows r of program (e, tile); x_e is
-    x (one token) or, for a batch, row tokens[e] of x. gate_e and up_e at gate_at[e], up_at[e].
-    SPLIT > 1: program (e, tile, part) sums part's share of the blocks only, and h is the
-    partial sums [SPLIT, 2 (gate, up), n, n_rows] that _finish_kernel adds up."""
+    x (one token) or, for a batch, row tokens[e] of x. gate_e and up_e at gate_at[e], up_at[e]."""
     e = tl.program_id(0)
     rows = tl.program_id(1) * R + tl.arange(0, R)
     offset = rows.to(tl.int64) * row_bytes
@@ -135,35 +126,13 @@ def _gate_up_kernel(gate_at, up_at, x, tokens, table, h, row_bytes, n_rows, n_bl
     up = _expert_at(up_at, e) + offset
     if BATCH:
         x += tl.load(tokens + e) * d
-    per_part = tl.cdiv(n_blocks, SPLIT)
-    first = tl.program_id(2) * per_part
     gate_sum = tl.zeros([R], dtype=tl.float32)
     up_sum = tl.zeros([R], dtype=tl.float32)
-    for b in range(first, tl.minimum(first + per_part, n_blocks)):
+    for b in range(n_blocks):
         gate_sum += _block_dots(TYPE, gate + b * BLOCK, x + b * 256, table, table, table)
         up_sum += _block_dots(TYPE, up + b * BLOCK, x + b * 256, table, table, table)
-    if SPLIT == 1:
-        silu = gate_sum / (1.0 + tl.exp(-gate_sum))
-        tl.store(h + e * n_rows + rows, silu * up_sum)
-    else:
-        count = tl.num_programs(0) * n_rows  # values of one (part, matrix)
-        at = h + 2 * tl.program_id(2) * count + e * n_rows + rows
-        tl.store(at, gate_sum)
-        tl.store(at + count, up_sum)
-
-
-@triton.jit
-def _finish_kernel(partial, h, count, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """h[i] = silu(sum of the gate parts) * (sum of the up parts) for the i < count values of
-    partial [SPLIT, 2, count] (_gate_up_kernel's split sums)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = i < count
-    gate_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    up_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for part in range(SPLIT):
-        gate_sum += tl.load(partial + 2 * part * count + i, mask=inside, other=0.0)
-        up_sum += tl.load(partial + (2 * part + 1) * count + i, mask=inside, other=0.0)
-    tl.store(h + i, gate_sum / (1.0 + tl.exp(-gate_sum)) * up_sum, mask=inside)
+    silu = gate_sum / (1.0 + tl.exp(-gate_sum))
+    tl.store(h + e * n_rows + rows, silu * up_sum)
 
 
 @triton.jit
@@ -210,29 +179,22 @@ def addresses(raw: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Ten
 
 def gate_up_at(types: tuple[GGMLType, GGMLType, GGMLType], gate_at: torch.Tensor, up_at: torch.Tensor,
                expert_bytes: int, x: torch.Tensor, tokens: torch.Tensor | None = None,
-               rows: int | None = None, split: int | None = None) -> torch.Tensor:
+               rows: int | None = None) -> torch.Tensor:
     """silu(gate_e x_e) * up_e x_e for the n experts of a mix in MIXES whose gate and up bytes
     (`expert_bytes` each, rows of d) lie at gate_at[e] and up_at[e] (int64 [n] addresses the
     device can read): x [d] for all, or x [T, d] and tokens [n] (int64): expert e on row
     tokens[e]. float32 [n, n_ff]. `rows`: weight rows per program (a power of two dividing
-    n_ff and d, at most ROWS; more programs keep more loads in flight; default DEFAULT_ROWS);
-    `split`: programs per row tile, each summing its share of the blocks (then one more kernel
-    adds the parts up; default DEFAULT_SPLIT)."""
+    n_ff and d, at most ROWS; more programs keep more loads in flight; default DEFAULT_ROWS)."""
     n, d, rows = gate_at.shape[0], x.shape[-1], rows or DEFAULT_ROWS[tuple(types)]
-    split = split or DEFAULT_SPLIT[tuple(types)]
     size = block_bytes(types[0])
     row_bytes = d // 256 * size
     n_rows = expert_bytes // row_bytes
     h = torch.empty(n, n_rows, dtype=torch.float32, device=x.device)
     table = torch_dequant.grid_table(GGMLType.IQ1_S, x.device)  # [4096, 8]: +delta rows, then -delta
     batch = tokens is not None
-    parts = torch.empty(split, 2, n, n_rows, dtype=torch.float32, device=x.device) if split > 1 else h
-    _gate_up_kernel[(n, n_rows // rows, split)](gate_at, up_at, x, tokens if batch else x, table, parts,
-                                               row_bytes, n_rows, d // 256, d, TYPE=MIXES[types][0],
-                                               BLOCK=size, R=rows, BATCH=batch, SPLIT=split)
-    if split > 1:
-        _finish_kernel[(triton.cdiv(h.numel(), FINISH_BLOCK),)](parts, h, h.numel(), SPLIT=split,
-                                                                BLOCK=FINISH_BLOCK)
+    _gate_up_kernel[(n, n_rows // rows)](gate_at, up_at, x, tokens if batch else x, table, h,
+                                        row_bytes, n_rows, d // 256, d,
+                                        TYPE=MIXES[types][0], BLOCK=size, R=rows, BATCH=batch)
     return h
 
 
@@ -258,12 +220,11 @@ def down_at(types: tuple[GGMLType, GGMLType, GGMLType], at: torch.Tensor, expert
 
 def experts_at(types: tuple[GGMLType, GGMLType, GGMLType], at: torch.Tensor, sizes: tuple[int, int, int],
                x: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor | None = None,
-               n_tokens: int = 1, rows: int | None = None, split: int | None = None) -> torch.Tensor:
+               n_tokens: int = 1, rows: int | None = None) -> torch.Tensor:
     """n (expert, token) pairs whose gate, up and down bytes (sizes[m] each) lie at at[m, i]
     (int64 [3, n]): sum_i weight[i] * down_i(silu(gate_i x_i) * up_i x_i) per token,
-    [n_tokens, d] float32; x [d] for all pairs, or rows [n_tokens, d] with tokens [n]. `rows`,
-    `split`: gate_up_at's."""
-    h = gate_up_at(types, at[0], at[1], sizes[0], x.float().contiguous(), tokens, rows, split)
+    [n_tokens, d] float32; x [d] for all pairs, or rows [n_tokens, d] with tokens [n]."""
+    h = gate_up_at(types, at[0], at[1], sizes[0], x.float().contiguous(), tokens, rows)
     return down_at(types, at[2], sizes[2], h, weight, tokens, n_tokens, rows)
 
 
