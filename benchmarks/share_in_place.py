@@ -2,7 +2,7 @@
 from a pinned, mapped file over PCIe, against the same kernels reading them in VRAM and
 against DMA copies of the same bytes (what the share does by default before its kernels).
 
-    python benchmarks/share_in_place.py [--recipe ud-iq1_s] [--experts 1 2 4 6] [--rows 16 4]
+    python benchmarks/share_in_place.py [--recipe ud-iq1_s] [--experts 1 2 4 6] [--rows 16 8 4]
                                         [--out DIR]
 
 --rows: weight rows per program of the kernels, in place and in VRAM, each in turn (fewer rows,

@@ -340,10 +340,11 @@ AVX512 static void quantize_row_q8_avx512(const float *x, block_q8 *y, int n) {
     }
 }
 
-/* The tile kernels below are bound by their arithmetic while the weights sit in a cache, but at
- * decode a layer's experts come from RAM, and the hardware's prefetch keeps too few lines in
- * flight for a core that spends ~30 cycles a block: each row asks for the lines PREFETCH_AHEAD
- * bytes past the block it decodes (past a row's end: the next row of the matrix). */
+/* At decode a layer's experts come from RAM, not from a cache: each tile kernel asks for the
+ * lines PREFETCH_AHEAD bytes past the block it decodes (past a row's end: the next row of the
+ * matrix), on top of the hardware's prefetch. Run D on the GPU machine (kernel_ab --types layer,
+ * 8 of 38 UD-IQ1_S experts, 15 threads): 2.03 -> 1.92 ms for one token, -5% to -9% for 1-8;
+ * one matrix from L3 unchanged. */
 #define PREFETCH_AHEAD 1024
 
 INLINE void prefetch_ahead(const void *block, size_t bytes) {
