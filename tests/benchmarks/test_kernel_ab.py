@@ -60,3 +60,26 @@ def test_the_expert_case_runs_the_moe_op(kernel_ab, libs, monkeypatch):
             got = case.outs[name].astype(np.float64)
             assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max(), (case.n_tok, name)
         assert case.summary()["max_abs_difference_over_max"] < 1e-5
+
+
+def test_the_layer_case_spreads_each_token_over_k_experts_of_the_pool(kernel_ab, libs, monkeypatch):
+    """Each call: every token on K_ROUTED experts of the pool at weight 1/K_ROUTED, the next call
+    on the next ones; the pool repeats one expert, so each token's output is that expert's."""
+    monkeypatch.setattr(kernel_ab, "EXPERT", (T.IQ1_S, T.IQ1_S, T.IQ2_XXS, 256, 512))
+    monkeypatch.setattr(kernel_ab, "POOL_EXPERTS", 5)
+    monkeypatch.setattr(kernel_ab, "K_ROUTED", 3)
+    case = kernel_ab.LayerCase("layer", 2, 2, list(libs), np.random.default_rng(3))
+    seen = []
+    for name in ("base", "test", "base"):
+        case.call(name, libs[name], keep=True)
+        seen.append(case.ids.copy())
+    assert [ids.tolist() for ids in seen] == [[[0, 1, 2], [3, 4, 0]], [[1, 2, 3], [4, 0, 1]],
+                                              [[2, 3, 4], [0, 1, 2]]]
+    one = [quants.dequantize(m[: m.shape[0] // 5].reshape(-1), t).astype(np.float64)
+           for m, t in zip(case.matrices, case.types, strict=True)]
+    x = case.x.astype(np.float64)
+    g, u = x @ one[0].reshape(256, 512).T, x @ one[1].reshape(256, 512).T
+    expected = (g / (1 + np.exp(-g)) * u) @ one[2].reshape(512, 256).T
+    for name in libs:
+        got = case.outs[name].astype(np.float64)
+        assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max(), name
