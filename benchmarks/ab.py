@@ -59,9 +59,9 @@ def run_bench(model: Path, bench_args: list[str], env: dict[str, str], out: Path
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Per variant: the decode tok/s of each run (per stream count and context) and the
-    prefill tok/s (per prompt length), their medians, and each median's ratio to the first
-    variant's."""
+    """Per variant: the decode tok/s of each run (per stream count and context; for several
+    streams also over the steps in which all decode, the issue's batch figure) and the prefill
+    tok/s (per prompt length), their medians, and each median's ratio to the first variant's."""
     figures: dict[str, dict[str, list[float]]] = {}
     for run in runs:
         per = figures.setdefault(run["variant"], {})
@@ -69,6 +69,9 @@ def summarize(runs: list[dict]) -> dict:
             continue
         for d in run["results"].get("decode", []):
             per.setdefault(f"decode_{d['streams']}_streams_ctx{d['context']}", []).append(d["tok_per_s"])
+            if d.get("decode_steps_tok_per_s"):  # several streams: the steps in which all decode
+                per.setdefault(f"decode_steps_{d['streams']}_streams_ctx{d['context']}", []).append(
+                    d["decode_steps_tok_per_s"])
         for p in run["results"].get("prefill", []):
             per.setdefault(f"prefill_{p['prompt_tokens']}", []).append(p["tok_per_s"])
     first = next(iter(figures), None)

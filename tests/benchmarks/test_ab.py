@@ -29,6 +29,17 @@ def test_summary_medians_and_ratios_to_the_first_variant(ab):
     assert summary["a"][key]["median"] == 11.0 and summary["a"][key]["vs_first"] == 1.0
     assert summary["b"][key]["runs"] == [15.0, 18.0]
     assert summary["b"][key]["vs_first"] == pytest.approx(16.5 / 11)
+    assert not any(k.startswith("decode_steps") for k in summary["a"])  # one stream: no such figure
+
+
+def test_summary_of_several_streams_keeps_their_decode_only_steps(ab):
+    def run(variant, whole, steps):
+        return {"variant": variant, "results": {"decode": [
+            {"streams": 8, "context": 16, "tok_per_s": whole, "decode_steps_tok_per_s": steps}]}}
+    summary = ab.summarize([run("a", 60.0, 80.0), run("b", 66.0, 96.0)])
+    assert summary["b"]["decode_8_streams_ctx16"]["vs_first"] == pytest.approx(1.1)
+    assert summary["b"]["decode_steps_8_streams_ctx16"]["runs"] == [96.0]
+    assert summary["b"]["decode_steps_8_streams_ctx16"]["vs_first"] == pytest.approx(1.2)
 
 
 def test_runs_alternate_and_land_in_one_json(tiny_q8, tmp_path):
