@@ -169,6 +169,8 @@ def moe(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTe
 class _MoeCall:
     """One call's arguments to the C op, and the tensors they point into (kept alive here)."""
 
+    copies = None  # no GPU share copies ride on a call with its inputs in (_AfterCall's may)
+
     def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor,
                  up: QuantTensor, down: QuantTensor, n_threads: int, out: torch.Tensor | None):
         n_expert, n_ff, d = gate.shape
@@ -207,6 +209,7 @@ class _AfterCall:
 
 
 RUNNER_BUSY = -4  # csrc/runner.c: a call started before the last one was waited for
+RUNNER_CANCELLED = -7  # csrc/runner.c's CANCELLED: the runner closed before the call's inputs came
 
 
 class MoeRunner:
@@ -287,8 +290,8 @@ class MoeRunner:
 
     def wait_copies(self) -> int:
         """Wait until the share copies of the call last started are queued: 0, or why not
-        (csrc/runner.c; -7 once the runner is closed)."""
-        return _lib().tandem_runner_wait_copies(self._handle) if self._finalizer.alive else -7
+        (csrc/runner.c; RUNNER_CANCELLED once the runner is closed)."""
+        return _lib().tandem_runner_wait_copies(self._handle) if self._finalizer.alive else RUNNER_CANCELLED
 
     def close(self) -> None:
         self._finalizer()
@@ -311,8 +314,7 @@ class RunningMoe:
         """For a call started with share copies: wait until the runner has queued them (it
         does before the op; microseconds once the inputs are in) and return 0, or the code of
         what failed (a CUDA error, or the call's own failure before them)."""
-        copies = getattr(self._call, "copies", None)
-        if copies is None or self._runner is None:
+        if self._call.copies is None or self._runner is None:
             raise KernelError("this CPU call carries no GPU share copies")
         return self._runner.wait_copies()
 
@@ -362,6 +364,6 @@ def _check(rc: int, op: str, weight: QuantTensor) -> None:
                -2: "out of memory", -3: "an expert id out of range",
                -5: "a token chose one expert twice (a split fixed in advance takes distinct experts)",
                -6: "waiting for its inputs failed (the readiness query returned an error)",
-               -7: "the runner was closed while it waited for the call's inputs"}
+               RUNNER_CANCELLED: "the runner was closed while it waited for the call's inputs"}
     if rc != 0:
         raise KernelError(f"tandem CPU {op} failed: {reasons.get(rc, f'code {rc}')}")
