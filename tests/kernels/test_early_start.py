@@ -112,11 +112,23 @@ def empty() -> torch.Tensor:
     return torch.empty(1, D)
 
 
-def lowest_skipped(ids: torch.Tensor, weights: torch.Tensor, n_skip: int) -> torch.Tensor:
-    """The routing weights with the n_skip lowest ids' slots zeroed: what the CPU part computes."""
+def lowest_skipped(ids: torch.Tensor, weights: torch.Tensor, n_skip: int,
+                   resident: frozenset[int] = frozenset()) -> torch.Tensor:
+    """The routing weights with the slots of `resident` experts and of the n_skip lowest other
+    ids zeroed: what the CPU part computes."""
     kept = weights.clone()
-    kept[0, ids[0].argsort()[:n_skip]] = 0.0
+    row = ids[0].tolist()
+    others = sorted(e for e in row if e not in resident)[:n_skip]
+    for slot, e in enumerate(row):
+        if e in resident or e in others:
+            kept[0, slot] = 0.0
     return kept
+
+
+def flags(experts: set[int]) -> torch.Tensor:
+    out = torch.zeros(N_EXPERT, dtype=torch.uint8)
+    out[list(experts)] = 1
+    return out
 
 
 @pytest.mark.parametrize("n_skip", [0, 3, 7])
@@ -157,6 +169,38 @@ def test_a_failed_wait_or_a_repeated_expert_fails_the_call_and_frees_the_runner(
         kernels.start_moe_after(ready.address, 0, x, ids.int(), weights, 2, gate, up, down, out=empty())
     with pytest.raises(KernelError, match="skips 0..8"):
         kernels.start_moe_after(ready.address, 0, x, ids, weights, 9, gate, up, down, out=empty())
+
+
+@pytest.mark.parametrize(("resident", "n_skip"), [({12, 3}, 2), ({12, 3, 6}, 0), ({0}, 3), ({1, 2}, 6)])
+def test_experts_held_in_vram_go_to_the_gpu_before_the_lowest_others(kernels, experts, resident, n_skip):
+    """Flags of experts the share holds in VRAM (a prefetch): their slots are the GPU's where
+    the token chose them, then the n_skip lowest other ids; flagged experts it did not choose
+    count for nothing."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    ready = Readiness()
+    ready.done.set()
+    x, _, weights = inputs(11)
+    ids = torch.tensor([[9, 2, 3, 14, 4, 11, 7, 0]])  # 12, 6, 1 not chosen
+    running = kernels.start_moe_after(ready.address, 0, x, ids, weights, n_skip, gate, up, down, out=empty(),
+                                      resident=flags(resident))
+    kept = lowest_skipped(ids, weights, n_skip, frozenset(resident))
+    held = len(resident & set(ids[0].tolist()))
+    assert int((kept == 0).sum()) == min(K, held + n_skip)
+    expected = moe_reference(x, ids, kept, g_ref, u_ref, d_ref)
+    assert relative_error(running.result(), expected) < Q8_ACTIVATION_TOL
+
+
+def test_resident_flags_are_checked_and_never_come_with_runner_copies(kernels, experts):
+    (gate, _), (up, _), (down, _) = experts
+    ready = Readiness()
+    x, ids, weights = inputs(12)
+    with pytest.raises(KernelError, match=r"resident must be a contiguous uint8 \[16\]"):
+        kernels.start_moe_after(ready.address, 0, x, ids, weights, 2, gate, up, down, out=empty(),
+                                resident=torch.zeros(8, dtype=torch.uint8))
+    plan, _, _ = share_copies(HostRuntime())
+    with pytest.raises(KernelError, match="not with experts held in VRAM"):
+        kernels.start_moe_after(ready.address, 0, x, ids, weights, 2, gate, up, down, out=empty(),
+                                copies=plan, resident=flags({1}))
 
 
 def test_the_runner_queues_the_gpu_experts_copies_in_halves_before_its_op(kernels, experts):
@@ -246,7 +290,40 @@ def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, exp
         assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
 
 
-def test_no_early_start_when_off_above_its_share_or_with_experts_in_vram(kernels, experts, monkeypatch):
+@pytest.mark.parametrize("hits", [0, 1, 2])
+def test_an_early_call_gives_the_gpu_its_prefetched_experts_first(kernels, experts, monkeypatch, hits):
+    """A layer with experts prefetched into VRAM (TANDEM_SHARE_PREFETCH) still starts early:
+    the GPU takes the prefetched experts the token chose, then the balance's share of k less
+    the prefetched (0.5 of 6: 3) among the others, lowest first; the sum meets the oracle, and
+    the bytes counted are each expert once."""
+    (gate, g_ref), (up, u_ref), (down, d_ref) = experts
+    ready = Readiness()
+    monkeypatch.setattr(GpuShare, "event_query", lambda self, event: (ready.address, 0))
+    gpu_share = GpuShare("cpu", max_experts=K)
+    gpu_share.early, gpu_share.prefetch_rows = True, 2
+    moe = CpuExperts(kernels, gate, up, down, share=gpu_share, balance=ShareBalance(0.5, fixed=True))
+    x, ids, weights = inputs(13)
+    chosen, missed = ids[0].tolist(), [e for e in range(N_EXPERT) if e not in ids[0].tolist()]
+    predicted = chosen[-hits:][:hits] + missed[: 2 - hits]  # `hits` of the 2 prefetched chosen
+    gpu_share.prefetch((gate, up, down), predicted)
+    buffers = torch.zeros(1, D), torch.zeros(1, K, dtype=torch.long), torch.zeros(1, K)
+    before = kernels.expert_bytes_read
+    early = moe.start_early(*buffers, inputs_in=None)
+    assert early is not None and early.n_gpu == 3 and early.resident == frozenset(predicted)
+    for buffer, value in zip(buffers, (x, ids, weights), strict=True):
+        buffer.copy_(value)
+    ready.done.set()
+    ours = moe.compute_shared(x, *buffers, early=early)
+    assert relative_error(ours, moe_reference(x, ids, weights, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+    assert gpu_share.counts["from_prefetch"] == hits
+    one_expert = sum(w.expert_bytes() for w in (gate, up, down))
+    assert kernels.expert_bytes_read - before == K * one_expert
+    cpu_part = early.cpu.result()  # the runner's half alone: the GPU's slots left out
+    kept = lowest_skipped(ids, weights, 3, frozenset(predicted))
+    assert relative_error(cpu_part, moe_reference(x, ids, kept, g_ref, u_ref, d_ref)) < Q8_ACTIVATION_TOL
+
+
+def test_no_early_start_when_off_above_its_share_or_with_a_cache_in_vram(kernels, experts, monkeypatch):
     (gate, _), (up, _), (down, _) = experts
     ready = Readiness()
     monkeypatch.setattr(GpuShare, "event_query", lambda self, event: (ready.address, 0))
@@ -270,9 +347,8 @@ def test_no_early_start_when_off_above_its_share_or_with_experts_in_vram(kernels
     moe.balance.share = 0.5
     two_tokens = torch.zeros(2, D), torch.zeros(2, K, dtype=torch.long), torch.zeros(2, K)
     assert moe.start_early(*two_tokens, None) is None
-    gpu_share.prefetch_rows = 2
-    gpu_share.prefetch((gate, up, down), [int(ids[0, 0])])  # now held in VRAM: the split depends on the ids
-    assert moe.start_early(x, ids, weights, None) is None
+    gpu_share.keep_in_vram([(gate, up, down)], 4 * sum(w.expert_bytes() for w in (gate, up, down)))
+    assert moe.start_early(x, ids, weights, None) is None  # a cache: how many the token hits is unknown
     monkeypatch.delenv("TANDEM_SHARE_EARLY")
     monkeypatch.delenv("TANDEM_SHARE_EARLY_UP_TO")
     default = GpuShare("cpu", max_experts=K)
@@ -308,12 +384,15 @@ def test_the_runner_waits_for_a_cuda_event_before_it_reads_what_the_gpu_wrote(ke
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("on_runner", [True, False], ids=["runner-copies", "caller-copies"])
+@pytest.mark.parametrize("mode", ["runner-copies", "caller-copies", "prefetched"])
 def test_early_calls_whose_runner_copies_the_gpu_experts_meet_the_oracle(kernels, experts, tmp_path,
-                                                                        monkeypatch, on_runner):
+                                                                        monkeypatch, mode):
     """On the GPU: early calls of 2..6 GPU experts whose copies the runner queues from the
     pinned file mapping once the routing is in (TANDEM_SHARE_RUNNER_COPIES; the caller's when
-    0), the inputs written behind a GPU sleep; the sums meet the float oracle."""
+    0), the inputs written behind a GPU sleep; the sums meet the float oracle. `prefetched`:
+    two experts of each call, one of them chosen, prefetched into VRAM first (the caller
+    copies then)."""
+    on_runner = mode != "caller-copies"
     monkeypatch.setenv("TANDEM_SHARE_RUNNER_COPIES", "1" if on_runner else "0")
     mapped = []
     for i, (q, _) in enumerate(experts):
@@ -322,6 +401,7 @@ def test_early_calls_whose_runner_copies_the_gpu_experts_meet_the_oracle(kernels
         mapped.append(QuantTensor(q.ggml_type, q.shape, np.memmap(path, dtype=np.uint8, mode="r")))
     refs = [ref for _, ref in experts]
     share = GpuShare("cuda", max_experts=K)
+    share.prefetch_rows = 2 if mode == "prefetched" else 0
     share.pin([q.data for q in mapped], [mapped])
     assert share.wait(120), share.skipped
     moe = CpuExperts(kernels, *mapped, share=share, balance=ShareBalance(0.5, fixed=True))
@@ -333,6 +413,10 @@ def test_early_calls_whose_runner_copies_the_gpu_experts_meet_the_oracle(kernels
         for seed, fraction in enumerate([0.25, 0.5, 0.75, 0.375, 0.625] * 2):
             moe.balance = ShareBalance(fraction, fixed=True)
             written = [t.cuda() for t in inputs(30 + seed)]
+            if share.prefetch_rows:
+                chosen = written[1][0].tolist()
+                missed = next(e for e in range(N_EXPERT) if e not in chosen)
+                share.prefetch(mapped, [chosen[seed % K], missed])
             torch.cuda.synchronize()
             torch.cuda._sleep(20_000_000)  # ~10 ms: the call is posted before its inputs are in
             for buffer, value in zip(buffers, written, strict=True):
@@ -340,12 +424,15 @@ def test_early_calls_whose_runner_copies_the_gpu_experts_meet_the_oracle(kernels
             event = torch.cuda.Event()
             event.record()
             early = moe.start_early(*buffers, inputs_in=event)
-            assert early is not None and early.n_gpu == round(fraction * K) and early.copies == on_runner
+            others = K - share.prefetch_rows
+            assert early is not None and early.n_gpu == int(fraction * others)
+            assert early.copies == (mode == "runner-copies")
             event.synchronize()
             ours = moe.compute_shared(written[0], *buffers, early=early)
             expected = moe_reference(*(b.clone() for b in buffers), *refs)
             assert ours.is_cuda and relative_error(ours.cpu(), expected) < Q8_ACTIVATION_TOL
         assert share.copies_on_runner == on_runner  # no copy failed
+        assert share.counts["from_prefetch"] == (10 if mode == "prefetched" else 0)
     finally:
         share.close()
 

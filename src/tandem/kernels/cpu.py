@@ -123,7 +123,7 @@ class CpuKernels:
                                                             own, out)
         if x.shape[0] == 0:
             return out
-        self._count_read(distinct, gate, up, down)
+        self.count_read(distinct, gate, up, down)
         if own:
             return native.moe(x, ids, weights, gate, up, down, self._threads(n_threads), out=out)
         key = ("moe", x.shape[0], ids.shape[1], gate.address, up.address, down.address)
@@ -151,32 +151,36 @@ class CpuKernels:
             self._runner = native.MoeRunner()
         running = self._runner.start(x, ids, weights, gate, up, down, self._threads(n_threads), out)
         if running is not None:
-            self._count_read(distinct, gate, up, down)
+            self.count_read(distinct, gate, up, down)
         return running
 
     def start_moe_after(self, ready: int, event: int, x: torch.Tensor, expert_ids: torch.Tensor,
                         expert_weights: torch.Tensor, n_skip: int, gate: QuantTensor, up: QuantTensor,
                         down: QuantTensor, out: torch.Tensor, n_threads: int | None = None,
-                        copies: native.ShareCopies | None = None) -> native.RunningMoe | None:
+                        copies: native.ShareCopies | None = None,
+                        resident: torch.Tensor | None = None) -> native.RunningMoe | None:
         """`start_moe` for one token whose inputs are still being written: the runner waits
         until `ready(event)` returns 0 (native.MoeRunner.start_after), then leaves the slots of
-        the `n_skip` lowest ids to the GPU share and runs the rest. The buffers (x [1, d],
-        expert_ids [1, k] int64, expert_weights [1, k], out [1, d]; host memory the GPU writes)
-        must stay valid until the result. None when tandem's kernels do not cover the types or
-        the runner is busy. `copies`: a GPU share's copies the runner queues first
-        (native.MoeRunner.start_after)."""
+        the experts flagged in `resident` (uint8 per expert: held in VRAM) and of the `n_skip`
+        lowest other ids to the GPU share and runs the rest. The buffers (x [1, d], expert_ids
+        [1, k] int64, expert_weights [1, k], out [1, d]; host memory the GPU writes) must stay
+        valid until the result. None when tandem's kernels do not cover the types or the runner
+        is busy. `copies`: a GPU share's copies the runner queues first
+        (native.MoeRunner.start_after). Without `resident` the experts this reads are counted
+        now; with it the caller counts them once the split is known (count_read)."""
         _check_experts(gate, up, down)
         if not native.fits(gate, up, down):
             return None
         if self._runner is None:
             self._runner = native.MoeRunner()
         running = self._runner.start_after(ready, event, x, expert_ids, expert_weights, n_skip, gate, up,
-                                           down, self._threads(n_threads), out, copies)
-        if running is not None:
-            self._count_read(expert_ids.shape[-1] - n_skip, gate, up, down)  # a token's experts are distinct
+                                           down, self._threads(n_threads), out, copies, resident)
+        if running is not None and resident is None:
+            self.count_read(expert_ids.shape[-1] - n_skip, gate, up, down)  # a token's experts are distinct
         return running
 
-    def _count_read(self, distinct: int, *experts: QuantTensor) -> None:
+    def count_read(self, distinct: int, *experts: QuantTensor) -> None:
+        """Add `distinct` experts' bytes of these matrices to expert_bytes_read."""
         self.expert_bytes_read += distinct * sum(w.expert_bytes() for w in experts)
 
     def _threads(self, n_threads: int | None) -> int:

@@ -37,13 +37,14 @@ class _SharedCall:
 @dataclass
 class EarlyStart:
     """One token's shared call whose CPU part was posted before its routing was in
-    (CpuExperts.start_early): the count of experts the GPU takes (the lowest ids), fixed then,
-    and the CPU's part on the runner."""
+    (CpuExperts.start_early): the GPU takes the experts it holds in VRAM (`resident`, a
+    prefetch) and the `n_gpu` lowest other ids, fixed then; the CPU's part on the runner."""
 
     n_gpu: int
     cpu: native.RunningMoe
     balance: ShareBalance
     copies: bool = False  # the runner queues the GPU's copies too (GpuShare.runner_copies)
+    resident: frozenset[int] = frozenset()
 
 
 class CpuExperts:
@@ -59,6 +60,7 @@ class CpuExperts:
         # the same for batches of several tokens (other costs on both sides: its own balance)
         self.batch_balance = ShareBalance(self.balance.share, self.balance.fixed)
         self._early_buffer: torch.Tensor | None = None  # what early CPU parts write (start_early)
+        self._resident_flags = torch.zeros(gate.shape[0], dtype=torch.uint8)  # start_early's, per expert
 
     def shares(self, n_tokens: int) -> bool:
         """Whether a batch of `n_tokens` splits its experts between the GPU and the CPU."""
@@ -108,28 +110,44 @@ class CpuExperts:
         """Post one token's CPU part before its routing is in host memory: the runner waits
         for `inputs_in` (recorded after the GPU work that writes the pinned buffers x_host,
         ids_host [1, k] int64, weights_host), then runs the experts the GPU does not take.
-        The split is fixed now, by count: the GPU takes the balance's share of the k experts,
-        the lowest ids (as `split` picks them). Pass the result to `compute_shared` with the
-        same buffers once they are in. None where this does not apply (TANDEM_SHARE_EARLY=0, no
-        CUDA runtime to query the event, a layer with experts held in VRAM, whose split depends
-        on the ids, a share above the share's early_up_to, or the runner busy): then call
-        compute_shared without it."""
+        The split is fixed now, as `split` makes it: the GPU takes the experts prefetched into
+        VRAM for this layer that the token chose, then by count the balance's share of the
+        others (of k less the prefetched, as many as a good prediction leaves), the lowest ids.
+        Pass the result to `compute_shared` with the same buffers once they are in. None where
+        this does not apply (TANDEM_SHARE_EARLY=0, no CUDA runtime to query the event, a layer
+        with a cache of experts in VRAM, a share above the share's early_up_to, or the runner
+        busy): then call compute_shared without it."""
         share = self.share
         query = share.event_query(inputs_in) if share is not None and share.early else None
-        if query is None or ids_host.shape[0] != 1 or not self.shares(1) or any(share.held(self.gate)):
+        if query is None or ids_host.shape[0] != 1 or not self.shares(1):
             return None
+        cache, ahead = share.held(self.gate)
+        if cache is not None:  # many experts, few of them chosen: the count would not say how many
+            return None
+        resident = frozenset(ahead.row_of) if ahead is not None else frozenset()
         k = ids_host.shape[1]
-        n_gpu = self.balance.take(k, commit=False)
-        if n_gpu > share.early_up_to * k:  # a share climbing: the ordinary path recovers (SHARE_ENV)
+        others = max(0, k - len(resident))
+        n_gpu = self.balance.take(others, commit=False)
+        if n_gpu > share.early_up_to * others:  # a share climbing: the ordinary path recovers (SHARE_ENV)
             return None
-        copies = share.runner_copies((self.gate, self.up, self.down), x_host.shape[-1]) if n_gpu else None
+        copies = (share.runner_copies((self.gate, self.up, self.down), x_host.shape[-1])
+                  if n_gpu and not resident else None)
         cpu = self.kernels.start_moe_after(*query, x_host, ids_host, weights_host, n_gpu, self.gate, self.up,
                                            self.down, out=self._early_out(x_host),
-                                           n_threads=self._runner_threads(), copies=copies)
+                                           n_threads=self._runner_threads(), copies=copies,
+                                           resident=self._flags(resident) if resident else None)
         if cpu is None:
             return None
-        self.balance.take(k)
-        return EarlyStart(n_gpu, cpu, self.balance, copies is not None)
+        self.balance.take(others)
+        return EarlyStart(n_gpu, cpu, self.balance, copies is not None, resident)
+
+    def _flags(self, experts: frozenset[int]) -> torch.Tensor:
+        """The runner's per-expert flags of `experts` (one buffer per layer: a layer's next
+        early call is posted only after this one was waited for)."""
+        flags = self._resident_flags
+        flags.zero_()
+        flags[list(experts)] = 1
+        return flags
 
     def _early_out(self, x_host: torch.Tensor) -> torch.Tensor:
         """The pinned buffer an early CPU part writes, one per layer: its upload is queued
@@ -198,8 +216,11 @@ class CpuExperts:
 
     def _submit_early(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                       early: EarlyStart) -> _SharedCall:
-        """The GPU's part of an early-started call: the same lowest ids the runner skipped."""
-        gpu_experts = sorted(ids[0].tolist())[: early.n_gpu]
+        """The GPU's part of an early-started call: the experts the runner skipped (held in
+        VRAM, then the lowest others)."""
+        gpu_experts, _ = split(ids, early.n_gpu, early.resident, limit=self.share.max_experts)
+        if early.resident:  # the CPU's count, known only now (start_moe_after left it)
+            self.kernels.count_read(ids.shape[1] - len(gpu_experts), self.gate, self.up, self.down)
         launched = self._launch(x, ids, weights, gpu_experts, early.cpu if early.copies else None)
         return _SharedCall(early.cpu, launched, early.balance)
 

@@ -91,8 +91,11 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # waits out a descheduled thread: 2 threads on the dev box's 2 cores took 5.9 ms for an op of
 # 0.15 ms).
 # TANDEM_SHARE_PREFETCH=N: while a decode segment runs, copy up to N experts that its MoE's
-# router was predicted to pick (the router run on the previous MoE's input) into VRAM, when the
-# copy engine idles (runtime.decode_graphs issues it); that MoE takes them first, within VRAM.
+# router was predicted to pick (the router run on the previous MoE's input, in that MoE's side
+# graph) into VRAM, when the copy engine idles (runtime.decode_graphs issues it); that MoE takes
+# them first, within VRAM, early calls too (the runner skips their slots, then the balance's
+# count of the others: its share of k less N). Until now an early call needed a layer with no
+# expert in VRAM, so a prefetch turned the early path off.
 # TANDEM_SHARE_MAX_EXPERTS=N: slots for a batch's GPU part (default: half of MAX_TOKENS tokens'
 # experts, see max_experts_for). TANDEM_SHARE_TRITON (default on; 0: off): UD-IQ1_S and Q4_K_M
 # experts through hand-written Triton kernels (kernels.share_triton) instead of the

@@ -57,7 +57,7 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_runner_new.restype = ptr
     lib.tandem_runner_start.argtypes = [ptr, *lib.tandem_moe.argtypes]
     lib.tandem_runner_start_after.argtypes = [ptr, ptr, ptr, ptr, i32, ptr, i32, ptr, ptr, i32, ptr, i32, ptr,
-                                              i32, ptr, i32, i32, i32, ptr, i32, ptr]
+                                              i32, ptr, i32, i32, i32, ptr, i32, ptr, ptr]
     lib.tandem_runner_wait_copies.argtypes = [ptr]
     lib.tandem_runner_wait.argtypes = [ptr]
     lib.tandem_runner_free.argtypes = [ptr]
@@ -201,9 +201,9 @@ class _AfterCall:
     reads and writes, kept alive here, and the int32 ids it writes for the op."""
 
     def __init__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantTensor,
-                 out: torch.Tensor, copies: ShareCopies | None = None):
+                 out: torch.Tensor, copies: ShareCopies | None = None, resident: torch.Tensor | None = None):
         self.x, self.source_ids, self.weights, self.gate, self.out = x, ids, weights, gate, out
-        self.copies = copies
+        self.copies, self.resident = copies, resident
         self.ids = torch.empty(ids.shape, dtype=torch.int32)
         self.tokens = 1  # always one token (MoeRunner._post: a call with tokens is posted)
 
@@ -238,12 +238,15 @@ class MoeRunner:
 
     def start_after(self, ready: int, event: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                     n_skip: int, gate: QuantTensor, up: QuantTensor, down: QuantTensor, n_threads: int,
-                    out: torch.Tensor, copies: ShareCopies | None = None) -> RunningMoe | None:
+                    out: torch.Tensor, copies: ShareCopies | None = None,
+                    resident: torch.Tensor | None = None) -> RunningMoe | None:
         """`moe` of one token started on the runner's thread before its inputs are in: the
         thread polls `ready(event)` (a C function's address, e.g. the CUDA runtime's
         cudaEventQuery, and its argument) until it returns 0 (600, cudaErrorNotReady, while
-        waiting; else the call fails), then skips the slots of the `n_skip` lowest ids in `ids`
-        ([1, k] int64: a GPU share's part), queues `copies` of those experts (if given; then
+        waiting; else the call fails), then skips the slots of the experts flagged in
+        `resident` (uint8 [n_expert], nonzero: held in VRAM by the GPU share; None: none) and of
+        the `n_skip` lowest other ids in `ids` ([1, k] int64: a GPU share's part), queues
+        `copies` of those n_skip experts (if given, only without `resident`; then
         RunningMoe.copies_queued says how that went) and runs. x [1, d] and weights [1, k]
         float32, out [1, d] float32: contiguous host buffers that the caller keeps valid until
         the result. None when the runner is still busy."""
@@ -258,13 +261,21 @@ class MoeRunner:
                                   f"{t.dtype} {list(t.shape)} on {t.device}")
         if not 0 <= n_skip <= k:
             raise KernelError(f"a split in advance skips 0..{k} of {k} slots, got {n_skip}")
+        if resident is not None:
+            if (tuple(resident.shape) != (n_expert,) or resident.dtype != torch.uint8
+                    or resident.device.type != "cpu" or not resident.is_contiguous()):
+                raise KernelError(f"resident must be a contiguous uint8 [{n_expert}] CPU tensor, got "
+                                  f"{resident.dtype} {list(resident.shape)} on {resident.device}")
+            if copies is not None:
+                raise KernelError("share copies take the n_skip lowest ids: not with experts held in VRAM")
         def post(call: _AfterCall) -> int:
             return _lib().tandem_runner_start_after(
                 self._handle, ready, event, ids.data_ptr(), n_skip, x.data_ptr(), d, call.ids.data_ptr(),
                 weights.data_ptr(), k, gate.address, int(gate.ggml_type), up.address, int(up.ggml_type),
                 down.address, int(down.ggml_type), n_expert, n_ff, out.data_ptr(), n_threads,
-                ctypes.byref(call.copies) if call.copies is not None else None)
-        return self._post(lambda: _AfterCall(x, ids, weights, gate, out, copies), post)
+                ctypes.byref(call.copies) if call.copies is not None else None,
+                resident.data_ptr() if resident is not None else None)
+        return self._post(lambda: _AfterCall(x, ids, weights, gate, out, copies, resident), post)
 
     def _post(self, make_call, post) -> RunningMoe | None:
         """A call made by `make_call()` and handed to the thread by `post(call)` (its return

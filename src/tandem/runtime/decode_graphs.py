@@ -6,7 +6,8 @@ GPU worked ~0.2 ms of it. Here a step is a few graph replays. The step is cut at
 
     segment i:   x + routed_{i-1} + shared_{i-1} -> layers ... -> MoE i's input h, routing;
                  h, expert ids and weights copied to pinned host memory
-    shared i:    MoE i's shared expert, its own graph, running on the GPU while ...
+    side i:      MoE i's shared expert (and with a prefetch the next MoE's router on h: its
+                 likely picks), its own graph, running on the GPU while ...
     CPU:         ... the routed experts of MoE i run on the CPU (GIL released), or a share
                  of them on the GPU too (kernels.gpu_share: its own graphs, per expert count);
                  one sequence's CPU part is posted to the kernels' runner before segment i
@@ -166,6 +167,7 @@ class DecodeGraphs:
         self._graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph | None]]] = {}
         self._pool = None
         self._ready = torch.cuda.Event() if pinned else None
+        self._predicted = torch.cuda.Event() if pinned else None  # the side work's picks are in
 
     @staticmethod
     def _cuts(model: Decoder, b: int, d: int, pinned: bool) -> list[Cut]:
@@ -213,12 +215,15 @@ class DecodeGraphs:
                 continue
             early = None
             if graphs is None:
-                self._shared(cut)
+                self._side(i)
             else:
                 self._ready.record()  # the host buffers are filled once the segment is done
                 early = self._start_early(cut, rows)
                 if graphs[i][1] is not None:
-                    graphs[i][1].replay()  # the GPU computes the shared expert meanwhile
+                    graphs[i][1].replay()  # the GPU computes the side work meanwhile
+            if "ahead" in cut.host and self._predicted is not None:
+                self._predicted.record()
+            if graphs is not None:
                 self._ready.synchronize()
             self._routed(cut, rows, early, then=lambda i=i: self._prefetch(i + 1))
         return self.logits
@@ -236,9 +241,12 @@ class DecodeGraphs:
         """Copy the experts the cut before predicted for MoE i into VRAM (GPU share's prefetch;
         TANDEM_SHARE_PREFETCH). Queued once the MoE before has queued its own copies: the copy
         engine, idle after them, brings these in while that MoE's kernels, the CPU's experts
-        and segment i run."""
+        and segment i run. (The prediction, in the side graph queued before those copies, is
+        done by then: waiting for it costs nothing.)"""
         ahead = self.cuts[i - 1].host.get("ahead")  # None where no prefetch was predicted
         if ahead is not None:
+            if self._predicted is not None:
+                self._predicted.synchronize()
             experts = self.cuts[i].moe.experts
             experts.share.prefetch((experts.gate, experts.up, experts.down), ahead[0].tolist())
 
@@ -275,8 +283,6 @@ class DecodeGraphs:
             x = pieces.attention(block, x, self.position, self.caches[j], length)
             if j == cut.last and cut.moe is not None:
                 h, ids, weights = pieces.moe_entry(block, x)
-                if "ahead" in cut.host:  # the next MoE's router on this input: its likely picks
-                    cut.host["ahead"].copy_(self.cuts[i + 1].moe.choose(h)[0], non_blocking=True)
                 self.x.copy_(x)
                 self.h.copy_(h)
                 cut.host["h"].copy_(h, non_blocking=True)
@@ -286,9 +292,15 @@ class DecodeGraphs:
             x = pieces.dense_ffn(block, x)
         self.logits.copy_(pieces.head(model, x))
 
-    def _shared(self, cut: Cut) -> None:
+    def _side(self, i: int) -> None:
+        """MoE cut i's GPU work beside its routed experts: the shared expert, and with a
+        prefetch the next MoE's router on this one's input (its likely picks: off the segment,
+        which the CPU's part waits for)."""
+        cut = self.cuts[i]
         if cut.shared is not None:
             cut.shared.copy_(cut.moe.shared(self._input_of(cut)))
+        if "ahead" in cut.host:
+            cut.host["ahead"].copy_(self.cuts[i + 1].moe.choose(self.h)[0], non_blocking=True)
 
     def _input_of(self, cut: Cut) -> torch.Tensor:
         """The MoE input, recomputed on the GPU from the saved residual (no host round trip)."""
@@ -317,7 +329,7 @@ class DecodeGraphs:
             for i, cut in enumerate(self.cuts):
                 self._segment(i, length)
                 if cut.moe is not None:
-                    self._shared(cut)
+                    self._side(i)
         torch.cuda.current_stream().wait_stream(stream)
         graphs = []
         for i, cut in enumerate(self.cuts):
@@ -325,10 +337,10 @@ class DecodeGraphs:
             with torch.cuda.graph(main, pool=self._pool, capture_error_mode=CAPTURE_MODE):
                 self._segment(i, length)
             self._pool = main.pool()
-            shared = None
-            if cut.moe is not None and cut.shared is not None:
-                shared = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(shared, pool=self._pool, capture_error_mode=CAPTURE_MODE):
-                    self._shared(cut)
-            graphs.append((main, shared))
+            side = None
+            if cut.moe is not None and (cut.shared is not None or "ahead" in cut.host):
+                side = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(side, pool=self._pool, capture_error_mode=CAPTURE_MODE):
+                    self._side(i)
+            graphs.append((main, side))
         self._graphs[length] = graphs

@@ -16,9 +16,10 @@
  * still computing the token's routing when the caller posts it, and the helper polls a readiness
  * function (the CUDA runtime's cudaEventQuery on an event recorded after that work) before it
  * runs. The GPU share's split of one token is fixed in advance by a count: the slots holding the
- * n_skip lowest expert ids are the GPU's. So the CPU's experts start as soon as the routing is in
- * host memory, not after the caller woke up, split in Python and handed them over (~0.2 ms a MoE
- * layer on the GPU machine).
+ * n_skip lowest expert ids are the GPU's, after those of experts the share holds in VRAM (a flag
+ * per expert, known before the routing: its prefetch or cache). So the CPU's experts start as
+ * soon as the routing is in host memory, not after the caller woke up, split in Python and
+ * handed them over (~0.2 ms a MoE layer on the GPU machine).
  *
  * Such a call may also carry the GPU share's copies (share_copies): the GPU's experts' bytes from
  * the file mapping into the share's device slots, queued by this thread through the CUDA runtime
@@ -52,6 +53,7 @@ static _Atomic long long spin_ns = 2000000; /* spin this long before sleeping: a
 #define CANCELLED -7 /* the runner was freed while a call still waited for its inputs */
 #define NO_COPIES -8 /* tandem_runner_wait_copies for a call that carried none */
 #define TOO_MANY_SLOTS -9 /* share copies for more than MAX_K slots */
+#define COPIES_WITH_RESIDENT -10 /* share copies asked for with experts held in VRAM (they copy the lowest ids) */
 #define NOT_READY 600 /* cudaErrorNotReady: what the readiness function returns until the inputs are in */
 #define SKIPPED_SLOT -1 /* experts.c: a slot computed elsewhere */
 #define HOST_TO_DEVICE 1 /* cudaMemcpyHostToDevice */
@@ -96,6 +98,7 @@ typedef struct {
     int32_t *ids32; /* where they go, the GPU's slots skipped: the op's ids */
     int n_skip;
     const share_copies *copies; /* the GPU share's copies to queue first, or NULL */
+    const uint8_t *resident; /* per expert: nonzero where the share holds it in VRAM; or NULL */
 } moe_args;
 
 typedef struct {
@@ -154,18 +157,21 @@ static int wait_ready(runner *r, ready_fn ready, void *event) {
     }
 }
 
-/* One token's k ids into the op's, the slots of the n_skip lowest ids marked SKIPPED_SLOT (the
- * GPU's part): 0, REPEATED_EXPERT when two slots hold one expert (a token's top-k never does;
- * the GPU's part takes whole experts), -3 for an id no int32 holds. */
-static int split_ids(const int64_t *ids, int32_t *out, int k, int n_skip) {
+/* One token's k ids into the op's, the GPU's slots marked SKIPPED_SLOT: those of `resident`
+ * experts (NULL: none), then those of the n_skip lowest other ids (gpu_share.split's order).
+ * 0, REPEATED_EXPERT when two slots hold one expert (a token's top-k never does; the GPU's part
+ * takes whole experts), -3 for an id outside [0, n_expert). */
+static int split_ids(const int64_t *ids, int32_t *out, int k, int n_skip, const uint8_t *resident, int n_expert) {
+    for (int j = 0; j < k; j++)
+        if (ids[j] < 0 || ids[j] >= n_expert) return -3;
     for (int j = 0; j < k; j++) {
-        if (ids[j] < 0 || ids[j] > INT32_MAX) return -3;
-        int below = 0;
+        const int held = resident && resident[ids[j]];
+        int below = 0; /* other ids below this one, resident ones not counted */
         for (int i = 0; i < k; i++) {
             if (i != j && ids[i] == ids[j]) return REPEATED_EXPERT;
-            below += ids[i] < ids[j];
+            below += ids[i] < ids[j] && !(resident && resident[ids[i]]);
         }
-        out[j] = below < n_skip ? SKIPPED_SLOT : (int32_t)ids[j];
+        out[j] = held || below < n_skip ? SKIPPED_SLOT : (int32_t)ids[j];
     }
     return 0;
 }
@@ -211,7 +217,7 @@ static void *serve(void *arg) {
         const moe_args *a = &r->args;
         if (a->ready) {
             r->rc = wait_ready(r, a->ready, a->event);
-            if (r->rc == 0) r->rc = split_ids(a->ids64, a->ids32, a->k, a->n_skip);
+            if (r->rc == 0) r->rc = split_ids(a->ids64, a->ids32, a->k, a->n_skip, a->resident, a->n_expert);
             if (a->copies) /* the GPU's part starts first: its copies, then this op */
                 copies_finished(r, r->rc != 0 ? r->rc : queue_copies(a->copies, a->ids64, a->k, a->n_skip));
             if (r->rc != 0) {
@@ -260,7 +266,7 @@ int tandem_runner_start(void *handle, const float *x, int n_tok, int d, const in
     const int s = atomic_load_explicit(&r->state, memory_order_acquire);
     if (s == POSTED || s == DONE) return RUNNER_BUSY;
     r->args = (moe_args){x, ids, w, gate, up, down, out, n_tok, d, k, gate_type, up_type, down_type, n_expert, n_ff,
-                         n_threads, NULL, NULL, NULL, NULL, 0, NULL};
+                         n_threads, NULL, NULL, NULL, NULL, 0, NULL, NULL};
     r->copies_rc = NO_COPIES;
     atomic_store(&r->copies_done, 1);
     set_state(r, POSTED);
@@ -269,18 +275,21 @@ int tandem_runner_start(void *handle, const float *x, int n_tok, int d, const in
 
 /* tandem_runner_start for one token whose inputs are still being written (by the GPU): the
  * helper waits until ready(event) returns 0 (NOT_READY until then; anything else fails the
- * call), then writes ids64's k ids into ids32 with the slots of the n_skip lowest marked
- * SKIPPED_SLOT, queues `copies` (NULL: none) of those n_skip experts, and runs the op on x,
- * ids32, w. All buffers, and `copies`, must stay valid until tandem_runner_wait returns. */
+ * call), then writes ids64's k ids into ids32 with the GPU's slots marked SKIPPED_SLOT (those
+ * of `resident` experts, NULL: none, then of the n_skip lowest other ids), queues `copies`
+ * (NULL: none; only without `resident`) of the n_skip experts, and runs the op on x, ids32, w.
+ * All buffers, and `copies`, must stay valid until tandem_runner_wait returns. */
 int tandem_runner_start_after(void *handle, ready_fn ready, void *event, const int64_t *ids64, int n_skip,
                               const float *x, int d, int32_t *ids32, const float *w, int k, const void *gate,
                               int gate_type, const void *up, int up_type, const void *down, int down_type,
-                              int n_expert, int n_ff, float *out, int n_threads, const share_copies *copies) {
+                              int n_expert, int n_ff, float *out, int n_threads, const share_copies *copies,
+                              const uint8_t *resident) {
     runner *r = handle;
+    if (copies && resident) return COPIES_WITH_RESIDENT;
     const int s = atomic_load_explicit(&r->state, memory_order_acquire);
     if (s == POSTED || s == DONE) return RUNNER_BUSY;
     r->args = (moe_args){x, ids32, w, gate, up, down, out, 1, d, k, gate_type, up_type, down_type, n_expert, n_ff,
-                         n_threads, ready, event, ids64, ids32, n_skip, copies};
+                         n_threads, ready, event, ids64, ids32, n_skip, copies, resident};
     r->copies_rc = NO_COPIES;
     atomic_store(&r->copies_done, copies == NULL);
     set_state(r, POSTED);
