@@ -94,8 +94,10 @@ RECOMPILE_LIMIT = 64  # compiled variants of the share's kernels: type mixes x e
 # router was predicted to pick (the router run on the previous MoE's input, in that MoE's side
 # graph) into VRAM, when the copy engine idles (runtime.decode_graphs issues it); that MoE takes
 # them first, within VRAM, early calls too (the runner skips their slots, then the balance's
-# count of the others: its share of k less N). Until now an early call needed a layer with no
-# expert in VRAM, so a prefetch turned the early path off.
+# count of the others: its share of k less N; before 93a49cb a prefetch turned the early path
+# off). Run E on the GPU machine, UD-IQ1_S, 0/2/3 rows: 63.6 and 59.8 / 67.8 and 55.7 / 58.8 and
+# 52.0 tok/s, 89-92% of the prefetched experts used, yet ~4.2 experts a call on the GPU either
+# way: the prefetch copies while the calls already keep the RAM ~89% busy. Off.
 # TANDEM_SHARE_MAX_EXPERTS=N: slots for a batch's GPU part (default: half of MAX_TOKENS tokens'
 # experts, see max_experts_for). TANDEM_SHARE_TRITON (default on; 0: off): UD-IQ1_S and Q4_K_M
 # experts through hand-written Triton kernels (kernels.share_triton) instead of the
