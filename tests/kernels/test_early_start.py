@@ -285,9 +285,11 @@ def test_an_early_call_splits_like_the_share_and_sums_to_the_oracle(kernels, exp
         for buffer, value in zip((x, ids, weights), inputs(seed), strict=True):
             buffer.copy_(value)
         ready.done.set()
+        before = kernels.expert_bytes_read
         ours = moe.compute_shared(x, x, ids, weights, early=early)
         expected = moe_reference(x, ids, weights, g_ref, u_ref, d_ref)
         assert relative_error(ours, expected) < Q8_ACTIVATION_TOL
+        assert kernels.expert_bytes_read - before == K * sum(w.expert_bytes() for w in (gate, up, down))
 
 
 @pytest.mark.parametrize("hits", [0, 1, 2])

@@ -166,18 +166,15 @@ class CpuKernels:
         [1, k] int64, expert_weights [1, k], out [1, d]; host memory the GPU writes) must stay
         valid until the result. None when tandem's kernels do not cover the types or the runner
         is busy. `copies`: a GPU share's copies the runner queues first
-        (native.MoeRunner.start_after). Without `resident` the experts this reads are counted
-        now; with it the caller counts them once the split is known (count_read)."""
+        (native.MoeRunner.start_after). The caller counts the experts this reads (count_read)
+        once it knows the split."""
         _check_experts(gate, up, down)
         if not native.fits(gate, up, down):
             return None
         if self._runner is None:
             self._runner = native.MoeRunner()
-        running = self._runner.start_after(ready, event, x, expert_ids, expert_weights, n_skip, gate, up,
-                                           down, self._threads(n_threads), out, copies, resident)
-        if running is not None and resident is None:
-            self.count_read(expert_ids.shape[-1] - n_skip, gate, up, down)  # a token's experts are distinct
-        return running
+        return self._runner.start_after(ready, event, x, expert_ids, expert_weights, n_skip, gate, up,
+                                        down, self._threads(n_threads), out, copies, resident)
 
     def count_read(self, distinct: int, *experts: QuantTensor) -> None:
         """Add `distinct` experts' bytes of these matrices to expert_bytes_read."""

@@ -187,8 +187,7 @@ class CpuExperts:
                 gpu_experts: list[int], premade: native.RunningMoe | None = None) -> Launched | None:
         if not gpu_experts:
             return None
-        self.kernels.expert_bytes_read += len(gpu_experts) * sum(
-            w.expert_bytes() for w in (self.gate, self.up, self.down))
+        self.kernels.count_read(len(gpu_experts), self.gate, self.up, self.down)
         return self.share.launch(x, ids, weights, gpu_experts, self.gate, self.up, self.down, premade)
 
     def _host_out(self, x_host: torch.Tensor) -> torch.Tensor:
@@ -219,8 +218,8 @@ class CpuExperts:
         """The GPU's part of an early-started call: the experts the runner skipped (held in
         VRAM, then the lowest others)."""
         gpu_experts, _ = split(ids, early.n_gpu, early.resident, limit=self.share.max_experts)
-        if early.resident:  # the CPU's count, known only now (start_moe_after left it)
-            self.kernels.count_read(ids.shape[1] - len(gpu_experts), self.gate, self.up, self.down)
+        # the CPU's experts, known only now (start_moe_after leaves them to its caller)
+        self.kernels.count_read(ids.shape[1] - len(gpu_experts), self.gate, self.up, self.down)
         launched = self._launch(x, ids, weights, gpu_experts, early.cpu if early.copies else None)
         return _SharedCall(early.cpu, launched, early.balance)
 

@@ -221,9 +221,8 @@ class DecodeGraphs:
                 early = self._start_early(cut, rows)
                 if graphs[i][1] is not None:
                     graphs[i][1].replay()  # the GPU computes the side work meanwhile
-            if "ahead" in cut.host and self._predicted is not None:
-                self._predicted.record()
-            if graphs is not None:
+                    if "ahead" in cut.host:
+                        self._predicted.record()
                 self._ready.synchronize()
             self._routed(cut, rows, early, then=lambda i=i: self._prefetch(i + 1))
         return self.logits
